@@ -1,0 +1,1 @@
+"""Reading and writing checkpoint files: safe loading, key maps between layouts, family detection."""

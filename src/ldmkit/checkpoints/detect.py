@@ -1,0 +1,259 @@
+"""What a checkpoint holds, from its keys and shapes -- no YAML.
+
+Family rules first (a small table: which keys betray which model), then the architecture read off
+the tensors: context size, channel widths, block counts, linear vs conv projections, in-channels.
+What weights cannot tell (attention heads, v vs eps for SD 2, the latent scale) comes from the
+family's rules and is listed in `config.guessed` so that `inspect` can say so."""
+
+import json
+import re
+
+import torch
+
+from ldmkit.config import from_dict
+from ldmkit.errors import CheckpointError, UnsupportedModelError
+from ldmkit.models.autoencoder import AutoencoderConfig
+from ldmkit.models.ldm import ModelConfig, ScheduleConfig
+from ldmkit.models.text import MINILM_PACKAGE, TextEncoderConfig
+from ldmkit.models.unet import UNetConfig
+
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+CLIP = "cond_stage_model.transformer.text_model."
+OPENCLIP = "cond_stage_model.model."
+METADATA_KEY = "ldmkit"
+
+# Families we recognise but cannot run yet: (name, test on the key set).
+UNSUPPORTED = [
+    ("SDXL", lambda keys: any(k.startswith("conditioner.embedders.") for k in keys)),
+    ("SD3", lambda keys: any("joint_blocks." in k for k in keys)),
+    ("Flux", lambda keys: any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys)),
+    ("ControlNet", lambda keys: any(k.startswith(("control_model.", "controlnet_cond_embedding.", "input_hint_block."))
+                                    for k in keys)),
+]
+
+# Keys that are not weights of the networks we build, dropped before strict loading:
+# EMA copies (the live weights are what SD ships for inference), the DDPM schedule buffers
+# (alphas_cumprod is kept aside as the training schedule), VAE training losses, position ids.
+NOT_WEIGHTS = re.compile(
+    r"^(model_ema\.|loss\.|lvlb_weights$|logvar$|betas$|alphas_cumprod$|alphas_cumprod_prev$|sqrt_alphas_cumprod$"
+    r"|sqrt_one_minus_alphas_cumprod$|log_one_minus_alphas_cumprod$|sqrt_recip_alphas_cumprod$"
+    r"|sqrt_recipm1_alphas_cumprod$|posterior_variance$|posterior_log_variance_clipped$"
+    r"|posterior_mean_coef1$|posterior_mean_coef2$|scale_factor$)|(^|\.)position_ids$"
+)
+
+
+def recognise_unsupported(keys) -> str | None:
+    for name, test in UNSUPPORTED:
+        if test(keys):
+            return name
+    return None
+
+
+def _count(keys, pattern: str) -> int:
+    found = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+    return max(found) + 1 if found else 0
+
+
+def unet_config_from_weights(state: dict[str, torch.Tensor]) -> UNetConfig:
+    """UNet architecture from `model.diffusion_model.*` (prefix stripped). Heads are not in the
+    weights: the caller fills them from family rules."""
+    keys = set(state)
+    try:
+        conv_in = state["input_blocks.0.0.weight"]
+        ch = conv_in.shape[0]
+        n_input = _count(keys, r"input_blocks\.(\d+)\.")
+        levels = 1 + sum(1 for k in keys if re.fullmatch(r"input_blocks\.\d+\.0\.op\.weight", k))
+        n_res = (n_input - 1 - (levels - 1)) // levels
+        mult, attn, depth = [], [], []
+        for level in range(levels):
+            first = 1 + level * (n_res + 1)
+            mult.append(state[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0] // ch)
+            has = f"input_blocks.{first}.1.norm.weight" in keys
+            if has:
+                attn.append(2**level)
+            depth.append(_count(keys, rf"input_blocks\.{first}\.1\.transformer_blocks\.(\d+)\.") if has else 1)
+        ctx_key = next(k for k in sorted(keys) if k.endswith("attn2.to_k.weight"))
+        proj_in = next(k for k in sorted(keys) if k.endswith(".proj_in.weight"))
+        num_classes, adm = None, None
+        if "label_emb.weight" in keys:
+            num_classes = state["label_emb.weight"].shape[0]
+        elif "label_emb.0.0.weight" in keys:
+            num_classes, adm = "sequential", state["label_emb.0.0.weight"].shape[1]
+        return UNetConfig(
+            in_channels=conv_in.shape[1],
+            out_channels=state["out.2.weight"].shape[0],
+            model_channels=ch,
+            channel_mult=tuple(mult),
+            num_res_blocks=n_res,
+            attention_resolutions=tuple(attn),
+            transformer_depth=depth[0] if len(set(depth)) == 1 else tuple(depth),
+            context_dim=state[ctx_key].shape[1],
+            use_linear_in_transformer=state[proj_in].ndim == 2,
+            num_classes=num_classes,
+            adm_in_channels=adm,
+            time_cond_proj_dim=state["time_cond_proj.weight"].shape[1] if "time_cond_proj.weight" in keys else None,
+        )
+    except (KeyError, StopIteration, IndexError, ZeroDivisionError) as e:
+        raise CheckpointError(f"UNet weights do not have the layout of an LDM UNet (missing {e})") from None
+
+
+def vae_config_from_weights(state: dict[str, torch.Tensor]) -> AutoencoderConfig:
+    """Autoencoder architecture from `first_stage_model.*` (prefix stripped). The latent scale is not
+    in the weights: the caller fills it."""
+    keys = set(state)
+    try:
+        ch = state["encoder.conv_in.weight"].shape[0]
+        levels = _count(keys, r"encoder\.down\.(\d+)\.")
+        return AutoencoderConfig(
+            in_channels=state["encoder.conv_in.weight"].shape[1],
+            out_channels=state["decoder.conv_out.weight"].shape[0],
+            ch=ch,
+            ch_mult=tuple(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)),
+            num_res_blocks=_count(keys, r"encoder\.down\.0\.block\.(\d+)\."),
+            z_channels=state["decoder.conv_in.weight"].shape[1],
+            embed_dim=state["quant_conv.weight"].shape[0] // 2 if "quant_conv.weight" in keys
+            else state["decoder.conv_in.weight"].shape[1],
+            use_quant_conv="quant_conv.weight" in keys,
+        )
+    except (KeyError, IndexError) as e:
+        raise CheckpointError(f"autoencoder weights do not have the layout of an LDM autoencoder (missing {e})") from None
+
+
+def clip_config_from_weights(state: dict[str, torch.Tensor], kind: str) -> TextEncoderConfig:
+    """CLIP text tower (transformers layout, `text_model.*`) architecture. Heads: 64 channels each,
+    as in every CLIP text tower (a rule, listed as guessed)."""
+    keys = set(state)
+    try:
+        tok = state["text_model.embeddings.token_embedding.weight"]
+        hidden = tok.shape[1]
+        return TextEncoderConfig(
+            kind=kind,
+            vocab_size=tok.shape[0],
+            hidden_size=hidden,
+            intermediate_size=state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+            num_layers=_count(keys, r"text_model\.encoder\.layers\.(\d+)\."),
+            num_heads=hidden // 64,
+            max_position_embeddings=state["text_model.embeddings.position_embedding.weight"].shape[0],
+            hidden_act="quick_gelu" if kind == "clip" else "gelu",
+            pad_token="<|endoftext|>" if kind == "clip" else "!",
+            skip_last_layers=0 if kind == "clip" else 1,
+        )
+    except KeyError as e:
+        raise CheckpointError(f"text encoder weights do not have the layout of a CLIP text tower (missing {e})") from None
+
+
+def config_from_metadata(metadata: dict, where: str) -> ModelConfig | None:
+    """Our own files carry their config as JSON in the safetensors header."""
+    if METADATA_KEY not in metadata:
+        return None
+    try:
+        data = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{where}: the ldmkit config in the file header is not valid JSON ({e})") from None
+    return ModelConfig.from_dict(data, f"{where} header")
+
+
+def detect(state: dict[str, torch.Tensor], metadata: dict, where: str = "checkpoint",
+           overrides: dict | None = None) -> ModelConfig:
+    """The ModelConfig of a single-file checkpoint (original layout keys)."""
+    overrides = dict(overrides or {})
+    keys = set(state)
+    config = config_from_metadata(metadata, where)
+    if config is None:
+        unsupported = recognise_unsupported(keys)
+        if unsupported:
+            raise UnsupportedModelError(f"{where}: a {unsupported} checkpoint; ldmkit does not support {unsupported} yet")
+        if not any(k.startswith(UNET) for k in keys):
+            if any(k.startswith(("encoder.", "decoder.", VAE)) for k in keys):
+                raise CheckpointError(f"{where}: an autoencoder (VAE) file, not a full model; pass it with --vae")
+            if any(k.startswith(("down_blocks.", "mid_block.")) for k in keys):
+                raise CheckpointError(f"{where}: diffusers-layout weights; pass the diffusers folder that holds them")
+            raise CheckpointError(f"{where}: unknown model layout (no model.diffusion_model.* UNet weights)")
+        config = _config_from_sd_weights(state, metadata, where)
+    _apply_overrides(config, overrides, where)
+    return config
+
+
+def _strip(state, prefix):
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _config_from_sd_weights(state, metadata, where) -> ModelConfig:
+    from ldmkit.checkpoints.keymaps import openclip_to_hf
+
+    unet = unet_config_from_weights(_strip(state, UNET))
+    vae = vae_config_from_weights(_strip(state, VAE))
+    guessed = {"vae.scale_factor": 0.18215}
+    if any(k.startswith(CLIP) for k in state):
+        text = clip_config_from_weights(_strip(state, "cond_stage_model.transformer."), "clip")
+        family = "sd1"
+    elif any(k.startswith(OPENCLIP) for k in state):
+        text = clip_config_from_weights(openclip_to_hf(_strip(state, OPENCLIP)), "openclip")
+        family = "sd2"
+    else:
+        raise CheckpointError(f"{where}: unknown text encoder layout (neither cond_stage_model.transformer.* "
+                              "CLIP nor cond_stage_model.model.* OpenCLIP)")
+    guessed["text.num_heads"] = text.num_heads
+    guessed["text.hidden_act"] = text.hidden_act
+    if unet.context_dim != text.hidden_size:
+        raise CheckpointError(f"{where}: UNet cross-attention expects context {unet.context_dim} but the text "
+                              f"encoder gives {text.hidden_size}")
+    if family == "sd1":
+        unet.num_heads, unet.num_head_channels = 8, -1
+        guessed["unet.num_heads"] = 8
+    else:
+        unet.num_heads, unet.num_head_channels = 8, 64
+        guessed["unet.num_head_channels"] = 64
+    prediction = "epsilon"
+    inpainting = unet.in_channels == 9
+    if family == "sd2" and not inpainting:
+        # SD 2.0-base (global step 875000, as diffusers checks) and 2.1-base are eps; 768-v models are v.
+        prediction = "epsilon" if metadata.get("global_step") == "875000" else "v_prediction"
+        guessed["schedule.prediction_type"] = prediction
+    family = family + ("-inpainting" if inpainting else "" if family == "sd1" else "-v" if prediction == "v_prediction" else "-eps")
+    image_size = 768 if family == "sd2-v" else 512
+    if family.startswith("sd2"):
+        guessed["image_size"] = image_size
+    return ModelConfig(family=family, unet=unet, vae=vae, text=text, image_size=image_size,
+                       schedule=ScheduleConfig(prediction_type=prediction), guessed=guessed)
+
+
+OVERRIDABLE = {"prediction_type", "num_heads", "num_head_channels", "clip_skip", "scale_factor"}
+
+
+def _apply_overrides(config: ModelConfig, overrides: dict, where: str) -> None:
+    unknown = set(overrides) - OVERRIDABLE
+    if unknown:
+        raise CheckpointError(f"unknown override(s) {sorted(unknown)}; allowed: {sorted(OVERRIDABLE)}")
+    if overrides.get("prediction_type") is not None:
+        config.schedule = from_dict(ScheduleConfig, {**_asdict(config.schedule), "prediction_type": overrides["prediction_type"]})
+        config.guessed.pop("schedule.prediction_type", None)
+        if config.family.startswith("sd2") and not config.family.endswith("inpainting"):
+            config.family = "sd2-v" if overrides["prediction_type"] == "v_prediction" else "sd2-eps"
+    if overrides.get("num_heads") is not None:
+        config.unet.num_heads, config.unet.num_head_channels = int(overrides["num_heads"]), -1
+        config.guessed.pop("unet.num_heads", None)
+        config.guessed.pop("unet.num_head_channels", None)
+    if overrides.get("num_head_channels") is not None:
+        config.unet.num_head_channels = int(overrides["num_head_channels"])
+        config.guessed.pop("unet.num_heads", None)
+        config.guessed.pop("unet.num_head_channels", None)
+    if overrides.get("clip_skip") is not None:
+        config.text = from_dict(TextEncoderConfig, {**_asdict(config.text), "clip_skip": int(overrides["clip_skip"])})
+    if overrides.get("scale_factor") is not None:
+        config.vae.scale_factor = float(overrides["scale_factor"])
+        config.guessed.pop("vae.scale_factor", None)
+
+
+def _asdict(c):
+    import dataclasses
+
+    return {f.name: getattr(c, f.name) for f in dataclasses.fields(c)}
+
+
+def minilm_text_config(max_length: int = 77) -> TextEncoderConfig:
+    """The default small text tower: MiniLM-L6 (BERT family, 384 wide) from its pip package."""
+    return TextEncoderConfig(kind="bert", vocab_size=30522, hidden_size=384, intermediate_size=1536, num_layers=6,
+                             num_heads=12, max_position_embeddings=512, hidden_act="gelu", layer_norm_eps=1e-12,
+                             max_length=max_length, pad_token="[PAD]", package=MINILM_PACKAGE)

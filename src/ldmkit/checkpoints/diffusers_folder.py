@@ -1,0 +1,377 @@
+"""The diffusers folder layout (unet/, vae/, text_encoder/, tokenizer/, scheduler/, model_index.json),
+read and written through the key maps in keymaps.py.
+
+What diffusers has no place for travels in two extra files that diffusers ignores: `ldmkit.json`
+(our ModelConfig: family, clip skip, what was guessed) and `ldmkit_extra.safetensors` (the stored
+training schedule, and the parts of SD 2's OpenCLIP tower that diffusers drops: its unused last
+block and `text_projection`)."""
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ldmkit.checkpoints import keymaps
+from ldmkit.checkpoints.components import strict_load
+from ldmkit.checkpoints.detect import NOT_WEIGHTS
+from ldmkit.checkpoints.files import read_tensors, write_json, write_safetensors
+from ldmkit.config import from_dict
+from ldmkit.errors import CheckpointError, ConfigError
+from ldmkit.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldmkit.models.ldm import LatentDiffusion, ModelConfig, ScheduleConfig
+from ldmkit.models.text import TextEncoderConfig, clip_config_from_hf
+from ldmkit.models.tokenizers import ClipTokenizer, clip_vocab_and_merges
+from ldmkit.models.unet import UNetConfig
+
+DIFFUSERS_VERSION = "0.42.1"
+EXTRA = "ldmkit_extra.safetensors"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def _weights(folder: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """A component's weights: safetensors first, then the fp16 variant, then `.bin` (safe loader)."""
+    for name in names:
+        stem, ext = name.rsplit(".", 1)
+        for candidate in (name, f"{stem}.fp16.{ext}"):
+            if (folder / candidate).exists():
+                state, _ = read_tensors(folder / candidate)
+                return state
+    raise CheckpointError(f"{folder}: no weights file (looked for {', '.join(names)})")
+
+
+# --- UNet ---------------------------------------------------------------------------------------
+
+def unet_config_from_diffusers(cfg: dict, where: str) -> UNetConfig:
+    def refuse(key, allowed):
+        if key in cfg and cfg[key] not in allowed:
+            raise CheckpointError(f"{where}: {key}={cfg[key]!r} is not supported; allowed: {allowed}")
+
+    refuse("resnet_time_scale_shift", ["default"])
+    refuse("act_fn", ["silu"])
+    refuse("flip_sin_to_cos", [True])
+    refuse("freq_shift", [0])
+    refuse("mid_block_type", ["UNetMidBlock2DCrossAttn"])
+    refuse("addition_embed_type", [None])
+    refuse("class_embed_type", [None, "projection"])
+    refuse("center_input_sample", [False])
+    refuse("conv_in_kernel", [3])
+    refuse("conv_out_kernel", [3])
+    refuse("encoder_hid_dim", [None])
+    refuse("dual_cross_attention", [False])
+    refuse("only_cross_attention", [False])
+    refuse("norm_eps", [1e-5])
+    channels = list(cfg["block_out_channels"])
+    levels = len(channels)
+    down = cfg["down_block_types"]
+    attention = [t.startswith("CrossAttn") for t in down]
+    if [t.startswith("CrossAttn") for t in reversed(cfg["up_block_types"])] != attention:
+        raise CheckpointError(f"{where}: up_block_types do not mirror down_block_types")
+    lpb = cfg.get("layers_per_block", 2)
+    if not isinstance(lpb, int):
+        raise CheckpointError(f"{where}: per-level layers_per_block {lpb} is not supported")
+    heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)  # diffusers: a head count
+    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * levels
+    per_head = [c // h for c, h in zip(channels, heads)]
+    if len(set(heads)) == 1:
+        num_heads, head_channels = heads[0], -1
+    elif len(set(per_head)) == 1:
+        num_heads, head_channels = heads[0], per_head[0]
+    else:
+        num_heads, head_channels = tuple(heads), -1
+    depth = cfg.get("transformer_layers_per_block", 1)
+    depth = tuple(depth) if isinstance(depth, (list, tuple)) else depth
+    if isinstance(depth, tuple) and len(set(depth)) == 1:
+        depth = depth[0]
+    num_classes, adm = cfg.get("num_class_embeds"), None
+    if cfg.get("class_embed_type") == "projection":
+        num_classes, adm = "sequential", cfg["projection_class_embeddings_input_dim"]
+    return UNetConfig(
+        in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4), model_channels=channels[0],
+        channel_mult=tuple(c // channels[0] for c in channels), num_res_blocks=lpb,
+        attention_resolutions=tuple(2**i for i, a in enumerate(attention) if a),
+        num_heads=num_heads, num_head_channels=head_channels, transformer_depth=depth,
+        context_dim=cfg.get("cross_attention_dim", 1280), use_linear_in_transformer=bool(cfg.get("use_linear_projection")),
+        num_classes=num_classes, adm_in_channels=adm, time_cond_proj_dim=cfg.get("time_cond_proj_dim"),
+        norm_groups=cfg.get("norm_num_groups", 32),
+    )
+
+
+def unet_config_to_diffusers(c: UNetConfig, sample_size: int) -> dict:
+    levels = len(c.channel_mult)
+    channels = [c.model_channels * m for m in c.channel_mult]
+    attn = [c.has_attention(i) for i in range(levels)]
+    cfg = {
+        "_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION,
+        "sample_size": sample_size, "in_channels": c.in_channels, "out_channels": c.out_channels,
+        "block_out_channels": channels, "layers_per_block": c.num_res_blocks,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "attention_head_dim": [c.heads_at(i, ch)[0] for i, ch in enumerate(channels)],
+        "cross_attention_dim": c.context_dim, "use_linear_projection": c.use_linear_in_transformer,
+        "transformer_layers_per_block": [c.depth_at(i) for i in range(levels)],
+        "norm_num_groups": c.norm_groups, "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu",
+        "time_cond_proj_dim": c.time_cond_proj_dim,
+    }
+    if isinstance(c.num_classes, int):
+        cfg["num_class_embeds"] = c.num_classes
+    elif c.num_classes == "sequential":
+        cfg["class_embed_type"] = "projection"
+        cfg["projection_class_embeddings_input_dim"] = c.adm_in_channels
+    return cfg
+
+
+# --- VAE ----------------------------------------------------------------------------------------
+
+def vae_config_from_diffusers(cfg: dict, where: str) -> AutoencoderConfig:
+    channels = list(cfg["block_out_channels"])
+    for t in cfg.get("down_block_types", []):
+        if t != "DownEncoderBlock2D":
+            raise CheckpointError(f"{where}: VAE down block {t!r} is not supported; allowed: DownEncoderBlock2D")
+    if cfg.get("use_quant_conv", True) != cfg.get("use_post_quant_conv", True):
+        raise CheckpointError(f"{where}: a VAE with only one of quant_conv/post_quant_conv is not supported")
+    return AutoencoderConfig(
+        in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3), ch=channels[0],
+        ch_mult=tuple(c // channels[0] for c in channels), num_res_blocks=cfg.get("layers_per_block", 1),
+        z_channels=cfg.get("latent_channels", 4), embed_dim=cfg.get("latent_channels", 4),
+        scale_factor=cfg.get("scaling_factor", 0.18215), shift_factor=cfg.get("shift_factor") or 0.0,
+        use_quant_conv=cfg.get("use_quant_conv", True), norm_groups=cfg.get("norm_num_groups", 32),
+    )
+
+
+def vae_config_from_diffusers_weights(state: dict[str, torch.Tensor], where: str) -> AutoencoderConfig:
+    """A lone diffusers-layout VAE file has no config.json beside it: read the shapes."""
+    try:
+        ch = state["encoder.conv_in.weight"].shape[0]
+        levels = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.down_blocks."))
+        nrb = 1 + max(int(k.split(".")[4]) for k in state if k.startswith("encoder.down_blocks.0.resnets."))
+        z = state["decoder.conv_in.weight"].shape[1]
+        return AutoencoderConfig(
+            ch=ch, ch_mult=tuple(state[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] // ch
+                                 for i in range(levels)),
+            num_res_blocks=nrb, z_channels=z, embed_dim=z, use_quant_conv="quant_conv.weight" in state,
+            in_channels=state["encoder.conv_in.weight"].shape[1], out_channels=state["decoder.conv_out.weight"].shape[0],
+        )
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{where}: diffusers-layout VAE weights are incomplete (missing {e})") from None
+
+
+def vae_config_to_diffusers(c: AutoencoderConfig, sample_size: int) -> dict:
+    if c.embed_dim != c.z_channels:
+        raise CheckpointError(f"diffusers' AutoencoderKL needs embed_dim == z_channels (got {c.embed_dim}, {c.z_channels})")
+    n = len(c.ch_mult)
+    cfg = {
+        "_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, "in_channels": c.in_channels,
+        "out_channels": c.out_channels, "block_out_channels": [c.ch * m for m in c.ch_mult],
+        "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+        "layers_per_block": c.num_res_blocks, "latent_channels": c.z_channels, "norm_num_groups": c.norm_groups,
+        "act_fn": "silu", "sample_size": sample_size, "scaling_factor": c.scale_factor,
+        "use_quant_conv": c.use_quant_conv, "use_post_quant_conv": c.use_quant_conv,
+    }
+    if c.shift_factor:
+        cfg["shift_factor"] = c.shift_factor
+    return cfg
+
+
+def load_diffusers_vae(folder: Path) -> AutoencoderKL:
+    config = vae_config_from_diffusers(_read_json(folder / "config.json"), str(folder))
+    vae = AutoencoderKL(config)
+    state = _weights(folder, ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"))
+    strict_load(vae, keymaps.vae_from_diffusers(state, config), "autoencoder", str(folder))
+    return vae.eval()
+
+
+# --- text encoder and scheduler -----------------------------------------------------------------
+
+def _text_config(folder: Path, saved: TextEncoderConfig | None, extra: dict) -> TextEncoderConfig:
+    hf = _read_json(folder / "text_encoder" / "config.json")
+    if saved is not None:
+        return saved
+    if hf.get("model_type") == "bert":
+        return clip_config_from_hf(hf, "bert")
+    # OpenAI CLIP uses quick_gelu; OpenCLIP towers (SD 2.x) use gelu.
+    kind = "openclip" if hf.get("hidden_act") == "gelu" else "clip"
+    c = clip_config_from_hf(hf, kind)
+    tok = folder / "tokenizer" / "tokenizer_config.json"
+    pad = "<|endoftext|>"
+    if tok.exists():
+        p = _read_json(tok).get("pad_token", pad)
+        pad = p["content"] if isinstance(p, dict) else p
+    extra_layers = {k for k in extra if k.startswith("text_encoder.transformer.text_model.encoder.layers.")}
+    carried = len({k.split(".")[5] for k in extra_layers})
+    return from_dict(TextEncoderConfig, {**c.__dict__, "pad_token": pad, "num_layers": c.num_layers + carried,
+                                         "skip_last_layers": carried})
+
+
+def schedule_from_diffusers(cfg: dict) -> ScheduleConfig:
+    return ScheduleConfig(
+        num_train_timesteps=cfg.get("num_train_timesteps", 1000), beta_start=cfg.get("beta_start", 0.00085),
+        beta_end=cfg.get("beta_end", 0.012), beta_schedule=cfg.get("beta_schedule", "scaled_linear"),
+        prediction_type=cfg.get("prediction_type", "epsilon"), diffusers=cfg,
+    )
+
+
+def load_diffusers(path: str | Path, overrides: dict | None = None) -> LatentDiffusion:
+    from ldmkit.checkpoints.detect import _apply_overrides
+
+    folder = Path(path)
+    where = str(folder)
+    if not (folder / "unet" / "config.json").exists():
+        raise CheckpointError(f"{where}: a diffusers folder without unet/config.json; only full pipelines load here")
+    saved = None
+    if (folder / "ldmkit.json").exists():
+        try:
+            saved = ModelConfig.from_dict(_read_json(folder / "ldmkit.json"), f"{folder / 'ldmkit.json'}")
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+    extra = {}
+    if (folder / EXTRA).exists():
+        extra, _ = read_tensors(folder / EXTRA)
+    unet_json = _read_json(folder / "unet" / "config.json")
+    unet = unet_config_from_diffusers(unet_json, f"{folder / 'unet'}")
+    vae = vae_config_from_diffusers(_read_json(folder / "vae" / "config.json"), f"{folder / 'vae'}")
+    text = _text_config(folder, saved.text if saved else None, extra)
+    sched_file = folder / "scheduler" / "scheduler_config.json"
+    schedule = schedule_from_diffusers(_read_json(sched_file)) if sched_file.exists() else ScheduleConfig()
+    guessed = {}
+    if saved is not None:
+        family, guessed = saved.family, dict(saved.guessed)
+        guessed.pop("schedule.prediction_type", None)  # the scheduler config says it
+    elif text.kind == "clip":
+        family = "sd1-inpainting" if unet.in_channels == 9 else "sd1"
+    elif text.kind == "openclip":
+        family = "sd2-inpainting" if unet.in_channels == 9 else (
+            "sd2-v" if schedule.prediction_type == "v_prediction" else "sd2-eps")
+    else:
+        family = "ldmkit"
+    image_size = saved.image_size if saved else unet_json.get("sample_size", 64) * vae.downsample_factor
+    config = ModelConfig(family=family, unet=unet, vae=vae, text=text, schedule=schedule, guessed=guessed,
+                         image_size=image_size)
+    _apply_overrides(config, dict(overrides or {}), where)
+    model = LatentDiffusion(config)
+    strict_load(model.unet, keymaps.rename(_weights(folder / "unet", ("diffusion_pytorch_model.safetensors",
+                                                                      "diffusion_pytorch_model.bin")),
+                                           keymaps.unet_to_diffusers(unet), reverse=True), "UNet", f"{folder / 'unet'}")
+    model.first_stage_model = load_diffusers_vae(folder / "vae")
+    model.first_stage_model.config = vae
+    te = _weights(folder / "text_encoder", ("model.safetensors", "pytorch_model.bin"))
+    te = {k: v for k, v in te.items() if not NOT_WEIGHTS.search(k)}
+    if text.kind == "bert":
+        te = {k.removeprefix("bert."): v for k, v in te.items() if not k.startswith(("pooler.", "bert.pooler."))}
+        state = {"transformer." + k: v for k, v in te.items()}
+    else:
+        state = {"transformer." + k: v for k, v in te.items()}
+    state.update({k[len("text_encoder."):]: v for k, v in extra.items() if k.startswith("text_encoder.")})
+    strict_load(model.text_encoder, state, "text encoder", f"{folder / 'text_encoder'}")
+    if text.kind == "bert" and (folder / "tokenizer").is_dir():
+        model.text_encoder.tokenizer_folder = folder / "tokenizer"
+    if "alphas_cumprod" in extra:
+        model.alphas_cumprod = extra["alphas_cumprod"].float()
+    return model.eval()
+
+
+def save_diffusers(model: LatentDiffusion, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Write a diffusers pipeline folder. Written beside the destination, then renamed into place:
+    an interrupted conversion never leaves a half-written model."""
+    dest = Path(path)
+    if dest.exists() and not dest.is_dir():
+        raise CheckpointError(f"{dest}: exists and is not a folder")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+    try:
+        _write_diffusers(model, tmp, dtype)
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _cast(state, dtype):
+    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state.items()}
+
+
+def _write_diffusers(model: LatentDiffusion, out: Path, dtype) -> None:
+    c = model.config
+    latent = c.image_size // c.vae.downsample_factor
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (out / sub).mkdir()
+    write_json(out / "unet" / "config.json", unet_config_to_diffusers(c.unet, latent))
+    write_safetensors(out / "unet" / "diffusion_pytorch_model.safetensors",
+                      _cast(keymaps.rename(model.unet.state_dict(), keymaps.unet_to_diffusers(c.unet)), dtype),
+                      {"format": "pt"})
+    write_json(out / "vae" / "config.json", vae_config_to_diffusers(c.vae, c.image_size))
+    write_safetensors(out / "vae" / "diffusion_pytorch_model.safetensors",
+                      _cast(keymaps.vae_to_diffusers_state(model.vae.state_dict(), c.vae), dtype), {"format": "pt"})
+    te = model.text_encoder
+    extra: dict[str, torch.Tensor] = {}
+    hf_state = {k: v for k, v in te.transformer.state_dict().items() if not NOT_WEIGHTS.search(k)}
+    hf_config = te.transformer.config.to_dict()
+    if c.text.kind == "openclip":
+        # diffusers' SD 2 text encoder stops at the layer SD 2 reads; carry the rest along.
+        keep = c.text.num_layers - c.text.skip_last_layers
+        for k in list(hf_state):
+            if k.startswith("text_model.encoder.layers.") and int(k.split(".")[3]) >= keep:
+                extra["text_encoder.transformer." + k] = hf_state.pop(k)
+        extra["text_encoder.text_projection"] = te.text_projection.detach()
+        extra["text_encoder.logit_scale"] = te.logit_scale.detach()
+        hf_config["num_hidden_layers"] = keep
+    hf_config["architectures"] = ["BertModel" if c.text.kind == "bert" else "CLIPTextModel"]
+    for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+        hf_config.pop(k, None)
+    write_json(out / "text_encoder" / "config.json", hf_config)
+    write_safetensors(out / "text_encoder" / "model.safetensors", _cast(hf_state, dtype), {"format": "pt"})
+    if c.text.kind == "bert":
+        te.tokenizer.save(out / "tokenizer")
+        tokenizer_class = "BertTokenizer"
+    else:
+        _write_clip_tokenizer(out / "tokenizer", c.text)
+        tokenizer_class = "CLIPTokenizer"
+    scheduler = c.schedule.diffusers or {
+        "_class_name": "PNDMScheduler", "_diffusers_version": DIFFUSERS_VERSION, "set_alpha_to_one": False,
+        "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False, "trained_betas": None,
+    }
+    scheduler = {**scheduler, "num_train_timesteps": c.schedule.num_train_timesteps, "beta_start": c.schedule.beta_start,
+                 "beta_end": c.schedule.beta_end, "beta_schedule": c.schedule.beta_schedule,
+                 "prediction_type": c.schedule.prediction_type}
+    write_json(out / "scheduler" / "scheduler_config.json", scheduler)
+    if model.alphas_cumprod is not None:
+        extra["alphas_cumprod"] = model.alphas_cumprod
+    if extra:
+        write_safetensors(out / EXTRA, extra, {"format": "pt"})
+    pipeline = "StableDiffusionInpaintPipeline" if c.unet.in_channels == 9 else "StableDiffusionPipeline"
+    write_json(out / "model_index.json", {
+        "_class_name": pipeline, "_diffusers_version": DIFFUSERS_VERSION,
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", hf_config["architectures"][0]], "tokenizer": ["transformers", tokenizer_class],
+        "scheduler": ["diffusers", scheduler["_class_name"]], "safety_checker": [None, None],
+        "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
+    })
+    write_json(out / "ldmkit.json", c.to_dict())
+
+
+def _write_clip_tokenizer(folder: Path, text: TextEncoderConfig) -> None:
+    """tokenizer.json for current transformers, vocab.json + merges.txt for older readers."""
+    ClipTokenizer(text.max_length, text.pad_token).save(folder)
+    vocab, merges = clip_vocab_and_merges()
+    write_json(folder / "vocab.json", vocab)
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    cfg = _read_json(folder / "tokenizer_config.json")
+    cfg["model_max_length"] = text.max_length
+    write_json(folder / "tokenizer_config.json", cfg)

@@ -1,0 +1,148 @@
+"""Reading tensors from files safely, and writing them atomically.
+
+A file's format is recognised from its content, never from its extension: a `.safetensors` name
+on a pickle is still read as a pickle -- and a pickle is only ever read by
+`torch.load(weights_only=True)` with the small allow-list of inert classes below, so pickled code
+never runs whatever the file is called."""
+
+import json
+import os
+import pickle
+import re
+import struct
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ldmkit.errors import CheckpointError
+
+SAFETENSORS, TORCH_ZIP, TORCH_LEGACY, DIFFUSERS = "safetensors", "torch-zip", "torch-legacy", "diffusers"
+
+
+def sniff(path: str | Path) -> str:
+    """The format of `path` from its first bytes (or, for a folder, from its files)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or folder")
+    if p.is_dir():
+        if (p / "model_index.json").exists() or (p / "unet" / "config.json").exists():
+            return DIFFUSERS
+        if (p / "config.json").exists():
+            return DIFFUSERS
+        raise CheckpointError(f"{p}: a folder but not a diffusers model (no model_index.json, unet/ or config.json)")
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        head = f.read(9)
+    if len(head) >= 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if head[8:9] == b"{" and n <= size - 8:
+            return SAFETENSORS
+        if head[8:9] == b"{":
+            raise CheckpointError(f"{p}: truncated safetensors file (header says {n} bytes, file has {size - 8})")
+    if head.startswith(b"PK\x03\x04"):
+        return TORCH_ZIP
+    if head[:1] == b"\x80":
+        return TORCH_LEGACY
+    raise CheckpointError(f"{p}: not a checkpoint (neither safetensors nor a PyTorch zip/pickle file)")
+
+
+class _InertRecord:
+    """Stand-in for objects that training frameworks pickle next to the weights (a
+    `ModelCheckpoint` callback's settings). Built from plain data only, never called."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+
+# Classes that real SD/LDM `.ckpt` files pickle besides tensors. Everything else is refused.
+ALLOWED_GLOBALS: list[tuple[Callable, str]] = [
+    (_InertRecord, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+    (_InertRecord, "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint"),
+    (_InertRecord, "pytorch_lightning.callbacks.early_stopping.EarlyStopping"),
+    (np._core.multiarray.scalar, "numpy.core.multiarray.scalar"),
+    (np._core.multiarray.scalar, "numpy._core.multiarray.scalar"),
+    (np.dtype, "numpy.dtype"),
+] + [(type(np.dtype(t)), f"numpy.dtypes.{type(np.dtype(t)).__name__}")
+     for t in ("float64", "float32", "float16", "int64", "int32", "bool")]
+
+
+def _load_pickle(p: Path) -> dict[str, torch.Tensor]:
+    try:
+        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = found.group(1) if found else "a non-tensor object"
+        raise CheckpointError(
+            f"{p}: refused to load: the file pickles {what}, which is not an inert tensor container "
+            "(pickled code is never run; convert the file to .safetensors with a tool you trust)"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(f"{p}: truncated or corrupt PyTorch checkpoint ({str(e).splitlines()[0][:120]})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        meta = {k: v for k, v in obj.items() if k in ("global_step", "epoch") and isinstance(v, int)}
+        obj = obj["state_dict"]
+    else:
+        meta = {}
+    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{p}: a PyTorch file, but it holds no state dict of tensors")
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    state["__meta__"] = meta  # type: ignore[assignment]
+    return state
+
+
+def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a single checkpoint file, whatever its extension."""
+    p = Path(path)
+    fmt = sniff(p)
+    if fmt == DIFFUSERS:
+        raise CheckpointError(f"{p}: a folder; expected a single checkpoint file")
+    if fmt == SAFETENSORS:
+        try:
+            state = load_file(str(p))
+            with open(p, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{p}: corrupt safetensors file ({str(e).splitlines()[0][:120]})") from None
+        return state, dict(header.get("__metadata__") or {})
+    state = _load_pickle(p)
+    meta = state.pop("__meta__")  # type: ignore[arg-type]
+    return state, {k: str(v) for k, v in meta.items()}  # type: ignore[union-attr]
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call write(tmp) on a temporary file beside `path`, then rename it into place: a crash leaves
+    either the old file or the new one, never half of one."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
+    seen, out = set(), {}
+    for k, v in tensors.items():
+        v = v.detach().cpu().contiguous()
+        if v.numel() and v.data_ptr() in seen:  # safetensors refuses tensors that share memory
+            v = v.clone()
+        seen.add(v.data_ptr())
+        out[k] = v
+    tensors = out
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))

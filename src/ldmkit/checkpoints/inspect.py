@@ -1,0 +1,62 @@
+"""`ldmkit inspect`: what a checkpoint holds, as a dict ready for JSON."""
+
+from pathlib import Path
+
+from ldmkit.checkpoints.components import stored_dtypes
+from ldmkit.checkpoints.detect import UNET, detect, recognise_unsupported
+from ldmkit.checkpoints.files import DIFFUSERS, read_tensors, sniff
+from ldmkit.checkpoints.single_file import build, load_model, load_vae_file, replace_vae
+from ldmkit.models.ldm import LatentDiffusion
+
+
+def _params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def describe(model: LatentDiffusion) -> dict:
+    c = model.config
+    return {
+        "family": c.family,
+        "supported": True,
+        "parameters": model.parameter_counts(),
+        "latent_channels": c.unet.in_channels if c.unet.in_channels != 9 else 4,
+        "unet_in_channels": c.unet.in_channels,
+        "vae_downsample_factor": c.vae.downsample_factor,
+        "vae_scale_factor": c.vae.scale_factor,
+        "prediction_type": c.schedule.prediction_type,
+        "image_size": c.image_size,
+        "context_dim": c.unet.context_dim,
+        "text_encoder": {"kind": c.text.kind, "layers": c.text.num_layers, "clip_skip": c.text.clip_skip,
+                         "package": c.text.package},
+        "stored_alphas_cumprod": model.alphas_cumprod is not None,
+        "guessed": c.guessed,
+    }
+
+
+def inspect_path(path: str | Path, vae: str | Path | None = None, overrides: dict | None = None) -> dict:
+    fmt = sniff(path)
+    info: dict = {"path": str(path), "format": fmt}
+    if fmt == DIFFUSERS:
+        model = load_model(path, vae=vae, overrides=overrides)
+        info.update(describe(model))
+        info["dtype"] = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
+        return info
+    state, metadata = read_tensors(path)
+    info["dtype"] = stored_dtypes(state)
+    unsupported = recognise_unsupported(set(state))
+    if unsupported and "ldmkit" not in metadata:
+        info.update({"family": unsupported.lower(), "supported": False,
+                     "note": f"a {unsupported} checkpoint; ldmkit does not support {unsupported} yet"})
+        return info
+    if not any(k.startswith(UNET) for k in state):
+        vae_model = load_vae_file(path)
+        info.update({"family": "vae", "supported": True, "parameters": {"vae": _params(vae_model)},
+                     "latent_channels": vae_model.config.embed_dim,
+                     "vae_downsample_factor": vae_model.config.downsample_factor,
+                     "note": "an autoencoder alone: use it with --vae"})
+        return info
+    model = build(detect(state, metadata, str(path), overrides), state, str(path))
+    if vae is not None:
+        replace_vae(model, vae)
+    info.update(describe(model))
+    return info

@@ -1,0 +1,195 @@
+"""Key maps between our (= the original single-file) layout and other layouts.
+
+Maps are built per config as lists of (our prefix, their prefix) pairs for modules; a key is
+renamed by its longest matching prefix. Tensors that change shape between layouts (the VAE's
+1x1 convolutions stored as linear layers by diffusers, OpenCLIP's fused q/k/v) are handled here too,
+so every layout difference lives in this file."""
+
+import re
+
+import torch
+
+from ldmkit.models.autoencoder import AutoencoderConfig
+from ldmkit.models.unet import UNetConfig
+
+PrefixMap = list[tuple[str, str]]
+
+_UNET_RESNET = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
+                ("out_layers.0", "norm2"), ("out_layers.3", "conv2"), ("skip_connection", "conv_shortcut")]
+_VAE_RESNET = [("nin_shortcut", "conv_shortcut")]
+
+
+def _sub(prefix_ours: str, prefix_theirs: str, inner: list[tuple[str, str]]) -> PrefixMap:
+    return [(f"{prefix_ours}.{a}", f"{prefix_theirs}.{b}") for a, b in inner]
+
+
+def unet_to_diffusers(c: UNetConfig) -> PrefixMap:
+    """Module-prefix pairs (ours, diffusers UNet2DConditionModel)."""
+    m: PrefixMap = [("input_blocks.0.0", "conv_in"), ("time_embed.0", "time_embedding.linear_1"),
+                    ("time_embed.2", "time_embedding.linear_2"), ("time_cond_proj", "time_embedding.cond_proj"),
+                    ("out.0", "conv_norm_out"), ("out.2", "conv_out")]
+    if isinstance(c.num_classes, int):
+        m.append(("label_emb", "class_embedding"))
+    elif c.num_classes == "sequential":
+        m += [("label_emb.0.0", "class_embedding.linear_1"), ("label_emb.0.2", "class_embedding.linear_2")]
+    n = c.num_res_blocks
+    levels = len(c.channel_mult)
+    for level in range(levels):
+        for j in range(n):
+            i = 1 + level * (n + 1) + j
+            m += _sub(f"input_blocks.{i}.0", f"down_blocks.{level}.resnets.{j}", _UNET_RESNET)
+            if c.has_attention(level):
+                m.append((f"input_blocks.{i}.1", f"down_blocks.{level}.attentions.{j}"))
+        if level != levels - 1:
+            m.append((f"input_blocks.{1 + level * (n + 1) + n}.0.op", f"down_blocks.{level}.downsamplers.0.conv"))
+    m += _sub("middle_block.0", "mid_block.resnets.0", _UNET_RESNET)
+    m.append(("middle_block.1", "mid_block.attentions.0"))
+    m += _sub("middle_block.2", "mid_block.resnets.1", _UNET_RESNET)
+    for up, level in enumerate(reversed(range(levels))):
+        for j in range(n + 1):
+            i = up * (n + 1) + j
+            m += _sub(f"output_blocks.{i}.0", f"up_blocks.{up}.resnets.{j}", _UNET_RESNET)
+            if c.has_attention(level):
+                m.append((f"output_blocks.{i}.1", f"up_blocks.{up}.attentions.{j}"))
+        if level:
+            idx = 2 if c.has_attention(level) else 1
+            m.append((f"output_blocks.{up * (n + 1) + n}.{idx}.conv", f"up_blocks.{up}.upsamplers.0.conv"))
+    return m
+
+
+def vae_to_diffusers(c: AutoencoderConfig) -> PrefixMap:
+    """Module-prefix pairs (ours, diffusers AutoencoderKL)."""
+    attn = [("norm", "group_norm"), ("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")]
+    m: PrefixMap = [("quant_conv", "quant_conv"), ("post_quant_conv", "post_quant_conv")]
+    levels = len(c.ch_mult)
+    for part in ("encoder", "decoder"):
+        m += [(f"{part}.conv_in", f"{part}.conv_in"), (f"{part}.conv_out", f"{part}.conv_out"),
+              (f"{part}.norm_out", f"{part}.conv_norm_out")]
+        m += _sub(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", _VAE_RESNET + [("", "")])
+        m += _sub(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", _VAE_RESNET + [("", "")])
+        m += _sub(f"{part}.mid.attn_1", f"{part}.mid_block.attentions.0", attn)
+    for level in range(levels):
+        for j in range(c.num_res_blocks):
+            m += _sub(f"encoder.down.{level}.block.{j}", f"encoder.down_blocks.{level}.resnets.{j}",
+                      _VAE_RESNET + [("", "")])
+        if level != levels - 1:
+            m.append((f"encoder.down.{level}.downsample.conv", f"encoder.down_blocks.{level}.downsamplers.0.conv"))
+        up = levels - 1 - level
+        for j in range(c.num_res_blocks + 1):
+            m += _sub(f"decoder.up.{level}.block.{j}", f"decoder.up_blocks.{up}.resnets.{j}", _VAE_RESNET + [("", "")])
+        if level:
+            m.append((f"decoder.up.{level}.upsample.conv", f"decoder.up_blocks.{up}.upsamplers.0.conv"))
+    # ("x.", "y.") pairs from the identity entries above end in a dot; normalise them.
+    return [(a.rstrip("."), b.rstrip(".")) for a, b in m]
+
+
+def rename(state: dict[str, torch.Tensor], pairs: PrefixMap, reverse: bool = False) -> dict[str, torch.Tensor]:
+    """Rename keys by their longest matching module prefix; keys no pair matches are kept as they are
+    (strict loading then reports them)."""
+    if reverse:
+        pairs = [(b, a) for a, b in pairs]
+    table = dict(pairs)
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            prefix = ".".join(parts[:cut])
+            if prefix in table:
+                key = table[prefix] + "." + ".".join(parts[cut:])
+                break
+        out[key] = value
+    return out
+
+
+_VAE_ATTN_PROJ = re.compile(r"mid(_block)?\.(attn_1|attentions\.0)\.(q|k|v|proj_out|to_q|to_k|to_v|to_out\.0)\.weight$")
+
+
+def vae_from_diffusers(state: dict[str, torch.Tensor], c: AutoencoderConfig) -> dict[str, torch.Tensor]:
+    """diffusers AutoencoderKL state -> ours. Diffusers stores the mid-block attention projections
+    as linear layers [C, C]; ours are 1x1 convolutions [C, C, 1, 1]. Older diffusers files name them
+    query/key/value/proj_attn."""
+    legacy = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+    fixed = {}
+    for k, v in state.items():
+        for old, new in legacy.items():
+            if "attentions.0" in k and old in k:
+                k = k.replace(old, new)
+        fixed[k] = v
+    out = rename(fixed, vae_to_diffusers(c), reverse=True)
+    return {k: (v[:, :, None, None] if _VAE_ATTN_PROJ.search(k) and v.ndim == 2 else v) for k, v in out.items()}
+
+
+def vae_to_diffusers_state(state: dict[str, torch.Tensor], c: AutoencoderConfig) -> dict[str, torch.Tensor]:
+    out = rename(state, vae_to_diffusers(c))
+    return {k: (v[:, :, 0, 0] if _VAE_ATTN_PROJ.search(k) and v.ndim == 4 else v) for k, v in out.items()}
+
+
+def vae_linear_attention_to_conv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Some single files (saved from diffusers by other tools) keep the VAE attention as [C, C]."""
+    return {k: (v[:, :, None, None] if _VAE_ATTN_PROJ.search(k) and v.ndim == 2 else v) for k, v in state.items()}
+
+
+# --- OpenCLIP (SD 2.x) <-> transformers CLIPTextModel -------------------------------------------
+
+_OPENCLIP_LAYER = [("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"),
+                   ("mlp.c_proj", "mlp.fc2"), ("attn.out_proj", "self_attn.out_proj")]
+
+
+def openclip_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """OpenCLIP text tower (`token_embedding`, `transformer.resblocks.N`, fused `attn.in_proj_*`)
+    -> transformers CLIPTextModel keys (`text_model.*`). Keys with no HF counterpart
+    (`text_projection`, `logit_scale`) pass through unchanged."""
+    out = {}
+    for k, v in state.items():
+        if k == "token_embedding.weight":
+            out["text_model.embeddings.token_embedding.weight"] = v
+        elif k == "positional_embedding":
+            out["text_model.embeddings.position_embedding.weight"] = v
+        elif k.startswith("ln_final."):
+            out["text_model.final_layer_norm." + k[len("ln_final."):]] = v
+        elif k.startswith("transformer.resblocks."):
+            n, rest = k[len("transformer.resblocks."):].split(".", 1)
+            base = f"text_model.encoder.layers.{n}."
+            if rest.startswith("attn.in_proj_"):
+                kind = rest[len("attn.in_proj_"):]
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
+                    out[f"{base}self_attn.{name}.{kind}"] = part.clone()
+                continue
+            for a, b in _OPENCLIP_LAYER:
+                if rest.startswith(a + "."):
+                    rest = b + rest[len(a):]
+                    break
+            out[base + rest] = v
+        else:
+            out[k] = v
+    return out
+
+
+def hf_to_openclip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of `openclip_to_hf` (q/k/v fused back into `in_proj`)."""
+    out, qkv = {}, {}
+    for k, v in state.items():
+        if k == "text_model.embeddings.token_embedding.weight":
+            out["token_embedding.weight"] = v
+        elif k == "text_model.embeddings.position_embedding.weight":
+            out["positional_embedding"] = v
+        elif k.startswith("text_model.final_layer_norm."):
+            out["ln_final." + k[len("text_model.final_layer_norm."):]] = v
+        elif k.startswith("text_model.encoder.layers."):
+            n, rest = k[len("text_model.encoder.layers."):].split(".", 1)
+            m = re.fullmatch(r"self_attn\.(q|k|v)_proj\.(weight|bias)", rest)
+            if m:
+                qkv.setdefault((n, m.group(2)), {})[m.group(1)] = v
+                continue
+            for a, b in _OPENCLIP_LAYER:
+                if rest.startswith(b + "."):
+                    rest = a + rest[len(b):]
+                    break
+            out[f"transformer.resblocks.{n}.{rest}"] = v
+        elif k == "text_model.embeddings.position_ids":
+            continue
+        else:
+            out[k] = v
+    for (n, kind), parts in qkv.items():
+        out[f"transformer.resblocks.{n}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out

@@ -1,0 +1,158 @@
+"""The original single-file layout (`.safetensors` / `.ckpt`): read it into our model, write ours as it.
+
+Our own files are the same layout plus the model config as JSON in the safetensors header, so a
+file written by ldmkit loads in tools that read SD files, and ldmkit needs no guessing to read it."""
+
+import json
+from pathlib import Path
+
+import torch
+
+from ldmkit.checkpoints import keymaps
+from ldmkit.checkpoints.components import strict_load, strip_prefix
+from ldmkit.checkpoints.detect import METADATA_KEY, NOT_WEIGHTS, OPENCLIP, UNET, VAE, detect, vae_config_from_weights
+from ldmkit.checkpoints.files import DIFFUSERS, read_tensors, sniff, write_safetensors
+from ldmkit.errors import CheckpointError
+from ldmkit.models.autoencoder import AutoencoderKL
+from ldmkit.models.ldm import LatentDiffusion, ModelConfig
+from ldmkit.models.text import TextEncoder, package_folder
+
+TEXT = "cond_stage_model."
+
+
+def text_state_from_file(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+    """The text encoder's weights in our module's names."""
+    if kind == "openclip":
+        hf = keymaps.openclip_to_hf(strip_prefix(state, OPENCLIP))
+        return {("transformer." + k if k.startswith("text_model.") else k): v for k, v in hf.items()}
+    return strip_prefix(state, TEXT)
+
+
+def text_state_to_file(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+    if kind == "openclip":
+        hf = {k.removeprefix("transformer."): v for k, v in state.items()}
+        return {OPENCLIP + k: v for k, v in keymaps.hf_to_openclip(hf).items()}
+    return {TEXT + k: v for k, v in state.items()}
+
+
+def load_package_text_encoder(encoder: TextEncoder) -> None:
+    """Weights of a text tower that ships in a pip package (the default MiniLM)."""
+    from safetensors.torch import load_file
+
+    folder = package_folder(encoder.config.package)
+    state = {k: v for k, v in load_file(str(folder / "model.safetensors")).items()
+             if not NOT_WEIGHTS.search(k) and not k.startswith("pooler.")}
+    strict_load(encoder.transformer, state, "text encoder", str(folder))
+
+
+def build(config: ModelConfig, state: dict[str, torch.Tensor], where: str) -> LatentDiffusion:
+    """A LatentDiffusion with every component strictly loaded from original-layout `state`."""
+    alphas_cumprod = state.get("alphas_cumprod")
+    state = {k: v for k, v in state.items() if not NOT_WEIGHTS.search(k)}
+    model = LatentDiffusion(config)
+    unet = strip_prefix(state, UNET)
+    vae = keymaps.vae_linear_attention_to_conv(strip_prefix(state, VAE))
+    text = text_state_from_file(state, config.text.kind)
+    known = (UNET, VAE, TEXT)
+    stray = [k for k in state if not k.startswith(known)]
+    if stray:
+        raise CheckpointError(f"{where}: unexpected tensor(s) outside the model: {', '.join(sorted(stray)[:3])}")
+    strict_load(model.unet, unet, "UNet", where)
+    strict_load(model.vae, vae, "autoencoder", where)
+    if config.text.package and not text:
+        load_package_text_encoder(model.text_encoder)
+    else:
+        strict_load(model.text_encoder, text, "text encoder", where)
+    if alphas_cumprod is not None:
+        if alphas_cumprod.shape != (config.schedule.num_train_timesteps,):
+            raise CheckpointError(f"{where}: alphas_cumprod has shape {tuple(alphas_cumprod.shape)}, "
+                                  f"expected ({config.schedule.num_train_timesteps},)")
+        model.alphas_cumprod = alphas_cumprod.float()
+    return model.eval()
+
+
+def load_single_file(path: str | Path, overrides: dict | None = None) -> LatentDiffusion:
+    state, metadata = read_tensors(path)
+    config = detect(state, metadata, str(path), overrides)
+    return build(config, state, str(path))
+
+
+def load_model(path: str | Path, vae: str | Path | None = None, overrides: dict | None = None) -> LatentDiffusion:
+    """Load a model from a single file or a diffusers folder; `vae` replaces its autoencoder."""
+    if sniff(path) == DIFFUSERS:
+        from ldmkit.checkpoints.diffusers_folder import load_diffusers
+
+        model = load_diffusers(path, overrides)
+    else:
+        model = load_single_file(path, overrides)
+    if vae is not None:
+        replace_vae(model, vae)
+    return model
+
+
+def load_vae_file(path: str | Path) -> AutoencoderKL:
+    """A standalone autoencoder: an original-layout VAE file (with or without `first_stage_model.`),
+    a diffusers-layout VAE file, or a diffusers vae/ folder."""
+    where = str(path)
+    if sniff(path) == DIFFUSERS:
+        from ldmkit.checkpoints.diffusers_folder import load_diffusers_vae
+
+        return load_diffusers_vae(Path(path))
+    state, _ = read_tensors(path)
+    if any(k.startswith(VAE) for k in state):
+        state = strip_prefix(state, VAE)
+    state = {k: v for k, v in state.items() if not NOT_WEIGHTS.search(k)}
+    if any(k.startswith("encoder.down_blocks.") for k in state):
+        from ldmkit.checkpoints.diffusers_folder import vae_config_from_diffusers_weights
+
+        config = vae_config_from_diffusers_weights(state, where)
+        state = keymaps.vae_from_diffusers(state, config)
+    elif any(k.startswith("encoder.down.") for k in state):
+        config = vae_config_from_weights(state)
+        state = keymaps.vae_linear_attention_to_conv(state)
+    else:
+        raise CheckpointError(f"{where}: not an autoencoder (VAE) file: no encoder.down.* or encoder.down_blocks.* weights")
+    vae = AutoencoderKL(config)
+    strict_load(vae, state, "autoencoder", where)
+    return vae.eval()
+
+
+def replace_vae(model: LatentDiffusion, path: str | Path) -> None:
+    """Swap in a separately distributed VAE (fine-tuned decoders). The latent scale stays the
+    model's: the UNet was trained with it."""
+    vae = load_vae_file(path)
+    old = model.vae.config
+    if vae.config.embed_dim != old.embed_dim:
+        raise CheckpointError(f"{path}: VAE latent has {vae.config.embed_dim} channels, the model needs {old.embed_dim}")
+    vae.config.scale_factor, vae.config.shift_factor = old.scale_factor, old.shift_factor
+    model.first_stage_model = vae
+    model.config.vae = vae.config
+
+
+def model_state(model: LatentDiffusion, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Our model's tensors in the original single-file layout."""
+    own = model.state_dict()
+    text = {k[len(TEXT):]: v for k, v in own.items() if k.startswith(TEXT)}
+    state = {k: v for k, v in own.items() if not k.startswith(TEXT) and not NOT_WEIGHTS.search(k)}
+    if not model.config.text.package:
+        state.update(text_state_to_file({k: v for k, v in text.items() if not NOT_WEIGHTS.search(k)},
+                                        model.config.text.kind))
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    if model.alphas_cumprod is not None:
+        state["alphas_cumprod"] = model.alphas_cumprod.float()  # the schedule stays fp32
+    return state
+
+
+def save_single_file(model: LatentDiffusion, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(model.config.to_dict())}
+    write_safetensors(path, model_state(model, dtype), metadata)
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    table = {None: None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise CheckpointError(f"dtype {name!r}; allowed: fp32, fp16, bf16")
+    return table[name]
+
+

@@ -1,0 +1,18 @@
+"""One small error hierarchy. Messages name the file or argument and what is allowed; the CLI prints
+them on one line (`error: ...`, exit 2) and the HTTP API answers 4xx with the same text."""
+
+
+class LdmkitError(Exception):
+    """Base class for every error a user can cause (bad file, bad argument)."""
+
+
+class CheckpointError(LdmkitError):
+    """A file or folder is unreadable, corrupt, unsafe, or does not match the model it should hold."""
+
+
+class UnsupportedModelError(CheckpointError):
+    """A file is recognised (SDXL, SD3, Flux, ...) but ldmkit cannot run that family yet."""
+
+
+class ConfigError(LdmkitError):
+    """A configuration value is missing, of the wrong type, or outside what is allowed."""

@@ -1,0 +1,1 @@
+"""The three networks of a latent diffusion model, and the bundle that holds them."""

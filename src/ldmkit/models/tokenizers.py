@@ -1,0 +1,84 @@
+"""Tokenizers. A single-file checkpoint carries none, so the CLIP BPE vocabulary ships with ldmkit
+(clip_bpe/, MIT, OpenAI) and is rebuilt here into the vocabulary transformers' CLIPTokenizer takes.
+The BERT-family tokenizer comes from the folder of the encoder it belongs to."""
+
+import functools
+import gzip
+import html
+from importlib import resources
+from pathlib import Path
+
+import ftfy
+import torch
+
+CLIP_VOCAB_SIZE = 49408
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters: printable bytes map to
+    themselves and come first; the others follow, mapped to code points from 256 up. The order
+    matters: it is the order of the first 256 vocabulary ids."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+
+
+@functools.cache
+def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """vocab.json in CLIP's exact order: 256 byte symbols, their 256 `</w>` forms, one token per
+    merge (48,894), then the two specials -- 49,408 ids."""
+    path = resources.files("ldmkit.models") / "clip_bpe" / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.decompress(path.read_bytes()).decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS, EOS]
+    assert len(tokens) == CLIP_VOCAB_SIZE
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def clean_prompt(text: str) -> str:
+    """CLIP's own text cleaning (fix mojibake, unescape HTML entities twice, trim), which
+    transformers' fast tokenizer leaves out; without it "&amp;" tokenizes differently."""
+    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
+class ClipTokenizer:
+    """Prompts -> [B, max_length] ids: BOS, up to max_length - 2 tokens, EOS, then padding.
+    SD 1 pads with EOS; SD 2 (OpenCLIP) pads with "!" (id 0)."""
+
+    def __init__(self, max_length: int = 77, pad_token: str = EOS):
+        from transformers import CLIPTokenizer
+
+        vocab, merges = clip_vocab_and_merges()
+        self.max_length = max_length
+        self.pad_token = pad_token
+        self.hf = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token)
+
+    def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        out = self.hf(
+            [clean_prompt(p) for p in prompts], max_length=self.max_length, padding="max_length",
+            truncation=True, return_tensors="pt",
+        )
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+    def save(self, folder: Path) -> None:
+        """Write a diffusers/transformers tokenizer folder (vocab.json, merges.txt, config)."""
+        self.hf.save_pretrained(str(folder))
+
+
+class BertTokenizer:
+    """WordPiece tokenizer of a BERT-family encoder, padded to a fixed length with its mask."""
+
+    def __init__(self, folder: Path, max_length: int = 77):
+        from transformers import AutoTokenizer
+
+        self.max_length = max_length
+        self.hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+    def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        out = self.hf(list(prompts), max_length=self.max_length, padding="max_length", truncation=True, return_tensors="pt")
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+    def save(self, folder: Path) -> None:
+        self.hf.save_pretrained(str(folder))

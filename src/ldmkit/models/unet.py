@@ -1,0 +1,194 @@
+"""The denoiser of latent diffusion: a UNet with residual blocks, spatial transformers that
+cross-attend to the text context, and skip connections (Rombach et al. 2022, sec. 3.3).
+
+Module names are the original checkpoint's (`input_blocks`, `middle_block`, `output_blocks`,
+`time_embed`, `label_emb`, `out`), so `model.diffusion_model.*` loads by name. One class covers
+SD 1.x, SD 2.x, the 9-channel inpainting variant and tiny test models; everything that differs
+between them is in `UNetConfig`."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ldmkit.errors import ConfigError
+from ldmkit.nn.attention import SpatialTransformer
+from ldmkit.nn.embedding import timestep_embedding
+from ldmkit.nn.resnet import Downsample, ResBlock, Upsample, normalization
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    # Downsampling factors (1, 2, 4, ...) of the levels that carry spatial transformers (the
+    # original yaml's convention); the middle block always has one.
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)
+    # Heads are given either by count (SD 1.x: 8; a tuple gives one count per level) or by
+    # channels per head (SD 2.x: 64), never both.
+    num_heads: int | tuple[int, ...] = 8
+    num_head_channels: int = -1
+    transformer_depth: int | tuple[int, ...] = 1
+    context_dim: int = 768
+    use_linear_in_transformer: bool = False
+    # Class conditioning: an int is a number of classes (an embedding table); "sequential"
+    # takes a vector of `adm_in_channels` through an MLP (the original code's `label_emb`).
+    num_classes: int | str | None = None
+    adm_in_channels: int | None = None
+    # Guidance-scale embedding of consistency-distilled models (diffusers' `time_cond_proj_dim`).
+    time_cond_proj_dim: int | None = None
+    dropout: float = 0.0
+    norm_groups: int = 32
+
+    def __post_init__(self):
+        levels = len(self.channel_mult)
+        for name in ("num_heads", "transformer_depth"):
+            v = getattr(self, name)
+            if isinstance(v, tuple) and len(v) != levels:
+                raise ConfigError(f"UNetConfig.{name}: {len(v)} values given for {levels} levels")
+        if self.num_head_channels <= 0 and not self.num_heads:
+            raise ConfigError("UNetConfig: give num_heads (a count) or num_head_channels (channels per head)")
+        if self.num_classes == "sequential" and not self.adm_in_channels:
+            raise ConfigError("UNetConfig: num_classes='sequential' needs adm_in_channels")
+        if self.num_classes is not None and not isinstance(self.num_classes, int) and self.num_classes != "sequential":
+            raise ConfigError(f"UNetConfig.num_classes: {self.num_classes!r}; allowed: an int, 'sequential' or null")
+
+    def heads_at(self, level: int, channels: int) -> tuple[int, int]:
+        """(heads, channels per head) of the transformers at `level`."""
+        if self.num_head_channels > 0:
+            return channels // self.num_head_channels, self.num_head_channels
+        heads = self.num_heads[level] if isinstance(self.num_heads, tuple) else self.num_heads
+        return heads, channels // heads
+
+    def depth_at(self, level: int) -> int:
+        d = self.transformer_depth
+        return d[level] if isinstance(d, tuple) else d
+
+    def has_attention(self, level: int) -> bool:
+        return 2**level in self.attention_resolutions
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.model_channels * 4
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A sequence of layers, each given what it needs: the timestep embedding (ResBlock), the
+    text context (SpatialTransformer), or the skip connection's size (Upsample)."""
+
+    def forward(self, x, emb, context, size=None):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = c = config
+        ch = c.model_channels
+        groups = c.norm_groups
+        emb_dim = c.time_embed_dim
+        self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if c.time_cond_proj_dim:
+            self.time_cond_proj = nn.Linear(c.time_cond_proj_dim, ch, bias=False)
+        if isinstance(c.num_classes, int):
+            self.label_emb = nn.Embedding(c.num_classes, emb_dim)
+        elif c.num_classes == "sequential":
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            )
+
+        def transformer(level: int, channels: int) -> SpatialTransformer:
+            heads, dim_head = c.heads_at(level, channels)
+            return SpatialTransformer(
+                channels, heads, dim_head, c.depth_at(level), c.context_dim, c.use_linear_in_transformer,
+                c.dropout, groups,
+            )
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(c.in_channels, ch, 3, padding=1))])
+        skip_channels = [ch]
+        levels = len(c.channel_mult)
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                layers = [ResBlock(ch, emb_dim, mult * c.model_channels, c.dropout, groups)]
+                ch = mult * c.model_channels
+                if c.has_attention(level):
+                    layers.append(transformer(level, ch))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != levels - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_dim, ch, c.dropout, groups),
+            transformer(levels - 1, ch),
+            ResBlock(ch, emb_dim, ch, c.dropout, groups),
+        )
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                skip = skip_channels.pop()
+                layers = [ResBlock(ch + skip, emb_dim, mult * c.model_channels, c.dropout, groups)]
+                ch = mult * c.model_channels
+                if c.has_attention(level):
+                    layers.append(transformer(level, ch))
+                if level and i == c.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            normalization(ch, groups), nn.SiLU(), nn.Conv2d(c.model_channels, c.out_channels, 3, padding=1)
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: [B, C, H, W] noisy latents; timesteps: [B] (or scalar); context: [B, T, D] text states;
+        y: class labels [B] or vectors [B, adm_in_channels]; timestep_cond: the guidance-scale
+        embedding [B, time_cond_proj_dim] (see `guidance_scale_embedding`)."""
+        c = self.config
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(x.shape[0])
+        t_emb = timestep_embedding(timesteps, c.model_channels).to(x.dtype)
+        if timestep_cond is not None:
+            if not c.time_cond_proj_dim:
+                raise ConfigError("UNetModel: timestep_cond given but this model has no guidance embedding")
+            t_emb = t_emb + self.time_cond_proj(timestep_cond.to(x.dtype))
+        emb = self.time_embed(t_emb)
+        if c.num_classes is not None:
+            if y is None:
+                raise ConfigError("UNetModel: this model is class-conditional; pass y")
+            emb = emb + self.label_emb(y if isinstance(c.num_classes, int) else y.to(emb.dtype))
+
+        skips = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
+        return self.out(h)

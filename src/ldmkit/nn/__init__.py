@@ -1,0 +1,1 @@
+"""Building blocks shared by the autoencoder, the UNet and (later) ControlNet."""
