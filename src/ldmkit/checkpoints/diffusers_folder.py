@@ -85,7 +85,7 @@ def unet_config_from_diffusers(cfg: dict, where: str) -> UNetConfig:
     if len(set(heads)) == 1:
         num_heads, head_channels = heads[0], -1
     elif len(set(per_head)) == 1:
-        num_heads, head_channels = heads[0], per_head[0]
+        num_heads, head_channels = UNetConfig.num_heads, per_head[0]  # count unused: canonical default
     else:
         num_heads, head_channels = tuple(heads), -1
     depth = cfg.get("transformer_layers_per_block", 1)
@@ -270,7 +270,8 @@ def load_diffusers(path: str | Path, overrides: dict | None = None) -> LatentDif
         te = {k.removeprefix("bert."): v for k, v in te.items() if not k.startswith(("pooler.", "bert.pooler."))}
         state = {"transformer." + k: v for k, v in te.items()}
     else:
-        state = {"transformer." + k: v for k, v in te.items()}
+        # Files written by transformers 5 drop the `text_model.` prefix; older ones have it.
+        state = {"transformer." + (k if k.startswith("text_model.") else "text_model." + k): v for k, v in te.items()}
     state.update({k[len("text_encoder."):]: v for k, v in extra.items() if k.startswith("text_encoder.")})
     strict_load(model.text_encoder, state, "text encoder", f"{folder / 'text_encoder'}")
     if text.kind == "bert" and (folder / "tokenizer").is_dir():
@@ -321,8 +322,9 @@ def _write_diffusers(model: LatentDiffusion, out: Path, dtype) -> None:
                       _cast(keymaps.vae_to_diffusers_state(model.vae.state_dict(), c.vae), dtype), {"format": "pt"})
     te = model.text_encoder
     extra: dict[str, torch.Tensor] = {}
+    # CLIP weights are written with the `text_model.` prefix that every transformers release reads.
     hf_state = {k: v for k, v in te.transformer.state_dict().items() if not NOT_WEIGHTS.search(k)}
-    hf_config = te.transformer.config.to_dict()
+    hf_config = te.hf_model.config.to_dict()
     if c.text.kind == "openclip":
         # diffusers' SD 2 text encoder stops at the layer SD 2 reads; carry the rest along.
         keep = c.text.num_layers - c.text.skip_last_layers
@@ -372,6 +374,3 @@ def _write_clip_tokenizer(folder: Path, text: TextEncoderConfig) -> None:
     vocab, merges = clip_vocab_and_merges()
     write_json(folder / "vocab.json", vocab)
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    cfg = _read_json(folder / "tokenizer_config.json")
-    cfg["model_max_length"] = text.max_length
-    write_json(folder / "tokenizer_config.json", cfg)

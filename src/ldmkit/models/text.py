@@ -94,12 +94,15 @@ class TextEncoder(nn.Module):
                 max_position_embeddings=c.max_position_embeddings, layer_norm_eps=c.layer_norm_eps,
                 projection_dim=c.hidden_size,
             )
-            self.transformer = CLIPTextModel(hf)
+            # Keys read `transformer.text_model.*` as in SD files, whatever module nesting the
+            # installed transformers release uses inside CLIPTextModel.
+            self.transformer = nn.Module()
+            self.transformer.text_model = CLIPTextModel(hf)
             if c.kind == "openclip":
                 # Unused by SD 2.x, kept so that a converted file loses nothing.
                 self.text_projection = nn.Parameter(torch.zeros(c.hidden_size, c.hidden_size))
                 self.logit_scale = nn.Parameter(torch.zeros(()))
-        self.transformer.eval()
+        self.eval()
         self._tokenizer = None
         # A BERT tokenizer folder found with the weights (diffusers layout); else the package's.
         self.tokenizer_folder: Path | None = None
@@ -128,10 +131,16 @@ class TextEncoder(nn.Module):
         if c.kind == "bert":
             return self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         # CLIP attends over padding too (causal mask only): SD was trained that way.
-        out = self.transformer(input_ids=input_ids, output_hidden_states=self.layer != c.num_layers)
+        clip = self.transformer.text_model
+        out = clip(input_ids=input_ids, output_hidden_states=self.layer != c.num_layers)
         if self.layer == c.num_layers:
             return out.last_hidden_state
-        return self.transformer.text_model.final_layer_norm(out.hidden_states[self.layer])
+        return clip.final_layer_norm(out.hidden_states[self.layer])
+
+    @property
+    def hf_model(self) -> nn.Module:
+        """The transformers model inside (CLIPTextModel or BertModel)."""
+        return self.transformer if self.config.kind == "bert" else self.transformer.text_model
 
     def forward(self, prompts: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(prompts)

@@ -53,7 +53,7 @@ class ClipTokenizer:
         vocab, merges = clip_vocab_and_merges()
         self.max_length = max_length
         self.pad_token = pad_token
-        self.hf = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token)
+        self.hf = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=max_length)
 
     def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         out = self.hf(

@@ -1,0 +1,121 @@
+"""Shared helpers: tiny random-weight diffusers components (the reference) and ours built from them."""
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
+    """Random weights everywhere (default inits leave zero-initialised output layers, which would
+    make a parity test blind to them)."""
+    g = torch.Generator().manual_seed(seed)
+    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+    with torch.no_grad():
+        for m in module.modules():
+            for name, p in m.named_parameters(recurse=False):
+                noise = torch.randn(p.shape, generator=g) * std
+                # Norm scales near 1, as trained models have them; elsewhere plain noise.
+                p.copy_(1 + noise if isinstance(m, norms) and name == "weight" else noise)
+    return module.eval()
+
+
+def tiny_diffusers_unet(**overrides):
+    from diffusers import UNet2DConditionModel
+
+    cfg = dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
+               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+               cross_attention_dim=32, attention_head_dim=(2, 4), norm_num_groups=8)
+    cfg.update(overrides)
+    return randomize(UNet2DConditionModel(**cfg))
+
+
+def tiny_diffusers_vae(block_out_channels=(16, 32), layers_per_block=1, **overrides):
+    from diffusers import AutoencoderKL
+
+    n = len(block_out_channels)
+    cfg = dict(block_out_channels=block_out_channels, down_block_types=("DownEncoderBlock2D",) * n,
+               up_block_types=("UpDecoderBlock2D",) * n, latent_channels=4, norm_num_groups=8,
+               layers_per_block=layers_per_block, sample_size=64)
+    cfg.update(overrides)
+    return randomize(AutoencoderKL(**cfg), seed=1)
+
+
+def tiny_clip(hidden_act="quick_gelu", layers=3, hidden=32):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=37, num_hidden_layers=layers,
+                         num_attention_heads=4, max_position_embeddings=77, hidden_act=hidden_act, projection_dim=hidden)
+    return randomize(CLIPTextModel(cfg), seed=2, std=0.05)
+
+
+def tiny_pipeline(folder, *, unet=None, vae=None, text_encoder=None, pad_token="<|endoftext|>", prediction_type="epsilon"):
+    """A diffusers StableDiffusionPipeline folder made of tiny random components."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    from ldmkit.models.tokenizers import clip_vocab_and_merges
+
+    vocab, merges = clip_vocab_and_merges()
+    tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=77)
+    sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                          steps_offset=1, prediction_type=prediction_type)
+    pipe = StableDiffusionPipeline(unet=unet or tiny_diffusers_unet(), vae=vae or tiny_diffusers_vae(),
+                                   text_encoder=text_encoder or tiny_clip(), tokenizer=tok, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(folder))
+    return pipe
+
+
+@pytest.fixture
+def tiny_pipe(tmp_path):
+    folder = tmp_path / "pipe"
+    pipe = tiny_pipeline(folder)
+    return pipe, folder
+
+
+def sd_like_config(kind: str = "clip", in_channels: int = 4):
+    """A small model whose shapes follow the SD family rules that detection applies to files
+    without our metadata (SD 1: 8 heads, CLIP-style 64 channels per text head; SD 2: 64 channels
+    per UNet head, linear projections, OpenCLIP text tower read at its penultimate layer)."""
+    from ldmkit.models.autoencoder import AutoencoderConfig
+    from ldmkit.models.ldm import ModelConfig, ScheduleConfig
+    from ldmkit.models.text import TextEncoderConfig
+    from ldmkit.models.unet import UNetConfig
+
+    sd2 = kind == "openclip"
+    text = TextEncoderConfig(kind=kind, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=1,
+                             hidden_act="gelu" if sd2 else "quick_gelu", pad_token="!" if sd2 else "<|endoftext|>",
+                             skip_last_layers=1 if sd2 else 0)
+    unet = UNetConfig(in_channels=in_channels, model_channels=64, channel_mult=(1, 2), attention_resolutions=(1, 2),
+                      num_heads=8, num_head_channels=64 if sd2 else -1, context_dim=64,
+                      use_linear_in_transformer=sd2)
+    inpaint = in_channels == 9
+    family = ("sd2" if sd2 else "sd1") + ("-inpainting" if inpaint else "-v" if sd2 else "")
+    return ModelConfig(family=family, unet=unet, vae=AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
+                       text=text, schedule=ScheduleConfig(prediction_type="v_prediction" if sd2 and not inpaint else "epsilon"),
+                       image_size=768 if family == "sd2-v" else 512)
+
+
+def write_sd_file(path, kind="clip", in_channels=4, seed=0, with_schedule=True, fmt="safetensors", extra=None):
+    """An original-layout SD file with random weights and no ldmkit metadata, as found in the wild.
+    Returns the model it was made from."""
+    from safetensors.torch import save_file
+
+    from ldmkit.checkpoints.single_file import model_state
+    from ldmkit.models.ldm import LatentDiffusion
+
+    model = randomize(LatentDiffusion(sd_like_config(kind, in_channels)), seed=seed, std=0.05)
+    if with_schedule:
+        betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
+        model.alphas_cumprod = torch.cumprod(1 - betas, 0)
+    state = {k: v.contiguous() for k, v in model_state(model).items()}
+    if extra:
+        state.update(extra)
+    if fmt == "safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save({"state_dict": state, "global_step": 470000}, str(path))
+    return model

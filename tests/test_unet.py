@@ -1,0 +1,126 @@
+"""UNet parity with diffusers' UNet2DConditionModel on random weights, through the same loading
+path a user's diffusers folder takes (config.json + safetensors -> key map -> strict load)."""
+
+import pytest
+import torch
+
+from conftest import tiny_diffusers_unet
+from ldmkit.checkpoints.diffusers_folder import unet_config_from_diffusers
+from ldmkit.checkpoints.keymaps import rename, unet_to_diffusers
+from ldmkit.checkpoints.components import strict_load
+from ldmkit.models.unet import UNetModel, UNetConfig
+from ldmkit.nn.embedding import guidance_scale_embedding
+
+
+def ours_from(ref, tmp_path):
+    ref.save_pretrained(str(tmp_path / "unet"))
+    import json
+
+    from safetensors.torch import load_file
+
+    cfg = json.loads((tmp_path / "unet" / "config.json").read_text())
+    config = unet_config_from_diffusers(cfg, "unet")
+    unet = UNetModel(config)
+    state = load_file(str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors"))
+    strict_load(unet, rename(state, unet_to_diffusers(config), reverse=True), "UNet", "test")
+    return unet.eval()
+
+
+def compare(ref, ours, hw, ctx_dim=32, batch=2, **kwargs):
+    g = torch.Generator().manual_seed(hw)
+    x = torch.randn(batch, ref.config.in_channels, hw, hw, generator=g)
+    t = torch.tensor([999, 3][:batch])
+    ctx = torch.randn(batch, 7, ctx_dim, generator=g)
+    with torch.no_grad():
+        a = ref(x, t, ctx, **kwargs).sample
+        b = ours(x, t, ctx, **{("y" if k == "class_labels" else k): v for k, v in kwargs.items()})
+    assert a.shape == b.shape
+    assert a.abs().mean() > 0.05  # outputs of order 1, not a vacuous match
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("hw", [16, 9, 13])
+def test_sd1_style_conv_projection(tmp_path, hw):
+    ref = tiny_diffusers_unet()
+    assert compare(ref, ours_from(ref, tmp_path), hw) <= 1e-4
+
+
+def test_sd2_style_linear_projection_heads_by_channels(tmp_path):
+    ref = tiny_diffusers_unet(use_linear_projection=True, attention_head_dim=(2, 4),
+                              down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                              up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    ours = ours_from(ref, tmp_path)
+    # (2, 4) heads over (32, 64) channels = 16 channels per head: stored as channels per head.
+    assert ours.config.num_head_channels == 16
+    assert ours.config.use_linear_in_transformer
+    assert compare(ref, ours, 16) <= 1e-4
+
+
+def test_72x72_latent_three_levels_transformer_depth_2(tmp_path):
+    ref = tiny_diffusers_unet(block_out_channels=(32, 32, 64), down_block_types=("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",),
+                              up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 2, attention_head_dim=2,
+                              transformer_layers_per_block=2, layers_per_block=1)
+    ours = ours_from(ref, tmp_path)
+    assert ours.config.transformer_depth == 2
+    assert compare(ref, ours, 72, batch=1) <= 1e-4
+
+
+def test_inpainting_nine_channels(tmp_path):
+    ref = tiny_diffusers_unet(in_channels=9)
+    assert compare(ref, ours_from(ref, tmp_path), 16) <= 1e-4
+
+
+def test_class_embedding_table(tmp_path):
+    ref = tiny_diffusers_unet(num_class_embeds=10)
+    ours = ours_from(ref, tmp_path)
+    assert compare(ref, ours, 16, class_labels=torch.tensor([3, 7])) <= 1e-4
+
+
+def test_vector_conditioning(tmp_path):
+    ref = tiny_diffusers_unet(class_embed_type="projection", projection_class_embeddings_input_dim=12)
+    ours = ours_from(ref, tmp_path)
+    assert ours.config.num_classes == "sequential"
+    y = torch.randn(2, 12, generator=torch.Generator().manual_seed(5))
+    assert compare(ref, ours, 16, class_labels=y) <= 1e-4
+
+
+def test_guidance_embedding_matches_diffusers_lcm(tmp_path):
+    from diffusers import LatentConsistencyModelPipeline
+
+    ref = tiny_diffusers_unet(time_cond_proj_dim=16)
+    ours = ours_from(ref, tmp_path)
+    w = torch.tensor([8.0, 2.5])
+    # diffusers' LCM pipeline embeds (w - 1) itself; ours takes the guidance scale.
+    expected = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w - 1, embedding_dim=16)
+    emb = guidance_scale_embedding(w, 16)
+    assert torch.allclose(emb, expected, atol=1e-6)
+    assert compare(ref, ours, 16, timestep_cond=emb) <= 1e-4
+
+
+def test_channels_last_gives_the_same_output(tmp_path):
+    ref = tiny_diffusers_unet()
+    ours = ours_from(ref, tmp_path)
+    x = torch.randn(2, 4, 16, 16)
+    t = torch.tensor([10, 500])
+    ctx = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        a = ours(x, t, ctx)
+        b = ours.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last), t, ctx)
+    assert (a - b).abs().max() <= 1e-5
+
+
+def test_config_roundtrip_to_diffusers():
+    from ldmkit.checkpoints.diffusers_folder import unet_config_to_diffusers
+
+    c = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), attention_resolutions=(2, 4), num_head_channels=16,
+                   context_dim=24, use_linear_in_transformer=True, transformer_depth=(1, 2, 3))
+    assert unet_config_from_diffusers(unet_config_to_diffusers(c, 16), "x") == c
+
+
+def test_class_conditional_model_without_labels_is_a_clear_error():
+    from ldmkit.errors import ConfigError
+
+    unet = UNetModel(UNetConfig(model_channels=32, channel_mult=(1,), attention_resolutions=(), num_heads=2,
+                                context_dim=8, norm_groups=8, num_classes=3))
+    with pytest.raises(ConfigError, match="class-conditional"):
+        unet(torch.randn(1, 4, 8, 8), torch.tensor([1]), torch.randn(1, 2, 8))
