@@ -22,6 +22,8 @@ VAE = "first_stage_model."
 CLIP = "cond_stage_model.transformer.text_model."
 OPENCLIP = "cond_stage_model.model."
 METADATA_KEY = "ldmkit"
+# Keys that mark a standalone autoencoder file (original or diffusers layout, prefixed or not).
+VAE_FILE_PREFIXES = ("encoder.down.", "encoder.down_blocks.", "first_stage_model.encoder.down.")
 
 # Families we recognise but cannot run yet: (name, test on the key set).
 UNSUPPORTED = [
@@ -55,16 +57,18 @@ def _count(keys, pattern: str) -> int:
     return max(found) + 1 if found else 0
 
 
-def unet_config_from_weights(state: dict[str, torch.Tensor]) -> UNetConfig:
+def unet_config_from_weights(state: dict[str, torch.Tensor], where: str = "checkpoint") -> UNetConfig:
     """UNet architecture from `model.diffusion_model.*` (prefix stripped). Heads are not in the
     weights: the caller fills them from family rules."""
     keys = set(state)
     try:
         conv_in = state["input_blocks.0.0.weight"]
         ch = conv_in.shape[0]
-        n_input = _count(keys, r"input_blocks\.(\d+)\.")
-        levels = 1 + sum(1 for k in keys if re.fullmatch(r"input_blocks\.\d+\.0\.op\.weight", k))
-        n_res = (n_input - 1 - (levels - 1)) // levels
+        ops = sorted(int(m.group(1)) for k in keys if (m := re.fullmatch(r"input_blocks\.(\d+)\.0\.op\.weight", k)))
+        levels = 1 + len(ops)
+        # Read block counts off the first downsampler's position, not the highest index: a stray
+        # extra key must show up as an unexpected weight, not as a different architecture.
+        n_res = ops[0] - 1 if ops else _count(keys, r"input_blocks\.(\d+)\.") - 1
         mult, attn, depth = [], [], []
         for level in range(levels):
             first = 1 + level * (n_res + 1)
@@ -95,10 +99,11 @@ def unet_config_from_weights(state: dict[str, torch.Tensor]) -> UNetConfig:
             time_cond_proj_dim=state["time_cond_proj.weight"].shape[1] if "time_cond_proj.weight" in keys else None,
         )
     except (KeyError, StopIteration, IndexError, ZeroDivisionError) as e:
-        raise CheckpointError(f"UNet weights do not have the layout of an LDM UNet (missing {e})") from None
+        what = repr(e.args[0]) if isinstance(e, KeyError) else "its cross-attention and projection weights"
+        raise CheckpointError(f"{where}: UNet weights do not have the layout of an LDM UNet (missing {what})") from None
 
 
-def vae_config_from_weights(state: dict[str, torch.Tensor]) -> AutoencoderConfig:
+def vae_config_from_weights(state: dict[str, torch.Tensor], where: str = "checkpoint") -> AutoencoderConfig:
     """Autoencoder architecture from `first_stage_model.*` (prefix stripped). The latent scale is not
     in the weights: the caller fills it."""
     keys = set(state)
@@ -117,10 +122,10 @@ def vae_config_from_weights(state: dict[str, torch.Tensor]) -> AutoencoderConfig
             use_quant_conv="quant_conv.weight" in keys,
         )
     except (KeyError, IndexError) as e:
-        raise CheckpointError(f"autoencoder weights do not have the layout of an LDM autoencoder (missing {e})") from None
+        raise CheckpointError(f"{where}: autoencoder weights do not have the layout of an LDM autoencoder (missing {e})") from None
 
 
-def clip_config_from_weights(state: dict[str, torch.Tensor], kind: str) -> TextEncoderConfig:
+def clip_config_from_weights(state: dict[str, torch.Tensor], kind: str, where: str = "checkpoint") -> TextEncoderConfig:
     """CLIP text tower (transformers layout, `text_model.*`) architecture. Heads: 64 channels each,
     as in every CLIP text tower (a rule, listed as guessed)."""
     keys = set(state)
@@ -140,7 +145,7 @@ def clip_config_from_weights(state: dict[str, torch.Tensor], kind: str) -> TextE
             skip_last_layers=0 if kind == "clip" else 1,
         )
     except KeyError as e:
-        raise CheckpointError(f"text encoder weights do not have the layout of a CLIP text tower (missing {e})") from None
+        raise CheckpointError(f"{where}: text encoder weights do not have the layout of a CLIP text tower (missing {e})") from None
 
 
 def config_from_metadata(metadata: dict, where: str) -> ModelConfig | None:
@@ -165,7 +170,7 @@ def detect(state: dict[str, torch.Tensor], metadata: dict, where: str = "checkpo
         if unsupported:
             raise UnsupportedModelError(f"{where}: a {unsupported} checkpoint; ldmkit does not support {unsupported} yet")
         if not any(k.startswith(UNET) for k in keys):
-            if any(k.startswith(("encoder.", "decoder.", VAE)) for k in keys):
+            if any(k.startswith(VAE_FILE_PREFIXES) for k in keys):
                 raise CheckpointError(f"{where}: an autoencoder (VAE) file, not a full model; pass it with --vae")
             if any(k.startswith(("down_blocks.", "mid_block.")) for k in keys):
                 raise CheckpointError(f"{where}: diffusers-layout weights; pass the diffusers folder that holds them")
@@ -182,14 +187,14 @@ def _strip(state, prefix):
 def _config_from_sd_weights(state, metadata, where) -> ModelConfig:
     from ldmkit.checkpoints.keymaps import openclip_to_hf
 
-    unet = unet_config_from_weights(_strip(state, UNET))
-    vae = vae_config_from_weights(_strip(state, VAE))
+    unet = unet_config_from_weights(_strip(state, UNET), where)
+    vae = vae_config_from_weights(_strip(state, VAE), where)
     guessed = {"vae.scale_factor": 0.18215}
     if any(k.startswith(CLIP) for k in state):
-        text = clip_config_from_weights(_strip(state, "cond_stage_model.transformer."), "clip")
+        text = clip_config_from_weights(_strip(state, "cond_stage_model.transformer."), "clip", where)
         family = "sd1"
     elif any(k.startswith(OPENCLIP) for k in state):
-        text = clip_config_from_weights(openclip_to_hf(_strip(state, OPENCLIP)), "openclip")
+        text = clip_config_from_weights(openclip_to_hf(_strip(state, OPENCLIP)), "openclip", where)
         family = "sd2"
     else:
         raise CheckpointError(f"{where}: unknown text encoder layout (neither cond_stage_model.transformer.* "

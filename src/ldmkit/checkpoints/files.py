@@ -74,8 +74,9 @@ ALLOWED_GLOBALS: list[tuple[Callable, str]] = [
 
 def _load_pickle(p: Path) -> dict[str, torch.Tensor]:
     try:
-        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
-            obj = torch.load(p, map_location="cpu", weights_only=True)
+        # A file object, not a path: torch.load picks a reader by file extension when given a path.
+        with open(p, "rb") as f, torch.serialization.safe_globals(ALLOWED_GLOBALS):
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = found.group(1) if found else "a non-tensor object"

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from ldmkit.checkpoints.components import stored_dtypes
-from ldmkit.checkpoints.detect import UNET, detect, recognise_unsupported
+from ldmkit.checkpoints.detect import UNET, VAE_FILE_PREFIXES, detect, recognise_unsupported
 from ldmkit.checkpoints.files import DIFFUSERS, read_tensors, sniff
 from ldmkit.checkpoints.single_file import build, load_model, load_vae_file, replace_vae
 from ldmkit.models.ldm import LatentDiffusion
@@ -48,7 +48,7 @@ def inspect_path(path: str | Path, vae: str | Path | None = None, overrides: dic
         info.update({"family": unsupported.lower(), "supported": False,
                      "note": f"a {unsupported} checkpoint; ldmkit does not support {unsupported} yet"})
         return info
-    if not any(k.startswith(UNET) for k in state):
+    if not any(k.startswith(UNET) for k in state) and any(k.startswith(VAE_FILE_PREFIXES) for k in state):
         vae_model = load_vae_file(path)
         info.update({"family": "vae", "supported": True, "parameters": {"vae": _params(vae_model)},
                      "latent_channels": vae_model.config.embed_dim,

@@ -108,7 +108,7 @@ def load_vae_file(path: str | Path) -> AutoencoderKL:
         config = vae_config_from_diffusers_weights(state, where)
         state = keymaps.vae_from_diffusers(state, config)
     elif any(k.startswith("encoder.down.") for k in state):
-        config = vae_config_from_weights(state)
+        config = vae_config_from_weights(state, where)
         state = keymaps.vae_linear_attention_to_conv(state)
     else:
         raise CheckpointError(f"{where}: not an autoencoder (VAE) file: no encoder.down.* or encoder.down_blocks.* weights")

@@ -1,0 +1,254 @@
+"""Reading real-layout files: family detection from weights, strict loading, round trips between
+layouts, safe .ckpt loading, storage dtypes, separate VAE files, recognised-but-unsupported families."""
+
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import tiny_pipeline, write_sd_file
+from ldmkit.checkpoints.diffusers_folder import load_diffusers, save_diffusers
+from ldmkit.checkpoints.inspect import inspect_path
+from ldmkit.checkpoints.single_file import load_model, save_single_file
+from ldmkit.errors import UnsupportedModelError
+
+
+def outputs(model, seed=0):
+    """UNet, decoder and text-encoder outputs on fixed inputs."""
+    g = torch.Generator().manual_seed(seed)
+    c = model.config
+    x = torch.randn(1, c.unet.in_channels, 8, 8, generator=g)
+    ctx = torch.randn(1, 5, c.unet.context_dim, generator=g)
+    z = torch.randn(1, 4, 8, 8, generator=g)
+    ids = torch.tensor([[49406, 320, 2368, 49407] + [49407] * 73])
+    with torch.no_grad():
+        return (model.unet(x, torch.tensor([500]), ctx), model.vae.decode(z), model.text_encoder.encode_ids(ids))
+
+
+def assert_same_outputs(a, b, tol=1e-5):
+    for x, y in zip(outputs(a), outputs(b)):
+        assert x.abs().mean() > 0.01
+        assert (x - y).abs().max() <= tol
+
+
+def test_sd1_file_detected_and_loaded(tmp_path):
+    source = write_sd_file(tmp_path / "sd1.safetensors")
+    model = load_model(tmp_path / "sd1.safetensors")
+    c = model.config
+    assert c.family == "sd1"
+    assert c.unet.num_heads == 8 and c.unet.context_dim == 64 and not c.unet.use_linear_in_transformer
+    assert c.unet.channel_mult == (1, 2) and c.unet.num_res_blocks == 2 and c.unet.attention_resolutions == (1, 2)
+    assert c.vae.ch_mult == (1, 2) and c.vae.num_res_blocks == 1
+    assert set(c.guessed) >= {"unet.num_heads", "vae.scale_factor", "text.num_heads"}
+    assert torch.equal(model.alphas_cumprod, source.alphas_cumprod)
+    assert_same_outputs(source, model)
+
+
+def test_sd2_file_is_v_by_rule_and_overridable(tmp_path):
+    source = write_sd_file(tmp_path / "sd2.safetensors", kind="openclip")
+    model = load_model(tmp_path / "sd2.safetensors")
+    assert model.config.family == "sd2-v" and model.config.schedule.prediction_type == "v_prediction"
+    assert model.config.guessed["schedule.prediction_type"] == "v_prediction"
+    assert model.config.unet.num_head_channels == 64 and model.config.unet.use_linear_in_transformer
+    assert model.config.text.kind == "openclip" and model.config.text.pad_token == "!"
+    assert_same_outputs(source, model)
+    eps = load_model(tmp_path / "sd2.safetensors", overrides={"prediction_type": "epsilon"})
+    assert eps.config.family == "sd2-eps" and "schedule.prediction_type" not in eps.config.guessed
+
+
+def test_inpainting_family(tmp_path):
+    write_sd_file(tmp_path / "inpaint.safetensors", in_channels=9)
+    assert load_model(tmp_path / "inpaint.safetensors").config.family == "sd1-inpainting"
+
+
+def test_roundtrip_single_file_to_diffusers_and_back_keeps_every_tensor(tmp_path):
+    for kind in ("clip", "openclip"):
+        write_sd_file(tmp_path / f"{kind}.safetensors", kind=kind)
+        original = load_file(str(tmp_path / f"{kind}.safetensors"))
+        model = load_model(tmp_path / f"{kind}.safetensors")
+        save_diffusers(model, tmp_path / f"{kind}-diffusers")
+        again = load_model(tmp_path / f"{kind}-diffusers")
+        assert again.config.family == model.config.family
+        save_single_file(again, tmp_path / f"{kind}-back.safetensors")
+        back = load_file(str(tmp_path / f"{kind}-back.safetensors"))
+        assert set(back) == set(original), set(back) ^ set(original)
+        assert all(torch.equal(back[k], original[k]) for k in original)
+
+
+def test_diffusers_loads_what_we_write(tmp_path):
+    """Our diffusers folder is a real one: diffusers' own loader reads it and computes what we compute."""
+    from diffusers import StableDiffusionPipeline
+
+    write_sd_file(tmp_path / "sd1.safetensors")
+    model = load_model(tmp_path / "sd1.safetensors")
+    save_diffusers(model, tmp_path / "out")
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "out"), local_files_only=True)
+    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 64)
+    with torch.no_grad():
+        assert (pipe.unet(x, 500, ctx).sample - model.unet(x, torch.tensor([500]), ctx)).abs().max() <= 1e-4
+        z = torch.randn(1, 4, 8, 8)
+        assert (pipe.vae.decode(z).sample - model.vae.decode(z)).abs().max() <= 1e-4
+        ours = model.text_encoder(["a red circle"])
+        ref, _ = pipe.encode_prompt(["a red circle"], "cpu", 1, False)
+    assert (ours - ref).abs().max() <= 1e-4
+    assert pipe.tokenizer("a cat", padding="max_length", max_length=77).input_ids[:5] == [49406, 320, 2368, 49407, 49407]
+
+
+def test_diffusers_pipeline_folder_honours_its_scheduler_config(tmp_path):
+    tiny_pipeline(tmp_path / "p", prediction_type="v_prediction")
+    model = load_model(tmp_path / "p")
+    assert model.config.schedule.prediction_type == "v_prediction"
+    assert model.config.schedule.diffusers["_class_name"] == "PNDMScheduler"
+    assert model.config.schedule.diffusers["steps_offset"] == 1
+    assert model.config.guessed == {}
+
+
+def test_diffusers_folder_parity_through_single_file(tmp_path):
+    """diffusers folder -> ours -> single file -> ours, compared with the diffusers components."""
+    pipe = tiny_pipeline(tmp_path / "p")
+    save_single_file(load_model(tmp_path / "p"), tmp_path / "one.safetensors")
+    model = load_model(tmp_path / "one.safetensors")
+    x, ctx = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        a = pipe.unet(x, torch.tensor([1, 900]), ctx).sample
+        b = model.unet(x, torch.tensor([1, 900]), ctx)
+    assert a.abs().mean() > 0.05 and (a - b).abs().max() <= 1e-4
+
+
+def test_our_files_are_self_describing(tmp_path):
+    write_sd_file(tmp_path / "sd2.safetensors", kind="openclip")
+    model = load_model(tmp_path / "sd2.safetensors", overrides={"clip_skip": 2})
+    save_single_file(model, tmp_path / "ours.safetensors")
+    with safe_open(str(tmp_path / "ours.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["ldmkit"])
+    assert meta["family"] == "sd2-v" and meta["text"]["clip_skip"] == 2
+    again = load_model(tmp_path / "ours.safetensors")
+    assert again.config == model.config
+
+
+@pytest.mark.parametrize("name,dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_half_precision_storage(tmp_path, name, dtype):
+    write_sd_file(tmp_path / "sd1.safetensors")
+    model = load_model(tmp_path / "sd1.safetensors")
+    save_single_file(model, tmp_path / f"{name}.safetensors", dtype=dtype)
+    state = load_file(str(tmp_path / f"{name}.safetensors"))
+    assert {v.dtype for k, v in state.items() if k != "alphas_cumprod"} == {dtype}
+    assert state["alphas_cumprod"].dtype == torch.float32
+    assert inspect_path(tmp_path / f"{name}.safetensors")["dtype"] == sorted({str(dtype)[6:], "float32"})
+    half = load_model(tmp_path / f"{name}.safetensors")
+    tol = 5e-2 if dtype == torch.bfloat16 else 1e-2
+    for a, b in zip(outputs(model), outputs(half)):
+        assert (a - b).abs().max() <= tol * max(1.0, a.abs().max().item())
+    save_diffusers(model, tmp_path / f"{name}-diffusers", dtype=dtype)
+    assert load_file(str(tmp_path / f"{name}-diffusers" / "unet" / "diffusion_pytorch_model.safetensors"))[
+        "conv_in.weight"].dtype == dtype
+
+
+def test_ckpt_with_trainer_objects_and_numpy_scalars_loads(tmp_path):
+    """Real SD .ckpt files pickle a Lightning ModelCheckpoint callback and numpy scalars beside the
+    weights: the allow-list admits them as inert data."""
+    source = write_sd_file(tmp_path / "sd1.safetensors")
+    state = load_file(str(tmp_path / "sd1.safetensors"))
+    mod = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+
+    class ModelCheckpoint:
+        def __init__(self):
+            self.monitor, self.best_model_score = "val/loss", torch.tensor(0.1)
+
+    ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = mod.__name__, "ModelCheckpoint"
+    mod.ModelCheckpoint = ModelCheckpoint
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", mod.__name__):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    sys.modules[mod.__name__] = mod
+    try:
+        torch.save({"state_dict": state, "global_step": 875000, "epoch": 3, "loss": np.float64(0.25),
+                    "callbacks": {"ModelCheckpoint": ModelCheckpoint()}}, tmp_path / "sd1.ckpt")
+    finally:
+        for name in ("pytorch_lightning", "pytorch_lightning.callbacks", mod.__name__):
+            sys.modules.pop(name, None)
+    model = load_model(tmp_path / "sd1.ckpt")
+    assert model.config.family == "sd1"
+    assert_same_outputs(source, model)
+
+
+def test_sd2_base_ckpt_global_step_rule(tmp_path):
+    write_sd_file(tmp_path / "sd2.safetensors", kind="openclip")
+    torch.save({"state_dict": load_file(str(tmp_path / "sd2.safetensors")), "global_step": 875000}, tmp_path / "b.ckpt")
+    assert load_model(tmp_path / "b.ckpt").config.family == "sd2-eps"
+
+
+def test_ema_copies_and_schedule_buffers_are_allowed(tmp_path):
+    extra = {"model_ema.decay": torch.tensor(0.9999), "model_ema.diffusion_modelinput_blocks00weight": torch.zeros(3),
+             "betas": torch.zeros(1000), "posterior_variance": torch.zeros(1000),
+             "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None]}
+    write_sd_file(tmp_path / "sd1.safetensors", extra=extra)
+    assert load_model(tmp_path / "sd1.safetensors").config.family == "sd1"
+
+
+def test_format_is_read_from_content_not_extension(tmp_path):
+    write_sd_file(tmp_path / "a.safetensors")
+    (tmp_path / "model.ckpt").write_bytes((tmp_path / "a.safetensors").read_bytes())
+    assert inspect_path(tmp_path / "model.ckpt")["format"] == "safetensors"
+    write_sd_file(tmp_path / "b.bin", fmt="torch")
+    (tmp_path / "b.bin").rename(tmp_path / "b.safetensors")
+    info = inspect_path(tmp_path / "b.safetensors")
+    assert info["format"] == "torch-zip" and info["family"] == "sd1"
+
+
+def _vae_state(seed):
+    from conftest import randomize
+    from ldmkit.models.autoencoder import AutoencoderConfig, AutoencoderKL
+
+    return randomize(AutoencoderKL(AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)), seed=seed)
+
+
+def test_separate_vae_replaces_the_models_own(tmp_path):
+    from ldmkit.checkpoints.keymaps import vae_to_diffusers_state
+
+    write_sd_file(tmp_path / "sd1.safetensors")
+    vae = _vae_state(seed=9)
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        expected = vae.decode(z)
+    files = {
+        "orig.safetensors": vae.state_dict(),
+        "prefixed.safetensors": {"first_stage_model." + k: v for k, v in vae.state_dict().items()},
+        "diffusers-layout.safetensors": vae_to_diffusers_state(vae.state_dict(), vae.config),
+    }
+    for name, state in files.items():
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / name))
+        model = load_model(tmp_path / "sd1.safetensors", vae=tmp_path / name)
+        with torch.no_grad():
+            assert (model.vae.decode(z) - expected).abs().max() <= 1e-5, name
+        assert model.vae.config.scale_factor == 0.18215
+    info = inspect_path(tmp_path / "orig.safetensors")
+    assert info["family"] == "vae" and info["vae_downsample_factor"] == 2
+
+
+@pytest.mark.parametrize("name,keys", [
+    ("sdxl", {"conditioner.embedders.1.model.positional_embedding": (77, 8),
+              "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}),
+    ("sd3", {"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": (8,)}),
+    ("flux", {"double_blocks.0.img_attn.norm.key_norm.scale": (8,)}),
+    ("controlnet", {"control_model.time_embed.0.weight": (8, 8), "control_model.input_hint_block.0.weight": (8, 3, 3, 3)}),
+])
+def test_unsupported_families_are_named(tmp_path, name, keys):
+    save_file({k: torch.zeros(s) for k, s in keys.items()}, str(tmp_path / "x.safetensors"))
+    info = inspect_path(tmp_path / "x.safetensors")
+    assert info["family"] == name and info["supported"] is False and "not support" in info["note"]
+    with pytest.raises(UnsupportedModelError, match="does not support"):
+        load_model(tmp_path / "x.safetensors")
+
+
+def test_convert_overwrites_a_diffusers_folder_atomically(tmp_path):
+    write_sd_file(tmp_path / "sd1.safetensors")
+    model = load_model(tmp_path / "sd1.safetensors")
+    save_diffusers(model, tmp_path / "out")
+    save_diffusers(model, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "sd1.safetensors"]
+    assert load_diffusers(tmp_path / "out").config.family == "sd1"
