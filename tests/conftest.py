@@ -43,11 +43,11 @@ def tiny_diffusers_vae(block_out_channels=(16, 32), layers_per_block=1, **overri
     return randomize(AutoencoderKL(**cfg), seed=1)
 
 
-def tiny_clip(hidden_act="quick_gelu", layers=3, hidden=32):
+def tiny_clip(hidden_act="quick_gelu", layers=3, hidden=32, heads=4):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=37, num_hidden_layers=layers,
-                         num_attention_heads=4, max_position_embeddings=77, hidden_act=hidden_act, projection_dim=hidden)
+                         num_attention_heads=heads, max_position_embeddings=77, hidden_act=hidden_act, projection_dim=hidden)
     return randomize(CLIPTextModel(cfg), seed=2, std=0.05)
 
 

@@ -252,3 +252,32 @@ def test_convert_overwrites_a_diffusers_folder_atomically(tmp_path):
     save_diffusers(model, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "sd1.safetensors"]
     assert load_diffusers(tmp_path / "out").config.family == "sd1"
+
+
+def test_sd2_diffusers_folder_to_a_file_other_tools_read(tmp_path):
+    """diffusers' SD 2 text encoder stops at the layer SD 2 reads (no last block, no projection).
+    Written as a single file it gets a zero 24th-style block, so every reader that skips the last
+    block -- ours, from the weights alone -- computes the same thing."""
+    from conftest import tiny_clip, tiny_diffusers_unet, tiny_diffusers_vae
+
+    unet = tiny_diffusers_unet(block_out_channels=(64, 128), attention_head_dim=(1, 2), cross_attention_dim=64,
+                               use_linear_projection=True, norm_num_groups=32)
+    vae = tiny_diffusers_vae(block_out_channels=(32, 64), norm_num_groups=32)  # SD's 32 groups: a file can't say
+    pipe = tiny_pipeline(tmp_path / "p", unet=unet, vae=vae, text_encoder=tiny_clip("gelu", layers=2, hidden=64, heads=1),
+                         pad_token="!", prediction_type="v_prediction")
+    model = load_model(tmp_path / "p")
+    assert model.config.family == "sd2-v" and model.config.text.num_layers == 2
+    from ldmkit.checkpoints.single_file import model_state
+
+    state = model_state(model)
+    assert "cond_stage_model.model.transformer.resblocks.2.attn.in_proj_weight" in state
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "wild.safetensors"))
+    wild = load_model(tmp_path / "wild.safetensors")
+    assert wild.config.family == "sd2-v" and wild.config.text.num_layers == 3
+    prompts = ["a red circle above a blue square"]
+    with torch.no_grad():
+        ref, _ = pipe.encode_prompt(prompts, "cpu", 1, False)
+        ours = wild.text_encoder(prompts)
+        x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 64)
+        assert (pipe.unet(x, 7, ctx).sample - wild.unet(x, torch.tensor([7]), ctx)).abs().max() <= 1e-4
+    assert ref.abs().mean() > 0.1 and (ours - ref).abs().max() <= 1e-4

@@ -273,6 +273,10 @@ def load_diffusers(path: str | Path, overrides: dict | None = None) -> LatentDif
         # Files written by transformers 5 drop the `text_model.` prefix; older ones have it.
         state = {"transformer." + (k if k.startswith("text_model.") else "text_model." + k): v for k, v in te.items()}
     state.update({k[len("text_encoder."):]: v for k, v in extra.items() if k.startswith("text_encoder.")})
+    if text.kind == "openclip" and "text_projection" not in state:
+        # diffusers keeps neither of these (SD 2 never reads them); zeros stand in for them.
+        state["text_projection"] = torch.zeros(text.hidden_size, text.hidden_size)
+        state["logit_scale"] = torch.zeros(())
     strict_load(model.text_encoder, state, "text encoder", f"{folder / 'text_encoder'}")
     if text.kind == "bert" and (folder / "tokenizer").is_dir():
         model.text_encoder.tokenizer_folder = folder / "tokenizer"

@@ -135,8 +135,16 @@ def model_state(model: LatentDiffusion, dtype: torch.dtype | None = None) -> dic
     text = {k[len(TEXT):]: v for k, v in own.items() if k.startswith(TEXT)}
     state = {k: v for k, v in own.items() if not k.startswith(TEXT) and not NOT_WEIGHTS.search(k)}
     if not model.config.text.package:
-        state.update(text_state_to_file({k: v for k, v in text.items() if not NOT_WEIGHTS.search(k)},
-                                        model.config.text.kind))
+        text = {k: v for k, v in text.items() if not NOT_WEIGHTS.search(k)}
+        tc = model.config.text
+        if tc.kind == "openclip" and tc.skip_last_layers == 0:
+            # A tower that came from a diffusers folder stops at the layer SD 2 reads. SD 2 files
+            # have one block more, which readers (ours included) skip: write it as zeros so the
+            # file means the same in every tool.
+            last = f"transformer.text_model.encoder.layers.{tc.num_layers - 1}."
+            pad = f"transformer.text_model.encoder.layers.{tc.num_layers}."
+            text.update({pad + k[len(last):]: torch.zeros_like(v) for k, v in text.items() if k.startswith(last)})
+        state.update(text_state_to_file(text, tc.kind))
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     if model.alphas_cumprod is not None:
