@@ -25,9 +25,18 @@ def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch
 def tiny_diffusers_unet(**overrides):
     from diffusers import UNet2DConditionModel
 
-    cfg = dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
-               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-               cross_attention_dim=32, attention_head_dim=(2, 4), norm_num_groups=8)
+    cfg = dict(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        norm_num_groups=8,
+    )
     cfg.update(overrides)
     return randomize(UNet2DConditionModel(**cfg))
 
@@ -36,9 +45,15 @@ def tiny_diffusers_vae(block_out_channels=(16, 32), layers_per_block=1, **overri
     from diffusers import AutoencoderKL
 
     n = len(block_out_channels)
-    cfg = dict(block_out_channels=block_out_channels, down_block_types=("DownEncoderBlock2D",) * n,
-               up_block_types=("UpDecoderBlock2D",) * n, latent_channels=4, norm_num_groups=8,
-               layers_per_block=layers_per_block, sample_size=64)
+    cfg = dict(
+        block_out_channels=block_out_channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=layers_per_block,
+        sample_size=64,
+    )
     cfg.update(overrides)
     return randomize(AutoencoderKL(**cfg), seed=1)
 
@@ -46,12 +61,22 @@ def tiny_diffusers_vae(block_out_channels=(16, 32), layers_per_block=1, **overri
 def tiny_clip(hidden_act="quick_gelu", layers=3, hidden=32, heads=4):
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=37, num_hidden_layers=layers,
-                         num_attention_heads=heads, max_position_embeddings=77, hidden_act=hidden_act, projection_dim=hidden)
+    cfg = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=37,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        hidden_act=hidden_act,
+        projection_dim=hidden,
+    )
     return randomize(CLIPTextModel(cfg), seed=2, std=0.05)
 
 
-def tiny_pipeline(folder, *, unet=None, vae=None, text_encoder=None, pad_token="<|endoftext|>", prediction_type="epsilon"):
+def tiny_pipeline(
+    folder, *, unet=None, vae=None, text_encoder=None, pad_token="<|endoftext|>", prediction_type="epsilon"
+):
     """A diffusers StableDiffusionPipeline folder made of tiny random components."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
@@ -60,11 +85,24 @@ def tiny_pipeline(folder, *, unet=None, vae=None, text_encoder=None, pad_token="
 
     vocab, merges = clip_vocab_and_merges()
     tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=77)
-    sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
-                          steps_offset=1, prediction_type=prediction_type)
-    pipe = StableDiffusionPipeline(unet=unet or tiny_diffusers_unet(), vae=vae or tiny_diffusers_vae(),
-                                   text_encoder=text_encoder or tiny_clip(), tokenizer=tok, scheduler=sched,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    sched = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet or tiny_diffusers_unet(),
+        vae=vae or tiny_diffusers_vae(),
+        text_encoder=text_encoder or tiny_clip(),
+        tokenizer=tok,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(str(folder))
     return pipe
 
@@ -86,17 +124,36 @@ def sd_like_config(kind: str = "clip", in_channels: int = 4):
     from ldmkit.models.unet import UNetConfig
 
     sd2 = kind == "openclip"
-    text = TextEncoderConfig(kind=kind, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=1,
-                             hidden_act="gelu" if sd2 else "quick_gelu", pad_token="!" if sd2 else "<|endoftext|>",
-                             skip_last_layers=1 if sd2 else 0)
-    unet = UNetConfig(in_channels=in_channels, model_channels=64, channel_mult=(1, 2), attention_resolutions=(1, 2),
-                      num_heads=8, num_head_channels=64 if sd2 else -1, context_dim=64,
-                      use_linear_in_transformer=sd2)
+    text = TextEncoderConfig(
+        kind=kind,
+        hidden_size=64,
+        intermediate_size=96,
+        num_layers=3,
+        num_heads=1,
+        hidden_act="gelu" if sd2 else "quick_gelu",
+        pad_token="!" if sd2 else "<|endoftext|>",
+        skip_last_layers=1 if sd2 else 0,
+    )
+    unet = UNetConfig(
+        in_channels=in_channels,
+        model_channels=64,
+        channel_mult=(1, 2),
+        attention_resolutions=(1, 2),
+        num_heads=8,
+        num_head_channels=64 if sd2 else -1,
+        context_dim=64,
+        use_linear_in_transformer=sd2,
+    )
     inpaint = in_channels == 9
     family = ("sd2" if sd2 else "sd1") + ("-inpainting" if inpaint else "-v" if sd2 else "")
-    return ModelConfig(family=family, unet=unet, vae=AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
-                       text=text, schedule=ScheduleConfig(prediction_type="v_prediction" if sd2 and not inpaint else "epsilon"),
-                       image_size=768 if family == "sd2-v" else 512)
+    return ModelConfig(
+        family=family,
+        unet=unet,
+        vae=AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
+        text=text,
+        schedule=ScheduleConfig(prediction_type="v_prediction" if sd2 and not inpaint else "epsilon"),
+        image_size=768 if family == "sd2-v" else 512,
+    )
 
 
 def write_sd_file(path, kind="clip", in_channels=4, seed=0, with_schedule=True, fmt="safetensors", extra=None):

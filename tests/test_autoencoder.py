@@ -83,3 +83,18 @@ def test_roundtrip_ours_to_diffusers_keys(tmp_path):
     assert set(there) == set(ref.state_dict())
     back = vae_from_diffusers(there, c)
     assert all(torch.equal(back[k], v) for k, v in vae.state_dict().items())
+
+
+def test_measured_memory_format_keeps_outputs():
+    from conftest import randomize
+    from ldmkit.models.ldm import LatentDiffusion
+    from ldmkit.models.presets import tiny
+
+    model = randomize(LatentDiffusion(tiny()))
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        before = model.vae.decode(z)
+        model.use_measured_memory_format()
+        after = model.vae.decode(z)
+    assert model.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert (before - after).abs().max() <= 1e-5

@@ -143,7 +143,11 @@ def test_missing_path_and_bad_options(tmp_path, sd1, capsys):
 
 def test_console_script_exit_code_and_stderr(tmp_path):
     (tmp_path / "x.ckpt").write_text("hello")
-    proc = subprocess.run([sys.executable, "-m", "ldmkit", "inspect", str(tmp_path / "x.ckpt")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ldmkit", "inspect", str(tmp_path / "x.ckpt")], capture_output=True, text=True
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"error: {tmp_path / 'x.ckpt'}: not a checkpoint (neither safetensors nor a PyTorch zip/pickle file)"
+    assert (
+        proc.stderr.strip()
+        == f"error: {tmp_path / 'x.ckpt'}: not a checkpoint (neither safetensors nor a PyTorch zip/pickle file)"
+    )

@@ -96,7 +96,13 @@ def test_diffusers_loads_what_we_write(tmp_path):
         ours = model.text_encoder(["a red circle"])
         ref, _ = pipe.encode_prompt(["a red circle"], "cpu", 1, False)
     assert (ours - ref).abs().max() <= 1e-4
-    assert pipe.tokenizer("a cat", padding="max_length", max_length=77).input_ids[:5] == [49406, 320, 2368, 49407, 49407]
+    assert pipe.tokenizer("a cat", padding="max_length", max_length=77).input_ids[:5] == [
+        49406,
+        320,
+        2368,
+        49407,
+        49407,
+    ]
 
 
 def test_diffusers_pipeline_folder_honours_its_scheduler_config(tmp_path):
@@ -145,8 +151,13 @@ def test_half_precision_storage(tmp_path, name, dtype):
     for a, b in zip(outputs(model), outputs(half)):
         assert (a - b).abs().max() <= tol * max(1.0, a.abs().max().item())
     save_diffusers(model, tmp_path / f"{name}-diffusers", dtype=dtype)
-    assert load_file(str(tmp_path / f"{name}-diffusers" / "unet" / "diffusion_pytorch_model.safetensors"))[
-        "conv_in.weight"].dtype == dtype
+    assert (
+        load_file(str(tmp_path / f"{name}-diffusers" / "unet" / "diffusion_pytorch_model.safetensors"))[
+            "conv_in.weight"
+        ].dtype
+        == dtype
+    )
+    assert inspect_path(tmp_path / f"{name}-diffusers")["dtype"] == [str(dtype)[6:]]
 
 
 def test_ckpt_with_trainer_objects_and_numpy_scalars_loads(tmp_path):
@@ -166,8 +177,16 @@ def test_ckpt_with_trainer_objects_and_numpy_scalars_loads(tmp_path):
         sys.modules.setdefault(name, types.ModuleType(name))
     sys.modules[mod.__name__] = mod
     try:
-        torch.save({"state_dict": state, "global_step": 875000, "epoch": 3, "loss": np.float64(0.25),
-                    "callbacks": {"ModelCheckpoint": ModelCheckpoint()}}, tmp_path / "sd1.ckpt")
+        torch.save(
+            {
+                "state_dict": state,
+                "global_step": 875000,
+                "epoch": 3,
+                "loss": np.float64(0.25),
+                "callbacks": {"ModelCheckpoint": ModelCheckpoint()},
+            },
+            tmp_path / "sd1.ckpt",
+        )
     finally:
         for name in ("pytorch_lightning", "pytorch_lightning.callbacks", mod.__name__):
             sys.modules.pop(name, None)
@@ -183,9 +202,13 @@ def test_sd2_base_ckpt_global_step_rule(tmp_path):
 
 
 def test_ema_copies_and_schedule_buffers_are_allowed(tmp_path):
-    extra = {"model_ema.decay": torch.tensor(0.9999), "model_ema.diffusion_modelinput_blocks00weight": torch.zeros(3),
-             "betas": torch.zeros(1000), "posterior_variance": torch.zeros(1000),
-             "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None]}
+    extra = {
+        "model_ema.decay": torch.tensor(0.9999),
+        "model_ema.diffusion_modelinput_blocks00weight": torch.zeros(3),
+        "betas": torch.zeros(1000),
+        "posterior_variance": torch.zeros(1000),
+        "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None],
+    }
     write_sd_file(tmp_path / "sd1.safetensors", extra=extra)
     assert load_model(tmp_path / "sd1.safetensors").config.family == "sd1"
 
@@ -230,13 +253,24 @@ def test_separate_vae_replaces_the_models_own(tmp_path):
     assert info["family"] == "vae" and info["vae_downsample_factor"] == 2
 
 
-@pytest.mark.parametrize("name,keys", [
-    ("sdxl", {"conditioner.embedders.1.model.positional_embedding": (77, 8),
-              "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3)}),
-    ("sd3", {"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": (8,)}),
-    ("flux", {"double_blocks.0.img_attn.norm.key_norm.scale": (8,)}),
-    ("controlnet", {"control_model.time_embed.0.weight": (8, 8), "control_model.input_hint_block.0.weight": (8, 3, 3, 3)}),
-])
+@pytest.mark.parametrize(
+    "name,keys",
+    [
+        (
+            "sdxl",
+            {
+                "conditioner.embedders.1.model.positional_embedding": (77, 8),
+                "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+            },
+        ),
+        ("sd3", {"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": (8,)}),
+        ("flux", {"double_blocks.0.img_attn.norm.key_norm.scale": (8,)}),
+        (
+            "controlnet",
+            {"control_model.time_embed.0.weight": (8, 8), "control_model.input_hint_block.0.weight": (8, 3, 3, 3)},
+        ),
+    ],
+)
 def test_unsupported_families_are_named(tmp_path, name, keys):
     save_file({k: torch.zeros(s) for k, s in keys.items()}, str(tmp_path / "x.safetensors"))
     info = inspect_path(tmp_path / "x.safetensors")
@@ -260,11 +294,22 @@ def test_sd2_diffusers_folder_to_a_file_other_tools_read(tmp_path):
     block -- ours, from the weights alone -- computes the same thing."""
     from conftest import tiny_clip, tiny_diffusers_unet, tiny_diffusers_vae
 
-    unet = tiny_diffusers_unet(block_out_channels=(64, 128), attention_head_dim=(1, 2), cross_attention_dim=64,
-                               use_linear_projection=True, norm_num_groups=32)
+    unet = tiny_diffusers_unet(
+        block_out_channels=(64, 128),
+        attention_head_dim=(1, 2),
+        cross_attention_dim=64,
+        use_linear_projection=True,
+        norm_num_groups=32,
+    )
     vae = tiny_diffusers_vae(block_out_channels=(32, 64), norm_num_groups=32)  # SD's 32 groups: a file can't say
-    pipe = tiny_pipeline(tmp_path / "p", unet=unet, vae=vae, text_encoder=tiny_clip("gelu", layers=2, hidden=64, heads=1),
-                         pad_token="!", prediction_type="v_prediction")
+    pipe = tiny_pipeline(
+        tmp_path / "p",
+        unet=unet,
+        vae=vae,
+        text_encoder=tiny_clip("gelu", layers=2, hidden=64, heads=1),
+        pad_token="!",
+        prediction_type="v_prediction",
+    )
     model = load_model(tmp_path / "p")
     assert model.config.family == "sd2-v" and model.config.text.num_layers == 2
     from ldmkit.checkpoints.single_file import model_state

@@ -33,7 +33,15 @@ def test_init_convert_and_inspect_both_layouts(tmp_path, capsys):
     assert (tmp_path / "tiny-diffusers" / "model_index.json").exists()
     second = json.loads(run(capsys, "inspect", tmp_path / "tiny-diffusers"))
     assert second["parameters"] == first["parameters"]
-    run(capsys, "convert", tmp_path / "tiny-diffusers", tmp_path / "back.safetensors", "--to", "single-file",
-        "--dtype", "fp16")
+    run(
+        capsys,
+        "convert",
+        tmp_path / "tiny-diffusers",
+        tmp_path / "back.safetensors",
+        "--to",
+        "single-file",
+        "--dtype",
+        "fp16",
+    )
     third = json.loads(run(capsys, "inspect", tmp_path / "back.safetensors"))
     assert third["dtype"] == ["float16"] and third["parameters"] == first["parameters"]

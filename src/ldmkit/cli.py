@@ -12,17 +12,25 @@ log = logging.getLogger("ldmkit")
 
 
 def _overrides(args) -> dict:
-    return {k: getattr(args, k) for k in ("prediction_type", "num_heads", "num_head_channels", "clip_skip")
-            if getattr(args, k, None) is not None}
+    return {
+        k: getattr(args, k)
+        for k in ("prediction_type", "num_heads", "num_head_channels", "clip_skip")
+        if getattr(args, k, None) is not None
+    }
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", help="a separate VAE file or folder that replaces the model's own")
-    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"],
-                   help="what the UNet predicts (SD 2.x files do not say; 768 models are v_prediction)")
+    p.add_argument(
+        "--prediction-type",
+        choices=["epsilon", "v_prediction", "sample"],
+        help="what the UNet predicts (SD 2.x files do not say; 768 models are v_prediction)",
+    )
     p.add_argument("--num-heads", type=int, help="attention heads per UNet transformer (SD 1.x: 8)")
     p.add_argument("--num-head-channels", type=int, help="channels per attention head (SD 2.x: 64)")
-    p.add_argument("--clip-skip", type=int, help="1 = last text-encoder layer, 2 = one earlier (the web UI's convention)")
+    p.add_argument(
+        "--clip-skip", type=int, help="1 = last text-encoder layer, 2 = one earlier (the web UI's convention)"
+    )
 
 
 def cmd_inspect(args) -> int:
@@ -43,7 +51,9 @@ def cmd_convert(args) -> int:
     model = load_model(src, vae=args.vae, overrides=_overrides(args))
     if args.to == "single-file":
         if dst.is_dir():
-            raise LdmkitError(f"{dst}: is a folder; a single-file checkpoint needs a file path (e.g. model.safetensors)")
+            raise LdmkitError(
+                f"{dst}: is a folder; a single-file checkpoint needs a file path (e.g. model.safetensors)"
+            )
         save_single_file(model, dst, dtype)
     else:
         save_diffusers(model, dst, dtype)

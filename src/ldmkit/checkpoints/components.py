@@ -32,7 +32,7 @@ def strict_load(module: nn.Module, state: dict[str, torch.Tensor], component: st
 
 
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def stored_dtypes(state: dict[str, torch.Tensor]) -> list[str]:

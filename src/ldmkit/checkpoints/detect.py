@@ -7,10 +7,10 @@ family's rules and is listed in `config.guessed` so that `inspect` can say so.""
 
 import json
 import re
+from dataclasses import replace
 
 import torch
 
-from ldmkit.config import from_dict
 from ldmkit.errors import CheckpointError, UnsupportedModelError
 from ldmkit.models.autoencoder import AutoencoderConfig
 from ldmkit.models.ldm import ModelConfig, ScheduleConfig
@@ -30,8 +30,12 @@ UNSUPPORTED = [
     ("SDXL", lambda keys: any(k.startswith("conditioner.embedders.") for k in keys)),
     ("SD3", lambda keys: any("joint_blocks." in k for k in keys)),
     ("Flux", lambda keys: any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys)),
-    ("ControlNet", lambda keys: any(k.startswith(("control_model.", "controlnet_cond_embedding.", "input_hint_block."))
-                                    for k in keys)),
+    (
+        "ControlNet",
+        lambda keys: any(
+            k.startswith(("control_model.", "controlnet_cond_embedding.", "input_hint_block.")) for k in keys
+        ),
+    ),
 ]
 
 # Keys that are not weights of the networks we build, dropped before strict loading:
@@ -117,12 +121,15 @@ def vae_config_from_weights(state: dict[str, torch.Tensor], where: str = "checkp
             ch_mult=tuple(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)),
             num_res_blocks=_count(keys, r"encoder\.down\.0\.block\.(\d+)\."),
             z_channels=state["decoder.conv_in.weight"].shape[1],
-            embed_dim=state["quant_conv.weight"].shape[0] // 2 if "quant_conv.weight" in keys
+            embed_dim=state["quant_conv.weight"].shape[0] // 2
+            if "quant_conv.weight" in keys
             else state["decoder.conv_in.weight"].shape[1],
             use_quant_conv="quant_conv.weight" in keys,
         )
     except (KeyError, IndexError) as e:
-        raise CheckpointError(f"{where}: autoencoder weights do not have the layout of an LDM autoencoder (missing {e})") from None
+        raise CheckpointError(
+            f"{where}: autoencoder weights do not have the layout of an LDM autoencoder (missing {e})"
+        ) from None
 
 
 def clip_config_from_weights(state: dict[str, torch.Tensor], kind: str, where: str = "checkpoint") -> TextEncoderConfig:
@@ -145,7 +152,9 @@ def clip_config_from_weights(state: dict[str, torch.Tensor], kind: str, where: s
             skip_last_layers=0 if kind == "clip" else 1,
         )
     except KeyError as e:
-        raise CheckpointError(f"{where}: text encoder weights do not have the layout of a CLIP text tower (missing {e})") from None
+        raise CheckpointError(
+            f"{where}: text encoder weights do not have the layout of a CLIP text tower (missing {e})"
+        ) from None
 
 
 def config_from_metadata(metadata: dict, where: str) -> ModelConfig | None:
@@ -159,8 +168,9 @@ def config_from_metadata(metadata: dict, where: str) -> ModelConfig | None:
     return ModelConfig.from_dict(data, f"{where} header")
 
 
-def detect(state: dict[str, torch.Tensor], metadata: dict, where: str = "checkpoint",
-           overrides: dict | None = None) -> ModelConfig:
+def detect(
+    state: dict[str, torch.Tensor], metadata: dict, where: str = "checkpoint", overrides: dict | None = None
+) -> ModelConfig:
     """The ModelConfig of a single-file checkpoint (original layout keys)."""
     overrides = dict(overrides or {})
     keys = set(state)
@@ -168,7 +178,9 @@ def detect(state: dict[str, torch.Tensor], metadata: dict, where: str = "checkpo
     if config is None:
         unsupported = recognise_unsupported(keys)
         if unsupported:
-            raise UnsupportedModelError(f"{where}: a {unsupported} checkpoint; ldmkit does not support {unsupported} yet")
+            raise UnsupportedModelError(
+                f"{where}: a {unsupported} checkpoint; ldmkit does not support {unsupported} yet"
+            )
         if not any(k.startswith(UNET) for k in keys):
             if any(k.startswith(VAE_FILE_PREFIXES) for k in keys):
                 raise CheckpointError(f"{where}: an autoencoder (VAE) file, not a full model; pass it with --vae")
@@ -181,7 +193,7 @@ def detect(state: dict[str, torch.Tensor], metadata: dict, where: str = "checkpo
 
 
 def _strip(state, prefix):
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _config_from_sd_weights(state, metadata, where) -> ModelConfig:
@@ -197,13 +209,17 @@ def _config_from_sd_weights(state, metadata, where) -> ModelConfig:
         text = clip_config_from_weights(openclip_to_hf(_strip(state, OPENCLIP)), "openclip", where)
         family = "sd2"
     else:
-        raise CheckpointError(f"{where}: unknown text encoder layout (neither cond_stage_model.transformer.* "
-                              "CLIP nor cond_stage_model.model.* OpenCLIP)")
+        raise CheckpointError(
+            f"{where}: unknown text encoder layout (neither cond_stage_model.transformer.* "
+            "CLIP nor cond_stage_model.model.* OpenCLIP)"
+        )
     guessed["text.num_heads"] = text.num_heads
     guessed["text.hidden_act"] = text.hidden_act
     if unet.context_dim != text.hidden_size:
-        raise CheckpointError(f"{where}: UNet cross-attention expects context {unet.context_dim} but the text "
-                              f"encoder gives {text.hidden_size}")
+        raise CheckpointError(
+            f"{where}: UNet cross-attention expects context {unet.context_dim} but the text "
+            f"encoder gives {text.hidden_size}"
+        )
     if family == "sd1":
         unet.num_heads, unet.num_head_channels = 8, -1
         guessed["unet.num_heads"] = 8
@@ -216,12 +232,21 @@ def _config_from_sd_weights(state, metadata, where) -> ModelConfig:
         # SD 2.0-base (global step 875000, as diffusers checks) and 2.1-base are eps; 768-v models are v.
         prediction = "epsilon" if metadata.get("global_step") == "875000" else "v_prediction"
         guessed["schedule.prediction_type"] = prediction
-    family = family + ("-inpainting" if inpainting else "" if family == "sd1" else "-v" if prediction == "v_prediction" else "-eps")
+    family = family + (
+        "-inpainting" if inpainting else "" if family == "sd1" else "-v" if prediction == "v_prediction" else "-eps"
+    )
     image_size = 768 if family == "sd2-v" else 512
     if family.startswith("sd2"):
         guessed["image_size"] = image_size
-    return ModelConfig(family=family, unet=unet, vae=vae, text=text, image_size=image_size,
-                       schedule=ScheduleConfig(prediction_type=prediction), guessed=guessed)
+    return ModelConfig(
+        family=family,
+        unet=unet,
+        vae=vae,
+        text=text,
+        image_size=image_size,
+        schedule=ScheduleConfig(prediction_type=prediction),
+        guessed=guessed,
+    )
 
 
 OVERRIDABLE = {"prediction_type", "num_heads", "num_head_channels", "clip_skip", "scale_factor"}
@@ -232,7 +257,7 @@ def _apply_overrides(config: ModelConfig, overrides: dict, where: str) -> None:
     if unknown:
         raise CheckpointError(f"unknown override(s) {sorted(unknown)}; allowed: {sorted(OVERRIDABLE)}")
     if overrides.get("prediction_type") is not None:
-        config.schedule = from_dict(ScheduleConfig, {**_asdict(config.schedule), "prediction_type": overrides["prediction_type"]})
+        config.schedule = replace(config.schedule, prediction_type=overrides["prediction_type"])
         config.guessed.pop("schedule.prediction_type", None)
         if config.family.startswith("sd2") and not config.family.endswith("inpainting"):
             config.family = "sd2-v" if overrides["prediction_type"] == "v_prediction" else "sd2-eps"
@@ -245,20 +270,25 @@ def _apply_overrides(config: ModelConfig, overrides: dict, where: str) -> None:
         config.guessed.pop("unet.num_heads", None)
         config.guessed.pop("unet.num_head_channels", None)
     if overrides.get("clip_skip") is not None:
-        config.text = from_dict(TextEncoderConfig, {**_asdict(config.text), "clip_skip": int(overrides["clip_skip"])})
+        config.text = replace(config.text, clip_skip=int(overrides["clip_skip"]))
     if overrides.get("scale_factor") is not None:
         config.vae.scale_factor = float(overrides["scale_factor"])
         config.guessed.pop("vae.scale_factor", None)
 
 
-def _asdict(c):
-    import dataclasses
-
-    return {f.name: getattr(c, f.name) for f in dataclasses.fields(c)}
-
-
 def minilm_text_config(max_length: int = 77) -> TextEncoderConfig:
     """The default small text tower: MiniLM-L6 (BERT family, 384 wide) from its pip package."""
-    return TextEncoderConfig(kind="bert", vocab_size=30522, hidden_size=384, intermediate_size=1536, num_layers=6,
-                             num_heads=12, max_position_embeddings=512, hidden_act="gelu", layer_norm_eps=1e-12,
-                             max_length=max_length, pad_token="[PAD]", package=MINILM_PACKAGE)
+    return TextEncoderConfig(
+        kind="bert",
+        vocab_size=30522,
+        hidden_size=384,
+        intermediate_size=1536,
+        num_layers=6,
+        num_heads=12,
+        max_position_embeddings=512,
+        hidden_act="gelu",
+        layer_norm_eps=1e-12,
+        max_length=max_length,
+        pad_token="[PAD]",
+        package=MINILM_PACKAGE,
+    )

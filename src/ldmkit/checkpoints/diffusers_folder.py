@@ -9,6 +9,7 @@ block and `text_projection`)."""
 import json
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -17,11 +18,10 @@ from ldmkit.checkpoints import keymaps
 from ldmkit.checkpoints.components import strict_load
 from ldmkit.checkpoints.detect import NOT_WEIGHTS
 from ldmkit.checkpoints.files import read_tensors, write_json, write_safetensors
-from ldmkit.config import from_dict
 from ldmkit.errors import CheckpointError, ConfigError
 from ldmkit.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldmkit.models.ldm import LatentDiffusion, ModelConfig, ScheduleConfig
-from ldmkit.models.text import TextEncoderConfig, clip_config_from_hf
+from ldmkit.models.text import TextEncoderConfig, text_config_from_hf
 from ldmkit.models.tokenizers import ClipTokenizer, clip_vocab_and_merges
 from ldmkit.models.unet import UNetConfig
 
@@ -50,6 +50,7 @@ def _weights(folder: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
 
 
 # --- UNet ---------------------------------------------------------------------------------------
+
 
 def unet_config_from_diffusers(cfg: dict, where: str) -> UNetConfig:
     def refuse(key, allowed):
@@ -96,12 +97,20 @@ def unet_config_from_diffusers(cfg: dict, where: str) -> UNetConfig:
     if cfg.get("class_embed_type") == "projection":
         num_classes, adm = "sequential", cfg["projection_class_embeddings_input_dim"]
     return UNetConfig(
-        in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4), model_channels=channels[0],
-        channel_mult=tuple(c // channels[0] for c in channels), num_res_blocks=lpb,
+        in_channels=cfg.get("in_channels", 4),
+        out_channels=cfg.get("out_channels", 4),
+        model_channels=channels[0],
+        channel_mult=tuple(c // channels[0] for c in channels),
+        num_res_blocks=lpb,
         attention_resolutions=tuple(2**i for i, a in enumerate(attention) if a),
-        num_heads=num_heads, num_head_channels=head_channels, transformer_depth=depth,
-        context_dim=cfg.get("cross_attention_dim", 1280), use_linear_in_transformer=bool(cfg.get("use_linear_projection")),
-        num_classes=num_classes, adm_in_channels=adm, time_cond_proj_dim=cfg.get("time_cond_proj_dim"),
+        num_heads=num_heads,
+        num_head_channels=head_channels,
+        transformer_depth=depth,
+        context_dim=cfg.get("cross_attention_dim", 1280),
+        use_linear_in_transformer=bool(cfg.get("use_linear_projection")),
+        num_classes=num_classes,
+        adm_in_channels=adm,
+        time_cond_proj_dim=cfg.get("time_cond_proj_dim"),
         norm_groups=cfg.get("norm_num_groups", 32),
     )
 
@@ -111,16 +120,24 @@ def unet_config_to_diffusers(c: UNetConfig, sample_size: int) -> dict:
     channels = [c.model_channels * m for m in c.channel_mult]
     attn = [c.has_attention(i) for i in range(levels)]
     cfg = {
-        "_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION,
-        "sample_size": sample_size, "in_channels": c.in_channels, "out_channels": c.out_channels,
-        "block_out_channels": channels, "layers_per_block": c.num_res_blocks,
+        "_class_name": "UNet2DConditionModel",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "sample_size": sample_size,
+        "in_channels": c.in_channels,
+        "out_channels": c.out_channels,
+        "block_out_channels": channels,
+        "layers_per_block": c.num_res_blocks,
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
         "mid_block_type": "UNetMidBlock2DCrossAttn",
         "attention_head_dim": [c.heads_at(i, ch)[0] for i, ch in enumerate(channels)],
-        "cross_attention_dim": c.context_dim, "use_linear_projection": c.use_linear_in_transformer,
+        "cross_attention_dim": c.context_dim,
+        "use_linear_projection": c.use_linear_in_transformer,
         "transformer_layers_per_block": [c.depth_at(i) for i in range(levels)],
-        "norm_num_groups": c.norm_groups, "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu",
+        "norm_num_groups": c.norm_groups,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "act_fn": "silu",
         "time_cond_proj_dim": c.time_cond_proj_dim,
     }
     if isinstance(c.num_classes, int):
@@ -133,6 +150,7 @@ def unet_config_to_diffusers(c: UNetConfig, sample_size: int) -> dict:
 
 # --- VAE ----------------------------------------------------------------------------------------
 
+
 def vae_config_from_diffusers(cfg: dict, where: str) -> AutoencoderConfig:
     channels = list(cfg["block_out_channels"])
     for t in cfg.get("down_block_types", []):
@@ -141,11 +159,17 @@ def vae_config_from_diffusers(cfg: dict, where: str) -> AutoencoderConfig:
     if cfg.get("use_quant_conv", True) != cfg.get("use_post_quant_conv", True):
         raise CheckpointError(f"{where}: a VAE with only one of quant_conv/post_quant_conv is not supported")
     return AutoencoderConfig(
-        in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3), ch=channels[0],
-        ch_mult=tuple(c // channels[0] for c in channels), num_res_blocks=cfg.get("layers_per_block", 1),
-        z_channels=cfg.get("latent_channels", 4), embed_dim=cfg.get("latent_channels", 4),
-        scale_factor=cfg.get("scaling_factor", 0.18215), shift_factor=cfg.get("shift_factor") or 0.0,
-        use_quant_conv=cfg.get("use_quant_conv", True), norm_groups=cfg.get("norm_num_groups", 32),
+        in_channels=cfg.get("in_channels", 3),
+        out_channels=cfg.get("out_channels", 3),
+        ch=channels[0],
+        ch_mult=tuple(c // channels[0] for c in channels),
+        num_res_blocks=cfg.get("layers_per_block", 1),
+        z_channels=cfg.get("latent_channels", 4),
+        embed_dim=cfg.get("latent_channels", 4),
+        scale_factor=cfg.get("scaling_factor", 0.18215),
+        shift_factor=cfg.get("shift_factor") or 0.0,
+        use_quant_conv=cfg.get("use_quant_conv", True),
+        norm_groups=cfg.get("norm_num_groups", 32),
     )
 
 
@@ -157,10 +181,16 @@ def vae_config_from_diffusers_weights(state: dict[str, torch.Tensor], where: str
         nrb = 1 + max(int(k.split(".")[4]) for k in state if k.startswith("encoder.down_blocks.0.resnets."))
         z = state["decoder.conv_in.weight"].shape[1]
         return AutoencoderConfig(
-            ch=ch, ch_mult=tuple(state[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] // ch
-                                 for i in range(levels)),
-            num_res_blocks=nrb, z_channels=z, embed_dim=z, use_quant_conv="quant_conv.weight" in state,
-            in_channels=state["encoder.conv_in.weight"].shape[1], out_channels=state["decoder.conv_out.weight"].shape[0],
+            ch=ch,
+            ch_mult=tuple(
+                state[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] // ch for i in range(levels)
+            ),
+            num_res_blocks=nrb,
+            z_channels=z,
+            embed_dim=z,
+            use_quant_conv="quant_conv.weight" in state,
+            in_channels=state["encoder.conv_in.weight"].shape[1],
+            out_channels=state["decoder.conv_out.weight"].shape[0],
         )
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{where}: diffusers-layout VAE weights are incomplete (missing {e})") from None
@@ -168,15 +198,26 @@ def vae_config_from_diffusers_weights(state: dict[str, torch.Tensor], where: str
 
 def vae_config_to_diffusers(c: AutoencoderConfig, sample_size: int) -> dict:
     if c.embed_dim != c.z_channels:
-        raise CheckpointError(f"diffusers' AutoencoderKL needs embed_dim == z_channels (got {c.embed_dim}, {c.z_channels})")
+        raise CheckpointError(
+            f"diffusers' AutoencoderKL needs embed_dim == z_channels (got {c.embed_dim}, {c.z_channels})"
+        )
     n = len(c.ch_mult)
     cfg = {
-        "_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, "in_channels": c.in_channels,
-        "out_channels": c.out_channels, "block_out_channels": [c.ch * m for m in c.ch_mult],
-        "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
-        "layers_per_block": c.num_res_blocks, "latent_channels": c.z_channels, "norm_num_groups": c.norm_groups,
-        "act_fn": "silu", "sample_size": sample_size, "scaling_factor": c.scale_factor,
-        "use_quant_conv": c.use_quant_conv, "use_post_quant_conv": c.use_quant_conv,
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "in_channels": c.in_channels,
+        "out_channels": c.out_channels,
+        "block_out_channels": [c.ch * m for m in c.ch_mult],
+        "down_block_types": ["DownEncoderBlock2D"] * n,
+        "up_block_types": ["UpDecoderBlock2D"] * n,
+        "layers_per_block": c.num_res_blocks,
+        "latent_channels": c.z_channels,
+        "norm_num_groups": c.norm_groups,
+        "act_fn": "silu",
+        "sample_size": sample_size,
+        "scaling_factor": c.scale_factor,
+        "use_quant_conv": c.use_quant_conv,
+        "use_post_quant_conv": c.use_quant_conv,
     }
     if c.shift_factor:
         cfg["shift_factor"] = c.shift_factor
@@ -193,15 +234,16 @@ def load_diffusers_vae(folder: Path) -> AutoencoderKL:
 
 # --- text encoder and scheduler -----------------------------------------------------------------
 
+
 def _text_config(folder: Path, saved: TextEncoderConfig | None, extra: dict) -> TextEncoderConfig:
     hf = _read_json(folder / "text_encoder" / "config.json")
     if saved is not None:
         return saved
     if hf.get("model_type") == "bert":
-        return clip_config_from_hf(hf, "bert")
+        return text_config_from_hf(hf, "bert")
     # OpenAI CLIP uses quick_gelu; OpenCLIP towers (SD 2.x) use gelu.
     kind = "openclip" if hf.get("hidden_act") == "gelu" else "clip"
-    c = clip_config_from_hf(hf, kind)
+    c = text_config_from_hf(hf, kind)
     tok = folder / "tokenizer" / "tokenizer_config.json"
     pad = "<|endoftext|>"
     if tok.exists():
@@ -209,15 +251,17 @@ def _text_config(folder: Path, saved: TextEncoderConfig | None, extra: dict) -> 
         pad = p["content"] if isinstance(p, dict) else p
     extra_layers = {k for k in extra if k.startswith("text_encoder.transformer.text_model.encoder.layers.")}
     carried = len({k.split(".")[5] for k in extra_layers})
-    return from_dict(TextEncoderConfig, {**c.__dict__, "pad_token": pad, "num_layers": c.num_layers + carried,
-                                         "skip_last_layers": carried})
+    return replace(c, pad_token=pad, num_layers=c.num_layers + carried, skip_last_layers=carried)
 
 
 def schedule_from_diffusers(cfg: dict) -> ScheduleConfig:
     return ScheduleConfig(
-        num_train_timesteps=cfg.get("num_train_timesteps", 1000), beta_start=cfg.get("beta_start", 0.00085),
-        beta_end=cfg.get("beta_end", 0.012), beta_schedule=cfg.get("beta_schedule", "scaled_linear"),
-        prediction_type=cfg.get("prediction_type", "epsilon"), diffusers=cfg,
+        num_train_timesteps=cfg.get("num_train_timesteps", 1000),
+        beta_start=cfg.get("beta_start", 0.00085),
+        beta_end=cfg.get("beta_end", 0.012),
+        beta_schedule=cfg.get("beta_schedule", "scaled_linear"),
+        prediction_type=cfg.get("prediction_type", "epsilon"),
+        diffusers=cfg,
     )
 
 
@@ -250,20 +294,30 @@ def load_diffusers(path: str | Path, overrides: dict | None = None) -> LatentDif
     elif text.kind == "clip":
         family = "sd1-inpainting" if unet.in_channels == 9 else "sd1"
     elif text.kind == "openclip":
-        family = "sd2-inpainting" if unet.in_channels == 9 else (
-            "sd2-v" if schedule.prediction_type == "v_prediction" else "sd2-eps")
+        family = (
+            "sd2-inpainting"
+            if unet.in_channels == 9
+            else ("sd2-v" if schedule.prediction_type == "v_prediction" else "sd2-eps")
+        )
     else:
         family = "ldmkit"
     image_size = saved.image_size if saved else unet_json.get("sample_size", 64) * vae.downsample_factor
-    config = ModelConfig(family=family, unet=unet, vae=vae, text=text, schedule=schedule, guessed=guessed,
-                         image_size=image_size)
+    config = ModelConfig(
+        family=family, unet=unet, vae=vae, text=text, schedule=schedule, guessed=guessed, image_size=image_size
+    )
     _apply_overrides(config, dict(overrides or {}), where)
     model = LatentDiffusion(config)
-    strict_load(model.unet, keymaps.rename(_weights(folder / "unet", ("diffusion_pytorch_model.safetensors",
-                                                                      "diffusion_pytorch_model.bin")),
-                                           keymaps.unet_to_diffusers(unet), reverse=True), "UNet", f"{folder / 'unet'}")
+    strict_load(
+        model.unet,
+        keymaps.rename(
+            _weights(folder / "unet", ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")),
+            keymaps.unet_to_diffusers(unet),
+            reverse=True,
+        ),
+        "UNet",
+        f"{folder / 'unet'}",
+    )
     model.first_stage_model = load_diffusers_vae(folder / "vae")
-    model.first_stage_model.config = vae
     te = _weights(folder / "text_encoder", ("model.safetensors", "pytorch_model.bin"))
     te = {k: v for k, v in te.items() if not NOT_WEIGHTS.search(k)}
     if text.kind == "bert":
@@ -272,7 +326,7 @@ def load_diffusers(path: str | Path, overrides: dict | None = None) -> LatentDif
     else:
         # Files written by transformers 5 drop the `text_model.` prefix; older ones have it.
         state = {"transformer." + (k if k.startswith("text_model.") else "text_model." + k): v for k, v in te.items()}
-    state.update({k[len("text_encoder."):]: v for k, v in extra.items() if k.startswith("text_encoder.")})
+    state.update({k[len("text_encoder.") :]: v for k, v in extra.items() if k.startswith("text_encoder.")})
     if text.kind == "openclip" and "text_projection" not in state:
         # diffusers keeps neither of these (SD 2 never reads them); zeros stand in for them.
         state["text_projection"] = torch.zeros(text.hidden_size, text.hidden_size)
@@ -318,12 +372,17 @@ def _write_diffusers(model: LatentDiffusion, out: Path, dtype) -> None:
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         (out / sub).mkdir()
     write_json(out / "unet" / "config.json", unet_config_to_diffusers(c.unet, latent))
-    write_safetensors(out / "unet" / "diffusion_pytorch_model.safetensors",
-                      _cast(keymaps.rename(model.unet.state_dict(), keymaps.unet_to_diffusers(c.unet)), dtype),
-                      {"format": "pt"})
+    write_safetensors(
+        out / "unet" / "diffusion_pytorch_model.safetensors",
+        _cast(keymaps.rename(model.unet.state_dict(), keymaps.unet_to_diffusers(c.unet)), dtype),
+        {"format": "pt"},
+    )
     write_json(out / "vae" / "config.json", vae_config_to_diffusers(c.vae, c.image_size))
-    write_safetensors(out / "vae" / "diffusion_pytorch_model.safetensors",
-                      _cast(keymaps.vae_to_diffusers_state(model.vae.state_dict(), c.vae), dtype), {"format": "pt"})
+    write_safetensors(
+        out / "vae" / "diffusion_pytorch_model.safetensors",
+        _cast(keymaps.vae_to_diffusers_state(model.vae.state_dict(), c.vae), dtype),
+        {"format": "pt"},
+    )
     te = model.text_encoder
     extra: dict[str, torch.Tensor] = {}
     # CLIP weights are written with the `text_model.` prefix that every transformers release reads.
@@ -350,25 +409,44 @@ def _write_diffusers(model: LatentDiffusion, out: Path, dtype) -> None:
         _write_clip_tokenizer(out / "tokenizer", c.text)
         tokenizer_class = "CLIPTokenizer"
     scheduler = c.schedule.diffusers or {
-        "_class_name": "PNDMScheduler", "_diffusers_version": DIFFUSERS_VERSION, "set_alpha_to_one": False,
-        "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False, "trained_betas": None,
+        "_class_name": "PNDMScheduler",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+        "clip_sample": False,
+        "trained_betas": None,
     }
-    scheduler = {**scheduler, "num_train_timesteps": c.schedule.num_train_timesteps, "beta_start": c.schedule.beta_start,
-                 "beta_end": c.schedule.beta_end, "beta_schedule": c.schedule.beta_schedule,
-                 "prediction_type": c.schedule.prediction_type}
+    scheduler = {
+        **scheduler,
+        "num_train_timesteps": c.schedule.num_train_timesteps,
+        "beta_start": c.schedule.beta_start,
+        "beta_end": c.schedule.beta_end,
+        "beta_schedule": c.schedule.beta_schedule,
+        "prediction_type": c.schedule.prediction_type,
+    }
     write_json(out / "scheduler" / "scheduler_config.json", scheduler)
     if model.alphas_cumprod is not None:
         extra["alphas_cumprod"] = model.alphas_cumprod
     if extra:
         write_safetensors(out / EXTRA, extra, {"format": "pt"})
     pipeline = "StableDiffusionInpaintPipeline" if c.unet.in_channels == 9 else "StableDiffusionPipeline"
-    write_json(out / "model_index.json", {
-        "_class_name": pipeline, "_diffusers_version": DIFFUSERS_VERSION,
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", hf_config["architectures"][0]], "tokenizer": ["transformers", tokenizer_class],
-        "scheduler": ["diffusers", scheduler["_class_name"]], "safety_checker": [None, None],
-        "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
-    })
+    write_json(
+        out / "model_index.json",
+        {
+            "_class_name": pipeline,
+            "_diffusers_version": DIFFUSERS_VERSION,
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", hf_config["architectures"][0]],
+            "tokenizer": ["transformers", tokenizer_class],
+            "scheduler": ["diffusers", scheduler["_class_name"]],
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "image_encoder": [None, None],
+            "requires_safety_checker": False,
+        },
+    )
     write_json(out / "ldmkit.json", c.to_dict())
 
 

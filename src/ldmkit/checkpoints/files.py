@@ -60,16 +60,20 @@ class _InertRecord:
         self.args, self.kwargs = args, kwargs
 
 
+_numpy_scalar = (getattr(np, "_core", None) or np.core).multiarray.scalar  # numpy 2 moved it
+
 # Classes that real SD/LDM `.ckpt` files pickle besides tensors. Everything else is refused.
 ALLOWED_GLOBALS: list[tuple[Callable, str]] = [
     (_InertRecord, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
     (_InertRecord, "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint"),
     (_InertRecord, "pytorch_lightning.callbacks.early_stopping.EarlyStopping"),
-    (np._core.multiarray.scalar, "numpy.core.multiarray.scalar"),
-    (np._core.multiarray.scalar, "numpy._core.multiarray.scalar"),
+    (_numpy_scalar, "numpy.core.multiarray.scalar"),
+    (_numpy_scalar, "numpy._core.multiarray.scalar"),
     (np.dtype, "numpy.dtype"),
-] + [(type(np.dtype(t)), f"numpy.dtypes.{type(np.dtype(t)).__name__}")
-     for t in ("float64", "float32", "float16", "int64", "int32", "bool")]
+] + [
+    (type(np.dtype(t)), f"numpy.dtypes.{type(np.dtype(t)).__name__}")
+    for t in ("float64", "float32", "float16", "int64", "int32", "bool")
+]
 
 
 def _load_pickle(p: Path) -> dict[str, torch.Tensor]:
@@ -85,7 +89,9 @@ def _load_pickle(p: Path) -> dict[str, torch.Tensor]:
             "(pickled code is never run; convert the file to .safetensors with a tool you trust)"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(f"{p}: truncated or corrupt PyTorch checkpoint ({str(e).splitlines()[0][:120]})") from None
+        raise CheckpointError(
+            f"{p}: truncated or corrupt PyTorch checkpoint ({str(e).splitlines()[0][:120]})"
+        ) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         meta = {k: v for k, v in obj.items() if k in ("global_step", "epoch") and isinstance(v, int)}
         obj = obj["state_dict"]
@@ -116,6 +122,21 @@ def read_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     state = _load_pickle(p)
     meta = state.pop("__meta__")  # type: ignore[arg-type]
     return state, {k: str(v) for k, v in meta.items()}  # type: ignore[union-attr]
+
+
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def safetensors_dtypes(path: str | Path) -> set[str]:
+    """Floating-point dtypes stored in a safetensors file, read from its header alone."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {
+        SAFETENSORS_DTYPES[v["dtype"]]
+        for k, v in header.items()
+        if k != "__metadata__" and v["dtype"] in SAFETENSORS_DTYPES
+    }
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from ldmkit.checkpoints.components import stored_dtypes
 from ldmkit.checkpoints.detect import UNET, VAE_FILE_PREFIXES, detect, recognise_unsupported
-from ldmkit.checkpoints.files import DIFFUSERS, read_tensors, sniff
+from ldmkit.checkpoints.files import DIFFUSERS, read_tensors, safetensors_dtypes, sniff
 from ldmkit.checkpoints.single_file import build, load_model, load_vae_file, replace_vae
 from ldmkit.models.ldm import LatentDiffusion
 
@@ -26,8 +26,12 @@ def describe(model: LatentDiffusion) -> dict:
         "prediction_type": c.schedule.prediction_type,
         "image_size": c.image_size,
         "context_dim": c.unet.context_dim,
-        "text_encoder": {"kind": c.text.kind, "layers": c.text.num_layers, "clip_skip": c.text.clip_skip,
-                         "package": c.text.package},
+        "text_encoder": {
+            "kind": c.text.kind,
+            "layers": c.text.num_layers,
+            "clip_skip": c.text.clip_skip,
+            "package": c.text.package,
+        },
         "stored_alphas_cumprod": model.alphas_cumprod is not None,
         "guessed": c.guessed,
     }
@@ -39,21 +43,35 @@ def inspect_path(path: str | Path, vae: str | Path | None = None, overrides: dic
     if fmt == DIFFUSERS:
         model = load_model(path, vae=vae, overrides=overrides)
         info.update(describe(model))
-        info["dtype"] = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
+        stored = set()
+        for f in Path(path).glob("*/*.safetensors"):
+            stored |= safetensors_dtypes(f)
+        info["dtype"] = sorted(stored)
         return info
     state, metadata = read_tensors(path)
     info["dtype"] = stored_dtypes(state)
     unsupported = recognise_unsupported(set(state))
     if unsupported and "ldmkit" not in metadata:
-        info.update({"family": unsupported.lower(), "supported": False,
-                     "note": f"a {unsupported} checkpoint; ldmkit does not support {unsupported} yet"})
+        info.update(
+            {
+                "family": unsupported.lower(),
+                "supported": False,
+                "note": f"a {unsupported} checkpoint; ldmkit does not support {unsupported} yet",
+            }
+        )
         return info
     if not any(k.startswith(UNET) for k in state) and any(k.startswith(VAE_FILE_PREFIXES) for k in state):
         vae_model = load_vae_file(path)
-        info.update({"family": "vae", "supported": True, "parameters": {"vae": _params(vae_model)},
-                     "latent_channels": vae_model.config.embed_dim,
-                     "vae_downsample_factor": vae_model.config.downsample_factor,
-                     "note": "an autoencoder alone: use it with --vae"})
+        info.update(
+            {
+                "family": "vae",
+                "supported": True,
+                "parameters": {"vae": _params(vae_model)},
+                "latent_channels": vae_model.config.embed_dim,
+                "vae_downsample_factor": vae_model.config.downsample_factor,
+                "note": "an autoencoder alone: use it with --vae",
+            }
+        )
         return info
     model = build(detect(state, metadata, str(path), overrides), state, str(path))
     if vae is not None:

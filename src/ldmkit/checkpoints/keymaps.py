@@ -14,9 +14,14 @@ from ldmkit.models.unet import UNetConfig
 
 PrefixMap = list[tuple[str, str]]
 
-_UNET_RESNET = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
-                ("out_layers.0", "norm2"), ("out_layers.3", "conv2"), ("skip_connection", "conv_shortcut")]
-_VAE_RESNET = [("nin_shortcut", "conv_shortcut")]
+_UNET_RESNET = [
+    ("in_layers.0", "norm1"),
+    ("in_layers.2", "conv1"),
+    ("emb_layers.1", "time_emb_proj"),
+    ("out_layers.0", "norm2"),
+    ("out_layers.3", "conv2"),
+    ("skip_connection", "conv_shortcut"),
+]
 
 
 def _sub(prefix_ours: str, prefix_theirs: str, inner: list[tuple[str, str]]) -> PrefixMap:
@@ -25,9 +30,14 @@ def _sub(prefix_ours: str, prefix_theirs: str, inner: list[tuple[str, str]]) -> 
 
 def unet_to_diffusers(c: UNetConfig) -> PrefixMap:
     """Module-prefix pairs (ours, diffusers UNet2DConditionModel)."""
-    m: PrefixMap = [("input_blocks.0.0", "conv_in"), ("time_embed.0", "time_embedding.linear_1"),
-                    ("time_embed.2", "time_embedding.linear_2"), ("time_cond_proj", "time_embedding.cond_proj"),
-                    ("out.0", "conv_norm_out"), ("out.2", "conv_out")]
+    m: PrefixMap = [
+        ("input_blocks.0.0", "conv_in"),
+        ("time_embed.0", "time_embedding.linear_1"),
+        ("time_embed.2", "time_embedding.linear_2"),
+        ("time_cond_proj", "time_embedding.cond_proj"),
+        ("out.0", "conv_norm_out"),
+        ("out.2", "conv_out"),
+    ]
     if isinstance(c.num_classes, int):
         m.append(("label_emb", "class_embedding"))
     elif c.num_classes == "sequential":
@@ -57,30 +67,37 @@ def unet_to_diffusers(c: UNetConfig) -> PrefixMap:
     return m
 
 
+def _vae_resnet(ours: str, theirs: str) -> PrefixMap:
+    """A VAE residual block keeps its inner names but for the 1x1 shortcut."""
+    return [(ours, theirs), (f"{ours}.nin_shortcut", f"{theirs}.conv_shortcut")]
+
+
 def vae_to_diffusers(c: AutoencoderConfig) -> PrefixMap:
-    """Module-prefix pairs (ours, diffusers AutoencoderKL)."""
+    """Module-prefix pairs (ours, diffusers AutoencoderKL). The decoder's `up` is indexed by
+    resolution level (0 = full size), diffusers' `up_blocks` by execution order: reversed."""
     attn = [("norm", "group_norm"), ("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")]
     m: PrefixMap = [("quant_conv", "quant_conv"), ("post_quant_conv", "post_quant_conv")]
     levels = len(c.ch_mult)
     for part in ("encoder", "decoder"):
-        m += [(f"{part}.conv_in", f"{part}.conv_in"), (f"{part}.conv_out", f"{part}.conv_out"),
-              (f"{part}.norm_out", f"{part}.conv_norm_out")]
-        m += _sub(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", _VAE_RESNET + [("", "")])
-        m += _sub(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", _VAE_RESNET + [("", "")])
+        m += [
+            (f"{part}.conv_in", f"{part}.conv_in"),
+            (f"{part}.conv_out", f"{part}.conv_out"),
+            (f"{part}.norm_out", f"{part}.conv_norm_out"),
+        ]
+        m += _vae_resnet(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0")
+        m += _vae_resnet(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1")
         m += _sub(f"{part}.mid.attn_1", f"{part}.mid_block.attentions.0", attn)
     for level in range(levels):
         for j in range(c.num_res_blocks):
-            m += _sub(f"encoder.down.{level}.block.{j}", f"encoder.down_blocks.{level}.resnets.{j}",
-                      _VAE_RESNET + [("", "")])
+            m += _vae_resnet(f"encoder.down.{level}.block.{j}", f"encoder.down_blocks.{level}.resnets.{j}")
         if level != levels - 1:
             m.append((f"encoder.down.{level}.downsample.conv", f"encoder.down_blocks.{level}.downsamplers.0.conv"))
         up = levels - 1 - level
         for j in range(c.num_res_blocks + 1):
-            m += _sub(f"decoder.up.{level}.block.{j}", f"decoder.up_blocks.{up}.resnets.{j}", _VAE_RESNET + [("", "")])
+            m += _vae_resnet(f"decoder.up.{level}.block.{j}", f"decoder.up_blocks.{up}.resnets.{j}")
         if level:
             m.append((f"decoder.up.{level}.upsample.conv", f"decoder.up_blocks.{up}.upsamplers.0.conv"))
-    # ("x.", "y.") pairs from the identity entries above end in a dot; normalise them.
-    return [(a.rstrip("."), b.rstrip(".")) for a, b in m]
+    return m
 
 
 def rename(state: dict[str, torch.Tensor], pairs: PrefixMap, reverse: bool = False) -> dict[str, torch.Tensor]:
@@ -131,8 +148,13 @@ def vae_linear_attention_to_conv(state: dict[str, torch.Tensor]) -> dict[str, to
 
 # --- OpenCLIP (SD 2.x) <-> transformers CLIPTextModel -------------------------------------------
 
-_OPENCLIP_LAYER = [("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"),
-                   ("mlp.c_proj", "mlp.fc2"), ("attn.out_proj", "self_attn.out_proj")]
+_OPENCLIP_LAYER = [
+    ("ln_1", "layer_norm1"),
+    ("ln_2", "layer_norm2"),
+    ("mlp.c_fc", "mlp.fc1"),
+    ("mlp.c_proj", "mlp.fc2"),
+    ("attn.out_proj", "self_attn.out_proj"),
+]
 
 
 def openclip_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -146,18 +168,18 @@ def openclip_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         elif k == "positional_embedding":
             out["text_model.embeddings.position_embedding.weight"] = v
         elif k.startswith("ln_final."):
-            out["text_model.final_layer_norm." + k[len("ln_final."):]] = v
+            out["text_model.final_layer_norm." + k[len("ln_final.") :]] = v
         elif k.startswith("transformer.resblocks."):
-            n, rest = k[len("transformer.resblocks."):].split(".", 1)
+            n, rest = k[len("transformer.resblocks.") :].split(".", 1)
             base = f"text_model.encoder.layers.{n}."
             if rest.startswith("attn.in_proj_"):
-                kind = rest[len("attn.in_proj_"):]
+                kind = rest[len("attn.in_proj_") :]
                 for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
                     out[f"{base}self_attn.{name}.{kind}"] = part.clone()
                 continue
             for a, b in _OPENCLIP_LAYER:
                 if rest.startswith(a + "."):
-                    rest = b + rest[len(a):]
+                    rest = b + rest[len(a) :]
                     break
             out[base + rest] = v
         else:
@@ -174,16 +196,16 @@ def hf_to_openclip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         elif k == "text_model.embeddings.position_embedding.weight":
             out["positional_embedding"] = v
         elif k.startswith("text_model.final_layer_norm."):
-            out["ln_final." + k[len("text_model.final_layer_norm."):]] = v
+            out["ln_final." + k[len("text_model.final_layer_norm.") :]] = v
         elif k.startswith("text_model.encoder.layers."):
-            n, rest = k[len("text_model.encoder.layers."):].split(".", 1)
+            n, rest = k[len("text_model.encoder.layers.") :].split(".", 1)
             m = re.fullmatch(r"self_attn\.(q|k|v)_proj\.(weight|bias)", rest)
             if m:
                 qkv.setdefault((n, m.group(2)), {})[m.group(1)] = v
                 continue
             for a, b in _OPENCLIP_LAYER:
                 if rest.startswith(b + "."):
-                    rest = a + rest[len(b):]
+                    rest = a + rest[len(b) :]
                     break
             out[f"transformer.resblocks.{n}.{rest}"] = v
         elif k == "text_model.embeddings.position_ids":

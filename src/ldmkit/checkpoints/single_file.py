@@ -40,8 +40,11 @@ def load_package_text_encoder(encoder: TextEncoder) -> None:
     from safetensors.torch import load_file
 
     folder = package_folder(encoder.config.package)
-    state = {k: v for k, v in load_file(str(folder / "model.safetensors")).items()
-             if not NOT_WEIGHTS.search(k) and not k.startswith("pooler.")}
+    state = {
+        k: v
+        for k, v in load_file(str(folder / "model.safetensors")).items()
+        if not NOT_WEIGHTS.search(k) and not k.startswith("pooler.")
+    }
     strict_load(encoder.transformer, state, "text encoder", str(folder))
 
 
@@ -65,8 +68,10 @@ def build(config: ModelConfig, state: dict[str, torch.Tensor], where: str) -> La
         strict_load(model.text_encoder, text, "text encoder", where)
     if alphas_cumprod is not None:
         if alphas_cumprod.shape != (config.schedule.num_train_timesteps,):
-            raise CheckpointError(f"{where}: alphas_cumprod has shape {tuple(alphas_cumprod.shape)}, "
-                                  f"expected ({config.schedule.num_train_timesteps},)")
+            raise CheckpointError(
+                f"{where}: alphas_cumprod has shape {tuple(alphas_cumprod.shape)}, "
+                f"expected ({config.schedule.num_train_timesteps},)"
+            )
         model.alphas_cumprod = alphas_cumprod.float()
     return model.eval()
 
@@ -111,7 +116,9 @@ def load_vae_file(path: str | Path) -> AutoencoderKL:
         config = vae_config_from_weights(state, where)
         state = keymaps.vae_linear_attention_to_conv(state)
     else:
-        raise CheckpointError(f"{where}: not an autoencoder (VAE) file: no encoder.down.* or encoder.down_blocks.* weights")
+        raise CheckpointError(
+            f"{where}: not an autoencoder (VAE) file: no encoder.down.* or encoder.down_blocks.* weights"
+        )
     vae = AutoencoderKL(config)
     strict_load(vae, state, "autoencoder", where)
     return vae.eval()
@@ -123,7 +130,9 @@ def replace_vae(model: LatentDiffusion, path: str | Path) -> None:
     vae = load_vae_file(path)
     old = model.vae.config
     if vae.config.embed_dim != old.embed_dim:
-        raise CheckpointError(f"{path}: VAE latent has {vae.config.embed_dim} channels, the model needs {old.embed_dim}")
+        raise CheckpointError(
+            f"{path}: VAE latent has {vae.config.embed_dim} channels, the model needs {old.embed_dim}"
+        )
     vae.config.scale_factor, vae.config.shift_factor = old.scale_factor, old.shift_factor
     model.first_stage_model = vae
     model.config.vae = vae.config
@@ -132,7 +141,7 @@ def replace_vae(model: LatentDiffusion, path: str | Path) -> None:
 def model_state(model: LatentDiffusion, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Our model's tensors in the original single-file layout."""
     own = model.state_dict()
-    text = {k[len(TEXT):]: v for k, v in own.items() if k.startswith(TEXT)}
+    text = {k[len(TEXT) :]: v for k, v in own.items() if k.startswith(TEXT)}
     state = {k: v for k, v in own.items() if not k.startswith(TEXT) and not NOT_WEIGHTS.search(k)}
     if not model.config.text.package:
         text = {k: v for k, v in text.items() if not NOT_WEIGHTS.search(k)}
@@ -143,7 +152,7 @@ def model_state(model: LatentDiffusion, dtype: torch.dtype | None = None) -> dic
             # file means the same in every tool.
             last = f"transformer.text_model.encoder.layers.{tc.num_layers - 1}."
             pad = f"transformer.text_model.encoder.layers.{tc.num_layers}."
-            text.update({pad + k[len(last):]: torch.zeros_like(v) for k, v in text.items() if k.startswith(last)})
+            text.update({pad + k[len(last) :]: torch.zeros_like(v) for k, v in text.items() if k.startswith(last)})
         state.update(text_state_to_file(text, tc.kind))
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -162,5 +171,3 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     if name not in table:
         raise CheckpointError(f"dtype {name!r}; allowed: fp32, fp16, bf16")
     return table[name]
-
-

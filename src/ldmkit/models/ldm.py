@@ -52,8 +52,12 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict, where: str = "config") -> "ModelConfig":
         d = dict(d)
-        for key, sub in (("unet", UNetConfig), ("vae", AutoencoderConfig), ("text", TextEncoderConfig),
-                         ("schedule", ScheduleConfig)):
+        for key, sub in (
+            ("unet", UNetConfig),
+            ("vae", AutoencoderConfig),
+            ("text", TextEncoderConfig),
+            ("schedule", ScheduleConfig),
+        ):
             if key in d:
                 d[key] = from_dict(sub, d[key], f"{where}.{key}")
         for key in ("unet", "vae", "text"):
@@ -91,6 +95,14 @@ class LatentDiffusion(nn.Module):
     @property
     def text_encoder(self) -> TextEncoder:
         return self.cond_stage_model
+
+    def use_measured_memory_format(self) -> "LatentDiffusion":
+        """Per-network memory layout chosen by measurement (benchmarks/memory_format.py, SD 1.5 sizes,
+        2-core Xeon, fp32): channels-last decodes 1.16x faster in the VAE but runs the UNet 0.85-0.98x
+        as fast, so only the VAE switches. Outputs are equal either way (within float rounding)."""
+        self.unet.to(memory_format=torch.contiguous_format)
+        self.vae.to(memory_format=torch.channels_last)
+        return self
 
     def parameter_counts(self) -> dict[str, int]:
         return {

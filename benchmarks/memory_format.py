@@ -1,0 +1,86 @@
+"""Channels-last vs the default layout for our UNet and VAE decoder, fp32, on this machine.
+
+    python benchmarks/memory_format.py [--quick]
+
+Prints JSON: median seconds of each (after one warm-up call), their ratio, and the max abs
+difference between the two layouts' outputs. --quick uses the tiny preset (seconds, not minutes)."""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from ldmkit.models.autoencoder import AutoencoderKL
+from ldmkit.models.presets import preset
+from ldmkit.models.unet import UNetModel
+
+
+def median_time(fn, runs: int) -> float:
+    fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def compare(name, module, inputs, call, runs):
+    with torch.no_grad():
+        out_default = call(module, inputs)
+        t_default = median_time(lambda: call(module, inputs), runs)
+        module = module.to(memory_format=torch.channels_last)
+        cl = [x.to(memory_format=torch.channels_last) if x.ndim == 4 else x for x in inputs]
+        out_cl = call(module, cl)
+        t_cl = median_time(lambda: call(module, cl), runs)
+    return {
+        "case": name,
+        "default_s": round(t_default, 4),
+        "channels_last_s": round(t_cl, 4),
+        "speedup_channels_last": round(t_default / t_cl, 3),
+        "max_abs_diff": float((out_default - out_cl).abs().max()),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    config = preset("tiny" if args.quick else "sd15")
+    latent = 8 if args.quick else 64
+    results = {
+        "command": "python benchmarks/memory_format.py" + (" --quick" if args.quick else ""),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "model": "tiny" if args.quick else "sd15",
+        "results": [],
+    }
+    unet = UNetModel(config.unet).eval()
+    for size in [latent] if args.quick else [latent, latent // 2]:
+        x = torch.randn(2, 4, size, size)
+        ctx = torch.randn(2, 77, config.unet.context_dim)
+        results["results"].append(
+            compare(
+                f"unet guidance pair {size}x{size} latent",
+                unet,
+                [x, torch.tensor([500, 500]), ctx],
+                lambda m, a: m(*a),
+                args.runs,
+            )
+        )
+        unet = unet.to(memory_format=torch.contiguous_format)
+    del unet
+    vae = AutoencoderKL(config.vae).eval()
+    z = torch.randn(1, 4, latent, latent)
+    results["results"].append(
+        compare(f"vae decode {latent}x{latent} latent", vae, [z], lambda m, a: m.decode(a[0]), args.runs)
+    )
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
