@@ -1,0 +1,1 @@
+"""Diffusion maths: noise schedules, the denoiser (parameterisation + guidance) and samplers."""

@@ -1,0 +1,90 @@
+"""The UNet as a denoiser in sigma space, D(x, sigma) -> x0 (the k-diffusion formulation), with
+classifier-free guidance (Ho & Salimans 2022).
+
+x is the latent in sigma space (variance-preserving latent / sqrt(ᾱ)). The UNet sees
+x / sqrt(sigma² + 1) at the timestep of sigma. Guidance, and guidance rescale (Lin et al. 2023,
+sec. 3.4), are applied to the UNet's native output (eps or v), as diffusers does, then converted to
+x0: rescale is not linear, so the order matters."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ldmkit.diffusion.schedule import NoiseSchedule
+from ldmkit.errors import ConfigError
+from ldmkit.models.unet import UNetModel
+
+
+@dataclass
+class Conditioning:
+    """Everything besides x and sigma that the denoiser needs, batched per image."""
+
+    context: torch.Tensor  # [B, T, D] prompt states
+    uncond: torch.Tensor | None = None  # [B, T, D] negative-prompt states; None: no guidance pass
+    cfg_scale: float = 7.5
+    guidance_rescale: float = 0.0
+    concat: torch.Tensor | None = None  # [B, C, h, w] extra input channels (inpainting: mask + masked latent)
+    timestep_cond: torch.Tensor | None = None  # [B, D] guidance-scale embedding (LCM)
+    y: torch.Tensor | None = None  # class labels / vectors
+
+
+def to_x0(out: torch.Tensor, x: torch.Tensor, sigma: float, prediction_type: str) -> torch.Tensor:
+    """The UNet's native output at noise level sigma -> predicted clean latent."""
+    if prediction_type == "epsilon":
+        return x - sigma * out
+    if prediction_type == "v_prediction":
+        return x / (sigma**2 + 1) - out * (sigma / (sigma**2 + 1) ** 0.5)
+    if prediction_type == "sample":
+        return out
+    raise ConfigError(f"prediction_type {prediction_type!r}; allowed: epsilon, v_prediction, sample")
+
+
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
+    """Guidance rescale: match the guided output's std to the conditional one's, blended by phi."""
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1 - phi) * guided
+
+
+class Denoiser:
+    def __init__(self, unet: UNetModel, schedule: NoiseSchedule, prediction_type: str):
+        self.unet = unet
+        self.schedule = schedule
+        self.prediction_type = prediction_type
+        self._timesteps: dict[float, float] = {}
+        self.calls = 0  # UNet evaluations (a guidance pair counts once)
+
+    def use_timesteps(self, sigmas: torch.Tensor, timesteps: torch.Tensor) -> None:
+        """Evaluate the UNet at exactly these timesteps for these sigmas (schedulers that step on
+        integer timesteps, or round them, as diffusers' DPM-Solver does with Karras sigmas)."""
+        self._timesteps = {float(s): float(t) for s, t in zip(sigmas, timesteps)}
+
+    def timestep(self, sigma: float) -> float:
+        t = self._timesteps.get(float(sigma))
+        return t if t is not None else float(self.schedule.sigma_to_t(np.array(float(sigma))))
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Conditioning) -> torch.Tensor:
+        sigma = float(sigma)
+        self.calls += 1
+        x_in = x / (sigma**2 + 1) ** 0.5
+        if cond.concat is not None:
+            x_in = torch.cat([x_in, cond.concat.to(x_in)], dim=1)
+        t = torch.full((x.shape[0],), self.timestep(sigma), dtype=torch.float32, device=x.device)
+        guided = cond.uncond is not None and cond.cfg_scale != 1.0
+        if guided:
+            n = x.shape[0]
+            both = self.unet(
+                torch.cat([x_in, x_in]),
+                torch.cat([t, t]),
+                torch.cat([cond.uncond, cond.context]),
+                y=None if cond.y is None else torch.cat([cond.y, cond.y]),
+            )
+            out_uncond, out_cond = both[:n], both[n:]
+            out = out_uncond + cond.cfg_scale * (out_cond - out_uncond)
+            if cond.guidance_rescale > 0:
+                out = rescale_guidance(out, out_cond, cond.guidance_rescale)
+        else:
+            out = self.unet(x_in, t, cond.context, y=cond.y, timestep_cond=cond.timestep_cond)
+        return to_x0(out.float(), x, sigma, self.prediction_type)

@@ -1,0 +1,210 @@
+"""The sampler table: each of our sampler names, the sigma list it walks, the exact diffusers
+scheduler that computes the same thing (proven by tests/test_samplers.py), and the popular web UI's
+name for the same algorithm. The web UI column is the same algorithm, not bit-identical images: its
+sigma lists differ slightly (k-diffusion's discretisation, its own schedule types)."""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ldmkit.diffusion import samplers
+from ldmkit.diffusion.schedule import NoiseSchedule, SamplingSchedule, karras_sigmas, lcm_timesteps, spaced_timesteps
+from ldmkit.errors import ConfigError
+
+# How each family of diffusers schedulers turns a step count into sigmas:
+#   "vp-leading":  DDIM/PNDM/DDPM with SD's config: integer timesteps T//n apart from 0, + steps_offset 1;
+#                  the last step goes to ᾱ_0 (set_alpha_to_one=False) -- sigma ≈ 0.029, not 0 -- or,
+#                  for DDPM, to ᾱ = 1 (sigma 0).
+#   "ve-linspace": Euler family: n float timesteps linspace(999, 0), sigmas interpolated, then 0. Its
+#                  initial noise is sigma_max (sqrt(sigma_max² + 1) with "leading" spacing: a trap).
+#   "solver":      DPM-Solver / UniPC: n of n + 1 rounded linspace timesteps, then sigma 0.
+#   "karras":      Karras sigmas between the training min and max; the UNet runs at their timesteps
+#                  rounded to integers (diffusers' DPM-Solver does this), the sigmas stay exact.
+#   "lcm":         the consistency model's skipping-step grid.
+SCHEDULE_KINDS = ("vp-leading", "vp-leading-to-zero", "ve-linspace", "solver", "karras", "lcm")
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    name: str
+    fn: Callable
+    schedule: str
+    diffusers_class: str
+    diffusers_config: dict
+    webui_name: str
+    webui_schedule: str
+    ancestral: bool = False
+    options: dict = field(default_factory=dict)
+
+    def build_schedule(self, noise: NoiseSchedule, steps: int) -> SamplingSchedule:
+        if steps <= 0:
+            raise ConfigError(f"steps: {steps}; allowed: 1 or more")
+        T = noise.num_train_timesteps
+        train = noise.sigmas.numpy()
+        kind = self.schedule
+        if kind in ("vp-leading", "vp-leading-to-zero"):
+            if steps > T:
+                raise ConfigError(f"steps: {steps}; allowed: at most {T} for {self.name}")
+            t = spaced_timesteps("leading", steps, T, steps_offset=1)
+            sigmas = train[t.astype(np.int64)]
+            last = train[0] if kind == "vp-leading" else 0.0
+        elif kind == "ve-linspace":
+            t = spaced_timesteps("linspace", steps, T)
+            sigmas = noise.sigma_at(t)
+            last = 0.0
+        elif kind == "solver":
+            t = spaced_timesteps("linspace", steps, T, style="solver")
+            sigmas = train[t]
+            last = 0.0
+        elif kind == "karras":
+            sigmas = karras_sigmas(float(train[0]), float(train[-1]), steps)
+            t = noise.sigma_to_t(sigmas).round()
+            last = 0.0
+        elif kind == "lcm":
+            t = lcm_timesteps(steps, T)
+            sigmas = train[t]
+            last = 0.0
+        else:
+            raise ConfigError(f"unknown schedule kind {kind!r}")
+        sigmas = torch.tensor(np.append(np.asarray(sigmas, dtype=np.float32), np.float32(last)))
+        # Variance-preserving schedulers start from unit-variance noise: sqrt(sigma² + 1) in sigma space.
+        s0 = float(sigmas[0])
+        init = s0 if kind == "ve-linspace" else (s0**2 + 1) ** 0.5
+        return SamplingSchedule(
+            sigmas=sigmas, timesteps=torch.tensor(np.asarray(t, dtype=np.float64)), init_noise_sigma=init
+        )
+
+
+_SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False}
+_LEADING = {"timestep_spacing": "leading", "steps_offset": 1}
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    s.name: s
+    for s in [
+        SamplerSpec(
+            "ddpm",
+            samplers.sample_euler_ancestral,
+            "vp-leading-to-zero",
+            "DDPMScheduler",
+            {**_SD, **_LEADING, "variance_type": "fixed_small"},
+            "DDPM",
+            "Automatic",
+            ancestral=True,
+        ),
+        SamplerSpec(
+            "ddim",
+            samplers.sample_ddim,
+            "vp-leading",
+            "DDIMScheduler",
+            {**_SD, **_LEADING, "set_alpha_to_one": False},
+            "DDIM",
+            "Automatic",
+        ),
+        SamplerSpec(
+            "plms",
+            samplers.sample_plms,
+            "vp-leading",
+            "PNDMScheduler",
+            {
+                **{k: v for k, v in _SD.items() if k != "clip_sample"},
+                **_LEADING,
+                "skip_prk_steps": True,
+                "set_alpha_to_one": False,
+            },
+            "PLMS",
+            "Automatic",
+        ),
+        SamplerSpec(
+            "euler",
+            samplers.sample_euler,
+            "ve-linspace",
+            "EulerDiscreteScheduler",
+            {**{k: v for k, v in _SD.items() if k != "clip_sample"}, "timestep_spacing": "linspace"},
+            "Euler",
+            "Uniform",
+        ),
+        SamplerSpec(
+            "euler_a",
+            samplers.sample_euler_ancestral,
+            "ve-linspace",
+            "EulerAncestralDiscreteScheduler",
+            {**{k: v for k, v in _SD.items() if k != "clip_sample"}, "timestep_spacing": "linspace"},
+            "Euler a",
+            "Uniform",
+            ancestral=True,
+        ),
+        SamplerSpec(
+            "heun",
+            samplers.sample_heun,
+            "ve-linspace",
+            "HeunDiscreteScheduler",
+            {**{k: v for k, v in _SD.items() if k != "clip_sample"}, "timestep_spacing": "linspace"},
+            "Heun",
+            "Uniform",
+        ),
+        SamplerSpec(
+            "dpmpp_2m",
+            samplers.sample_dpmpp_2m,
+            "solver",
+            "DPMSolverMultistepScheduler",
+            {
+                **{k: v for k, v in _SD.items() if k != "clip_sample"},
+                "timestep_spacing": "linspace",
+                "algorithm_type": "dpmsolver++",
+                "solver_order": 2,
+                "final_sigmas_type": "zero",
+            },
+            "DPM++ 2M",
+            "Uniform",
+        ),
+        SamplerSpec(
+            "dpmpp_2m_karras",
+            samplers.sample_dpmpp_2m,
+            "karras",
+            "DPMSolverMultistepScheduler",
+            {
+                **{k: v for k, v in _SD.items() if k != "clip_sample"},
+                "algorithm_type": "dpmsolver++",
+                "solver_order": 2,
+                "use_karras_sigmas": True,
+                "final_sigmas_type": "zero",
+            },
+            "DPM++ 2M",
+            "Karras",
+        ),
+        SamplerSpec(
+            "unipc",
+            samplers.sample_unipc,
+            "solver",
+            "UniPCMultistepScheduler",
+            {
+                **{k: v for k, v in _SD.items() if k != "clip_sample"},
+                "timestep_spacing": "linspace",
+                "solver_type": "bh2",
+                "solver_order": 2,
+                "predict_x0": True,
+                "final_sigmas_type": "zero",
+            },
+            "UniPC",
+            "Automatic",
+        ),
+        SamplerSpec(
+            "lcm",
+            samplers.sample_lcm,
+            "lcm",
+            "LCMScheduler",
+            {**_SD, "original_inference_steps": 50, "timestep_scaling": 10.0, "set_alpha_to_one": True},
+            "LCM",
+            "Automatic",
+            ancestral=True,
+        ),
+    ]
+}
+
+
+def get_sampler(name: str) -> SamplerSpec:
+    if name not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {name!r}; allowed: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]

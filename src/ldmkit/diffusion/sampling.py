@@ -1,0 +1,68 @@
+"""One sampling run: seeds -> initial noise -> sampler -> clean latents.
+
+Seeds mean the same everywhere: image i of a batch has its own CPU generator (seed + i, the web
+UI's convention), from which its initial noise and then its ancestral noise are drawn, in the order
+diffusers draws them when given a list of generators. An image's seed reproduces it at any batch
+size and on any device."""
+
+from collections.abc import Callable
+
+import torch
+
+from ldmkit.diffusion.denoiser import Conditioning, Denoiser
+from ldmkit.diffusion.registry import SamplerSpec
+from ldmkit.errors import ConfigError
+
+
+def generators_for(seed: int, batch: int) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)]
+
+
+def per_image_noise(generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
+    """[B, *shape]: image i's noise from generator i, drawn on the CPU."""
+    return torch.cat([torch.randn((1, *shape), generator=g, dtype=torch.float32) for g in generators])
+
+
+def img2img_start(steps: int, strength: float) -> int:
+    """Index of the first step run when starting from an image (diffusers' rule: int(steps * strength)
+    steps are run)."""
+    if not 0.0 <= strength <= 1.0:
+        raise ConfigError(f"strength: {strength}; allowed: 0 to 1")
+    return steps - min(int(steps * strength), steps)
+
+
+def sample_latents(
+    denoiser: Denoiser,
+    spec: SamplerSpec,
+    steps: int,
+    cond: Conditioning,
+    generators: list[torch.Generator],
+    latent_shape: tuple[int, int, int],
+    init_latents: torch.Tensor | None = None,
+    strength: float = 1.0,
+    callback: Callable | None = None,
+    **options,
+) -> torch.Tensor:
+    """Clean latents [B, C, h, w] (variance-preserving, unscaled by the VAE factor). With
+    `init_latents`, the run starts part-way (image-to-image): noise of the first kept sigma is added
+    to them, and only the remaining steps run."""
+    schedule = spec.build_schedule(denoiser.schedule, steps)
+    denoiser.use_timesteps(schedule.sigmas[:-1], schedule.timesteps)
+    device = cond.context.device
+    sigmas = schedule.sigmas
+    noise = per_image_noise(generators, latent_shape).to(device)
+    if init_latents is None:
+        x = noise * schedule.init_noise_sigma
+    else:
+        start = img2img_start(steps, strength)
+        sigmas = sigmas[start:]
+        if len(sigmas) == 1:  # strength 0: nothing to do
+            return init_latents
+        x = init_latents.to(device) + noise * float(sigmas[0])
+
+    def ancestral_noise(like: torch.Tensor) -> torch.Tensor:
+        return per_image_noise(generators, tuple(like.shape[1:])).to(like)
+
+    x = spec.fn(denoiser, x, sigmas, {"cond": cond}, callback, ancestral_noise, **options)
+    # Back to the variance-preserving latent of the last sigma (≠ x when it is not 0, as DDIM's).
+    return x / (float(sigmas[-1]) ** 2 + 1) ** 0.5

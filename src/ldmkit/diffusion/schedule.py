@@ -1,0 +1,142 @@
+"""Noise schedules (Ho et al. 2020; Nichol & Dhariwal 2021; Lin et al. 2023) and the sigma lists
+samplers walk down.
+
+The training schedule is a list of alphas_cumprod (ᾱ_t, t = 0..T-1). Samplers work in sigma space
+(Karras et al. 2022): sigma_t = sqrt((1 - ᾱ_t) / ᾱ_t), and a latent x in sigma space is the
+variance-preserving latent divided by sqrt(ᾱ_t). Computations follow diffusers' numerics (fp32
+schedule, log-linear sigma interpolation) so that sampling is seed-for-seed equal to it."""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ldmkit.errors import ConfigError
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def make_betas(kind: str, n: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    if kind == "linear":
+        return torch.linspace(beta_start, beta_end, n, dtype=torch.float32)
+    if kind == "scaled_linear":  # SD: linear in sqrt(beta)
+        return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
+    if kind == "squaredcos_cap_v2":  # cosine (Nichol & Dhariwal 2021), beta capped at 0.999
+
+        def alpha_bar(t):
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        return torch.tensor(
+            [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)], dtype=torch.float32
+        )
+    raise ConfigError(f"beta_schedule {kind!r}; allowed: {list(BETA_SCHEDULES)}")
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(ᾱ) so the last step is pure noise (ᾱ_T = 0)."""
+    sqrt_ab = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    ab = sqrt_ab**2
+    alphas = torch.cat([ab[0:1], ab[1:] / ab[:-1]])
+    return 1 - alphas
+
+
+class NoiseSchedule:
+    """The training schedule: ᾱ_t and the sigma of every training timestep."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        self.alphas_cumprod = alphas_cumprod.float()
+        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+        self.log_sigmas = np.log(self.sigmas.numpy())
+
+    @classmethod
+    def from_config(cls, schedule, alphas_cumprod: torch.Tensor | None = None, zero_terminal_snr: bool = False):
+        """From a ScheduleConfig, or from the ᾱ stored in the checkpoint (the model's own schedule).
+        Zero terminal SNR makes ᾱ_T = 0 (sigma infinite): like diffusers' sigma-space schedulers, we
+        clamp it to 2^-24 (sigma ≈ 4096). It needs a model that does not predict eps."""
+        if alphas_cumprod is None:
+            betas = make_betas(
+                schedule.beta_schedule, schedule.num_train_timesteps, schedule.beta_start, schedule.beta_end
+            )
+            if zero_terminal_snr:
+                betas = rescale_zero_terminal_snr(betas)
+            alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        if zero_terminal_snr:
+            if schedule.prediction_type == "epsilon":
+                raise ConfigError(
+                    "zero terminal SNR needs a v- or x0-prediction model: at pure noise an "
+                    "eps-prediction model cannot tell the image"
+                )
+            alphas_cumprod = alphas_cumprod.clone()
+            alphas_cumprod[-1] = 2**-24
+        return cls(alphas_cumprod)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+    def sigma_to_t(self, sigma: np.ndarray) -> np.ndarray:
+        """Fractional timestep of each sigma, interpolating linearly in log sigma (diffusers'
+        `_sigma_to_t`, k-diffusion's `sigma_to_t`)."""
+        log_sigma = np.log(np.maximum(sigma, 1e-10))
+        dists = log_sigma - self.log_sigmas[:, None]
+        low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=len(self.log_sigmas) - 2)
+        lo, hi = self.log_sigmas[low], self.log_sigmas[low + 1]
+        w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
+        return ((1 - w) * low + w * (low + 1)).reshape(np.shape(sigma))
+
+    def sigma_at(self, t: np.ndarray) -> np.ndarray:
+        """Sigma at (fractional) timesteps, interpolated linearly in sigma as diffusers does."""
+        return np.interp(t, np.arange(len(self.sigmas)), self.sigmas.numpy())
+
+    def sigma_of_alpha_cumprod(self, alpha_cumprod: float) -> float:
+        return float(((1 - alpha_cumprod) / alpha_cumprod) ** 0.5)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022, eq. 5: n sigmas evenly spaced in sigma^(1/rho)."""
+    ramp = np.linspace(0, 1, n)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def spaced_timesteps(spacing: str, n: int, T: int, steps_offset: int = 0, style: str = "float") -> np.ndarray:
+    """The n timesteps (descending) of a sampling run, as diffusers spaces them (Lin et al. 2023,
+    table 2). diffusers' schedulers differ in one detail: the Euler family uses n points of
+    linspace as floats, the multistep solvers (DPM-Solver, UniPC) n of n + 1 points, rounded."""
+    if spacing not in SPACINGS:
+        raise ConfigError(f"timestep spacing {spacing!r}; allowed: {list(SPACINGS)}")
+    if style == "float":  # DDIM/PNDM/DDPM/Euler family
+        if spacing == "linspace":
+            return np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
+        if spacing == "leading":
+            return (np.arange(0, n) * (T // n)).round()[::-1].astype(np.float32) + steps_offset
+        return (np.arange(T, 0, -T / n)).round().astype(np.float32) - 1
+    # "solver": DPM-Solver and UniPC
+    if spacing == "linspace":
+        return np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+    if spacing == "leading":
+        return (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1].astype(np.int64) + steps_offset
+    return np.arange(T, 0, -T / n).round().astype(np.int64) - 1
+
+
+def lcm_timesteps(n: int, T: int = 1000, original_steps: int = 50) -> np.ndarray:
+    """Latent consistency models' skipping-step schedule (Luo et al. 2023): n of the distillation
+    grid's `original_steps` timesteps (19, 39, ..., 999 for 50), evenly spaced by index."""
+    if n > original_steps:
+        raise ConfigError(f"lcm takes at most {original_steps} steps (its distillation grid); got {n}")
+    grid = (np.arange(1, original_steps + 1) * (T // original_steps) - 1)[::-1]
+    return grid[np.floor(np.linspace(0, len(grid), num=n, endpoint=False)).astype(np.int64)]
+
+
+@dataclass
+class SamplingSchedule:
+    """What a sampler walks: sigmas (n + 1, descending, the last 0 or not), the UNet timestep of
+    each sigma the model is evaluated at, and the scale of the initial noise."""
+
+    sigmas: torch.Tensor
+    timesteps: torch.Tensor
+    init_noise_sigma: float
