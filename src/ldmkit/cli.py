@@ -11,12 +11,9 @@ from ldmkit.errors import LdmkitError
 log = logging.getLogger("ldmkit")
 
 
-def _overrides(args) -> dict:
-    return {
-        k: getattr(args, k)
-        for k in ("prediction_type", "num_heads", "num_head_channels", "clip_skip")
-        if getattr(args, k, None) is not None
-    }
+def _overrides(args, skip: tuple[str, ...] = ()) -> dict:
+    keys = ("prediction_type", "num_heads", "num_head_channels", "clip_skip")
+    return {k: getattr(args, k) for k in keys if k not in skip and getattr(args, k, None) is not None}
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -31,6 +28,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--clip-skip", type=int, help="1 = last text-encoder layer, 2 = one earlier (the web UI's convention)"
     )
+
+
+def _sampler_names() -> list[str]:
+    from ldmkit.diffusion.registry import SAMPLERS
+
+    return list(SAMPLERS)
 
 
 def cmd_inspect(args) -> int:
@@ -75,6 +78,126 @@ def cmd_init_model(args) -> int:
     return 0
 
 
+GENERATE_DEFAULTS = {
+    "negative_prompt": "",
+    "steps": 20,
+    "cfg": 7.0,
+    "sampler": "dpmpp_2m_karras",
+    "seed": -1,
+    "width": None,
+    "height": None,
+    "batch": 1,
+    "clip_skip": None,
+    "strength": 0.75,
+    "mask_blur": 4.0,
+    "eta": 0.0,
+    "guidance_rescale": 0.0,
+    "prompt_mode": "webui",
+}
+
+
+def _from_png(path: str) -> dict:
+    """Generation settings from a PNG's parameters: exact for ldmkit's own, best effort otherwise."""
+    from ldmkit.diffusion.registry import SAMPLERS
+    from ldmkit.infotext import parse_infotext, read_png_parameters
+
+    prompt, negative, f = parse_infotext(read_png_parameters(path))
+    ours = f.get("Version", "").startswith("ldmkit")
+    if not ours:
+        log.warning("%s was not written by ldmkit: its settings are reused, but the image will differ", path)
+    out: dict = {"prompt": prompt, "negative_prompt": negative}
+    if "ldmkit sampler" in f:
+        out["sampler"] = f["ldmkit sampler"]
+    elif "Sampler" in f:
+        name, schedule = f["Sampler"], f.get("Schedule type", "Automatic")
+        if name.endswith(" Karras"):
+            name, schedule = name[: -len(" Karras")], "Karras"
+        matches = [s.name for s in SAMPLERS.values() if s.webui_name == name]
+        exact = [s.name for s in SAMPLERS.values() if s.webui_name == name and s.webui_schedule == schedule]
+        if not matches:
+            raise LdmkitError(
+                f"{path}: sampler {f['Sampler']!r} has no ldmkit equivalent; "
+                f"allowed: {', '.join(sorted({s.webui_name for s in SAMPLERS.values()}))}"
+            )
+        out["sampler"] = (exact or matches)[0]
+    conv = {
+        "Steps": ("steps", int),
+        "CFG scale": ("cfg", float),
+        "Seed": ("seed", int),
+        "Clip skip": ("clip_skip", int),
+        "Denoising strength": ("strength", float),
+        "Mask blur": ("mask_blur", float),
+        "Eta DDIM": ("eta", float),
+        "Guidance rescale": ("guidance_rescale", float),
+        "Prompt mode": ("prompt_mode", str),
+    }
+    try:
+        for key, (name, kind) in conv.items():
+            if key in f:
+                out[name] = kind(f[key])
+        if "Size" in f:
+            out["width"], out["height"] = (int(v) for v in f["Size"].lower().split("x"))
+    except ValueError as e:
+        raise LdmkitError(f"{path}: unreadable generation parameters ({e})") from None
+    return out
+
+
+def _output_paths(out: str | None, seeds: list[int]) -> list[Path]:
+    if out is None:
+        return [Path("outputs") / f"ldmkit-{s}.png" for s in seeds]
+    p = Path(out)
+    if p.suffix.lower() != ".png":
+        raise LdmkitError(f"-o {out}: the output must be a .png file")
+    if len(seeds) == 1:
+        return [p]
+    return [p.with_name(f"{p.stem}-{s}{p.suffix}") for s in seeds]
+
+
+def cmd_generate(args) -> int:
+    from tqdm import tqdm
+
+    from ldmkit.diffusion.registry import get_sampler
+    from ldmkit.infotext import write_png
+    from ldmkit.pipelines import Pipeline
+    from ldmkit.pipelines.images import load_image
+
+    settings = dict(GENERATE_DEFAULTS)
+    if args.from_png:
+        settings.update(_from_png(args.from_png))
+    for key in list(GENERATE_DEFAULTS) + ["prompt"]:
+        value = getattr(args, key, None)
+        if value is not None:
+            settings[key] = value
+    if not settings.get("prompt") and settings.get("prompt") != "":
+        raise LdmkitError("give a PROMPT (or --from-png FILE)")
+    if args.model is None:
+        raise LdmkitError("--model PATH is required (no bundled model yet)")
+    if args.mask and not args.init_image:
+        raise LdmkitError("--mask needs --init-image")
+    init = load_image(args.init_image, "--init-image") if args.init_image else None
+    mask = load_image(args.mask, "--mask") if args.mask else None
+    get_sampler(settings["sampler"])  # fail before loading a model
+    if settings["steps"] <= 0:
+        raise LdmkitError(f"--steps {settings['steps']}: allowed: 1 or more")
+    pipe = Pipeline.load(args.model, vae=args.vae, overrides=_overrides(args, skip=("clip_skip",)))
+    bars = []  # drawn at the first step, so that a refused request prints its error line alone
+
+    def progress(info):
+        if not bars:
+            bars.append(tqdm(total=info.steps, desc="sampling", unit="step", disable=args.quiet, file=sys.stderr))
+        bars[0].update(info.step - bars[0].n)
+
+    prompt = settings.pop("prompt")
+    result = pipe(prompt, init_image=init, mask=mask, callback=progress, **settings)
+    for bar in bars:
+        bar.close()
+    paths = _output_paths(args.output, result.seeds)
+    for path, image, text in zip(paths, result.images, result.infotexts):
+        write_png(path, image, text)
+    print(json.dumps({"written": [str(p) for p in paths], "seeds": result.seeds}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldmkit", description="Latent diffusion models, written to be read.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -93,6 +216,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.set_defaults(func=cmd_convert)
 
+    p = sub.add_parser("generate", help="generate images from a prompt (text-to-image, image-to-image, inpainting)")
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt (the web UI's emphasis syntax works)")
+    p.add_argument("--model", help="a .safetensors/.ckpt file or a diffusers folder")
+    p.add_argument("--negative-prompt")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 7; 1 = no guidance)")
+    p.add_argument("--sampler", help="one of: " + ", ".join(_sampler_names()) + " (default dpmpp_2m_karras)")
+    p.add_argument("--seed", type=int, help="image i of a batch uses seed + i (default: random)")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--init-image", help="start from this image (image-to-image)")
+    p.add_argument("--strength", type=float, help="how much of the init image to repaint, 0 to 1 (default 0.75)")
+    p.add_argument("--mask", help="inpainting mask, the init image's size: white is repainted")
+    p.add_argument("--mask-blur", type=float)
+    p.add_argument("--eta", type=float, help="DDIM's eta (0 = deterministic)")
+    p.add_argument("--guidance-rescale", type=float)
+    p.add_argument(
+        "--prompt-mode",
+        choices=["webui", "truncate"],
+        help="webui: emphasis syntax and 75-token chunks (default); truncate: as diffusers",
+    )
+    p.add_argument("--from-png", help="reuse the settings stored in a PNG's parameters")
+    p.add_argument("-o", "--output", help="output .png (with --batch N: one file per seed)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_generate)
+
     p = sub.add_parser("init-model", help="write a random-weight model of a named architecture (tests, benchmarks)")
     p.add_argument("out", help="output .safetensors path")
     p.add_argument("--preset", default="tiny", help="tiny, sd15, sd21, sd21-base")
@@ -103,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.addLevelName(logging.WARNING, "warning")
     try:
         return args.func(args)
     except LdmkitError as e:

@@ -27,6 +27,9 @@ class Conditioning:
     concat: torch.Tensor | None = None  # [B, C, h, w] extra input channels (inpainting: mask + masked latent)
     timestep_cond: torch.Tensor | None = None  # [B, D] guidance-scale embedding (LCM)
     y: torch.Tensor | None = None  # class labels / vectors
+    # Inpainting by latent blending: (keep [B|1, 1, h, w], z_init): where keep is 0, the prediction is
+    # the original latent, so the unmasked region ends exactly where it started.
+    blend: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def to_x0(out: torch.Tensor, x: torch.Tensor, sigma: float, prediction_type: str) -> torch.Tensor:
@@ -87,4 +90,8 @@ class Denoiser:
                 out = rescale_guidance(out, out_cond, cond.guidance_rescale)
         else:
             out = self.unet(x_in, t, cond.context, y=cond.y, timestep_cond=cond.timestep_cond)
-        return to_x0(out.float(), x, sigma, self.prediction_type)
+        x0 = to_x0(out.float(), x, sigma, self.prediction_type)
+        if cond.blend is not None:
+            keep, z_init = cond.blend
+            x0 = keep * x0 + (1 - keep) * z_init
+        return x0

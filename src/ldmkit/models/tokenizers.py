@@ -73,6 +73,15 @@ class ClipTokenizer:
         """Write a diffusers/transformers tokenizer folder (vocab.json, merges.txt, config)."""
         self.hf.save_pretrained(str(folder))
 
+    def content_ids(self, text: str) -> list[int]:
+        """Token ids of `text` without BOS/EOS (for chunked, weighted prompts)."""
+        return self.hf(clean_prompt(text), add_special_tokens=False)["input_ids"] if text.strip() else []
+
+    @property
+    def special_ids(self) -> tuple[int, int, int]:
+        """(start, end, pad) ids."""
+        return self.hf.bos_token_id, self.hf.eos_token_id, self.hf.pad_token_id
+
 
 class BertTokenizer:
     """WordPiece tokenizer of a BERT-family encoder, padded to a fixed length with its mask."""
@@ -91,3 +100,11 @@ class BertTokenizer:
 
     def save(self, folder: Path) -> None:
         self.hf.save_pretrained(str(folder))
+
+    def content_ids(self, text: str) -> list[int]:
+        return self.hf(text, add_special_tokens=False)["input_ids"] if text.strip() else []
+
+    @property
+    def special_ids(self) -> tuple[int, int, int]:
+        """(start, end, pad) ids: [CLS], [SEP], [PAD]."""
+        return self.hf.cls_token_id, self.hf.sep_token_id, self.hf.pad_token_id

@@ -1,0 +1,286 @@
+"""Text-to-image, image-to-image and inpainting with one call:
+
+    pipe = Pipeline.load("model.safetensors")
+    result = pipe("a red circle above a blue square", steps=20, cfg=7, seed=1)
+    result.images[0].save("out.png")
+
+Inpainting works two ways: a 9-channel inpainting model gets the mask and the masked image's
+latents as extra input channels; an ordinary model keeps its prediction outside the mask equal to
+the original latents at every step (latent blending). Either way the original pixels are
+composited back outside the (blurred) mask."""
+
+import hashlib
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ldmkit import __version__
+from ldmkit.diffusion.denoiser import Conditioning, Denoiser
+from ldmkit.diffusion.registry import SAMPLERS, get_sampler
+from ldmkit.diffusion.sampling import generators_for, sample_latents
+from ldmkit.diffusion.schedule import NoiseSchedule
+from ldmkit.errors import ConfigError
+from ldmkit.infotext import format_infotext
+from ldmkit.models.ldm import LatentDiffusion
+from ldmkit.nn.embedding import guidance_scale_embedding
+from ldmkit.pipelines.images import latent_preview, mask_to_tensor, pil_to_tensor, tensor_to_pil
+from ldmkit.prompts import encode_prompts
+
+log = logging.getLogger(__name__)
+MAX_SIDE = 4096
+MAX_BATCH = 64
+
+
+@dataclass
+class GenerationParams:
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 20
+    cfg: float = 7.0
+    sampler: str = "dpmpp_2m_karras"
+    seed: int = -1
+    width: int | None = None
+    height: int | None = None
+    batch: int = 1
+    clip_skip: int | None = None
+    strength: float | None = None
+    mask_blur: float | None = None
+    eta: float | None = None
+    guidance_rescale: float = 0.0
+    prompt_mode: str = "webui"
+
+
+@dataclass
+class StepInfo:
+    """What the per-step callback sees. `preview()` makes cheap RGB previews of the current x0."""
+
+    step: int
+    steps: int
+    latents: torch.Tensor
+    x0: torch.Tensor
+    preview: Callable[[], list[Image.Image]]
+
+
+@dataclass
+class Result:
+    images: list[Image.Image]
+    params: GenerationParams
+    seeds: list[int]
+    infotexts: list[str]
+    latents: torch.Tensor = field(repr=False)
+
+
+def _check_size(name: str, value: int, multiple: int) -> None:
+    if not isinstance(value, int) or value <= 0 or value % multiple or value > MAX_SIDE:
+        raise ConfigError(f"{name}: {value}; allowed: a multiple of {multiple} from {multiple} to {MAX_SIDE}")
+
+
+class Pipeline:
+    def __init__(self, model: LatentDiffusion, name: str = "model", path: Path | None = None):
+        self.model = model.eval()
+        self.name = name
+        self.path = path
+        self._hash: str | None = None
+
+    @classmethod
+    def load(cls, path: str | Path, vae: str | Path | None = None, overrides: dict | None = None) -> "Pipeline":
+        from ldmkit.checkpoints.single_file import load_model
+
+        model = load_model(path, vae=vae, overrides=overrides).use_measured_memory_format()
+        return cls(model, name=Path(path).stem if Path(path).is_file() else Path(path).name, path=Path(path))
+
+    @property
+    def model_hash(self) -> str:
+        """The web UI's short model hash: the first 10 hex digits of the file's sha256."""
+        if self._hash is None:
+            target = self.path
+            if target is None:
+                return ""
+            if target.is_dir():
+                # A folder: its UNet weights identify it.
+                weights = sorted(target.glob("unet/diffusion_pytorch_model*"))
+                if not weights:
+                    return ""
+                target = weights[0]
+            h = hashlib.sha256()
+            with open(target, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    h.update(block)
+            self._hash = h.hexdigest()[:10]
+        return self._hash
+
+    def __call__(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        steps: int = 20,
+        cfg: float = 7.0,
+        sampler: str = "dpmpp_2m_karras",
+        seed: int = -1,
+        width: int | None = None,
+        height: int | None = None,
+        batch: int = 1,
+        init_image: Image.Image | None = None,
+        strength: float = 0.75,
+        mask: Image.Image | None = None,
+        mask_blur: float = 4.0,
+        clip_skip: int | None = None,
+        eta: float = 0.0,
+        guidance_rescale: float = 0.0,
+        prompt_mode: str = "webui",
+        callback: Callable[[StepInfo], None] | None = None,
+    ) -> Result:
+        c = self.model.config
+        get_sampler(sampler)
+        if not isinstance(steps, int) or steps <= 0:
+            raise ConfigError(f"steps: {steps}; allowed: 1 or more")
+        if not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
+            raise ConfigError(f"batch: {batch}; allowed: 1 to {MAX_BATCH}")
+        if mask is not None and init_image is None:
+            raise ConfigError("a mask needs an init image (the image to repaint)")
+        if init_image is not None and not 0.0 <= strength <= 1.0:
+            raise ConfigError(f"strength: {strength}; allowed: 0 to 1")
+        if c.unet.in_channels == 9 and mask is None:
+            raise ConfigError(f"{self.name} is an inpainting model: give an init image and a mask")
+        multiple = max(8, c.vae.downsample_factor)
+        if width is None:
+            width = (init_image.width // multiple * multiple) if init_image is not None else c.image_size
+        if height is None:
+            height = (init_image.height // multiple * multiple) if init_image is not None else c.image_size
+        _check_size("width", width, multiple)
+        _check_size("height", height, multiple)
+        if mask is not None and mask.size != init_image.size:
+            raise ConfigError(
+                f"mask is {mask.size[0]}x{mask.size[1]} but the init image is "
+                f"{init_image.size[0]}x{init_image.size[1]}; they must be the same size"
+            )
+        if seed is None or seed < 0:
+            seed = secrets.randbelow(2**32)
+        text_config = self.model.text_encoder.config
+        if clip_skip is not None:
+            self.model.text_encoder.config = replace(text_config, clip_skip=clip_skip)
+        params = GenerationParams(
+            prompt,
+            negative_prompt,
+            steps,
+            cfg,
+            sampler,
+            seed,
+            width,
+            height,
+            batch,
+            self.model.text_encoder.config.clip_skip,
+            strength if init_image is not None else None,
+            mask_blur if mask is not None else None,
+            eta if sampler == "ddim" else None,
+            guidance_rescale,
+            prompt_mode,
+        )
+        try:
+            with torch.no_grad():
+                z, images = self._generate(params, init_image, mask, callback)
+        finally:
+            self.model.text_encoder.config = text_config
+        seeds = [seed + i for i in range(batch)]
+        return Result(tensor_to_pil(images), params, seeds, [self.infotext(params, s) for s in seeds], z)
+
+    def _generate(self, p: GenerationParams, init_image, mask, callback):
+        m = self.model
+        c = m.config
+        spec = get_sampler(p.sampler)
+        device = next(m.unet.parameters()).device
+        f = c.vae.downsample_factor
+        inpaint_model = c.unet.in_channels == 9
+        embedded_guidance = bool(c.unet.time_cond_proj_dim)
+        use_uncond = p.cfg != 1.0 and not embedded_guidance
+        context, uncond = encode_prompts(
+            m.text_encoder, [p.prompt] * p.batch, [p.negative_prompt] * p.batch if use_uncond else None, p.prompt_mode
+        )
+        cond = Conditioning(context, uncond, cfg_scale=p.cfg, guidance_rescale=p.guidance_rescale)
+        if embedded_guidance:
+            w = torch.full((p.batch,), float(p.cfg))
+            cond.timestep_cond = guidance_scale_embedding(w, c.unet.time_cond_proj_dim).to(device)
+        generators = generators_for(p.seed, p.batch)
+        latent_shape = (4 if inpaint_model else c.unet.in_channels, p.height // f, p.width // f)
+
+        init_latents = pixels = pixel_mask = None
+        if init_image is not None:
+            pixels = pil_to_tensor(init_image, p.width, p.height).to(device)
+            posterior = m.vae.encode(pixels)
+            init_latents = torch.cat([m.vae.scale(posterior.sample(g)) for g in generators])
+        if mask is not None:
+            pixel_mask = mask_to_tensor(mask, p.width, p.height, p.mask_blur).to(device)
+            if inpaint_model:
+                hard = (mask_to_tensor(mask, p.width, p.height, 0) >= 0.5).float().to(device)
+                masked = m.vae.scale(m.vae.encode(pixels * (1 - hard)).mode())
+                hard = F.interpolate(hard, size=latent_shape[1:])
+                cond.concat = torch.cat([hard, masked], dim=1).expand(p.batch, -1, -1, -1)
+            else:
+                keep = F.interpolate(pixel_mask, size=latent_shape[1:], mode="bilinear", align_corners=False)
+                cond.blend = (keep, init_latents)
+        strength = p.strength if p.strength is not None else 1.0
+        if inpaint_model and strength >= 1.0:
+            init_latents = None  # from pure noise, as diffusers does at full strength
+
+        denoiser = Denoiser(m.unet, NoiseSchedule.from_config(c.schedule, m.alphas_cumprod), c.schedule.prediction_type)
+
+        def on_step(i, x, x0):
+            if callback is not None:
+                if c.family.startswith("sd"):
+                    preview = lambda: latent_preview(x0)  # noqa: E731
+                else:  # small models: decoding is cheap and exact
+                    preview = lambda: tensor_to_pil(m.vae.decode(m.vae.unscale(x0)))  # noqa: E731
+                callback(StepInfo(i + 1, p.steps, x, x0, preview))
+
+        options = {"eta": p.eta} if p.eta is not None else {}
+        z = sample_latents(
+            denoiser,
+            spec,
+            p.steps,
+            cond,
+            generators,
+            latent_shape,
+            init_latents=init_latents,
+            strength=strength,
+            callback=on_step,
+            **options,
+        )
+        if cond.blend is not None:
+            keep, z_init = cond.blend
+            z = keep * z + (1 - keep) * z_init
+        images = m.vae.decode(m.vae.unscale(z))
+        if pixel_mask is not None:
+            images = pixel_mask * images + (1 - pixel_mask) * pixels
+        return z, images
+
+    def infotext(self, p: GenerationParams, seed: int) -> str:
+        spec = SAMPLERS[p.sampler]
+        fields = {
+            "Steps": p.steps,
+            "Sampler": spec.webui_name,
+            "Schedule type": spec.webui_schedule,
+            "CFG scale": p.cfg,
+            "Seed": seed,
+            "Size": f"{p.width}x{p.height}",
+            "Model hash": self.model_hash or None,
+            "Model": self.name,
+            "Denoising strength": p.strength,
+            "Mask blur": p.mask_blur,
+            "Clip skip": p.clip_skip if p.clip_skip and p.clip_skip != 1 else None,
+            "Eta DDIM": p.eta if p.eta else None,
+            "Guidance rescale": p.guidance_rescale or None,
+            "Prompt mode": p.prompt_mode if p.prompt_mode != "webui" else None,
+            "ldmkit sampler": p.sampler,
+            "Version": f"ldmkit {__version__}",
+        }
+        return format_infotext(p.prompt, p.negative_prompt, fields)
+
+
+def params_dict(p: GenerationParams) -> dict:
+    return asdict(p)
