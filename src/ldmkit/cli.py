@@ -252,10 +252,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Lowercase(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def _log_to_stderr(level: int) -> None:
+    """Library warnings as `warning: ...` lines on stderr (the stream current at this call)."""
+    logger = logging.getLogger("ldmkit")
+    for h in [h for h in logger.handlers if getattr(h, "_ldmkit_cli", False)]:
+        logger.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler._ldmkit_cli = True
+    handler.setFormatter(_Lowercase())
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
-    logging.addLevelName(logging.WARNING, "warning")
+    _log_to_stderr(logging.INFO if args.verbose else logging.WARNING)
     try:
         return args.func(args)
     except LdmkitError as e:

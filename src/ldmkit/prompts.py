@@ -161,7 +161,10 @@ def encode_prompts(text_encoder, prompts: list[str], negatives: list[str] | None
         if bool((w != 1).any()):
             mean = z.mean()
             z = z * w[:, None]
-            z = z * (mean / z.mean())
+            # The web UI's rule restores the mean; it is undefined when the mean is ~0 (a text tower
+            # whose final norm has no bias, e.g. random weights): then the weights stand alone.
+            if z.mean().abs() > 1e-4 * z.abs().mean():
+                z = z * (mean / z.mean())
         encoded.append(z)
     context = torch.stack(encoded[: len(prompts)])
     uncond = torch.stack(encoded[len(prompts) :]) if negatives is not None else None

@@ -230,13 +230,15 @@ class Pipeline:
 
         denoiser = Denoiser(m.unet, NoiseSchedule.from_config(c.schedule, m.alphas_cumprod), c.schedule.prediction_type)
 
+        @torch.no_grad()
+        def preview(x0: torch.Tensor) -> list[Image.Image]:
+            if c.family.startswith("sd"):
+                return latent_preview(x0)
+            return tensor_to_pil(m.vae.decode(m.vae.unscale(x0)))  # small models: decoding is cheap
+
         def on_step(i, x, x0):
             if callback is not None:
-                if c.family.startswith("sd"):
-                    preview = lambda: latent_preview(x0)  # noqa: E731
-                else:  # small models: decoding is cheap and exact
-                    preview = lambda: tensor_to_pil(m.vae.decode(m.vae.unscale(x0)))  # noqa: E731
-                callback(StepInfo(i + 1, p.steps, x, x0, preview))
+                callback(StepInfo(i + 1, p.steps, x, x0, lambda: preview(x0)))
 
         options = {"eta": p.eta} if p.eta is not None else {}
         z = sample_latents(
