@@ -189,3 +189,131 @@ def test_lcm_parity_with_guidance_embedding(tmp_path):
         z = sample_latents(denoiser, spec, steps, cond, generators_for(9, 3), (4, 8, 8))
         assert denoiser.calls == steps
         assert ref.abs().mean() > 0.1 and (z - ref).abs().max() <= 1e-3
+
+
+@pytest.mark.parametrize(
+    "name,spacing",
+    [
+        ("euler", "leading"),
+        ("euler", "trailing"),
+        ("euler_a", "leading"),
+        ("heun", "trailing"),
+        ("ddim", "trailing"),
+        ("ddpm", "trailing"),
+        ("dpmpp_2m", "leading"),
+        ("dpmpp_2m", "trailing"),
+        ("unipc", "trailing"),
+    ],
+)
+def test_timestep_spacings_match_diffusers(pipes, name, spacing):
+    """Including the trap: Euler with "leading" spacing starts from sqrt(sigma_max² + 1) noise.
+    5 steps, not 6: diffusers' DDIM steps to t - T//n, which with "trailing" is the next timestep
+    it evaluates only when n divides T (a divergence we do not copy)."""
+    pipe, model = pipes["epsilon"]
+    spec = get_sampler(name)
+    pipe.scheduler = getattr(diffusers, spec.diffusers_class)(
+        **{**spec.diffusers_config, "timestep_spacing": spacing, "steps_offset": 1}
+    )
+    ctx, unc = embeds(2)
+    ref = pipe(
+        prompt_embeds=ctx,
+        negative_prompt_embeds=unc,
+        guidance_scale=5.0,
+        num_inference_steps=5,
+        generator=generators_for(11, 2),
+        height=16,
+        width=16,
+        output_type="latent",
+    ).images
+    denoiser = Denoiser(model.unet, NoiseSchedule.from_config(model.config.schedule), "epsilon")
+    z = sample_latents(
+        denoiser, spec, 5, Conditioning(ctx, unc, cfg_scale=5.0), generators_for(11, 2), (4, 8, 8), spacing=spacing
+    )
+    assert (z - ref).abs().max() <= 1e-3
+
+
+def test_spacings_that_no_sigma_list_describes_are_refused():
+    from ldmkit.errors import ConfigError
+    from ldmkit.models.ldm import ScheduleConfig
+
+    noise = NoiseSchedule.from_config(ScheduleConfig())
+    with pytest.raises(ConfigError, match="'linspace' with ddim"):
+        get_sampler("ddim").build_schedule(noise, 10, "linspace")
+    with pytest.raises(ConfigError, match="with dpmpp_2m_karras"):
+        get_sampler("dpmpp_2m_karras").build_schedule(noise, 10, "leading")
+
+
+@pytest.mark.parametrize("kind", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_beta_schedules_equal_diffusers(kind):
+    from ldmkit.models.ldm import ScheduleConfig
+
+    ref = diffusers.DDPMScheduler(beta_schedule=kind, beta_start=0.0001, beta_end=0.02)
+    ours = NoiseSchedule.from_config(ScheduleConfig(beta_schedule=kind, beta_start=0.0001, beta_end=0.02))
+    assert torch.allclose(ours.alphas_cumprod, ref.alphas_cumprod, atol=1e-7)
+
+
+def test_x0_prediction_parity(tmp_path):
+    pipe = tiny_pipeline(tmp_path / "x0", prediction_type="sample")
+    model = load_model(tmp_path / "x0")
+    assert model.config.schedule.prediction_type == "sample"
+    for name in ("ddim", "euler", "dpmpp_2m"):
+        z, _ = ours(model, name, 1, seed=4)
+        ref = reference(pipe, name, 1, seed=4)
+        assert (z - ref).abs().max() <= 1e-3, name
+
+
+@pytest.mark.parametrize(
+    "name,spacing",
+    [("euler", "trailing"), ("ddim", "trailing"), ("ddim", "leading"), ("ddpm", "trailing"), ("dpmpp_2m", "trailing")],
+)
+def test_zero_terminal_snr_matches_diffusers(pipes, name, spacing):
+    """Rescaled betas reach ᾱ_T = 0. Like diffusers' sigma-space schedulers, Euler and DPM-Solver
+    clamp ᾱ_T to 2^-24; DDIM and DDPM start from ᾱ_T = 0 exactly (sigma = inf), as diffusers' do."""
+    pipe, model = pipes["v_prediction"]
+    spec = get_sampler(name)
+    pipe.scheduler = getattr(diffusers, spec.diffusers_class)(
+        **{**spec.diffusers_config, "timestep_spacing": spacing, "steps_offset": 1, "rescale_betas_zero_snr": True},
+        prediction_type="v_prediction",
+    )
+    ctx, unc = embeds(2)
+    ref = pipe(
+        prompt_embeds=ctx,
+        negative_prompt_embeds=unc,
+        guidance_scale=5.0,
+        num_inference_steps=5,
+        generator=generators_for(12, 2),
+        height=16,
+        width=16,
+        output_type="latent",
+    ).images
+    noise = NoiseSchedule.from_config(model.config.schedule, zero_terminal_snr=True)
+    denoiser = Denoiser(model.unet, noise, "v_prediction")
+    z = sample_latents(
+        denoiser, spec, 5, Conditioning(ctx, unc, cfg_scale=5.0), generators_for(12, 2), (4, 8, 8), spacing=spacing
+    )
+    assert (z - ref).abs().max() <= 1e-3, (z - ref).abs().max()
+
+
+def test_zero_terminal_snr_refuses_eps_prediction():
+    from ldmkit.errors import ConfigError
+    from ldmkit.models.ldm import ScheduleConfig
+
+    with pytest.raises(ConfigError, match="zero terminal SNR"):
+        NoiseSchedule.from_config(ScheduleConfig(prediction_type="epsilon"), zero_terminal_snr=True)
+
+
+def test_ddim_under_zero_terminal_snr_starts_at_pure_noise():
+    from ldmkit.models.ldm import ScheduleConfig
+
+    noise = NoiseSchedule.from_config(ScheduleConfig(prediction_type="v_prediction"), zero_terminal_snr=True)
+    assert noise.terminal_is_pure_noise and float(noise.sigmas[-1]) == pytest.approx(4096, rel=1e-4)
+    assert get_sampler("ddim").build_schedule(noise, 5, "trailing").sigmas[0] == float("inf")
+    assert get_sampler("euler").build_schedule(noise, 5, "trailing").sigmas[0] == pytest.approx(4096, rel=1e-4)
+
+
+def test_readme_shows_the_sampler_table():
+    from pathlib import Path
+
+    from ldmkit.diffusion.registry import markdown_table
+
+    assert markdown_table() in (Path(__file__).parent.parent / "README.md").read_text()

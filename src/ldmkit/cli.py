@@ -130,6 +130,7 @@ def _from_png(path: str) -> dict:
         "Eta DDIM": ("eta", float),
         "Guidance rescale": ("guidance_rescale", float),
         "Prompt mode": ("prompt_mode", str),
+        "Timestep spacing": ("timestep_spacing", str),
     }
     try:
         for key, (name, kind) in conv.items():
@@ -237,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompt-mode",
         choices=["webui", "truncate"],
         help="webui: emphasis syntax and 75-token chunks (default); truncate: as diffusers",
+    )
+    p.add_argument(
+        "--timestep-spacing",
+        choices=["leading", "trailing", "linspace"],
+        help="override the sampler's timestep spacing (as diffusers' scheduler option)",
     )
     p.add_argument("--from-png", help="reuse the settings stored in a PNG's parameters")
     p.add_argument("-o", "--output", help="output .png (with --batch N: one file per seed)")

@@ -6,6 +6,7 @@ x / sqrt(sigma² + 1) at the timestep of sigma. Guidance, and guidance rescale (
 sec. 3.4), are applied to the UNet's native output (eps or v), as diffusers does, then converted to
 x0: rescale is not linear, so the order matters."""
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +34,14 @@ class Conditioning:
 
 
 def to_x0(out: torch.Tensor, x: torch.Tensor, sigma: float, prediction_type: str) -> torch.Tensor:
-    """The UNet's native output at noise level sigma -> predicted clean latent."""
+    """The UNet's native output at noise level sigma -> predicted clean latent. At sigma = inf
+    (ᾱ = 0) the limits are exact: v gives x0 = -v; eps cannot tell x0 at all."""
+    if math.isinf(sigma):
+        if prediction_type == "v_prediction":
+            return -out
+        if prediction_type == "sample":
+            return out
+        raise ConfigError("an eps-prediction model cannot denoise pure noise (zero terminal SNR)")
     if prediction_type == "epsilon":
         return x - sigma * out
     if prediction_type == "v_prediction":
@@ -71,7 +79,7 @@ class Denoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Conditioning) -> torch.Tensor:
         sigma = float(sigma)
         self.calls += 1
-        x_in = x / (sigma**2 + 1) ** 0.5
+        x_in = x if math.isinf(sigma) else x / (sigma**2 + 1) ** 0.5  # at inf, x is the VP latent
         if cond.concat is not None:
             x_in = torch.cat([x_in, cond.concat.to(x_in)], dim=1)
         t = torch.full((x.shape[0],), self.timestep(sigma), dtype=torch.float32, device=x.device)

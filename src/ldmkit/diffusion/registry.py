@@ -10,7 +10,14 @@ import numpy as np
 import torch
 
 from ldmkit.diffusion import samplers
-from ldmkit.diffusion.schedule import NoiseSchedule, SamplingSchedule, karras_sigmas, lcm_timesteps, spaced_timesteps
+from ldmkit.diffusion.schedule import (
+    SPACINGS,
+    NoiseSchedule,
+    SamplingSchedule,
+    karras_sigmas,
+    lcm_timesteps,
+    spaced_timesteps,
+)
 from ldmkit.errors import ConfigError
 
 # How each family of diffusers schedulers turns a step count into sigmas:
@@ -37,25 +44,41 @@ class SamplerSpec:
     webui_schedule: str
     ancestral: bool = False
     options: dict = field(default_factory=dict)
+    # Starts from ᾱ = 0 exactly (sigma = inf) under zero terminal SNR, as diffusers' DDIM/DDPM do.
+    exact_terminal: bool = False
 
-    def build_schedule(self, noise: NoiseSchedule, steps: int) -> SamplingSchedule:
+    def build_schedule(self, noise: NoiseSchedule, steps: int, spacing: str | None = None) -> SamplingSchedule:
+        """The sigma list for `steps` steps. `spacing` overrides the sampler's timestep spacing
+        (leading / trailing / linspace, as in a diffusers scheduler config)."""
         if steps <= 0:
             raise ConfigError(f"steps: {steps}; allowed: 1 or more")
         T = noise.num_train_timesteps
+        if steps > T:
+            raise ConfigError(f"steps: {steps}; allowed: at most {T}")
         train = noise.sigmas.numpy()
         kind = self.schedule
+        allowed = {
+            "vp-leading": ("leading", "trailing"),
+            "vp-leading-to-zero": ("leading", "trailing"),
+            "ve-linspace": SPACINGS,
+            "solver": SPACINGS,
+        }.get(kind, ())
+        if spacing is not None and spacing not in allowed:
+            # diffusers' DDIM/PNDM/DDPM step to t - T//n whatever the spacing, which with "linspace"
+            # is not the next timestep they evaluate: no sigma list describes that.
+            raise ConfigError(f"timestep spacing {spacing!r} with {self.name}; allowed: {list(allowed) or 'none'}")
         if kind in ("vp-leading", "vp-leading-to-zero"):
-            if steps > T:
-                raise ConfigError(f"steps: {steps}; allowed: at most {T} for {self.name}")
-            t = spaced_timesteps("leading", steps, T, steps_offset=1)
+            t = spaced_timesteps(spacing or "leading", steps, T, steps_offset=1)
             sigmas = train[t.astype(np.int64)]
+            if self.exact_terminal and noise.terminal_is_pure_noise and t[0] == T - 1:
+                sigmas[0] = np.inf
             last = train[0] if kind == "vp-leading" else 0.0
         elif kind == "ve-linspace":
-            t = spaced_timesteps("linspace", steps, T)
+            t = spaced_timesteps(spacing or "linspace", steps, T, steps_offset=1)
             sigmas = noise.sigma_at(t)
             last = 0.0
         elif kind == "solver":
-            t = spaced_timesteps("linspace", steps, T, style="solver")
+            t = spaced_timesteps(spacing or "linspace", steps, T, steps_offset=1, style="solver")
             sigmas = train[t]
             last = 0.0
         elif kind == "karras":
@@ -69,9 +92,11 @@ class SamplerSpec:
         else:
             raise ConfigError(f"unknown schedule kind {kind!r}")
         sigmas = torch.tensor(np.append(np.asarray(sigmas, dtype=np.float32), np.float32(last)))
-        # Variance-preserving schedulers start from unit-variance noise: sqrt(sigma² + 1) in sigma space.
+        # Variance-preserving schedulers start from unit-variance noise: sqrt(sigma² + 1) in sigma
+        # space. diffusers' Euler family starts at sigma_max instead -- except with "leading" spacing.
         s0 = float(sigmas[0])
-        init = s0 if kind == "ve-linspace" else (s0**2 + 1) ** 0.5
+        ve_start = kind == "ve-linspace" and (spacing or "linspace") != "leading"
+        init = s0 if ve_start else (s0**2 + 1) ** 0.5  # inf: the sampler starts from the VP latent
         return SamplingSchedule(
             sigmas=sigmas, timesteps=torch.tensor(np.asarray(t, dtype=np.float64)), init_noise_sigma=init
         )
@@ -92,6 +117,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
             "DDPM",
             "Automatic",
             ancestral=True,
+            exact_terminal=True,
         ),
         SamplerSpec(
             "ddim",
@@ -101,6 +127,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
             {**_SD, **_LEADING, "set_alpha_to_one": False},
             "DDIM",
             "Automatic",
+            exact_terminal=True,
         ),
         SamplerSpec(
             "plms",
@@ -208,3 +235,21 @@ def get_sampler(name: str) -> SamplerSpec:
     if name not in SAMPLERS:
         raise ConfigError(f"unknown sampler {name!r}; allowed: {', '.join(SAMPLERS)}")
     return SAMPLERS[name]
+
+
+def markdown_table() -> str:
+    """The sampler table as README shows it (`python -m ldmkit.diffusion.registry`)."""
+    rows = [
+        "| ldmkit | sigma list | diffusers scheduler (settings) | web UI sampler | web UI schedule type |",
+        "|---|---|---|---|---|",
+    ]
+    for s in SAMPLERS.values():
+        settings = ", ".join(f"{k}={v}" for k, v in s.diffusers_config.items() if k not in _SD)
+        rows.append(
+            f"| `{s.name}` | {s.schedule} | `{s.diffusers_class}` ({settings}) | {s.webui_name} | {s.webui_schedule} |"
+        )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

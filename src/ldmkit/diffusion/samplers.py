@@ -27,7 +27,8 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, 
     sigma_up, so that sigma_down² + sigma_up² = sigma_next². eta = 1 is the DDPM posterior."""
     if sigma_next == 0 or eta == 0:
         return sigma_next, 0.0
-    up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+    shrink = 1.0 if math.isinf(sigma) else (sigma**2 - sigma_next**2) / sigma**2
+    up = min(sigma_next, eta * math.sqrt(sigma_next**2 * shrink))
     return math.sqrt(sigma_next**2 - up**2), up
 
 
@@ -44,11 +45,13 @@ def sample_euler(model, x, sigmas, extra_args=None, callback: Callback = None, n
 def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback: Callback = None, noise=None, eta=1.0):
     """Euler down to sigma_down, then fresh noise of std sigma_up. With eta = 1 this is the DDPM
     sampler (Ho et al. 2020); with 0 < eta < 1, DDIM with that eta (Song et al. 2021, eq. 16):
-    DDIM's update divided by sqrt(ᾱ_prev) is exactly this step."""
+    DDIM's update divided by sqrt(ᾱ_prev) is exactly this step. A first sigma of inf (ᾱ = 0) starts
+    from the variance-preserving latent x, which then is the noise estimate itself."""
     for i, s, s_next in _steps(sigmas):
         x0 = model(x, s, **(extra_args or {}))
         down, up = ancestral_step(s, s_next, eta)
-        x = x0 + (x - x0) / s * down
+        eps = x if math.isinf(s) else (x - x0) / s
+        x = x0 + eps * down
         if up > 0:
             x = x + noise(x) * up
         if callback:

@@ -5,6 +5,7 @@ UI's convention), from which its initial noise and then its ancestral noise are 
 diffusers draws them when given a list of generators. An image's seed reproduces it at any batch
 size and on any device."""
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -41,18 +42,20 @@ def sample_latents(
     init_latents: torch.Tensor | None = None,
     strength: float = 1.0,
     callback: Callable | None = None,
+    spacing: str | None = None,
     **options,
 ) -> torch.Tensor:
     """Clean latents [B, C, h, w] (variance-preserving, unscaled by the VAE factor). With
     `init_latents`, the run starts part-way (image-to-image): noise of the first kept sigma is added
     to them, and only the remaining steps run."""
-    schedule = spec.build_schedule(denoiser.schedule, steps)
+    schedule = spec.build_schedule(denoiser.schedule, steps, spacing)
     denoiser.use_timesteps(schedule.sigmas[:-1], schedule.timesteps)
     device = cond.context.device
     sigmas = schedule.sigmas
     noise = per_image_noise(generators, latent_shape).to(device)
     if init_latents is None:
-        x = noise * schedule.init_noise_sigma
+        # At sigma = inf (ᾱ = 0, zero terminal SNR) samplers hold the variance-preserving latent.
+        x = noise if math.isinf(schedule.init_noise_sigma) else noise * schedule.init_noise_sigma
     else:
         start = img2img_start(steps, strength)
         sigmas = sigmas[start:]

@@ -47,16 +47,12 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 class NoiseSchedule:
     """The training schedule: ᾱ_t and the sigma of every training timestep."""
 
-    def __init__(self, alphas_cumprod: torch.Tensor):
-        self.alphas_cumprod = alphas_cumprod.float()
-        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
-        self.log_sigmas = np.log(self.sigmas.numpy())
-
     @classmethod
     def from_config(cls, schedule, alphas_cumprod: torch.Tensor | None = None, zero_terminal_snr: bool = False):
         """From a ScheduleConfig, or from the ᾱ stored in the checkpoint (the model's own schedule).
-        Zero terminal SNR makes ᾱ_T = 0 (sigma infinite): like diffusers' sigma-space schedulers, we
-        clamp it to 2^-24 (sigma ≈ 4096). It needs a model that does not predict eps."""
+        Zero terminal SNR (Lin et al. 2023) makes ᾱ_T = 0: sigma_T is infinite. Sigma-space samplers
+        use ᾱ_T = 2^-24 (sigma ≈ 4096), as diffusers' do; DDIM and DDPM start from ᾱ_T = 0 exactly
+        (`terminal_is_pure_noise`). It needs a model that does not predict eps."""
         if alphas_cumprod is None:
             betas = make_betas(
                 schedule.beta_schedule, schedule.num_train_timesteps, schedule.beta_start, schedule.beta_end
@@ -64,15 +60,21 @@ class NoiseSchedule:
             if zero_terminal_snr:
                 betas = rescale_zero_terminal_snr(betas)
             alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        if zero_terminal_snr:
-            if schedule.prediction_type == "epsilon":
-                raise ConfigError(
-                    "zero terminal SNR needs a v- or x0-prediction model: at pure noise an "
-                    "eps-prediction model cannot tell the image"
-                )
-            alphas_cumprod = alphas_cumprod.clone()
-            alphas_cumprod[-1] = 2**-24
+        if zero_terminal_snr and schedule.prediction_type == "epsilon":
+            raise ConfigError(
+                "zero terminal SNR needs a v- or x0-prediction model: at pure noise an "
+                "eps-prediction model cannot tell the image"
+            )
         return cls(alphas_cumprod)
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        self.alphas_cumprod = alphas_cumprod.float()
+        self.terminal_is_pure_noise = bool(self.alphas_cumprod[-1] == 0)
+        finite = self.alphas_cumprod.clone()
+        if self.terminal_is_pure_noise:
+            finite[-1] = 2**-24
+        self.sigmas = ((1 - finite) / finite) ** 0.5
+        self.log_sigmas = np.log(self.sigmas.numpy())
 
     @property
     def num_train_timesteps(self) -> int:

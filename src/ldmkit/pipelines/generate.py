@@ -54,6 +54,7 @@ class GenerationParams:
     eta: float | None = None
     guidance_rescale: float = 0.0
     prompt_mode: str = "webui"
+    timestep_spacing: str | None = None
 
 
 @dataclass
@@ -134,10 +135,12 @@ class Pipeline:
         eta: float = 0.0,
         guidance_rescale: float = 0.0,
         prompt_mode: str = "webui",
+        timestep_spacing: str | None = None,
         callback: Callable[[StepInfo], None] | None = None,
     ) -> Result:
         c = self.model.config
-        get_sampler(sampler)
+        spec = get_sampler(sampler)
+        spec.build_schedule(NoiseSchedule.from_config(c.schedule), 1, timestep_spacing)  # refuse bad spacing early
         if not isinstance(steps, int) or steps <= 0:
             raise ConfigError(f"steps: {steps}; allowed: 1 or more")
         if not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
@@ -278,6 +281,7 @@ class Pipeline:
             "Eta DDIM": p.eta if p.eta else None,
             "Guidance rescale": p.guidance_rescale or None,
             "Prompt mode": p.prompt_mode if p.prompt_mode != "webui" else None,
+            "Timestep spacing": p.timestep_spacing,
             "ldmkit sampler": p.sampler,
             "Version": f"ldmkit {__version__}",
         }
