@@ -1,0 +1,1 @@
+"""Datasets: the procedural shapes world (and, later, image folders, tar shards, latent caches)."""

@@ -1,0 +1,1 @@
+"""Measuring models: the shapes judge and image metrics."""
