@@ -164,6 +164,7 @@ def judge(image: Image.Image, intent: Intent) -> Verdict:
         name = f"{item.colour} {item.shape}"
         if d is None:
             colour_ok = shape_ok = False
+            size_ok = size_ok and not item.size
             v.misses.append(f"missing: no shape found for the {name}")
             continue
         if d.colour != item.colour:
@@ -199,7 +200,9 @@ def judge(image: Image.Image, intent: Intent) -> Verdict:
         v.checks["position"] = ok
     if intent.relation is not None:
         a, rel, b = intent.relation
-        first = {i: d for (i, _), d in zip(wanted, assigned) if i not in ()}
+        first: dict[int, Detection | None] = {}
+        for (i, _), d in zip(wanted, assigned):
+            first.setdefault(i, d)
         da, db = first.get(a), first.get(b)
         ok = da is not None and db is not None and _relation_ok(da, rel, db, side)
         v.checks["relation"] = ok
@@ -248,3 +251,32 @@ def corrupt(intent: Intent, kind: str, rng: np.random.Generator) -> Intent | Non
     else:
         raise ValueError(kind)
     return wrong
+
+
+def self_test(per_split: int, seed: int = 0) -> dict:
+    """The judge against the records of its own renders, and against deliberately wrong intents:
+    {"renders": n, "renders_correct": k, "misses_on_renders": {kind: count}, "caught": {kind: [caught, total]}}."""
+    from ldmkit.data.shapes import SPLITS, render, sample_scene
+
+    rng = np.random.default_rng(seed)
+    correct, misses, caught = 0, {}, {}
+    for split in SPLITS:
+        for i in range(per_split):
+            scene = sample_scene(split, i, seed)
+            image = render(scene)
+            verdict = judge(image, scene.intent)
+            correct += verdict.correct
+            for m in verdict.misses:
+                misses[m.split(":")[0]] = misses.get(m.split(":")[0], 0) + 1
+            for kind in ("colour", "shape", "count", "position", "relation"):
+                bad = corrupt(scene.intent, kind, rng)
+                if bad is not None:
+                    c = caught.setdefault(kind, [0, 0])
+                    c[0] += not judge(image, bad).correct
+                    c[1] += 1
+    return {
+        "renders": per_split * len(SPLITS),
+        "renders_correct": correct,
+        "misses_on_renders": misses,
+        "caught": caught,
+    }

@@ -1,0 +1,115 @@
+"""`ldmkit eval`: how well a model draws what shapes-world prompts ask for, per sampling setting,
+with the autoencoder's reconstructions of real renders as the ceiling."""
+
+import itertools
+import time
+
+import numpy as np
+import torch
+
+from ldmkit.data.shapes import render, sample_scene
+from ldmkit.evaluation.judge import ATTRIBUTES, judge
+from ldmkit.evaluation.metrics import psnr, ssim
+from ldmkit.pipelines.images import pil_to_tensor
+
+
+def _accuracies(verdicts) -> dict:
+    out = {}
+    for attr in ATTRIBUTES:
+        applicable = [v.checks[attr] for v in verdicts if attr in v.checks]
+        out[attr] = round(float(np.mean(applicable)), 4) if applicable else None
+    out["fully_correct"] = round(float(np.mean([v.correct for v in verdicts])), 4)
+    return out
+
+
+def _miss_kinds(verdicts) -> dict:
+    kinds: dict[str, int] = {}
+    for v in verdicts:
+        for m in v.misses:
+            kind = m.split(":")[0]
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
+def ceiling(pipe, scenes) -> dict:
+    """The judge on the autoencoder's reconstructions of real renders, and their PSNR / SSIM."""
+    vae = pipe.model.vae
+    verdicts, p, s = [], [], []
+    with torch.no_grad():
+        for scene in scenes:
+            image = render(scene)
+            x = pil_to_tensor(image, scene.size, scene.size)
+            rec = vae.decode(vae.encode(x).mode()).clamp(-1, 1)
+            a, b = (x + 1) / 2, (rec + 1) / 2
+            p.append(float(psnr(a, b)[0]))
+            s.append(float(ssim(a, b)[0]))
+            from ldmkit.pipelines.images import tensor_to_pil
+
+            verdicts.append(judge(tensor_to_pil(rec)[0], scene.intent))
+    return {
+        "reconstructions": _accuracies(verdicts),
+        "misses": _miss_kinds(verdicts),
+        "psnr": round(float(np.mean(p)), 2),
+        "ssim": round(float(np.mean(s)), 4),
+    }
+
+
+def evaluate(
+    pipe,
+    split: str = "val",
+    n: int = 50,
+    cfgs=(7.0,),
+    steps=(20,),
+    samplers=("dpmpp_2m_karras",),
+    seeds_per_prompt: int = 2,
+    seed: int = 0,
+    progress=None,
+) -> dict:
+    size = pipe.model.config.image_size
+    scenes = [sample_scene(split, i, seed, size) for i in range(n)]
+    settings = []
+    for cfg, n_steps, sampler in itertools.product(cfgs, steps, samplers):
+        verdicts, diversity, seconds = [], [], 0.0
+        for i, scene in enumerate(scenes):
+            t = time.perf_counter()
+            result = pipe(
+                scene.caption,
+                steps=n_steps,
+                cfg=cfg,
+                sampler=sampler,
+                seed=seed + 1000 * i,
+                batch=seeds_per_prompt,
+                width=size,
+                height=size,
+            )
+            seconds += time.perf_counter() - t
+            arrays = [np.asarray(im, dtype=np.float32) / 255 for im in result.images]
+            verdicts += [judge(im, scene.intent) for im in result.images]
+            if len(arrays) > 1:
+                diversity.append(np.mean([np.abs(a - b).mean() for a, b in itertools.combinations(arrays, 2)]))
+            if progress:
+                progress()
+        settings.append(
+            {
+                "cfg": cfg,
+                "steps": n_steps,
+                "sampler": sampler,
+                "images": len(verdicts),
+                **_accuracies(verdicts),
+                "misses": _miss_kinds(verdicts),
+                "diversity": round(float(np.mean(diversity)), 4) if diversity else None,
+                "seconds_per_image": round(seconds / len(verdicts), 4),
+            }
+        )
+    renders = [judge(render(s), s.intent) for s in scenes]
+    return {
+        "model": pipe.name,
+        "split": split,
+        "prompts": n,
+        "seeds_per_prompt": seeds_per_prompt,
+        "image_size": size,
+        "settings": settings,
+        "judge_on_renders": _accuracies(renders),
+        "ceiling": ceiling(pipe, scenes[: min(n, 100)]),
+        "notes": "diversity: mean absolute pixel difference (0-1) between images of the same prompt",
+    }

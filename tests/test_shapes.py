@@ -1,0 +1,158 @@
+"""The shapes world: determinism, splits, captions, exports, and the judge's exactness."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldmkit.data.shapes import (
+    COLOURS,
+    HELDOUT,
+    SHAPES,
+    Intent,
+    Item,
+    edge_map,
+    export,
+    intent_from_json,
+    intent_to_json,
+    render,
+    sample_scene,
+    scene_mask,
+)
+from ldmkit.evaluation.judge import corrupt, detect, judge, self_test
+
+
+def test_same_seed_same_images_and_captions():
+    for i in range(20):
+        a, b = sample_scene("train", i, seed=3), sample_scene("train", i, seed=3)
+        assert a.caption == b.caption and a.to_json() == b.to_json()
+        assert np.array_equal(np.asarray(render(a)), np.asarray(render(b)))
+    assert (
+        sample_scene("train", 0, seed=3).caption != sample_scene("train", 0, seed=4).caption
+        or sample_scene("train", 0, seed=3).to_json() != sample_scene("train", 0, seed=4).to_json()
+    )
+
+
+def test_palette_shapes_and_sizes():
+    assert len(COLOURS) >= 6 and {"circle", "square", "triangle"} <= set(SHAPES)
+    scene = sample_scene("val", 1, size=128)
+    assert render(scene).size == (128, 128)
+
+
+def test_splits_hold_out_attribute_combinations():
+    seen_train = set()
+    for i in range(1500):
+        seen_train |= {(s.colour, s.shape) for s in sample_scene("train", i).shapes}
+    assert not seen_train & HELDOUT
+    for i in range(200):
+        assert {(s.colour, s.shape) for s in sample_scene("heldout", i).shapes} & HELDOUT
+    train = {sample_scene("train", i).to_json()["caption"] for i in range(50)}
+    val = {sample_scene("val", i).to_json()["caption"] for i in range(50)}
+    assert train != val
+
+
+def test_captions_vary():
+    captions = [sample_scene("train", i).caption for i in range(600)]
+    for phrase in (
+        "above",
+        "below",
+        "to the left of",
+        "to the right of",
+        "two ",
+        "three ",
+        "on the left",
+        "at the top",
+        " and ",
+        "small",
+        "large",
+        "there is",
+    ):
+        assert any(phrase in c for c in captions), phrase
+    assert len(set(captions)) > 400
+
+
+def test_edge_maps_and_masks():
+    scene = sample_scene("train", 5)
+    image, masks = render(scene, with_masks=True)
+    assert len(masks) == len(scene.shapes)
+    edges = np.asarray(edge_map(image))
+    union = np.asarray(scene_mask(masks, 64)) > 0
+    assert edges.max() == 255 and 0 < union.mean() < 0.8
+    # Edges lie on shape outlines: near the mask boundary, not in the background's texture.
+    ys, xs = np.nonzero(edges)
+    grown = np.zeros_like(union)
+    for dy in (-2, -1, 0, 1, 2):
+        for dx in (-2, -1, 0, 1, 2):
+            grown |= np.roll(np.roll(union, dy, 0), dx, 1)
+    assert grown[ys, xs].mean() > 0.95
+
+
+def test_export_folder_and_shards_are_deterministic(tmp_path):
+    info = export(tmp_path / "folder", "train", 30, seed=1, fmt="folder", extras=True)
+    assert info["n"] == 30
+    lines = (tmp_path / "folder" / "metadata.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    assert (
+        len(lines) == 30 and first["text"] == (tmp_path / "folder" / first["file_name"]).with_suffix(".txt").read_text()
+    )
+    assert (tmp_path / "folder" / "train-000000.edges.png").exists() and (
+        tmp_path / "folder" / "train-000000.mask.png"
+    ).exists()
+    a = export(tmp_path / "a", "train", 30, seed=1, fmt="shards", shard_size=16)
+    b = export(tmp_path / "b", "train", 30, seed=1, fmt="shards", shard_size=16)
+    assert len(a["shards"]) == 2
+    for x, y in zip(a["shards"], b["shards"]):
+        assert open(x, "rb").read() == open(y, "rb").read()
+    with tarfile.open(a["shards"][0]) as tar:
+        names = tar.getnames()
+        assert names[:3] == ["train-000000.png", "train-000000.txt", "train-000000.json"]
+        png = Image.open(io.BytesIO(tar.extractfile(names[0]).read()))
+        assert np.array_equal(np.asarray(png), np.asarray(render(sample_scene("train", 0, seed=1))))
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_shards_read_with_webdataset(tmp_path):
+    import webdataset as wds
+
+    info = export(tmp_path, "val", 5, fmt="shards")
+    sample = next(iter(wds.WebDataset(info["shards"][0], shardshuffle=False).decode("pil")))
+    assert sample["txt"] == sample_scene("val", 0).caption and sample["png"].size == (64, 64)
+    assert intent_from_json(sample["json"]["intent"]) == sample_scene("val", 0).intent
+
+
+def test_intent_json_roundtrip():
+    intent = Intent([Item("circle", "red"), Item("square", "blue", 1, "small")], (0, "above", 1))
+    assert intent_from_json(json.loads(json.dumps(intent_to_json(intent)))) == intent
+
+
+def check_judge(per_split):
+    report = self_test(per_split)
+    assert report["renders_correct"] >= 0.99 * report["renders"], report["misses_on_renders"]
+    assert set(report["caught"]) == {"colour", "shape", "count", "position", "relation"}
+    for kind, (caught, total) in report["caught"].items():
+        assert caught >= 0.99 * total, (kind, caught, total)
+
+
+def test_judge_is_exact_on_renders_and_catches_wrong_pairs():
+    check_judge(400)
+
+
+@pytest.mark.slow
+def test_judge_at_scale():
+    check_judge(5000)
+
+
+def test_judge_explains_misses():
+    scene = sample_scene("val", 3)
+    image = render(scene)
+    bad = corrupt(scene.intent, "colour", np.random.default_rng(1))
+    verdict = judge(image, bad)
+    assert not verdict.correct and not verdict.checks["colour"]
+    assert any(m.startswith("colour: wanted the ") and ", found a " in m for m in verdict.misses)
+    blank = Image.new("RGB", (64, 64), (200, 200, 200))
+    verdict = judge(blank, Intent([Item("star", "red", 2)]))
+    assert verdict.checks["count"] is False and detect(blank) == []
+    assert any(m.startswith("count: wanted 2 shape(s) (2 red stars), found 0") for m in verdict.misses)
