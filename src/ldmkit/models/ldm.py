@@ -51,17 +51,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "config") -> "ModelConfig":
-        d = dict(d)
-        for key, sub in (
-            ("unet", UNetConfig),
-            ("vae", AutoencoderConfig),
-            ("text", TextEncoderConfig),
-            ("schedule", ScheduleConfig),
-        ):
-            if key in d:
-                d[key] = from_dict(sub, d[key], f"{where}.{key}")
         for key in ("unet", "vae", "text"):
-            if key not in d:
+            if isinstance(d, dict) and key not in d:
                 raise ConfigError(f"{where}: missing '{key}' section")
         return from_dict(cls, d, where)
 
