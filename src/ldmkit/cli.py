@@ -253,6 +253,54 @@ def cmd_shapes(args) -> int:
     return 0
 
 
+def cmd_train_autoencoder(args) -> int:
+    from ldmkit.config import load_yaml, to_dict
+    from ldmkit.training.autoencoder import AutoencoderTask, AutoencoderTrainConfig
+    from ldmkit.training.loop import Trainer
+
+    config = load_yaml(AutoencoderTrainConfig, args.config)
+    if args.run_dir:
+        config.run.dir = args.run_dir
+    trainer = Trainer(AutoencoderTask(config), config.run, resume=args.resume, config_record=to_dict(config))
+    last = trainer.fit(progress=not args.quiet)
+    print(
+        json.dumps(
+            {
+                "run": str(trainer.dir),
+                "step": trainer.step,
+                "last": last,
+                "autoencoder": str(trainer.dir / "autoencoder.safetensors"),
+            }
+        )
+    )
+    return 0
+
+
+def cmd_train(args) -> int:
+    from ldmkit.config import load_yaml, to_dict
+    from ldmkit.training.ldm import LDMTask, LDMTrainConfig
+    from ldmkit.training.loop import Trainer
+
+    config = load_yaml(LDMTrainConfig, args.config)
+    if args.run_dir:
+        config.run.dir = args.run_dir
+    if args.init_from:
+        config.init_from, config.autoencoder = args.init_from, None
+    trainer = Trainer(LDMTask(config), config.run, resume=args.resume, config_record=to_dict(config))
+    last = trainer.fit(progress=not args.quiet)
+    print(
+        json.dumps(
+            {
+                "run": str(trainer.dir),
+                "step": trainer.step,
+                "last": last,
+                "model": str(trainer.dir / "model.safetensors"),
+            }
+        )
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldmkit", description="Latent diffusion models, written to be read.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -327,6 +375,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--extras", action="store_true", help="also write each image's edge map and mask")
     p.set_defaults(func=cmd_shapes)
+
+    p = sub.add_parser("train-autoencoder", help="stage 1: train a KL autoencoder")
+    p.add_argument("--config", required=True, help="YAML file (see configs/)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument("--run-dir", help="override run.dir")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_train_autoencoder)
+
+    p = sub.add_parser("train", help="stage 2: train a text-conditioned latent diffusion model")
+    p.add_argument("--config", required=True, help="YAML file (see configs/)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument("--init-from", help="fine-tune this model (SD 1.x/2.x file, diffusers folder, or ours)")
+    p.add_argument("--run-dir", help="override run.dir")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("init-model", help="write a random-weight model of a named architecture (tests, benchmarks)")
     p.add_argument("out", help="output .safetensors path")

@@ -13,7 +13,7 @@ from ldmkit.checkpoints.components import strict_load, strip_prefix
 from ldmkit.checkpoints.detect import METADATA_KEY, NOT_WEIGHTS, OPENCLIP, UNET, VAE, detect, vae_config_from_weights
 from ldmkit.checkpoints.files import DIFFUSERS, read_tensors, sniff, write_safetensors
 from ldmkit.errors import CheckpointError
-from ldmkit.models.autoencoder import AutoencoderKL
+from ldmkit.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldmkit.models.ldm import LatentDiffusion, ModelConfig
 from ldmkit.models.text import TextEncoder, package_folder
 
@@ -103,9 +103,18 @@ def load_vae_file(path: str | Path) -> AutoencoderKL:
         from ldmkit.checkpoints.diffusers_folder import load_diffusers_vae
 
         return load_diffusers_vae(Path(path))
-    state, _ = read_tensors(path)
+    state, metadata = read_tensors(path)
     if any(k.startswith(VAE) for k in state):
         state = strip_prefix(state, VAE)
+    if "ldmkit_vae" in metadata:  # ours: the config is in the header
+        import json
+
+        from ldmkit.config import from_dict
+
+        config = from_dict(AutoencoderConfig, json.loads(metadata["ldmkit_vae"]), f"{where} header")
+        vae = AutoencoderKL(config)
+        strict_load(vae, state, "autoencoder", where)
+        return vae.eval()
     state = {k: v for k, v in state.items() if not NOT_WEIGHTS.search(k)}
     if any(k.startswith("encoder.down_blocks.") for k in state):
         from ldmkit.checkpoints.diffusers_folder import vae_config_from_diffusers_weights

@@ -75,6 +75,25 @@ class LatentDiffusion(nn.Module):
         # The training schedule stored in the file (SD files carry `alphas_cumprod`), if any.
         self.alphas_cumprod: torch.Tensor | None = None
 
+    @classmethod
+    def from_parts(
+        cls,
+        config: ModelConfig,
+        unet: UNetModel,
+        vae: AutoencoderKL,
+        text_encoder: TextEncoder,
+        alphas_cumprod: torch.Tensor | None = None,
+    ) -> "LatentDiffusion":
+        """A model made of existing networks (shared, not copied), without building new ones."""
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model.config = config
+        model.model = _DiffusionWrapper(unet)
+        model.first_stage_model = vae
+        model.cond_stage_model = text_encoder
+        model.alphas_cumprod = alphas_cumprod
+        return model
+
     @property
     def unet(self) -> UNetModel:
         return self.model.diffusion_model

@@ -1,0 +1,178 @@
+"""Training images with captions, addressed by index so that the order of samples, and with it a
+run, is a pure function of (seed, sample index): that is what makes resume and multi-process
+training exact.
+
+- ImageFolder: NAME.png (jpg, webp, ...) with a NAME.txt caption beside it, or a metadata.jsonl
+  listing {"file_name": ..., "text": ...} (the common imagefolder convention).
+- ShapesData: the shapes world, rendered on the fly.
+Images are composited onto a background if they have alpha, resized (shorter side) and
+centre-cropped; horizontal flips are off unless asked (a flip breaks "left"/"right" captions).
+Unreadable images are skipped with a warning and counted."""
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ldmkit.data.shapes import render as render_scene
+from ldmkit.data.shapes import sample_scene
+from ldmkit.errors import ConfigError
+from ldmkit.pipelines.images import to_rgb
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+@dataclass
+class DataConfig:
+    kind: str = "shapes"  # shapes | folder
+    path: str | None = None  # folder of images (kind: folder)
+    split: str = "train"  # shapes split
+    n: int = 50000  # shapes: how many distinct scenes
+    seed: int = 0  # shapes: scene seed
+    size: int = 64
+    captions: str = "required"  # required | optional (missing -> "")
+    background: tuple[int, int, int] = (255, 255, 255)
+    flip: bool = False
+
+    def __post_init__(self):
+        if self.kind not in ("shapes", "folder"):
+            raise ConfigError(f"data.kind: {self.kind!r}; allowed: shapes, folder")
+        if self.captions not in ("required", "optional"):
+            raise ConfigError(f"data.captions: {self.captions!r}; allowed: required, optional")
+        if self.kind == "folder" and not self.path:
+            raise ConfigError("data.path: a folder of images is needed with kind: folder")
+
+
+def prepare(image: Image.Image, size: int, background=(255, 255, 255)) -> torch.Tensor:
+    """[3, size, size] in [-1, 1]: alpha composited, shorter side resized, centre-cropped."""
+    image = to_rgb(image, tuple(background))
+    w, h = image.size
+    scale = size / min(w, h)
+    if (w, h) != (size, size):
+        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+        w, h = image.size
+        left, top = (w - size) // 2, (h - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+class ImageFolder:
+    def __init__(self, config: DataConfig):
+        self.config = config
+        folder = Path(config.path).expanduser()
+        if not folder.is_dir():
+            raise ConfigError(f"data.path {folder}: no such folder")
+        meta = folder / "metadata.jsonl"
+        entries: list[tuple[Path, str]] = []
+        if meta.exists():
+            for n, line in enumerate(meta.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    entries.append((folder / row["file_name"], str(row.get("text", ""))))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ConfigError(f'{meta}:{n}: expected {{"file_name": ..., "text": ...}}') from None
+        else:
+            for p in sorted(folder.iterdir()):
+                if p.suffix.lower() not in IMAGE_SUFFIXES or ".edges." in p.name or ".mask." in p.name:
+                    continue
+                caption_file = p.with_suffix(".txt")
+                if caption_file.exists():
+                    entries.append((p, caption_file.read_text().strip()))
+                elif config.captions == "required":
+                    raise ConfigError(
+                        f"{p}: no caption file {caption_file.name} (captions: required; "
+                        "set data.captions: optional to train with empty captions)"
+                    )
+                else:
+                    entries.append((p, ""))
+        if not entries:
+            raise ConfigError(f"data.path {folder}: no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        self.entries = entries
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def caption(self, i: int) -> str:
+        return self.entries[i][1]
+
+    def load(self, i: int) -> tuple[torch.Tensor, str] | None:
+        path, caption = self.entries[i]
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return prepare(im, self.config.size, self.config.background), caption
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            self.skipped += 1
+            log.warning(
+                "skipping unreadable image %s (%s); %d skipped so far", path, str(e).splitlines()[0][:80], self.skipped
+            )
+            return None
+
+
+class ShapesData:
+    def __init__(self, config: DataConfig):
+        self.config = config
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return self.config.n
+
+    def caption(self, i: int) -> str:
+        return sample_scene(self.config.split, i, self.config.seed, self.config.size).caption
+
+    def load(self, i: int) -> tuple[torch.Tensor, str]:
+        scene = sample_scene(self.config.split, i, self.config.seed, self.config.size)
+        return prepare(render_scene(scene), self.config.size), scene.caption
+
+
+def open_dataset(config: DataConfig):
+    return ShapesData(config) if config.kind == "shapes" else ImageFolder(config)
+
+
+class Order:
+    """Which item is global sample g: a fresh permutation of the dataset each epoch, from the seed."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, None
+
+    def item(self, g: int) -> int:
+        epoch, pos = divmod(g, self.n)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return int(self._perm[pos])
+
+
+def sample_generator(seed: int, g: int) -> torch.Generator:
+    """The random stream of global sample g (its noise, timestep, dropout): independent of batch
+    size, of the process count and of where a run was resumed."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, g]).generate_state(1)[0]))
+
+
+def load_batch(dataset, order: Order, indices: range, flip: bool, seed: int):
+    """(images [b, 3, H, W], captions, global indices) for the global sample indices given; unreadable
+    images are left out."""
+    images, captions, kept = [], [], []
+    for g in indices:
+        item = dataset.load(order.item(g))
+        if item is None:
+            continue
+        image, caption = item
+        if flip and torch.rand((), generator=sample_generator(seed + 1, g)) < 0.5:
+            image = image.flip(-1)
+        images.append(image)
+        captions.append(caption)
+        kept.append(g)
+    if not images:
+        return None
+    return torch.stack(images), captions, kept

@@ -1,0 +1,219 @@
+"""Stage 1: the KL autoencoder (Rombach et al. 2022, sec. 3.1 and appendix G), trained with the
+paper code's objective: L1 (or L2) reconstruction summed over pixels, a small KL term (1e-6), and a
+PatchGAN discriminator (Isola et al. 2017) with a hinge loss, switched on at `disc_start` and weighted
+adaptively by the ratio of the reconstruction and adversarial gradient norms at the decoder's last
+layer. No perceptual (LPIPS) term: it needs ImageNet backbone weights this project cannot fetch."""
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldmkit.config import to_dict
+from ldmkit.data.images import DataConfig, Order, load_batch, open_dataset, sample_generator
+from ldmkit.errors import ConfigError
+from ldmkit.evaluation.metrics import psnr, ssim
+from ldmkit.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldmkit.pipelines.images import tensor_to_pil
+from ldmkit.training.loop import RunConfig, image_grid
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LossConfig:
+    reconstruction: str = "l1"  # l1 | l2
+    kl_weight: float = 1e-6
+    disc_start: int = 1000
+    disc_weight: float = 0.5
+    disc_lr: float = 1e-4
+    disc_channels: int = 64
+    disc_layers: int = 3
+
+    def __post_init__(self):
+        if self.reconstruction not in ("l1", "l2"):
+            raise ConfigError(f"loss.reconstruction: {self.reconstruction!r}; allowed: l1, l2")
+
+
+@dataclass
+class AutoencoderTrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: AutoencoderConfig = field(
+        default_factory=lambda: AutoencoderConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)
+    )
+    loss: LossConfig = field(default_factory=LossConfig)
+    val: DataConfig | None = None  # held-out images for PSNR/SSIM (default: the shapes "val" split)
+    val_images: int = 64
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN: a stack of stride-2 convolutions giving one real/fake logit per patch. GroupNorm, not
+    BatchNorm, so that its output does not depend on how a batch is split across processes."""
+
+    def __init__(self, channels: int = 64, layers: int = 3, in_channels: int = 3):
+        super().__init__()
+        seq: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        ch = channels
+        for i in range(1, layers + 1):
+            out = channels * min(2**i, 8)
+            stride = 2 if i < layers else 1
+            seq += [
+                nn.Conv2d(ch, out, 4, stride, 1, bias=False),
+                nn.GroupNorm(min(32, out // 4), out),
+                nn.LeakyReLU(0.2),
+            ]
+            ch = out
+        seq.append(nn.Conv2d(ch, 1, 4, 1, 1))
+        self.main = nn.Sequential(*seq)
+        for m in self.modules():  # the paper code's init
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x)
+
+
+def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, scale: float) -> torch.Tensor:
+    """The paper code's balance: ||grad nll|| / ||grad g_loss|| at the decoder's last layer."""
+    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach() * scale
+
+
+class AutoencoderTask:
+    def __init__(self, config: AutoencoderTrainConfig):
+        self.config = c = config
+        torch.manual_seed(c.run.seed)
+        self.vae = AutoencoderKL(c.model)
+        self.disc = PatchDiscriminator(c.loss.disc_channels, c.loss.disc_layers, c.model.out_channels)
+        self.opt_ae = torch.optim.Adam(self.vae.parameters(), lr=c.run.lr, betas=(0.5, 0.9))
+        self.opt_disc = torch.optim.Adam(self.disc.parameters(), lr=c.loss.disc_lr, betas=(0.5, 0.9))
+        self.data = open_dataset(c.data)
+        self.order = Order(len(self.data), c.run.seed)
+        val_config = c.val or DataConfig(kind="shapes", split="val", n=c.val_images, size=c.data.size)
+        val = open_dataset(val_config)
+        items = [val.load(i) for i in range(min(c.val_images, len(val)))]
+        self.val_images = torch.stack([it[0] for it in items if it is not None])
+
+    # state ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "vae": self.vae.state_dict(),
+            "disc": self.disc.state_dict(),
+            "opt_ae": self.opt_ae.state_dict(),
+            "opt_disc": self.opt_disc.state_dict(),
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        self.vae.load_state_dict(d["vae"])
+        self.disc.load_state_dict(d["disc"])
+        self.opt_ae.load_state_dict(d["opt_ae"])
+        self.opt_disc.load_state_dict(d["opt_disc"])
+
+    # one step ---------------------------------------------------------------------------------------
+    def losses(self, x: torch.Tensor, gens: list[torch.Generator], step: int):
+        """(generator loss, discriminator loss, logged values) for a batch."""
+        c = self.config.loss
+        posterior = self.vae.encode(x)
+        eps = torch.cat([torch.randn((1, *posterior.mean.shape[1:]), generator=g) for g in gens])
+        z = posterior.mean + posterior.std * eps
+        rec = self.vae.decode(z)
+        diff = (x - rec).abs() if c.reconstruction == "l1" else (x - rec) ** 2
+        nll = diff.sum() / x.shape[0]
+        kl = posterior.kl().sum() / x.shape[0]
+        disc_on = step >= c.disc_start
+        logits_fake = self.disc(rec)
+        g_loss = -logits_fake.mean()
+        if disc_on and self.vae.training:
+            d_weight = adaptive_weight(nll, g_loss, self.vae.decoder.conv_out.weight, c.disc_weight)
+        else:
+            d_weight = torch.tensor(0.0)
+        loss = nll + c.kl_weight * kl + d_weight * float(disc_on) * g_loss
+        logits_real = self.disc(x.detach())
+        logits_fake_d = self.disc(rec.detach())
+        d_loss = 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake_d).mean())
+        values = {
+            "loss": loss.item(),
+            "rec": diff.mean().item(),
+            "kl": kl.item(),
+            "g_loss": g_loss.item(),
+            "d_weight": float(d_weight),
+            "d_loss": d_loss.item(),
+            "logits_real": logits_real.mean().item(),
+            "logits_fake": logits_fake_d.mean().item(),
+            "disc_on": float(disc_on),
+        }
+        return loss, d_loss, values
+
+    def train_step(self, step: int, indices: range, lr: float) -> dict:
+        c = self.config
+        for g in self.opt_ae.param_groups:
+            g["lr"] = lr
+        batch = load_batch(self.data, self.order, indices, c.data.flip, c.run.seed)
+        if batch is None:
+            return {"loss": 0.0, "skipped": float(len(indices))}
+        x, _, kept = batch
+        self.vae.train()
+        self.disc.train()
+        micro = max(1, len(kept) // c.run.grad_accum)
+        self.opt_ae.zero_grad(set_to_none=True)
+        self.opt_disc.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        d_losses = []
+        for start in range(0, len(kept), micro):
+            sl = slice(start, start + micro)
+            gens = [sample_generator(c.run.seed, g) for g in kept[sl]]
+            loss, d_loss, values = self.losses(x[sl], gens, step)
+            share = len(kept[sl]) / len(kept)
+            # The generator step must not train the discriminator: its grads are dropped below.
+            (loss * share).backward()
+            d_losses.append((d_loss, share))
+            for k, v in values.items():
+                totals[k] = totals.get(k, 0.0) + v * share
+        self.opt_ae.step()
+        self.opt_disc.zero_grad(set_to_none=True)
+        if step >= c.loss.disc_start:
+            sum(d * s for d, s in d_losses).backward()
+            self.opt_disc.step()
+        totals["skipped"] = float(len(indices) - len(kept))
+        return totals
+
+    # evaluation -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        self.vae.eval()
+        return self.vae.decode(self.vae.encode(x).mode()).clamp(-1, 1)
+
+    def evaluate(self, step: int) -> dict:
+        x = self.val_images
+        rec = self.reconstruct(x)
+        a, b = (x + 1) / 2, (rec + 1) / 2
+        p, s = psnr(a, b).mean().item(), ssim(a, b).mean().item()
+        log.info("step %d: val PSNR %.2f dB, SSIM %.4f", step, p, s)
+        return {"psnr": round(p, 3), "ssim": round(s, 4), "score": p}
+
+    def sample(self, step: int, folder: Path) -> None:
+        from ldmkit.checkpoints.files import atomic_write
+
+        x = self.val_images[:8]
+        grid = image_grid([tensor_to_pil(x), tensor_to_pil(self.reconstruct(x))])
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / f"recon-{step:08d}.png", lambda tmp: grid.save(tmp, format="PNG"))
+
+    def finish(self, folder: Path) -> None:
+        save_autoencoder(self.vae, folder / "autoencoder.safetensors")
+        log.info("trained without a perceptual (LPIPS) term: its ImageNet backbone weights are not available here")
+
+
+def save_autoencoder(vae: AutoencoderKL, path: Path) -> None:
+    """Our self-describing VAE file: `first_stage_model.*` weights, config in the header."""
+    import json
+
+    from ldmkit.checkpoints.files import write_safetensors
+
+    state = {f"first_stage_model.{k}": v for k, v in vae.state_dict().items()}
+    write_safetensors(path, state, {"format": "pt", "ldmkit_vae": json.dumps(to_dict(vae.config))})

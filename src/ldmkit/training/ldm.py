@@ -1,0 +1,304 @@
+"""Stage 2: the latent diffusion model (Rombach et al. 2022, sec. 3.3): a UNet learns to denoise
+latents of the frozen autoencoder, conditioned on a frozen text encoder through cross-attention.
+
+Latents are scaled to unit variance from the data (the paper's scale-by-std). With the latent cache
+the dataset is encoded once, keeping each posterior's mean and log-variance, and a fresh latent is
+sampled from them each step (as the paper's code samples). Condition dropout replaces a caption's
+states by the empty prompt's -- exactly what inference uses for the unconditional branch. Every
+random draw of sample g (latent noise, timestep, diffusion noise, dropout) comes from its own
+generator, so runs resume exactly and do not depend on how batches are split."""
+
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ldmkit.checkpoints.files import atomic_write
+from ldmkit.data.images import DataConfig, Order, load_batch, open_dataset, sample_generator
+from ldmkit.diffusion.schedule import NoiseSchedule
+from ldmkit.errors import ConfigError
+from ldmkit.models.ldm import LatentDiffusion, ModelConfig, ScheduleConfig
+from ldmkit.models.text import TextEncoderConfig
+from ldmkit.models.unet import UNetConfig
+from ldmkit.training.loop import RunConfig, image_grid
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SampleConfig:
+    prompts: tuple[str, ...] = (
+        "a red circle",
+        "a blue square above a yellow triangle",
+        "two green stars",
+        "a small purple circle on the left",
+    )
+    seeds: tuple[int, ...] = (0, 1)
+    steps: int = 20
+    cfg: float = 5.0
+    sampler: str = "dpmpp_2m_karras"
+
+
+@dataclass
+class LDMTrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    autoencoder: str | None = None  # our autoencoder.safetensors (or any VAE file); not with init_from
+    init_from: str | None = None  # fine-tune an existing model (SD 1.x/2.x file, diffusers folder, ours)
+    unet: UNetConfig | None = None
+    text: str | TextEncoderConfig = "minilm"
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    cond_dropout: float = 0.1
+    min_snr_gamma: float | None = None
+    ema_decay: float = 0.999
+    latent_cache: bool = True
+    scale_batches: int = 4  # batches used to measure the latent std (scale-by-std)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    val_batches: int = 2
+
+    def __post_init__(self):
+        if (self.autoencoder is None) == (self.init_from is None):
+            raise ConfigError("give exactly one of autoencoder (train a new UNet on it) or init_from (fine-tune)")
+        if self.init_from is None and self.unet is None:
+            raise ConfigError("unet: the UNet architecture is needed when not fine-tuning (init_from)")
+        if not 0 <= self.cond_dropout < 1:
+            raise ConfigError(f"cond_dropout: {self.cond_dropout}; allowed: 0 <= p < 1")
+
+
+def build_model(c: LDMTrainConfig) -> LatentDiffusion:
+    from ldmkit.checkpoints.detect import minilm_text_config
+    from ldmkit.checkpoints.single_file import load_model, load_package_text_encoder, load_vae_file
+
+    if c.init_from is not None:
+        model = load_model(c.init_from)
+        model.config.family = model.config.family  # keeps its family; saved files say what it came from
+        return model
+    vae = load_vae_file(c.autoencoder)
+    text = minilm_text_config(max_length=32) if c.text == "minilm" else c.text
+    if isinstance(text, str):
+        raise ConfigError(f"text: {text!r}; allowed: minilm, or a text encoder config")
+    unet = replace(c.unet, context_dim=text.hidden_size)
+    config = ModelConfig(
+        family="ldmkit", unet=unet, vae=vae.config, text=text, schedule=c.schedule, image_size=c.data.size
+    )
+    torch.manual_seed(c.run.seed)
+    model = LatentDiffusion(config)
+    model.first_stage_model = vae
+    if text.package:
+        load_package_text_encoder(model.text_encoder)
+    return model
+
+
+class LDMTask:
+    def __init__(self, config: LDMTrainConfig):
+        self.config = c = config
+        self.model = build_model(c)
+        self.model.vae.requires_grad_(False).eval()
+        self.model.text_encoder.requires_grad_(False).eval()
+        self.unet = self.model.unet
+        self.unet.train()
+        self.ema = {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
+        self.opt = torch.optim.AdamW(self.unet.parameters(), lr=c.run.lr, weight_decay=c.run.weight_decay)
+        self.schedule = NoiseSchedule.from_config(self.model.config.schedule, self.model.alphas_cumprod)
+        self.data = open_dataset(c.data)
+        self.order = Order(len(self.data), c.run.seed)
+        with torch.no_grad():
+            self.empty = self.encode_text([""])[0]
+        self.cache: dict[str, torch.Tensor] | None = None
+        self.scale_measured = False
+
+    # text and latents -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        from ldmkit.prompts import encode_prompts
+
+        return encode_prompts(self.model.text_encoder, captions, None, mode="truncate")[0]
+
+    @torch.no_grad()
+    def posterior(self, items: list[int], images: torch.Tensor | None):
+        """(mean, std) of each image's latent posterior, from the cache when there is one."""
+        if self.cache is not None:
+            idx = torch.tensor(items)
+            return self.cache["mean"][idx].float(), self.cache["std"][idx].float()
+        post = self.model.vae.encode(images)
+        return post.mean, post.std
+
+    @torch.no_grad()
+    def build_cache(self, folder: Path) -> None:
+        """Encode the whole dataset once (mean and std of every posterior), saved in the run folder."""
+        path = folder / "latent-cache.pt"
+        if path.exists():
+            self.cache = torch.load(path, map_location="cpu", weights_only=True)
+            return
+        means, stds = [], []
+        n = len(self.data)
+        for start in range(0, n, 64):
+            items = [self.data.load(i) for i in range(start, min(n, start + 64))]
+            imgs = torch.stack(
+                [
+                    it[0] if it is not None else torch.zeros(3, self.config.data.size, self.config.data.size)
+                    for it in items
+                ]
+            )
+            post = self.model.vae.encode(imgs)
+            means.append(post.mean.half())
+            stds.append(post.std.half())
+        self.cache = {"mean": torch.cat(means), "std": torch.cat(stds)}
+        atomic_write(path, lambda tmp: torch.save(self.cache, tmp))
+
+    @torch.no_grad()
+    def measure_scale(self) -> None:
+        """The paper's scale-by-std: 1 / std of the latents of the first batches."""
+        c = self.config
+        zs = []
+        for b in range(c.scale_batches):
+            batch = load_batch(
+                self.data, self.order, range(b * c.run.batch_size, (b + 1) * c.run.batch_size), False, c.run.seed
+            )
+            if batch is None:
+                continue
+            x, _, kept = batch
+            post = self.model.vae.encode(x)
+            zs.append(post.mean + post.std * torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(b)))
+        std = torch.cat(zs).std().item()
+        self.model.vae.config.scale_factor = 1.0 / std
+        self.model.config.vae = self.model.vae.config
+        log.info("latent std %.4f: scale factor %.5f", std, 1.0 / std)
+
+    # state ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "unet": self.unet.state_dict(),
+            "ema": self.ema,
+            "opt": self.opt.state_dict(),
+            "scale_factor": self.model.vae.config.scale_factor,
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        self.unet.load_state_dict(d["unet"])
+        self.ema = d["ema"]
+        self.opt.load_state_dict(d["opt"])
+        self.model.vae.config.scale_factor = float(d["scale_factor"])
+        self.scale_measured = True
+
+    # one step ---------------------------------------------------------------------------------------
+    def loss(self, images, items: list[int], captions: list[str], gs: list[int], reduce: bool = True):
+        c = self.config
+        mean, std = self.posterior(items, images)
+        gens = [sample_generator(c.run.seed, g) for g in gs]
+        T = self.schedule.num_train_timesteps
+        z_noise = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g) for g in gens])
+        t = torch.cat([torch.randint(0, T, (1,), generator=g) for g in gens])
+        eps = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g) for g in gens])
+        drop = torch.cat([torch.rand((1,), generator=g) for g in gens]) < c.cond_dropout
+        z0 = self.model.vae.scale(mean + std * z_noise)
+        context = self.encode_text(captions)
+        context = torch.where(drop[:, None, None], self.empty.expand_as(context), context)
+        ab = self.schedule.alphas_cumprod[t][:, None, None, None]
+        zt = ab.sqrt() * z0 + (1 - ab).sqrt() * eps
+        out = self.unet(zt, t, context)
+        prediction = self.model.config.schedule.prediction_type
+        target = eps if prediction == "epsilon" else ab.sqrt() * eps - (1 - ab).sqrt() * z0
+        per_sample = F.mse_loss(out.float(), target, reduction="none").mean(dim=(1, 2, 3))
+        if c.min_snr_gamma:
+            snr = (ab / (1 - ab)).flatten()
+            weight = snr.clamp(max=c.min_snr_gamma) / (snr if prediction == "epsilon" else snr + 1)
+            per_sample = per_sample * weight
+        return per_sample.mean() if reduce else per_sample
+
+    def train_step(self, step: int, indices: range, lr: float) -> dict:
+        c = self.config
+        if not self.scale_measured:
+            self.measure_scale()
+            self.scale_measured = True
+        if c.latent_cache and self.cache is None:
+            self.build_cache(Path(c.run.dir).expanduser())
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        if self.cache is not None:  # latents cached: only captions are needed
+            gs = list(indices)
+            items = [self.order.item(g) for g in gs]
+            captions = [self.data.caption(i) for i in items]
+            images = None
+        else:
+            batch = load_batch(self.data, self.order, indices, c.data.flip, c.run.seed)
+            if batch is None:
+                return {"loss": 0.0}
+            images, captions, gs = batch
+            items = [self.order.item(g) for g in gs]
+        self.unet.train()
+        self.opt.zero_grad(set_to_none=True)
+        micro = max(1, len(gs) // c.run.grad_accum)
+        total = 0.0
+        for s in range(0, len(gs), micro):
+            sl = slice(s, s + micro)
+            loss = self.loss(None if images is None else images[sl], items[sl], captions[sl], gs[sl])
+            share = len(gs[sl]) / len(gs)
+            (loss * share).backward()
+            total += loss.item() * share
+        self.opt.step()
+        decay = min(c.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in self.unet.state_dict().items():
+                if v.dtype.is_floating_point:
+                    self.ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+                else:
+                    self.ema[k].copy_(v)
+        return {"loss": total, "lr": lr}
+
+    # evaluation, samples, export --------------------------------------------------------------------
+    def ema_model(self) -> LatentDiffusion:
+        """The model with the EMA weights, sharing the frozen autoencoder and text encoder."""
+        import copy
+
+        unet = copy.deepcopy(self.unet)
+        unet.load_state_dict(self.ema)
+        m = self.model
+        return LatentDiffusion.from_parts(m.config, unet, m.vae, m.text_encoder, m.alphas_cumprod).eval()
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict:
+        """Loss of the EMA weights on fixed validation samples with fixed noise (lower is better)."""
+        c = self.config
+        val = (
+            open_dataset(replace(c.data, split="val", n=c.val_batches * c.run.batch_size))
+            if c.data.kind == "shapes"
+            else None
+        )
+        if val is None:
+            return {}
+        saved_cache, self.cache = self.cache, None
+        ema = self.ema_model()
+        unet, self.unet = self.unet, ema.unet
+        try:
+            losses = []
+            for b in range(c.val_batches):
+                idx = range(b * c.run.batch_size, (b + 1) * c.run.batch_size)
+                items = [val.load(i) for i in idx]
+                images = torch.stack([it[0] for it in items])
+                losses.append(self.loss(images, list(idx), [it[1] for it in items], [10**9 + i for i in idx]).item())
+        finally:
+            self.unet, self.cache = unet, saved_cache
+        value = sum(losses) / len(losses)
+        return {"val_loss": round(value, 6), "score": -value}
+
+    def sample(self, step: int, folder: Path) -> None:
+        from ldmkit.pipelines import Pipeline
+
+        s = self.config.sample
+        pipe = Pipeline(self.ema_model(), name=f"step-{step}")
+        rows = []
+        for prompt in s.prompts:
+            rows.append(
+                [pipe(prompt, steps=s.steps, cfg=s.cfg, sampler=s.sampler, seed=seed).images[0] for seed in s.seeds]
+            )
+        grid = image_grid([list(r) for r in zip(*rows)])  # one column per prompt, one row per seed
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / f"samples-{step:08d}.png", lambda tmp: grid.save(tmp, format="PNG"))
+
+    def finish(self, folder: Path) -> None:
+        from ldmkit.checkpoints.single_file import save_single_file
+
+        save_single_file(self.ema_model(), folder / "model.safetensors")

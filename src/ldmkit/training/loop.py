@@ -1,0 +1,227 @@
+"""The one training loop: steps, logging, checkpoints, resume, NaN guard. What is trained lives in
+a Task (training/autoencoder.py, training/ldm.py).
+
+A run is a pure function of its config: global batch b holds global samples b*B .. (b+1)*B - 1 and
+every random draw of sample g comes from its own generator (data/images.py), so a resumed run
+continues exactly where it stopped. Checkpoints hold the task (models, EMA, optimisers) and the step;
+they are written atomically, the last K and the best are kept, and they load with
+torch.load(weights_only=True)."""
+
+import csv
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from ldmkit.checkpoints.files import atomic_write, write_json
+from ldmkit.errors import ConfigError, LdmkitError
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(LdmkitError):
+    """The run cannot go on (a non-finite loss); the last good checkpoint is left as it was."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/run"
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup: int = 100
+    weight_decay: float = 0.0
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 500
+    sample_every: int = 500
+    ckpt_every: int = 500
+    keep_last: int = 2
+    threads: int = 0  # 0: torch's default
+
+    def __post_init__(self):
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"run.batch_size {self.batch_size} is not a multiple of run.grad_accum {self.grad_accum}")
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "log_every",
+            "eval_every",
+            "sample_every",
+            "ckpt_every",
+            "keep_last",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"run.{name}: {getattr(self, name)}; allowed: 1 or more")
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up, then constant."""
+        return self.lr * min(1.0, (step + 1) / max(1, self.warmup))
+
+
+class Trainer:
+    def __init__(self, task, run: RunConfig, resume: bool = False, config_record: dict | None = None):
+        self.task, self.run = task, run
+        self.dir = Path(run.dir).expanduser()
+        self.ckpt_dir = self.dir / "checkpoints"
+        self.step, self.best = 0, None
+        existing = sorted(self.ckpt_dir.glob("step-*.pt"))
+        if resume:
+            if not existing:
+                raise ConfigError(f"--resume: no checkpoint in {self.ckpt_dir}")
+            self._load(existing[-1])
+        elif existing:
+            raise ConfigError(
+                f"{self.dir} already holds checkpoints: pass --resume to continue, or choose a new run.dir"
+            )
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt_dir.mkdir(exist_ok=True)
+        if config_record is not None:
+            write_json(self.dir / "config.json", config_record)
+        self._trim_log()
+
+    # --- checkpoints -------------------------------------------------------------------------------
+    def _load(self, path: Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.task.load_state_dict(state["task"])
+        self.step, self.best = int(state["step"]), state.get("best")
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def save(self) -> Path:
+        state = {"step": self.step, "best": self.best, "task": self.task.state_dict()}
+        path = self.ckpt_dir / f"step-{self.step:08d}.pt"
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        keep = {p.name for p in sorted(self.ckpt_dir.glob("step-*.pt"))[-self.run.keep_last :]}
+        for p in self.ckpt_dir.glob("step-*.pt"):
+            if p.name not in keep:
+                p.unlink()
+        return path
+
+    # --- log -----------------------------------------------------------------------------------------
+    @property
+    def log_path(self) -> Path:
+        return self.dir / "loss.csv"
+
+    def _trim_log(self) -> None:
+        """After a resume, drop what the interrupted run logged beyond its last checkpoint."""
+        if not self.log_path.exists():
+            return
+        with open(self.log_path) as f:
+            rows = list(csv.reader(f))
+        if not rows:
+            return
+        kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < self.step]
+        atomic_write(self.log_path, lambda tmp: tmp.write_text("\n".join(",".join(r) for r in kept) + "\n"))
+
+    def _log(self, step: int, values: dict) -> None:
+        new = not self.log_path.exists()
+        with open(self.log_path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["step"] + list(values))
+            w.writerow([step] + [f"{v:.8g}" for v in values.values()])
+
+    # --- the loop ------------------------------------------------------------------------------------
+    def fit(self, progress: bool = True) -> dict:
+        from tqdm import tqdm
+
+        if self.run.threads:
+            torch.set_num_threads(self.run.threads)
+        B = self.run.batch_size
+        bar = tqdm(total=self.run.steps, initial=self.step, desc="training", unit="step", disable=not progress)
+        t0, seen = time.perf_counter(), 0
+        last = {}
+        while self.step < self.run.steps:
+            step = self.step
+            values = self.task.train_step(step, range(step * B, (step + 1) * B), self.run.lr_at(step))
+            bad = [k for k, v in values.items() if not math.isfinite(v)]
+            if bad:
+                good = sorted(self.ckpt_dir.glob("step-*.pt"))
+                raise TrainingError(
+                    f"{bad[0]} is {values[bad[0]]} at step {step}: stopping; last good checkpoint: "
+                    f"{good[-1] if good else 'none'}"
+                )
+            self._log(step, values)
+            self.step = step + 1
+            seen += B
+            last = values
+            if progress:
+                bar.set_postfix(
+                    loss=f"{values.get('loss', float('nan')):.4f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}"
+                )
+                bar.update(1)
+            if self.step % self.run.eval_every == 0 or self.step == self.run.steps:
+                metrics = self.task.evaluate(self.step)
+                if metrics:
+                    self._log_metrics(metrics)
+            if self.step % self.run.sample_every == 0 or self.step == self.run.steps:
+                self.task.sample(self.step, self.dir / "samples")
+            if self.step % self.run.ckpt_every == 0 or self.step == self.run.steps:
+                self.save()
+        bar.close()
+        self.task.finish(self.dir)
+        plot_losses(self.log_path, self.dir / "loss.png")
+        return last
+
+    def _log_metrics(self, metrics: dict) -> None:
+        path = self.dir / "metrics.jsonl"
+        with open(path, "a") as f:
+            import json
+
+            f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+        score = metrics.get("score")
+        if score is not None and (self.best is None or score > self.best):
+            self.best = score
+            best = {"step": self.step, "task": self.task.state_dict(), "best": score}
+            atomic_write(self.ckpt_dir / "best.pt", lambda tmp: torch.save(best, tmp))
+
+
+def plot_losses(csv_path: Path, out: Path, column: str = "loss", width: int = 640, height: int = 360) -> None:
+    """The loss curve as a PNG (raw values faint, a running mean bold), no plotting library needed."""
+    if not csv_path.exists():
+        return
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    points = [(int(r["step"]), float(r[column])) for r in rows if r.get(column) not in (None, "")]
+    points = [(s, v) for s, v in points if math.isfinite(v)]
+    if len(points) < 2:
+        return
+    steps = [s for s, _ in points]
+    vals = [math.log10(max(v, 1e-12)) for _, v in points]
+    smooth, acc = [], None
+    for v in vals:
+        acc = v if acc is None else 0.95 * acc + 0.05 * v
+        smooth.append(acc)
+    lo, hi = min(vals), max(vals)
+    hi = hi if hi > lo else lo + 1
+    m = 50
+    im = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(im)
+    d.rectangle([m, 10, width - 10, height - 30], outline=(0, 0, 0))
+
+    def xy(s, v):
+        x = m + (s - steps[0]) / max(1, steps[-1] - steps[0]) * (width - 10 - m)
+        return x, 10 + (hi - v) / (hi - lo) * (height - 40)
+
+    d.line([xy(s, v) for s, v in zip(steps, vals)], fill=(170, 190, 230), width=1)
+    d.line([xy(s, v) for s, v in zip(steps, smooth)], fill=(20, 60, 160), width=2)
+    d.text((m, height - 25), f"step {steps[0]} .. {steps[-1]}", fill=(0, 0, 0))
+    d.text((4, 10), f"{10**hi:.3g}", fill=(0, 0, 0))
+    d.text((4, height - 45), f"{10**lo:.3g}", fill=(0, 0, 0))
+    d.text((width // 2, height - 25), f"{column} (log scale)", fill=(0, 0, 0))
+    atomic_write(out, lambda tmp: im.save(tmp, format="PNG"))
+
+
+def image_grid(rows: list[list[Image.Image]]) -> Image.Image:
+    w, h = rows[0][0].size
+    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
+    for i, row in enumerate(rows):
+        for j, im in enumerate(row):
+            grid.paste(im, (j * w, i * h))
+    return grid
