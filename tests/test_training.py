@@ -1,0 +1,264 @@
+"""Training both stages: losses fall, the discriminator really trains, resume after SIGKILL is exact,
+a NaN stops the run with the last good checkpoint intact, bad data and configs fail clearly."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from ldmkit.cli import main
+
+ROOT = Path(__file__).parent.parent
+
+
+def config_file(tmp_path, name: str, run_dir: Path, **changes) -> Path:
+    data = yaml.safe_load((ROOT / "configs" / name).read_text())
+    data["run"]["dir"] = str(run_dir)
+    for key, value in changes.items():
+        section, _, field = key.partition(".")
+        if field:
+            data.setdefault(section, {})[field] = value
+        else:
+            data[section] = value
+    path = tmp_path / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def losses(run_dir: Path, column: str = "loss") -> list[float]:
+    with open(run_dir / "loss.csv") as f:
+        return [float(r[column]) for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def autoencoder(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ae")
+    cfg = config_file(tmp, "test-autoencoder.yaml", tmp / "run")
+    assert main(["train-autoencoder", "--config", str(cfg), "-q"]) == 0
+    return tmp / "run"
+
+
+def test_autoencoder_run_writes_everything_and_improves(autoencoder):
+    names = {p.name for p in autoencoder.iterdir()}
+    assert {"autoencoder.safetensors", "loss.csv", "loss.png", "metrics.jsonl", "samples", "checkpoints"} <= names
+    metrics = [yaml.safe_load(line) for line in (autoencoder / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["psnr"] > metrics[0]["psnr"]
+    rec = losses(autoencoder, "rec")
+    assert np.mean(rec[-4:]) < np.mean(rec[:4])
+    assert (autoencoder / "checkpoints" / "best.pt").exists()
+    assert len(list((autoencoder / "checkpoints").glob("step-*.pt"))) == 2  # keep_last
+
+
+def test_discriminator_trains_after_disc_start_and_not_before():
+    from ldmkit.config import from_dict
+    from ldmkit.training.autoencoder import AutoencoderTask, AutoencoderTrainConfig
+
+    data = yaml.safe_load((ROOT / "configs" / "test-autoencoder.yaml").read_text())
+    task = AutoencoderTask(from_dict(AutoencoderTrainConfig, data))
+    before = {k: v.clone() for k, v in task.disc.state_dict().items()}
+    values = task.train_step(0, range(0, 8), 2e-4)  # disc_start is 4
+    assert all(torch.equal(before[k], v) for k, v in task.disc.state_dict().items())
+    assert values["d_weight"] == 0.0
+    values = task.train_step(4, range(32, 40), 2e-4)
+    changed = [k for k, v in task.disc.state_dict().items() if not torch.equal(before[k], v)]
+    assert len(changed) == len(before)  # every discriminator tensor moved
+    assert values["d_weight"] > 0 and values["disc_on"] == 1.0
+
+
+def run_killed_then_resumed(cmd: list[str], run_dir: Path, kill_after_rows: int):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    log = run_dir / "loss.csv"
+    while time.time() < deadline:
+        if log.exists() and len(log.read_text().splitlines()) > kill_after_rows:
+            break
+        if proc.poll() is not None:
+            pytest.fail("the run ended before it could be killed")
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list((run_dir / "checkpoints").glob("step-*.pt")), "no checkpoint before the kill"
+    assert subprocess.run(cmd + ["--resume"], env=env, capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("stage", ["autoencoder", "ldm"])
+def test_resume_after_sigkill_is_exact(tmp_path, autoencoder, stage):
+    steps = 16
+    if stage == "autoencoder":
+        name, command = "test-autoencoder.yaml", "train-autoencoder"
+        extra = {
+            "run": {
+                **yaml.safe_load((ROOT / "configs" / name).read_text())["run"],
+                "steps": steps,
+                "eval_every": 100,
+                "sample_every": 100,
+            }
+        }
+    else:
+        name, command = "test-ldm.yaml", "train"
+        extra = {
+            "autoencoder": str(autoencoder / "autoencoder.safetensors"),
+            "run": {
+                **yaml.safe_load((ROOT / "configs" / name).read_text())["run"],
+                "steps": steps,
+                "eval_every": 100,
+                "sample_every": 100,
+            },
+        }
+    whole = config_file(tmp_path, name, tmp_path / "whole", **extra)
+    killed = config_file(tmp_path, name, tmp_path / "killed", **extra)
+    for cfg in (whole, killed):  # run.dir was overwritten by extra["run"]: set it back
+        data = yaml.safe_load(cfg.read_text())
+        data["run"]["dir"] = str(tmp_path / cfg.stem)
+        cfg.write_text(yaml.safe_dump(data))
+    assert main([command, "--config", str(whole), "-q"]) == 0
+    run_killed_then_resumed(
+        [sys.executable, "-m", "ldmkit", command, "--config", str(killed), "-q"],
+        tmp_path / "killed",
+        kill_after_rows=10,
+    )
+    a, b = losses(tmp_path / "whole"), losses(tmp_path / "killed")
+    assert len(a) == len(b) == steps
+    assert np.allclose(a, b, rtol=1e-6, atol=0), np.abs(np.array(a) - np.array(b)).max()
+
+
+def test_ldm_run_and_its_model(tmp_path, autoencoder, capsys):
+    cfg = config_file(
+        tmp_path, "test-ldm.yaml", tmp_path / "ldm", autoencoder=str(autoencoder / "autoencoder.safetensors")
+    )
+    assert main(["train", "--config", str(cfg), "-q"]) == 0
+    run = tmp_path / "ldm"
+    loss = losses(run)
+    assert np.mean(loss[-3:]) < np.mean(loss[:3])
+    assert (run / "samples" / "samples-00000010.png").exists() and (run / "loss.png").exists()
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "generate",
+                "a red circle",
+                "--model",
+                str(run / "model.safetensors"),
+                "--steps",
+                "3",
+                "-q",
+                "-o",
+                str(tmp_path / "x.png"),
+            ]
+        )
+        == 0
+    )
+    assert Image.open(tmp_path / "x.png").size == (32, 32)
+    # Fine-tuning starts from that model.
+    tuned = config_file(
+        tmp_path,
+        "test-ldm.yaml",
+        tmp_path / "tuned",
+        autoencoder=None,
+        unet=None,
+        init_from=str(run / "model.safetensors"),
+    )
+    data = yaml.safe_load(tuned.read_text())
+    data["run"]["steps"] = 2
+    tuned.write_text(yaml.safe_dump(data))
+    assert main(["train", "--config", str(tuned), "-q"]) == 0
+    assert (tmp_path / "tuned" / "model.safetensors").exists()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    from ldmkit.training.loop import RunConfig, Trainer, TrainingError
+
+    class Exploding:
+        def __init__(self):
+            self.w = torch.zeros(3)
+
+        def state_dict(self):
+            return {"w": self.w}
+
+        def load_state_dict(self, d):
+            self.w = d["w"]
+
+        def train_step(self, step, indices, lr):
+            self.w += 1
+            return {"loss": float("nan") if step == 5 else 1.0 / (step + 1)}
+
+        def evaluate(self, step):
+            return {}
+
+        def sample(self, step, folder):
+            pass
+
+        def finish(self, folder):
+            pass
+
+    run = RunConfig(dir=str(tmp_path / "run"), steps=10, ckpt_every=4, eval_every=100, sample_every=100)
+    trainer = Trainer(Exploding(), run)
+    with pytest.raises(TrainingError, match="loss is nan at step 5.*step-00000004.pt"):
+        trainer.fit(progress=False)
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["step-00000004.pt"]
+    state = torch.load(tmp_path / "run" / "checkpoints" / ckpts[0], weights_only=True)
+    assert state["step"] == 4 and torch.equal(state["task"]["w"], torch.full((3,), 4.0))
+
+
+def one_line_error(capsys, argv, *needles):
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+
+
+def test_bad_data_and_configs(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    cfg = config_file(
+        tmp_path, "test-autoencoder.yaml", tmp_path / "r1", data={"kind": "folder", "path": str(tmp_path / "empty")}
+    )
+    one_line_error(capsys, ["train-autoencoder", "--config", cfg], "no images")
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "a.png")
+    cfg = config_file(
+        tmp_path, "test-autoencoder.yaml", tmp_path / "r2", data={"kind": "folder", "path": str(tmp_path / "imgs")}
+    )
+    one_line_error(capsys, ["train-autoencoder", "--config", cfg], "a.png", "no caption file a.txt")
+    cfg = config_file(tmp_path, "test-autoencoder.yaml", tmp_path / "r3", model={"ch": 16, "chmult": [1, 2]})
+    one_line_error(capsys, ["train-autoencoder", "--config", cfg], "unknown AutoencoderConfig option(s) ['chmult']")
+    cfg = config_file(tmp_path, "test-autoencoder.yaml", tmp_path / "r4", loss={"disc_start": "soon"})
+    one_line_error(capsys, ["train-autoencoder", "--config", cfg], "loss.disc_start: expected int, got 'soon'")
+    one_line_error(capsys, ["train-autoencoder", "--config", tmp_path / "missing.yaml"], "no such config file")
+    fresh = config_file(tmp_path, "test-autoencoder.yaml", tmp_path / "r5")
+    one_line_error(capsys, ["train-autoencoder", "--config", fresh, "--resume"], "--resume: no checkpoint in")
+
+
+def test_a_finished_run_is_not_overwritten(autoencoder, tmp_path, capsys):
+    cfg = config_file(tmp_path, "test-autoencoder.yaml", autoencoder)
+    one_line_error(capsys, ["train-autoencoder", "--config", cfg], "already holds checkpoints", "--resume")
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(8):
+        Image.new("RGB", (40, 30), (30 * i, 100, 200)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"picture {i}")
+    (folder / "3.png").write_bytes(b"broken")
+    cfg = config_file(
+        tmp_path, "test-autoencoder.yaml", tmp_path / "run", data={"kind": "folder", "path": str(folder), "size": 32}
+    )
+    data = yaml.safe_load(cfg.read_text())
+    data["run"]["steps"] = 2
+    cfg.write_text(yaml.safe_dump(data))
+    assert main(["train-autoencoder", "--config", str(cfg), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: skipping unreadable image" in err and "3.png" in err
+    assert sum(losses(tmp_path / "run", "skipped")) == 2  # the broken image is in both 8-image batches
