@@ -256,8 +256,10 @@ def cmd_shapes(args) -> int:
 def cmd_train_autoencoder(args) -> int:
     from ldmkit.config import load_yaml, to_dict
     from ldmkit.training.autoencoder import AutoencoderTask, AutoencoderTrainConfig
+    from ldmkit.training.distributed import init_from_env
     from ldmkit.training.loop import Trainer
 
+    init_from_env()
     config = load_yaml(AutoencoderTrainConfig, args.config)
     if args.run_dir:
         config.run.dir = args.run_dir
@@ -278,9 +280,11 @@ def cmd_train_autoencoder(args) -> int:
 
 def cmd_train(args) -> int:
     from ldmkit.config import load_yaml, to_dict
+    from ldmkit.training.distributed import init_from_env
     from ldmkit.training.ldm import LDMTask, LDMTrainConfig
     from ldmkit.training.loop import Trainer
 
+    init_from_env()
     config = load_yaml(LDMTrainConfig, args.config)
     if args.run_dir:
         config.run.dir = args.run_dir

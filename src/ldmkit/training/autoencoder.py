@@ -18,6 +18,7 @@ from ldmkit.errors import ConfigError
 from ldmkit.evaluation.metrics import psnr, ssim
 from ldmkit.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldmkit.pipelines.images import tensor_to_pil
+from ldmkit.training import distributed as dist
 from ldmkit.training.loop import RunConfig, image_grid
 
 log = logging.getLogger(__name__)
@@ -77,13 +78,6 @@ class PatchDiscriminator(nn.Module):
         return self.main(x)
 
 
-def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, scale: float) -> torch.Tensor:
-    """The paper code's balance: ||grad nll|| / ||grad g_loss|| at the decoder's last layer."""
-    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach() * scale
-
-
 class AutoencoderTask:
     def __init__(self, config: AutoencoderTrainConfig):
         self.config = c = config
@@ -115,71 +109,91 @@ class AutoencoderTask:
         self.opt_disc.load_state_dict(d["opt_disc"])
 
     # one step ---------------------------------------------------------------------------------------
-    def losses(self, x: torch.Tensor, gens: list[torch.Generator], step: int):
-        """(generator loss, discriminator loss, logged values) for a batch."""
+    def forward(self, x: torch.Tensor, gens: list[torch.Generator]):
+        """Losses of a batch: (reconstruction + KL, adversarial, discriminator, logged values)."""
         c = self.config.loss
         posterior = self.vae.encode(x)
         eps = torch.cat([torch.randn((1, *posterior.mean.shape[1:]), generator=g) for g in gens])
-        z = posterior.mean + posterior.std * eps
-        rec = self.vae.decode(z)
+        rec = self.vae.decode(posterior.mean + posterior.std * eps)
         diff = (x - rec).abs() if c.reconstruction == "l1" else (x - rec) ** 2
         nll = diff.sum() / x.shape[0]
         kl = posterior.kl().sum() / x.shape[0]
-        disc_on = step >= c.disc_start
-        logits_fake = self.disc(rec)
-        g_loss = -logits_fake.mean()
-        if disc_on and self.vae.training:
-            d_weight = adaptive_weight(nll, g_loss, self.vae.decoder.conv_out.weight, c.disc_weight)
-        else:
-            d_weight = torch.tensor(0.0)
-        loss = nll + c.kl_weight * kl + d_weight * float(disc_on) * g_loss
-        logits_real = self.disc(x.detach())
-        logits_fake_d = self.disc(rec.detach())
-        d_loss = 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake_d).mean())
+        g_loss = -self.disc(rec).mean()
+        logits_real, logits_fake = self.disc(x), self.disc(rec.detach())
+        d_loss = 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
         values = {
-            "loss": loss.item(),
             "rec": diff.mean().item(),
             "kl": kl.item(),
+            "nll": nll.item(),
             "g_loss": g_loss.item(),
-            "d_weight": float(d_weight),
             "d_loss": d_loss.item(),
             "logits_real": logits_real.mean().item(),
-            "logits_fake": logits_fake_d.mean().item(),
-            "disc_on": float(disc_on),
+            "logits_fake": logits_fake.mean().item(),
         }
-        return loss, d_loss, values
+        return nll + c.kl_weight * kl, g_loss, d_loss, values
 
     def train_step(self, step: int, indices: range, lr: float) -> dict:
+        """One optimiser step of each network on this process's share of the global batch. The
+        adaptive weight is ||grad rec|| / ||grad adv|| at the decoder's last layer, measured on the
+        whole global batch (gradients summed over micro-batches and processes first), so that it does
+        not depend on how the batch was split."""
         c = self.config
         for g in self.opt_ae.param_groups:
             g["lr"] = lr
         batch = load_batch(self.data, self.order, indices, c.data.flip, c.run.seed)
-        if batch is None:
-            return {"loss": 0.0, "skipped": float(len(indices))}
-        x, _, kept = batch
+        x, _, kept = batch if batch is not None else (None, None, [])
+        n_global = dist.global_count(len(kept))
+        if n_global == 0:
+            return {"loss": 0.0, "skipped": float(len(indices) * dist.size())}
         self.vae.train()
         self.disc.train()
-        micro = max(1, len(kept) // c.run.grad_accum)
-        self.opt_ae.zero_grad(set_to_none=True)
-        self.opt_disc.zero_grad(set_to_none=True)
+        disc_on = step >= c.loss.disc_start
+        params = [p for p in self.vae.parameters()]
+        grads_rec = [torch.zeros_like(p) for p in params]
+        grads_adv = [torch.zeros_like(p) for p in params]
+        disc_params = list(self.disc.parameters())
+        grads_disc = [torch.zeros_like(p) for p in disc_params]
+        self.disc.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
-        d_losses = []
+        micro = max(1, len(kept) // c.run.grad_accum) if kept else 1
         for start in range(0, len(kept), micro):
             sl = slice(start, start + micro)
-            gens = [sample_generator(c.run.seed, g) for g in kept[sl]]
-            loss, d_loss, values = self.losses(x[sl], gens, step)
-            share = len(kept[sl]) / len(kept)
-            # The generator step must not train the discriminator: its grads are dropped below.
-            (loss * share).backward()
-            d_losses.append((d_loss, share))
+            share = len(kept[sl]) / n_global
+            rec_loss, g_loss, d_loss, values = self.forward(x[sl], [sample_generator(c.run.seed, g) for g in kept[sl]])
+            for loss, into in ((rec_loss, grads_rec), (g_loss, grads_adv)):
+                self.vae.zero_grad(set_to_none=True)
+                (loss * share).backward(retain_graph=loss is rec_loss)
+                for buf, p in zip(into, params):
+                    if p.grad is not None:
+                        buf += p.grad
+            self.disc.zero_grad(set_to_none=True)  # the adversarial pass must not train the discriminator
+            if disc_on:
+                (d_loss * share).backward()
+                for buf, p in zip(grads_disc, disc_params):
+                    buf += p.grad
             for k, v in values.items():
                 totals[k] = totals.get(k, 0.0) + v * share
+        dist.all_reduce_(grads_rec + grads_adv)
+        last = next(i for i, p in enumerate(params) if p is self.vae.decoder.conv_out.weight)
+        if disc_on:
+            d_weight = (grads_rec[last].norm() / (grads_adv[last].norm() + 1e-4)).clamp(
+                0.0, 1e4
+            ).item() * c.loss.disc_weight
+        else:
+            d_weight = 0.0
+        for p, a, b in zip(params, grads_rec, grads_adv):
+            p.grad = a + d_weight * b
         self.opt_ae.step()
-        self.opt_disc.zero_grad(set_to_none=True)
-        if step >= c.loss.disc_start:
-            sum(d * s for d, s in d_losses).backward()
+        if disc_on:
+            dist.all_reduce_(grads_disc)
+            for p, g in zip(disc_params, grads_disc):
+                p.grad = g
             self.opt_disc.step()
-        totals["skipped"] = float(len(indices) - len(kept))
+        totals = dist.sum_values(totals)
+        totals["loss"] = totals["nll"] + c.loss.kl_weight * totals["kl"] + d_weight * totals["g_loss"]
+        totals.update(
+            {"d_weight": d_weight, "disc_on": float(disc_on), "skipped": float(len(indices) * dist.size() - n_global)}
+        )
         return totals
 
     # evaluation -------------------------------------------------------------------------------------

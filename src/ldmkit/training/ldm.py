@@ -22,6 +22,7 @@ from ldmkit.errors import ConfigError
 from ldmkit.models.ldm import LatentDiffusion, ModelConfig, ScheduleConfig
 from ldmkit.models.text import TextEncoderConfig
 from ldmkit.models.unet import UNetConfig
+from ldmkit.training import distributed as dist
 from ldmkit.training.loop import RunConfig, image_grid
 
 log = logging.getLogger(__name__)
@@ -224,21 +225,22 @@ class LDMTask:
             images = None
         else:
             batch = load_batch(self.data, self.order, indices, c.data.flip, c.run.seed)
-            if batch is None:
-                return {"loss": 0.0}
-            images, captions, gs = batch
+            images, captions, gs = batch if batch is not None else (None, [], [])
             items = [self.order.item(g) for g in gs]
         self.unet.train()
         self.opt.zero_grad(set_to_none=True)
-        micro = max(1, len(gs) // c.run.grad_accum)
+        n_global = dist.global_count(len(gs))
+        micro = max(1, len(gs) // c.run.grad_accum) if gs else 1
         total = 0.0
         for s in range(0, len(gs), micro):
             sl = slice(s, s + micro)
             loss = self.loss(None if images is None else images[sl], items[sl], captions[sl], gs[sl])
-            share = len(gs[sl]) / len(gs)
+            share = len(gs[sl]) / n_global
             (loss * share).backward()
             total += loss.item() * share
+        dist.sum_grads_(self.unet.parameters())
         self.opt.step()
+        total = dist.sum_values({"loss": total})["loss"]
         decay = min(c.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for k, v in self.unet.state_dict().items():

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 
 from ldmkit.checkpoints.files import atomic_write, write_json
 from ldmkit.errors import ConfigError, LdmkitError
+from ldmkit.training import distributed as dist
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class Trainer:
         self.dir = Path(run.dir).expanduser()
         self.ckpt_dir = self.dir / "checkpoints"
         self.step, self.best = 0, None
+        self.main = dist.rank() == 0
         existing = sorted(self.ckpt_dir.glob("step-*.pt"))
         if resume:
             if not existing:
@@ -82,9 +84,10 @@ class Trainer:
             )
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_dir.mkdir(exist_ok=True)
-        if config_record is not None:
+        if config_record is not None and self.main:
             write_json(self.dir / "config.json", config_record)
-        self._trim_log()
+        if self.main:
+            self._trim_log()
 
     # --- checkpoints -------------------------------------------------------------------------------
     def _load(self, path: Path) -> None:
@@ -134,12 +137,14 @@ class Trainer:
         if self.run.threads:
             torch.set_num_threads(self.run.threads)
         B = self.run.batch_size
+        progress = progress and self.main
         bar = tqdm(total=self.run.steps, initial=self.step, desc="training", unit="step", disable=not progress)
         t0, seen = time.perf_counter(), 0
         last = {}
         while self.step < self.run.steps:
             step = self.step
-            values = self.task.train_step(step, range(step * B, (step + 1) * B), self.run.lr_at(step))
+            local = dist.local_slice(range(step * B, (step + 1) * B))
+            values = self.task.train_step(step, local, self.run.lr_at(step))
             bad = [k for k, v in values.items() if not math.isfinite(v)]
             if bad:
                 good = sorted(self.ckpt_dir.glob("step-*.pt"))
@@ -147,7 +152,8 @@ class Trainer:
                     f"{bad[0]} is {values[bad[0]]} at step {step}: stopping; last good checkpoint: "
                     f"{good[-1] if good else 'none'}"
                 )
-            self._log(step, values)
+            if self.main:
+                self._log(step, values)
             self.step = step + 1
             seen += B
             last = values
@@ -156,6 +162,8 @@ class Trainer:
                     loss=f"{values.get('loss', float('nan')):.4f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}"
                 )
                 bar.update(1)
+            if not self.main:  # only rank 0 evaluates and writes
+                continue
             if self.step % self.run.eval_every == 0 or self.step == self.run.steps:
                 metrics = self.task.evaluate(self.step)
                 if metrics:
@@ -165,8 +173,9 @@ class Trainer:
             if self.step % self.run.ckpt_every == 0 or self.step == self.run.steps:
                 self.save()
         bar.close()
-        self.task.finish(self.dir)
-        plot_losses(self.log_path, self.dir / "loss.png")
+        if self.main:
+            self.task.finish(self.dir)
+            plot_losses(self.log_path, self.dir / "loss.png")
         return last
 
     def _log_metrics(self, metrics: dict) -> None:
