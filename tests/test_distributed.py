@@ -1,7 +1,6 @@
 """Data parallelism is exact: two CPU processes (gloo) over a global batch give the gradients of one
 process over the same batch, for both stages, and a short AdamW run ends at the same weights."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -71,7 +70,11 @@ def worker(rank: int, world: int, stage: str, folder: str, mode: str, accum: int
 
 def run(stage, folder, mode, world, accum=1):
     if world == 1:
-        worker(0, 1, stage, str(folder), mode, accum)
+        threads = torch.get_num_threads()
+        try:
+            worker(0, 1, stage, str(folder), mode, accum)
+        finally:
+            torch.set_num_threads(threads)
     else:
         mp.start_processes(worker, args=(world, stage, str(folder), mode), nprocs=world, start_method="spawn")
 

@@ -74,8 +74,18 @@ def test_discriminator_trains_after_disc_start_and_not_before():
     assert values["d_weight"] > 0 and values["disc_on"] == 1.0
 
 
+# One thread and no MKL "dynamic" mode: float results must not depend on how busy the machine is.
+QUIET_ENV = {
+    **os.environ,
+    "PYTHONUNBUFFERED": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "MKL_DYNAMIC": "FALSE",
+}
+
+
 def run_killed_then_resumed(cmd: list[str], run_dir: Path, kill_after_rows: int):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = QUIET_ENV
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     log = run_dir / "loss.csv"
@@ -121,7 +131,8 @@ def test_resume_after_sigkill_is_exact(tmp_path, autoencoder, stage):
         data = yaml.safe_load(cfg.read_text())
         data["run"]["dir"] = str(tmp_path / cfg.stem)
         cfg.write_text(yaml.safe_dump(data))
-    assert main([command, "--config", str(whole), "-q"]) == 0
+    whole_cmd = [sys.executable, "-m", "ldmkit", command, "--config", str(whole), "-q"]
+    assert subprocess.run(whole_cmd, env=QUIET_ENV, capture_output=True).returncode == 0
     run_killed_then_resumed(
         [sys.executable, "-m", "ldmkit", command, "--config", str(killed), "-q"],
         tmp_path / "killed",
@@ -262,3 +273,40 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "warning: skipping unreadable image" in err and "3.png" in err
     assert sum(losses(tmp_path / "run", "skipped")) == 2  # the broken image is in both 8-image batches
+
+
+def test_shards_and_folders_give_the_same_samples(tmp_path):
+    from ldmkit.data.images import DataConfig, open_dataset
+    from ldmkit.data.shapes import export
+
+    export(tmp_path / "folder", "train", 20, fmt="folder")
+    export(tmp_path / "shards", "train", 20, fmt="shards", shard_size=8)
+    folder = open_dataset(DataConfig(kind="folder", path=str(tmp_path / "folder")))
+    shards = open_dataset(DataConfig(kind="shards", path=str(tmp_path / "shards")))
+    shapes = open_dataset(DataConfig(kind="shapes", n=20))
+    assert len(folder) == len(shards) == 20
+    for i in (0, 7, 8, 19):
+        a, b, c = folder.load(i), shards.load(i), shapes.load(i)
+        assert a[1] == b[1] == c[1]
+        assert torch.equal(a[0], b[0]) and torch.equal(a[0], c[0])
+
+
+def test_fitted_latent_preview_looks_like_the_decoded_image(autoencoder, tmp_path):
+    from ldmkit.config import from_dict
+    from ldmkit.data.shapes import render, sample_scene
+    from ldmkit.pipelines.images import latent_preview, pil_to_tensor
+    from ldmkit.training.ldm import LDMTask, LDMTrainConfig
+
+    data = yaml.safe_load((ROOT / "configs" / "test-ldm.yaml").read_text())
+    data["autoencoder"] = str(autoencoder / "autoencoder.safetensors")
+    data["run"]["dir"] = str(tmp_path / "run")
+    task = LDMTask(from_dict(LDMTrainConfig, data))
+    task.measure_scale()
+    table = task.fit_latent_rgb()
+    assert len(table) == 5 and all(len(row) == 3 for row in table)
+    image = render(sample_scene("val", 0, size=32))
+    with torch.no_grad():
+        z = task.model.vae.scale(task.model.vae.encode(pil_to_tensor(image, 32, 32)).mode())
+    preview = np.asarray(latent_preview(z, table)[0], dtype=np.float32)
+    small = np.asarray(image.resize((16, 16), Image.BOX), dtype=np.float32)
+    assert np.abs(preview - small).mean() < np.abs(small - small.mean((0, 1))).mean()  # better than flat colour

@@ -4,6 +4,9 @@ training exact.
 
 - ImageFolder: NAME.png (jpg, webp, ...) with a NAME.txt caption beside it, or a metadata.jsonl
   listing {"file_name": ..., "text": ...} (the common imagefolder convention).
+- ShardData: tar shards in the webdataset layout (KEY.png + KEY.txt + ...), indexed once by member
+  offsets so that any sample can be read directly: each process reads its own samples, and resume
+  is exact, exactly as for folders.
 - ShapesData: the shapes world, rendered on the fly.
 Images are composited onto a background if they have alpha, resized (shorter side) and
 centre-cropped; horizontal flips are off unless asked (a flip breaks "left"/"right" captions).
@@ -29,8 +32,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 @dataclass
 class DataConfig:
-    kind: str = "shapes"  # shapes | folder
-    path: str | None = None  # folder of images (kind: folder)
+    kind: str = "shapes"  # shapes | folder | shards
+    path: str | None = None  # folder of images (folder), or folder / glob of .tar files (shards)
     split: str = "train"  # shapes split
     n: int = 50000  # shapes: how many distinct scenes
     seed: int = 0  # shapes: scene seed
@@ -40,12 +43,12 @@ class DataConfig:
     flip: bool = False
 
     def __post_init__(self):
-        if self.kind not in ("shapes", "folder"):
-            raise ConfigError(f"data.kind: {self.kind!r}; allowed: shapes, folder")
+        if self.kind not in ("shapes", "folder", "shards"):
+            raise ConfigError(f"data.kind: {self.kind!r}; allowed: shapes, folder, shards")
         if self.captions not in ("required", "optional"):
             raise ConfigError(f"data.captions: {self.captions!r}; allowed: required, optional")
-        if self.kind == "folder" and not self.path:
-            raise ConfigError("data.path: a folder of images is needed with kind: folder")
+        if self.kind in ("folder", "shards") and not self.path:
+            raise ConfigError(f"data.path: needed with kind: {self.kind}")
 
 
 def prepare(image: Image.Image, size: int, background=(255, 255, 255)) -> torch.Tensor:
@@ -134,8 +137,71 @@ class ShapesData:
         return prepare(render_scene(scene), self.config.size), scene.caption
 
 
+class ShardData:
+    def __init__(self, config: DataConfig):
+        import tarfile
+
+        self.config = config
+        p = Path(config.path).expanduser()
+        tars = sorted(p.glob("*.tar")) if p.is_dir() else sorted(p.parent.glob(p.name))
+        if not tars:
+            raise ConfigError(f"data.path {p}: no .tar shards")
+        self.entries: list[tuple[Path, int, int, str]] = []  # (shard, image offset, image size, caption)
+        for tar_path in tars:
+            try:
+                with tarfile.open(tar_path) as tar:
+                    samples: dict[str, dict] = {}
+                    for m in tar.getmembers():
+                        if not m.isfile() or "." not in m.name:
+                            continue
+                        key, ext = m.name.split(".", 1)
+                        samples.setdefault(key, {})[ext.lower()] = m
+                    for key, parts in samples.items():
+                        image = next((parts[e] for e in ("png", "jpg", "jpeg", "webp") if e in parts), None)
+                        if image is None:
+                            continue
+                        caption = (
+                            tar.extractfile(parts["txt"]).read().decode("utf-8").strip() if "txt" in parts else None
+                        )
+                        if caption is None and config.captions == "required":
+                            raise ConfigError(f"{tar_path}: sample {key} has no .txt caption (captions: required)")
+                        self.entries.append((tar_path, image.offset_data, image.size, caption or ""))
+            except (tarfile.TarError, OSError) as e:
+                raise ConfigError(f"{tar_path}: not a readable tar shard ({e})") from None
+        if not self.entries:
+            raise ConfigError(f"data.path {p}: the shards hold no images")
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def caption(self, i: int) -> str:
+        return self.entries[i][3]
+
+    def load(self, i: int) -> tuple[torch.Tensor, str] | None:
+        import io
+
+        path, offset, size, caption = self.entries[i]
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                with Image.open(io.BytesIO(f.read(size))) as im:
+                    im.load()
+                    return prepare(im, self.config.size, self.config.background), caption
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            self.skipped += 1
+            log.warning(
+                "skipping unreadable image %s in %s (%s); %d skipped so far",
+                i,
+                path,
+                str(e).splitlines()[0][:80],
+                self.skipped,
+            )
+            return None
+
+
 def open_dataset(config: DataConfig):
-    return ShapesData(config) if config.kind == "shapes" else ImageFolder(config)
+    return {"shapes": ShapesData, "folder": ImageFolder, "shards": ShardData}[config.kind](config)
 
 
 class Order:

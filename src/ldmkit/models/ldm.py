@@ -43,6 +43,9 @@ class ModelConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     # The resolution the model was trained at (SD 1: 512, SD 2-v: 768): the default output size.
     image_size: int = 512
+    # A linear map from (scaled) latents to RGB, one row per latent channel plus a bias row, fitted
+    # after training so that step previews need no decoder pass (SD's is built in).
+    latent_rgb: tuple[tuple[float, ...], ...] | None = None
     # Values that the weights could not tell and that came from family rules (shown by `inspect`).
     guessed: dict = field(default_factory=dict)
 

@@ -235,6 +235,8 @@ class Pipeline:
 
         @torch.no_grad()
         def preview(x0: torch.Tensor) -> list[Image.Image]:
+            if c.latent_rgb is not None:
+                return latent_preview(x0, c.latent_rgb)
             if c.family.startswith("sd"):
                 return latent_preview(x0)
             return tensor_to_pil(m.vae.decode(m.vae.unscale(x0)))  # small models: decoding is cheap

@@ -60,7 +60,13 @@ def mask_to_tensor(mask: Image.Image, width: int, height: int, blur: float) -> t
     return torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)[None, None]
 
 
-def latent_preview(x0: torch.Tensor) -> list[Image.Image]:
-    """Cheap preview of SD-family latents: a linear map to RGB at latent resolution."""
-    rgb = torch.einsum("bchw,cr->brhw", x0.float().cpu(), SD_LATENT_RGB)
+def latent_preview(x0: torch.Tensor, latent_rgb=None) -> list[Image.Image]:
+    """Cheap preview: a linear map from latents to RGB at latent resolution (SD's, or a model's own
+    fitted map: one row per channel, then a bias row)."""
+    if latent_rgb is None:
+        weight, bias = SD_LATENT_RGB, torch.zeros(3)
+    else:
+        table = torch.tensor(latent_rgb, dtype=torch.float32)
+        weight, bias = table[:-1], table[-1]
+    rgb = torch.einsum("bchw,cr->brhw", x0.float().cpu(), weight) + bias[None, :, None, None]
     return tensor_to_pil(rgb.clamp(-1, 1))

@@ -300,7 +300,20 @@ class LDMTask:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(folder / f"samples-{step:08d}.png", lambda tmp: grid.save(tmp, format="PNG"))
 
+    @torch.no_grad()
+    def fit_latent_rgb(self, n: int = 64) -> tuple:
+        """Least-squares map from scaled latents to the images' colours at latent resolution."""
+        items = [self.data.load(i) for i in range(min(n, len(self.data)))]
+        x = torch.stack([it[0] for it in items if it is not None])
+        z = self.model.vae.scale(self.model.vae.encode(x).mode())
+        rgb = F.adaptive_avg_pool2d(x, z.shape[-2:])
+        inputs = torch.cat([z, torch.ones_like(z[:, :1])], 1).permute(0, 2, 3, 1).reshape(-1, z.shape[1] + 1)
+        targets = rgb.permute(0, 2, 3, 1).reshape(-1, 3)
+        table = torch.linalg.lstsq(inputs.double(), targets.double()).solution
+        return tuple(tuple(round(float(v), 5) for v in row) for row in table)
+
     def finish(self, folder: Path) -> None:
         from ldmkit.checkpoints.single_file import save_single_file
 
+        self.model.config.latent_rgb = self.fit_latent_rgb()
         save_single_file(self.ema_model(), folder / "model.safetensors")
