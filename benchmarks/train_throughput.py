@@ -30,10 +30,11 @@ def rate(step, batch: int, runs: int) -> float:
     return batch / statistics.median(times)
 
 
-def unet_step(model, diffusers: bool, x, t, ctx, opt):
+def unet_step(model, diffusers: bool, x, t, ctx, opt, bf16: bool = False):
     def step():
         opt.zero_grad(set_to_none=True)
-        out = model(x, t, ctx).sample if diffusers else model(x, t, ctx)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x, t, ctx).sample if diffusers else model(x, t, ctx)
         out.float().pow(2).mean().backward()
         opt.step()
 
@@ -88,10 +89,14 @@ def main():
     }
     r_ours = rate(unet_step(ours, False, x, t, ctx, torch.optim.AdamW(ours.parameters(), 1e-4)), batch, runs)
     r_ref = rate(unet_step(ref, True, x, t, ctx, torch.optim.AdamW(ref.parameters(), 1e-4)), batch, runs)
+    opt = torch.optim.AdamW(ours.parameters(), 1e-4)
+    r_bf16 = rate(unet_step(ours, False, x, t, ctx, opt, bf16=True), batch, runs)
     results["unet_images_per_s"] = {
         "ldmkit": round(r_ours, 1),
         "diffusers": round(r_ref, 1),
         "ratio": round(r_ours / r_ref, 3),
+        "ldmkit_bf16_autocast": round(r_bf16, 1),
+        "bf16_autocast_speedup": round(r_bf16 / r_ours, 3),
     }
     vc = AutoencoderConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=16)
     ours_v = AutoencoderKL(vc)
