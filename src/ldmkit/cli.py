@@ -253,56 +253,48 @@ def cmd_shapes(args) -> int:
     return 0
 
 
-def cmd_train_autoencoder(args) -> int:
+def _train(args, config_class, task_class, product: str, adjust=None) -> int:
+    """The two training commands: join the process group, read the config, run, report."""
     from ldmkit.config import load_yaml, to_dict
-    from ldmkit.training.autoencoder import AutoencoderTask, AutoencoderTrainConfig
     from ldmkit.training.distributed import init_from_env
     from ldmkit.training.loop import Trainer
 
     init_from_env()
-    config = load_yaml(AutoencoderTrainConfig, args.config)
+    config = load_yaml(config_class, args.config)
     if args.run_dir:
         config.run.dir = args.run_dir
-    trainer = Trainer(AutoencoderTask(config), config.run, resume=args.resume, config_record=to_dict(config))
+    if adjust:
+        adjust(config)
+    trainer = Trainer(task_class(config), config.run, resume=args.resume, config_record=to_dict(config))
     last = trainer.fit(progress=not args.quiet)
-    print(
-        json.dumps(
-            {
-                "run": str(trainer.dir),
-                "step": trainer.step,
-                "last": last,
-                "autoencoder": str(trainer.dir / "autoencoder.safetensors"),
-            }
+    if trainer.main:
+        print(
+            json.dumps(
+                {
+                    "run": str(trainer.dir),
+                    "step": trainer.step,
+                    "last": last,
+                    product.split(".")[0]: str(trainer.dir / product),
+                }
+            )
         )
-    )
     return 0
+
+
+def cmd_train_autoencoder(args) -> int:
+    from ldmkit.training.autoencoder import AutoencoderTask, AutoencoderTrainConfig
+
+    return _train(args, AutoencoderTrainConfig, AutoencoderTask, "autoencoder.safetensors")
 
 
 def cmd_train(args) -> int:
-    from ldmkit.config import load_yaml, to_dict
-    from ldmkit.training.distributed import init_from_env
     from ldmkit.training.ldm import LDMTask, LDMTrainConfig
-    from ldmkit.training.loop import Trainer
 
-    init_from_env()
-    config = load_yaml(LDMTrainConfig, args.config)
-    if args.run_dir:
-        config.run.dir = args.run_dir
-    if args.init_from:
-        config.init_from, config.autoencoder = args.init_from, None
-    trainer = Trainer(LDMTask(config), config.run, resume=args.resume, config_record=to_dict(config))
-    last = trainer.fit(progress=not args.quiet)
-    print(
-        json.dumps(
-            {
-                "run": str(trainer.dir),
-                "step": trainer.step,
-                "last": last,
-                "model": str(trainer.dir / "model.safetensors"),
-            }
-        )
-    )
-    return 0
+    def init_from(config):
+        if args.init_from:
+            config.init_from, config.autoencoder = args.init_from, None
+
+    return _train(args, LDMTrainConfig, LDMTask, "model.safetensors", init_from)
 
 
 def build_parser() -> argparse.ArgumentParser:

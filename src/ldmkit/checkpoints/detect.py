@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import torch
 
+from ldmkit.checkpoints.components import strip_prefix
 from ldmkit.errors import CheckpointError, UnsupportedModelError
 from ldmkit.models.autoencoder import AutoencoderConfig
 from ldmkit.models.ldm import ModelConfig, ScheduleConfig
@@ -192,21 +193,17 @@ def detect(
     return config
 
 
-def _strip(state, prefix):
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-
 def _config_from_sd_weights(state, metadata, where) -> ModelConfig:
     from ldmkit.checkpoints.keymaps import openclip_to_hf
 
-    unet = unet_config_from_weights(_strip(state, UNET), where)
-    vae = vae_config_from_weights(_strip(state, VAE), where)
+    unet = unet_config_from_weights(strip_prefix(state, UNET), where)
+    vae = vae_config_from_weights(strip_prefix(state, VAE), where)
     guessed = {"vae.scale_factor": 0.18215}
     if any(k.startswith(CLIP) for k in state):
-        text = clip_config_from_weights(_strip(state, "cond_stage_model.transformer."), "clip", where)
+        text = clip_config_from_weights(strip_prefix(state, "cond_stage_model.transformer."), "clip", where)
         family = "sd1"
     elif any(k.startswith(OPENCLIP) for k in state):
-        text = clip_config_from_weights(openclip_to_hf(_strip(state, OPENCLIP)), "openclip", where)
+        text = clip_config_from_weights(openclip_to_hf(strip_prefix(state, OPENCLIP)), "openclip", where)
         family = "sd2"
     else:
         raise CheckpointError(

@@ -65,6 +65,20 @@ def prepare(image: Image.Image, size: int, background=(255, 255, 255)) -> torch.
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 
+def _decode(dataset, source, where: str, caption: str) -> tuple[torch.Tensor, str] | None:
+    """Open source() as an image and prepare it; an unreadable one is skipped, warned and counted."""
+    try:
+        with Image.open(source()) as im:
+            im.load()
+            return prepare(im, dataset.config.size, dataset.config.background), caption
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        dataset.skipped += 1
+        log.warning(
+            "skipping unreadable image %s (%s); %d skipped so far", where, str(e).splitlines()[0][:80], dataset.skipped
+        )
+        return None
+
+
 class ImageFolder:
     def __init__(self, config: DataConfig):
         self.config = config
@@ -109,16 +123,7 @@ class ImageFolder:
 
     def load(self, i: int) -> tuple[torch.Tensor, str] | None:
         path, caption = self.entries[i]
-        try:
-            with Image.open(path) as im:
-                im.load()
-                return prepare(im, self.config.size, self.config.background), caption
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            self.skipped += 1
-            log.warning(
-                "skipping unreadable image %s (%s); %d skipped so far", path, str(e).splitlines()[0][:80], self.skipped
-            )
-            return None
+        return _decode(self, lambda: path, str(path), caption)
 
 
 class ShapesData:
@@ -182,22 +187,13 @@ class ShardData:
         import io
 
         path, offset, size, caption = self.entries[i]
-        try:
+
+        def member():
             with open(path, "rb") as f:
                 f.seek(offset)
-                with Image.open(io.BytesIO(f.read(size))) as im:
-                    im.load()
-                    return prepare(im, self.config.size, self.config.background), caption
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            self.skipped += 1
-            log.warning(
-                "skipping unreadable image %s in %s (%s); %d skipped so far",
-                i,
-                path,
-                str(e).splitlines()[0][:80],
-                self.skipped,
-            )
-            return None
+                return io.BytesIO(f.read(size))
+
+        return _decode(self, member, f"sample {i} of {path}", caption)
 
 
 def open_dataset(config: DataConfig):

@@ -12,7 +12,7 @@ import io
 import json
 import math
 import tarfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +84,6 @@ class Scene:
     caption: str
     intent: Intent
     size: int = 64
-    record: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {

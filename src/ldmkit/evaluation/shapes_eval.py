@@ -10,7 +10,7 @@ import torch
 from ldmkit.data.shapes import render, sample_scene
 from ldmkit.evaluation.judge import ATTRIBUTES, judge
 from ldmkit.evaluation.metrics import psnr, ssim
-from ldmkit.pipelines.images import pil_to_tensor
+from ldmkit.pipelines.images import pil_to_tensor, tensor_to_pil
 
 
 def _accuracies(verdicts) -> dict:
@@ -43,8 +43,6 @@ def ceiling(pipe, scenes) -> dict:
             a, b = (x + 1) / 2, (rec + 1) / 2
             p.append(float(psnr(a, b)[0]))
             s.append(float(ssim(a, b)[0]))
-            from ldmkit.pipelines.images import tensor_to_pil
-
             verdicts.append(judge(tensor_to_pil(rec)[0], scene.intent))
     return {
         "reconstructions": _accuracies(verdicts),

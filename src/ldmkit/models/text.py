@@ -77,35 +77,25 @@ class TextEncoder(nn.Module):
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
         self.config = c = config
+        shared = dict(
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.num_layers,
+            num_attention_heads=c.num_heads,
+            hidden_act=c.hidden_act,
+            max_position_embeddings=c.max_position_embeddings,
+            layer_norm_eps=c.layer_norm_eps,
+        )
         if c.kind == "bert":
             from transformers import BertConfig, BertModel
 
-            hf = BertConfig(
-                vocab_size=c.vocab_size,
-                hidden_size=c.hidden_size,
-                intermediate_size=c.intermediate_size,
-                num_hidden_layers=c.num_layers,
-                num_attention_heads=c.num_heads,
-                hidden_act=c.hidden_act,
-                max_position_embeddings=c.max_position_embeddings,
-                layer_norm_eps=c.layer_norm_eps,
-                type_vocab_size=c.type_vocab_size,
-            )
+            hf = BertConfig(**shared, type_vocab_size=c.type_vocab_size)
             self.transformer = BertModel(hf, add_pooling_layer=False)
         else:
             from transformers import CLIPTextConfig, CLIPTextModel
 
-            hf = CLIPTextConfig(
-                vocab_size=c.vocab_size,
-                hidden_size=c.hidden_size,
-                intermediate_size=c.intermediate_size,
-                num_hidden_layers=c.num_layers,
-                num_attention_heads=c.num_heads,
-                hidden_act=c.hidden_act,
-                max_position_embeddings=c.max_position_embeddings,
-                layer_norm_eps=c.layer_norm_eps,
-                projection_dim=c.hidden_size,
-            )
+            hf = CLIPTextConfig(**shared, projection_dim=c.hidden_size)
             # Keys read `transformer.text_model.*` as in SD files, whatever module nesting the
             # installed transformers release uses inside CLIPTextModel.
             self.transformer = nn.Module()

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import secrets
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -288,7 +288,3 @@ class Pipeline:
             "Version": f"ldmkit {__version__}",
         }
         return format_infotext(p.prompt, p.negative_prompt, fields)
-
-
-def params_dict(p: GenerationParams) -> dict:
-    return asdict(p)

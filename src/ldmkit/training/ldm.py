@@ -73,9 +73,7 @@ def build_model(c: LDMTrainConfig) -> LatentDiffusion:
     from ldmkit.checkpoints.single_file import load_model, load_package_text_encoder, load_vae_file
 
     if c.init_from is not None:
-        model = load_model(c.init_from)
-        model.config.family = model.config.family  # keeps its family; saved files say what it came from
-        return model
+        return load_model(c.init_from)
     vae = load_vae_file(c.autoencoder)
     text = minilm_text_config(max_length=32) if c.text == "minilm" else c.text
     if isinstance(text, str):
