@@ -80,9 +80,9 @@ def cmd_init_model(args) -> int:
 
 GENERATE_DEFAULTS = {
     "negative_prompt": "",
-    "steps": 20,
-    "cfg": 7.0,
-    "sampler": "dpmpp_2m_karras",
+    "steps": None,  # steps, cfg, sampler: the model's own choice (Pipeline.defaults) unless given
+    "cfg": None,
+    "sampler": None,
     "seed": -1,
     "width": None,
     "height": None,
@@ -171,14 +171,13 @@ def cmd_generate(args) -> int:
             settings[key] = value
     if not settings.get("prompt") and settings.get("prompt") != "":
         raise LdmkitError("give a PROMPT (or --from-png FILE)")
-    if args.model is None:
-        raise LdmkitError("--model PATH is required (no bundled model yet)")
     if args.mask and not args.init_image:
         raise LdmkitError("--mask needs --init-image")
     init = load_image(args.init_image, "--init-image") if args.init_image else None
     mask = load_image(args.mask, "--mask") if args.mask else None
-    get_sampler(settings["sampler"])  # fail before loading a model
-    if settings["steps"] <= 0:
+    if settings["sampler"] is not None:
+        get_sampler(settings["sampler"])  # fail before loading a model
+    if settings["steps"] is not None and settings["steps"] <= 0:
         raise LdmkitError(f"--steps {settings['steps']}: allowed: 1 or more")
     pipe = Pipeline.load(args.model, vae=args.vae, overrides=_overrides(args, skip=("clip_skip",)))
     bars = []  # drawn at the first step, so that a refused request prints its error line alone
@@ -218,19 +217,21 @@ def cmd_eval(args) -> int:
     from ldmkit.evaluation.shapes_eval import evaluate
     from ldmkit.pipelines import Pipeline
 
-    cfgs, steps = _list(args.cfg, float, "cfg"), _list(args.steps, int, "steps")
-    samplers = _list(args.samplers, str, "samplers")
-    for name in samplers:
+    cfgs = _list(args.cfg, float, "cfg") if args.cfg is not None else None
+    steps = _list(args.steps, int, "steps") if args.steps is not None else None
+    samplers = _list(args.samplers, str, "samplers") if args.samplers is not None else None
+    for name in samplers or []:
         get_sampler(name)
-    if any(s <= 0 for s in steps):
+    if any(s <= 0 for s in steps or []):
         raise LdmkitError(f"--steps {args.steps}: allowed: positive integers")
     if args.split not in SPLITS:
         raise LdmkitError(f"--split {args.split}: allowed: {', '.join(SPLITS)}")
     if args.n <= 0 or args.seeds <= 0:
         raise LdmkitError("--n and --seeds: allowed: 1 or more")
-    if args.model is None:
-        raise LdmkitError("--model PATH is required (no bundled model yet)")
     pipe = Pipeline.load(args.model)
+    cfgs = cfgs or [pipe.defaults["cfg"]]
+    steps = steps or [pipe.defaults["steps"]]
+    samplers = samplers or [pipe.defaults["sampler"]]
     total = args.n * len(cfgs) * len(steps) * len(samplers)
     with tqdm(total=total, desc="prompts", disable=args.quiet, file=sys.stderr) as bar:
         report = evaluate(pipe, args.split, args.n, cfgs, steps, samplers, args.seeds, args.seed, bar.update)
@@ -297,6 +298,10 @@ def cmd_train(args) -> int:
     return _train(args, LDMTrainConfig, LDMTask, "model.safetensors", init_from)
 
 
+MODEL_HELP = "a .safetensors/.ckpt file, a diffusers folder, or a bundled model's name (default: shapes)"
+DEFAULT_NOTE = "the bundled model's chosen setting; for other models steps 20, cfg 7, dpmpp_2m_karras"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldmkit", description="Latent diffusion models, written to be read.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -317,11 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate images from a prompt (text-to-image, image-to-image, inpainting)")
     p.add_argument("prompt", nargs="?", default=None, help="the prompt (the web UI's emphasis syntax works)")
-    p.add_argument("--model", help="a .safetensors/.ckpt file or a diffusers folder")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--negative-prompt")
     p.add_argument("--steps", type=int)
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 7; 1 = no guidance)")
-    p.add_argument("--sampler", help="one of: " + ", ".join(_sampler_names()) + " (default dpmpp_2m_karras)")
+    p.add_argument("--cfg", type=float, help=f"classifier-free guidance scale (1 = none); default: {DEFAULT_NOTE}")
+    p.add_argument("--sampler", help="one of: " + ", ".join(_sampler_names()) + f"; default: {DEFAULT_NOTE}")
     p.add_argument("--seed", type=int, help="image i of a batch uses seed + i (default: random)")
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
@@ -349,10 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="score a model's images of shapes-world prompts with the exact judge")
-    p.add_argument("--model", help="a .safetensors/.ckpt file or a diffusers folder")
-    p.add_argument("--cfg", default="7", help="comma-separated guidance scales (default 7)")
-    p.add_argument("--steps", default="20", help="comma-separated step counts (default 20)")
-    p.add_argument("--samplers", default="dpmpp_2m_karras", help="comma-separated sampler names")
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--cfg", help=f"comma-separated guidance scales; default: {DEFAULT_NOTE}")
+    p.add_argument("--steps", help=f"comma-separated step counts; default: {DEFAULT_NOTE}")
+    p.add_argument("--samplers", help=f"comma-separated sampler names; default: {DEFAULT_NOTE}")
     p.add_argument("--n", type=int, default=50, help="prompts per setting (default 50)")
     p.add_argument("--seeds", type=int, default=2, help="images per prompt, for diversity (default 2)")
     p.add_argument("--seed", type=int, default=0)

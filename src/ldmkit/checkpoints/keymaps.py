@@ -67,6 +67,19 @@ def unet_to_diffusers(c: UNetConfig) -> PrefixMap:
     return m
 
 
+def controlnet_to_diffusers(c) -> PrefixMap:
+    """Module-prefix pairs (ours = the original layout, diffusers ControlNetModel) for a ControlNetConfig."""
+    m = [(a, b) for a, b in unet_to_diffusers(c.unet) if not a.startswith(("output_blocks.", "out."))]
+    stages = len(c.hint_block_channels) - 1
+    m.append(("input_hint_block.0", "controlnet_cond_embedding.conv_in"))
+    m += [(f"input_hint_block.{2 + 2 * k}", f"controlnet_cond_embedding.blocks.{k}") for k in range(2 * stages)]
+    m.append((f"input_hint_block.{2 + 4 * stages}", "controlnet_cond_embedding.conv_out"))
+    skips = 1 + len(c.unet.channel_mult) * (c.unet.num_res_blocks + 1) - 1
+    m += [(f"zero_convs.{i}.0", f"controlnet_down_blocks.{i}") for i in range(skips)]
+    m.append(("middle_block_out.0", "controlnet_mid_block"))
+    return m
+
+
 def _vae_resnet(ours: str, theirs: str) -> PrefixMap:
     """A VAE residual block keeps its inner names but for the 1x1 shortcut."""
     return [(ours, theirs), (f"{ours}.nin_shortcut", f"{theirs}.conv_shortcut")]

@@ -7,14 +7,33 @@ sec. 3.4), are applied to the UNet's native output (eps or v), as diffusers does
 x0: rescale is not linear, so the order matters."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ldmkit.diffusion.schedule import NoiseSchedule
 from ldmkit.errors import ConfigError
+from ldmkit.models.controlnet import ControlNet, guess_mode_scales
 from ldmkit.models.unet import UNetModel
+
+
+@dataclass
+class Control:
+    """One ControlNet applied during sampling (Zhang et al. 2023)."""
+
+    net: "ControlNet"
+    hint: torch.Tensor  # [B, C, H, W] in [0, 1], at the output's pixel size
+    strength: float = 1.0
+    start: float = 0.0  # fraction of the sampling steps during which control applies
+    end: float = 1.0
+    # Guess mode: the prompt-conditioned branch alone gets control, its residuals scaled from shallow
+    # to deep as the original work does (models/controlnet.guess_mode_scales).
+    guess_mode: bool = False
+
+    def active(self, step: int, steps: int) -> bool:
+        """diffusers' rule: off before `start` and once a step would end after `end`."""
+        return not (step / steps < self.start or (step + 1) / steps > self.end)
 
 
 @dataclass
@@ -31,6 +50,7 @@ class Conditioning:
     # Inpainting by latent blending: (keep [B|1, 1, h, w], z_init): where keep is 0, the prediction is
     # the original latent, so the unmasked region ends exactly where it started.
     blend: tuple[torch.Tensor, torch.Tensor] | None = None
+    control: list[Control] = field(default_factory=list)
 
 
 def to_x0(out: torch.Tensor, x: torch.Tensor, sigma: float, prediction_type: str) -> torch.Tensor:
@@ -64,12 +84,42 @@ class Denoiser:
         self.schedule = schedule
         self.prediction_type = prediction_type
         self._timesteps: dict[float, float] = {}
+        self._sigmas: list[float] = []
         self.calls = 0  # UNet evaluations (a guidance pair counts once)
 
     def use_timesteps(self, sigmas: torch.Tensor, timesteps: torch.Tensor) -> None:
         """Evaluate the UNet at exactly these timesteps for these sigmas (schedulers that step on
         integer timesteps, or round them, as diffusers' DPM-Solver does with Karras sigmas)."""
         self._timesteps = {float(s): float(t) for s, t in zip(sigmas, timesteps)}
+
+    def use_sigmas(self, sigmas: torch.Tensor) -> None:
+        """The sampler's sigma list, so that a call knows which step it belongs to (ControlNet start/end)."""
+        self._sigmas = [float(s) for s in sigmas]
+
+    def step_of(self, sigma: float) -> tuple[int, int]:
+        """(index of the step whose interval holds sigma, number of steps)."""
+        steps = max(1, len(self._sigmas) - 1)
+        return min(steps - 1, sum(1 for s in self._sigmas[:-1] if s > sigma * (1 + 1e-6))), steps
+
+    def control_residuals(self, x_in, t, context, cond: Conditioning, sigma: float, guided: bool, y=None):
+        """Summed residuals of the ControlNets active at this step; with guidance the batch is
+        [uncond, cond] halves, and guess mode gives the unconditional half none."""
+        step, steps = self.step_of(sigma)
+        total = None
+        for ctl in cond.control:
+            if not ctl.active(step, steps):
+                continue
+            if ctl.guess_mode and guided:
+                n = x_in.shape[0] // 2
+                half = ctl.net(x_in[n:], ctl.hint, t[n:], context[n:], y=None if y is None else y[n:])
+                res = [torch.cat([torch.zeros_like(r), r]) for r in half]
+            else:
+                hint = torch.cat([ctl.hint, ctl.hint]) if guided else ctl.hint
+                res = ctl.net(x_in, hint, t, context, y=y, timestep_cond=None if guided else cond.timestep_cond)
+            scales = guess_mode_scales(len(res)) if ctl.guess_mode else [1.0] * len(res)
+            res = [r * (ctl.strength * s) for r, s in zip(res, scales)]
+            total = res if total is None else [a + b for a, b in zip(total, res)]
+        return total
 
     def timestep(self, sigma: float) -> float:
         t = self._timesteps.get(float(sigma))
@@ -86,18 +136,19 @@ class Denoiser:
         guided = cond.uncond is not None and cond.cfg_scale != 1.0
         if guided:
             n = x.shape[0]
-            both = self.unet(
-                torch.cat([x_in, x_in]),
-                torch.cat([t, t]),
-                torch.cat([cond.uncond, cond.context]),
-                y=None if cond.y is None else torch.cat([cond.y, cond.y]),
-            )
+            x2, t2, ctx2 = torch.cat([x_in, x_in]), torch.cat([t, t]), torch.cat([cond.uncond, cond.context])
+            y2 = None if cond.y is None else torch.cat([cond.y, cond.y])
+            control = self.control_residuals(x2, t2, ctx2, cond, sigma, True, y2) if cond.control else None
+            both = self.unet(x2, t2, ctx2, y=y2, control=control)
             out_uncond, out_cond = both[:n], both[n:]
             out = out_uncond + cond.cfg_scale * (out_cond - out_uncond)
             if cond.guidance_rescale > 0:
                 out = rescale_guidance(out, out_cond, cond.guidance_rescale)
         else:
-            out = self.unet(x_in, t, cond.context, y=cond.y, timestep_cond=cond.timestep_cond)
+            control = (
+                self.control_residuals(x_in, t, cond.context, cond, sigma, False, cond.y) if cond.control else None
+            )
+            out = self.unet(x_in, t, cond.context, y=cond.y, timestep_cond=cond.timestep_cond, control=control)
         x0 = to_x0(out.float(), x, sigma, self.prediction_type)
         if cond.blend is not None:
             keep, z_init = cond.blend

@@ -66,6 +66,7 @@ def sample_latents(
     def ancestral_noise(like: torch.Tensor) -> torch.Tensor:
         return per_image_noise(generators, tuple(like.shape[1:])).to(like)
 
+    denoiser.use_sigmas(sigmas)
     x = spec.fn(denoiser, x, sigmas, {"cond": cond}, callback, ancestral_noise, **options)
     # Back to the variance-preserving latent of the last sigma (≠ x when it is not 0, as DDIM's).
     return x / (float(sigmas[-1]) ** 2 + 1) ** 0.5

@@ -22,6 +22,22 @@ def _accuracies(verdicts) -> dict:
     return out
 
 
+def prompt_kind(intent) -> str:
+    """single (one shape), relation (two shapes in a stated relation), pair (two shapes), count (2-3 alike)."""
+    if intent.relation is not None:
+        return "relation"
+    if len(intent.items) == 2:
+        return "pair"
+    return "count" if intent.items[0].count > 1 else "single"
+
+
+def _by_kind(verdicts, kinds) -> dict:
+    return {
+        k: {"images": kinds.count(k), **_accuracies([v for v, kk in zip(verdicts, kinds) if kk == k])}
+        for k in sorted(set(kinds))
+    }
+
+
 def _miss_kinds(verdicts) -> dict:
     kinds: dict[str, int] = {}
     for v in verdicts:
@@ -45,7 +61,10 @@ def ceiling(pipe, scenes) -> dict:
             s.append(float(ssim(a, b)[0]))
             verdicts.append(judge(tensor_to_pil(rec)[0], scene.intent))
     return {
-        "reconstructions": _accuracies(verdicts),
+        "reconstructions": {
+            **_accuracies(verdicts),
+            "by_kind": _by_kind(verdicts, [prompt_kind(sc.intent) for sc in scenes]),
+        },
         "misses": _miss_kinds(verdicts),
         "psnr": round(float(np.mean(p)), 2),
         "ssim": round(float(np.mean(s)), 4),
@@ -67,7 +86,7 @@ def evaluate(
     scenes = [sample_scene(split, i, seed, size) for i in range(n)]
     settings = []
     for cfg, n_steps, sampler in itertools.product(cfgs, steps, samplers):
-        verdicts, diversity, seconds = [], [], 0.0
+        verdicts, kinds, diversity, seconds = [], [], [], 0.0
         for i, scene in enumerate(scenes):
             t = time.perf_counter()
             result = pipe(
@@ -83,6 +102,7 @@ def evaluate(
             seconds += time.perf_counter() - t
             arrays = [np.asarray(im, dtype=np.float32) / 255 for im in result.images]
             verdicts += [judge(im, scene.intent) for im in result.images]
+            kinds += [prompt_kind(scene.intent)] * len(result.images)
             if len(arrays) > 1:
                 diversity.append(np.mean([np.abs(a - b).mean() for a, b in itertools.combinations(arrays, 2)]))
             if progress:
@@ -94,12 +114,14 @@ def evaluate(
                 "sampler": sampler,
                 "images": len(verdicts),
                 **_accuracies(verdicts),
+                "by_kind": _by_kind(verdicts, kinds),
                 "misses": _miss_kinds(verdicts),
                 "diversity": round(float(np.mean(diversity)), 4) if diversity else None,
                 "seconds_per_image": round(seconds / len(verdicts), 4),
             }
         )
     renders = [judge(render(s), s.intent) for s in scenes]
+    render_kinds = [prompt_kind(sc.intent) for sc in scenes]
     return {
         "model": pipe.name,
         "split": split,
@@ -107,7 +129,7 @@ def evaluate(
         "seeds_per_prompt": seeds_per_prompt,
         "image_size": size,
         "settings": settings,
-        "judge_on_renders": _accuracies(renders),
+        "judge_on_renders": {**_accuracies(renders), "by_kind": _by_kind(renders, render_kinds)},
         "ceiling": ceiling(pipe, scenes[: min(n, 100)]),
         "notes": "diversity: mean absolute pixel difference (0-1) between images of the same prompt",
     }

@@ -97,7 +97,8 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class UNetModel(nn.Module):
-    def __init__(self, config: UNetConfig):
+    def __init__(self, config: UNetConfig, encoder_only: bool = False):
+        """encoder_only: the input and middle blocks alone (what a ControlNet copies)."""
         super().__init__()
         self.config = c = config
         ch = c.model_channels
@@ -146,6 +147,9 @@ class UNetModel(nn.Module):
             transformer(levels - 1, ch),
             ResBlock(ch, emb_dim, ch, c.dropout, groups),
         )
+        self.skip_channels = list(skip_channels)
+        if encoder_only:
+            return
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
@@ -163,17 +167,8 @@ class UNetModel(nn.Module):
             normalization(ch, groups), nn.SiLU(), nn.Conv2d(c.model_channels, c.out_channels, 3, padding=1)
         )
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        timesteps: torch.Tensor,
-        context: torch.Tensor | None = None,
-        y: torch.Tensor | None = None,
-        timestep_cond: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """x: [B, C, H, W] noisy latents; timesteps: [B] (or scalar); context: [B, T, D] text states;
-        y: class labels [B] or vectors [B, adm_in_channels]; timestep_cond: the guidance-scale
-        embedding [B, time_cond_proj_dim] (see `guidance_scale_embedding`)."""
+    def embed(self, x, timesteps, y=None, timestep_cond=None) -> torch.Tensor:
+        """The embedding every ResBlock sees: timestep, plus guidance scale and class when present."""
         c = self.config
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
@@ -187,13 +182,33 @@ class UNetModel(nn.Module):
             if y is None:
                 raise ConfigError("UNetModel: this model is class-conditional; pass y")
             emb = emb + self.label_emb(y if isinstance(c.num_classes, int) else y.to(emb.dtype))
+        return emb
 
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
+        control: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """x: [B, C, H, W] noisy latents; timesteps: [B] (or scalar); context: [B, T, D] text states;
+        y: class labels [B] or vectors [B, adm_in_channels]; timestep_cond: the guidance-scale
+        embedding [B, time_cond_proj_dim] (see `guidance_scale_embedding`); control: ControlNet
+        residuals, one per skip connection and one for the middle block (models/controlnet.py)."""
+        emb = self.embed(x, timesteps, y, timestep_cond)
         skips = []
         h = x
         for block in self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
+        if control is not None:
+            if len(control) != len(skips) + 1:
+                raise ConfigError(f"UNetModel: {len(control)} control residuals for {len(skips)} skips + middle")
+            h = h + control[-1]
+            skips = [s + r for s, r in zip(skips, control)]
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)

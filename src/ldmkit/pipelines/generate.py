@@ -57,6 +57,9 @@ class GenerationParams:
     timestep_spacing: str | None = None
 
 
+CALL_DEFAULTS = {"steps": 20, "cfg": 7.0, "sampler": "dpmpp_2m_karras"}
+
+
 @dataclass
 class StepInfo:
     """What the per-step callback sees. `preview()` makes cheap RGB previews of the current x0."""
@@ -83,18 +86,27 @@ def _check_size(name: str, value: int, multiple: int) -> None:
 
 
 class Pipeline:
-    def __init__(self, model: LatentDiffusion, name: str = "model", path: Path | None = None):
+    def __init__(
+        self, model: LatentDiffusion, name: str = "model", path: Path | None = None, defaults: dict | None = None
+    ):
         self.model = model.eval()
         self.name = name
         self.path = path
+        # What a call leaves out: ours, then the settings chosen for this model (bundled models).
+        self.defaults = {**CALL_DEFAULTS, **(defaults or {})}
         self._hash: str | None = None
 
     @classmethod
-    def load(cls, path: str | Path, vae: str | Path | None = None, overrides: dict | None = None) -> "Pipeline":
+    def load(
+        cls, path: str | Path | None = None, vae: str | Path | None = None, overrides: dict | None = None
+    ) -> "Pipeline":
+        """A model file or folder, or a bundled model by name ("shapes"; the default when no path is given)."""
+        from ldmkit.bundled import resolve
         from ldmkit.checkpoints.single_file import load_model
 
+        path, defaults = resolve(path)
         model = load_model(path, vae=vae, overrides=overrides).use_measured_memory_format()
-        return cls(model, name=Path(path).stem if Path(path).is_file() else Path(path).name, path=Path(path))
+        return cls(model, name=path.stem if path.is_file() else path.name, path=path, defaults=defaults)
 
     @property
     def model_hash(self) -> str:
@@ -120,9 +132,9 @@ class Pipeline:
         self,
         prompt: str,
         negative_prompt: str = "",
-        steps: int = 20,
-        cfg: float = 7.0,
-        sampler: str = "dpmpp_2m_karras",
+        steps: int | None = None,
+        cfg: float | None = None,
+        sampler: str | None = None,
         seed: int = -1,
         width: int | None = None,
         height: int | None = None,
@@ -139,6 +151,9 @@ class Pipeline:
         callback: Callable[[StepInfo], None] | None = None,
     ) -> Result:
         c = self.model.config
+        steps = self.defaults["steps"] if steps is None else steps
+        cfg = self.defaults["cfg"] if cfg is None else cfg
+        sampler = self.defaults["sampler"] if sampler is None else sampler
         spec = get_sampler(sampler)
         spec.build_schedule(NoiseSchedule.from_config(c.schedule), 1, timestep_spacing)  # refuse bad spacing early
         if not isinstance(steps, int) or steps <= 0:

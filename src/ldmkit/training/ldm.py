@@ -60,6 +60,9 @@ class LDMTrainConfig:
     val_batches: int = 2
 
     def __post_init__(self):
+        self.autoencoder, self.init_from = (
+            None if p is None else str(Path(p).expanduser()) for p in (self.autoencoder, self.init_from)
+        )
         if (self.autoencoder is None) == (self.init_from is None):
             raise ConfigError("give exactly one of autoencoder (train a new UNet on it) or init_from (fine-tune)")
         if self.init_from is None and self.unet is None:

@@ -1,0 +1,38 @@
+"""Models shipped inside the package, trained by our own recipes (recipes/), so that a fresh install
+generates with no download. Each entry names its weights file and the settings chosen for it on the
+shapes world's validation split (README: "The bundled model")."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ldmkit.errors import LdmkitError
+
+HERE = Path(__file__).parent
+
+
+@dataclass(frozen=True)
+class Bundled:
+    file: str
+    recipe: str
+    defaults: dict = field(default_factory=dict)  # sampler, steps, cfg: what `generate` uses unless told
+
+
+BUNDLED = {
+    "shapes": Bundled(
+        "shapes.safetensors", "recipes/shapes.sh", {"sampler": "dpmpp_2m_karras", "steps": 20, "cfg": 5.0}
+    ),
+}
+DEFAULT = "shapes"
+
+
+def resolve(model: str | Path | None) -> tuple[Path, dict]:
+    """The file to load and its recommended settings: a bundled model by name (the default one when
+    `model` is None), otherwise the user's own path, which no bundled name shadows."""
+    name = DEFAULT if model is None else str(model)
+    if name in BUNDLED and not Path(name).exists():
+        entry = BUNDLED[name]
+        path = HERE / entry.file
+        if not path.is_file():
+            raise LdmkitError(f"bundled model {name!r}: {path} is missing from this install; reinstall ldmkit")
+        return path, dict(entry.defaults)
+    return Path(model), {}
