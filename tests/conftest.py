@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# LDMKIT_TEST_THREADS=1 leaves a core to a training run in the background
+torch.set_num_threads(int(os.environ.get("LDMKIT_TEST_THREADS", 0)) or min(2, os.cpu_count() or 1))
 
 
 def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:

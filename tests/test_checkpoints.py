@@ -265,10 +265,6 @@ def test_separate_vae_replaces_the_models_own(tmp_path):
         ),
         ("sd3", {"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": (8,)}),
         ("flux", {"double_blocks.0.img_attn.norm.key_norm.scale": (8,)}),
-        (
-            "controlnet",
-            {"control_model.time_embed.0.weight": (8, 8), "control_model.input_hint_block.0.weight": (8, 3, 3, 3)},
-        ),
     ],
 )
 def test_unsupported_families_are_named(tmp_path, name, keys):

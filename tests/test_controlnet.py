@@ -178,3 +178,238 @@ def test_files_that_are_not_controlnets_are_refused(tmp_path):
         load_controlnet(tmp_path / "x.safetensors")
     with pytest.raises(CheckpointError, match="no such file"):
         load_controlnet(tmp_path / "missing.safetensors")
+
+
+@pytest.fixture(scope="module")
+def controlled_folders(tmp_path_factory):
+    """A tiny diffusers SD pipeline folder and a random ControlNet folder for its UNet."""
+    from diffusers import ControlNetModel
+
+    from conftest import tiny_pipeline
+
+    root = tmp_path_factory.mktemp("cn-e2e")
+    pipe = tiny_pipeline(root / "pipe")
+    cn = randomize(ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(16, 32)), seed=7)
+    cn.save_pretrained(str(root / "cn"))
+    return pipe, cn, root
+
+
+def control_image(size=32):
+    import numpy as np
+    from PIL import Image
+
+    a = np.zeros((size, size, 3), dtype=np.uint8)
+    a[8:24, 10:14] = 255
+    a[20:24, 4:28] = 200
+    return Image.fromarray(a)
+
+
+def test_controlled_generation_equals_diffusers_pipeline(controlled_folders):
+    import numpy as np
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionControlNetPipeline
+
+    from ldmkit.diffusion.registry import get_sampler
+    from ldmkit.diffusion.sampling import generators_for
+    from ldmkit.pipelines import Pipeline
+    from ldmkit.pipelines.control import ControlInput
+
+    pipe, cn, root = controlled_folders
+    spec = get_sampler("dpmpp_2m_karras")
+    ref_pipe = StableDiffusionControlNetPipeline(
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        unet=pipe.unet,
+        controlnet=cn,
+        scheduler=DPMSolverMultistepScheduler(**spec.diffusers_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    image = control_image()
+    settings = dict(num_inference_steps=6, guidance_scale=5.0, height=32, width=32)
+    # control on for steps 2 and 3 of 6 only (diffusers' rule for start / end)
+    ref = ref_pipe(
+        "a red circle",
+        image=image,
+        generator=generators_for(5, 1),
+        controlnet_conditioning_scale=0.8,
+        control_guidance_start=0.2,
+        control_guidance_end=0.8,
+        output_type="np",
+        **settings,
+    ).images[0]
+    plain = ref_pipe(
+        "a red circle",
+        image=image,
+        generator=generators_for(5, 1),
+        controlnet_conditioning_scale=0.0,
+        output_type="np",
+        **settings,
+    ).images[0]
+    ours_pipe = Pipeline.load(root / "pipe")
+    net = load_controlnet(root / "cn", base=ours_pipe.model.unet.config)
+    control = [ControlInput(net, image, "none", strength=0.8, start=0.2, end=0.8, name="cn")]
+    result = ours_pipe(
+        "a red circle",
+        steps=6,
+        cfg=5.0,
+        sampler="dpmpp_2m_karras",
+        seed=5,
+        width=32,
+        height=32,
+        prompt_mode="truncate",
+        control=control,
+    )
+    ours = np.asarray(result.images[0], dtype=np.float64) / 255
+    assert np.abs(ref - plain).mean() > 0.01  # the ControlNet changed the picture
+    assert np.abs(ours - ref).mean() <= 1 / 255
+    assert 'ControlNet 0: "Module: none, Model: cn, Weight: 0.8, Guidance Start: 0.2' in result.infotexts[0]
+    assert result.control_images[0].size == (32, 32)
+
+
+def test_guess_mode_follows_its_formula():
+    from ldmkit.diffusion.denoiser import Conditioning, Control, Denoiser
+    from ldmkit.diffusion.schedule import NoiseSchedule
+    from ldmkit.models.ldm import ScheduleConfig
+
+    torch.manual_seed(0)
+    unet = randomize(UNetModel(tiny_unet_config()), std=0.05)
+    net = randomize(ControlNet.from_unet(unet, hint_block_channels=(8, 16)), seed=3, std=0.05)
+    x, _, ctx, hint = inputs(2, batch=1)
+    uncond = torch.randn_like(ctx)
+    schedule = NoiseSchedule.from_config(ScheduleConfig())
+    denoiser = Denoiser(unet, schedule, "epsilon")
+    sigma = 3.0
+    denoiser.use_sigmas(torch.tensor([sigma, 1.0, 0.0]))
+    cond = Conditioning(ctx, uncond, cfg_scale=4.0, control=[Control(net, hint, 0.7, guess_mode=True)])
+    x0 = denoiser(x, sigma, cond)
+    with torch.no_grad():
+        x_in = x / (sigma**2 + 1) ** 0.5
+        t = torch.full((1,), denoiser.timestep(sigma))
+        res = net(x_in, hint, t, ctx)
+        scaled = [r * 0.7 * 0.825 ** (len(res) - 1 - i) for i, r in enumerate(res)]
+        e_cond = unet(x_in, t, ctx, control=scaled)
+        e_uncond = unet(x_in, t, uncond)  # no control on the unconditional branch
+        want = x - sigma * (e_uncond + 4.0 * (e_cond - e_uncond))
+    # fp32 noise of batch-2 vs batch-1 evaluation, amplified by sigma * cfg = 12; a wrong scale or branch is >= 1e-2
+    assert (x0 - want).abs().max() <= 1e-4
+    # outside [start, end) the ControlNet is not run at all
+    cond.control[0] = Control(net, hint, 0.7, start=0.5, end=1.0)
+    with torch.no_grad():
+        plain = x - sigma * (e_uncond + 4.0 * (unet(x_in, t, ctx) - e_uncond))
+    assert (denoiser(x, sigma, cond) - plain).abs().max() <= 1e-4
+
+
+def test_generate_with_control_from_the_command_line(controlled_folders, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from ldmkit.cli import main
+
+    _, _, root = controlled_folders
+    control_image(48).save(tmp_path / "edges.png")  # another size: resized to the output's
+    common = [
+        "generate",
+        "a red circle",
+        "--model",
+        str(root / "pipe"),
+        "--steps",
+        "3",
+        "--seed",
+        "1",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "-q",
+    ]
+    out = tmp_path / "c.png"
+    code = main(
+        [
+            *common,
+            "--controlnet",
+            str(root / "cn"),
+            "--control",
+            f"canny:{tmp_path / 'edges.png'}:0.5",
+            "--control-end",
+            "0.5",
+            "-o",
+            str(out),
+        ]
+    )
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(stdout)["written"] == [str(out)]
+    expected = 'ControlNet 0: "Module: canny, Model: cn, Weight: 0.5, Guidance Start: 0, Guidance End: 0.5'
+    assert expected in Image.open(out).info["parameters"]
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    other = tmp_path / "other-cn"
+    from diffusers import ControlNetModel
+
+    ControlNetModel.from_unet(tiny_diffusers_unet(cross_attention_dim=48)).save_pretrained(str(other))
+    for extra, needle in [
+        (["--control", "blur:x.png"], "--control type 'blur'; allowed: canny, scribble, threshold, none"),
+        (["--control", "canny"], "expected TYPE:IMAGE[:STRENGTH]"),
+        (["--controlnet", str(root / "cn"), "--control", f"none:{tmp_path / 'bad.png'}"], "not a readable image"),
+        (["--controlnet", str(other), "--control", f"none:{tmp_path / 'edges.png'}"], "does not fit this model"),
+        (["--control", f"none:{tmp_path / 'edges.png'}"], "needs --controlnet FILE"),
+        (
+            [
+                "--controlnet",
+                str(root / "cn"),
+                "--control",
+                f"none:{tmp_path / 'edges.png'}",
+                "--control-start",
+                "0.9",
+                "--control-end",
+                "0.5",
+            ],
+            "control start 0.9, end 0.5",
+        ),
+    ]:
+        assert main([*common, *extra, "-o", str(tmp_path / "x.png")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and needle in err and "Traceback" not in err, err
+        assert err.count("\n") == 1
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_inspect_and_convert_controlnet_files(tmp_path, capsys):
+    import json
+
+    from ldmkit.cli import main
+
+    ref_unet, ref = reference(cross_attention_dim=768, attention_head_dim=8)
+    ref.save_pretrained(str(tmp_path / "cn"))
+    assert main(["inspect", str(tmp_path / "cn")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "sd1-controlnet" and info["hint_downsample_factor"] == 8
+    assert info["parameters"]["controlnet"] == sum(p.numel() for p in ref.parameters())
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "cn"),
+                str(tmp_path / "cn.safetensors"),
+                "--to",
+                "single-file",
+                "--dtype",
+                "fp16",
+            ]
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["family"] == "sd1-controlnet"
+    assert main(["inspect", str(tmp_path / "cn.safetensors")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["dtype"] == ["float16"] and info["family"] == "sd1-controlnet"
+    assert main(["convert", str(tmp_path / "cn.safetensors"), str(tmp_path / "back"), "--to", "diffusers"]) == 0
+    capsys.readouterr()
+    back = load_controlnet(tmp_path / "back")
+    want = load_controlnet(tmp_path / "cn")
+    assert all(torch.equal(v, want.state_dict()[k].half().float()) for k, v in back.state_dict().items())
+    # a ControlNet given where a model is expected: one clear line
+    assert main(["generate", "x", "--model", str(tmp_path / "cn.safetensors"), "-q"]) == 2
+    assert "a ControlNet, not a model; pass it with --controlnet" in capsys.readouterr().err

@@ -143,6 +143,53 @@ def test_resume_after_sigkill_is_exact(tmp_path, autoencoder, stage):
     assert np.allclose(a, b, rtol=1e-6, atol=0), np.abs(np.array(a) - np.array(b)).max()
 
 
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory, autoencoder):
+    tmp = tmp_path_factory.mktemp("ldm")
+    cfg = config_file(tmp, "test-ldm.yaml", tmp / "run", autoencoder=str(autoencoder / "autoencoder.safetensors"))
+    assert main(["train", "--config", str(cfg), "-q"]) == 0
+    return tmp / "run" / "model.safetensors"
+
+
+def test_controlnet_run_trains_only_the_controlnet(tmp_path, base_model, capsys):
+    from safetensors.torch import load_file
+
+    from ldmkit.checkpoints.controlnet_files import load_controlnet
+    from ldmkit.checkpoints.single_file import load_model
+
+    cfg = config_file(tmp_path, "test-controlnet.yaml", tmp_path / "cn", base=str(base_model))
+    before = load_file(str(base_model))
+    assert main(["train-controlnet", "--config", str(cfg), "-q"]) == 0
+    run = tmp_path / "cn"
+    assert (run / "samples" / "samples-00000008.png").exists() and (run / "loss.png").exists()
+    assert len(losses(run)) == 8
+    base = load_model(base_model)
+    net = load_controlnet(run / "controlnet.safetensors", base=base.unet.config)
+    assert net.control_config.downsample_factor == base.vae.config.downsample_factor
+    assert all(z[0].weight.abs().max() > 0 for z in net.zero_convs)  # the zero convolutions learned
+    after = load_file(str(base_model))
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the base file is untouched
+    capsys.readouterr()
+    code = main(
+        [
+            "generate",
+            "a red circle",
+            "--model",
+            str(base_model),
+            "--controlnet",
+            str(run / "controlnet.safetensors"),
+            "--control",
+            "canny:" + str(run / "samples" / "samples-00000008.png"),
+            "--steps",
+            "2",
+            "-q",
+            "-o",
+            str(tmp_path / "c.png"),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+
+
 def test_ldm_run_and_its_model(tmp_path, autoencoder, capsys):
     cfg = config_file(
         tmp_path, "test-ldm.yaml", tmp_path / "ldm", autoencoder=str(autoencoder / "autoencoder.safetensors")

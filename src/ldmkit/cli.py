@@ -51,6 +51,24 @@ def cmd_convert(args) -> int:
     src, dst = Path(args.src), Path(args.dst)
     if src.resolve() == dst.resolve():
         raise LdmkitError(f"{dst}: the destination is the source; choose another path")
+    from ldmkit.checkpoints.controlnet_files import (
+        family_of,
+        is_controlnet_path,
+        load_controlnet,
+        save_controlnet,
+        save_controlnet_diffusers,
+    )
+
+    if is_controlnet_path(src):
+        net = load_controlnet(src)
+        if args.to == "single-file":
+            if dst.is_dir():
+                raise LdmkitError(f"{dst}: is a folder; a single-file ControlNet needs a file path")
+            save_controlnet(net, dst, dtype)
+        else:
+            save_controlnet_diffusers(net, dst, dtype)
+        print(json.dumps({"written": str(dst), "format": args.to, "family": family_of(net.config)}))
+        return 0
     model = load_model(src, vae=args.vae, overrides=_overrides(args))
     if args.to == "single-file":
         if dst.is_dir():
@@ -154,6 +172,53 @@ def _output_paths(out: str | None, seeds: list[int]) -> list[Path]:
     return [p.with_name(f"{p.stem}-{s}{p.suffix}") for s in seeds]
 
 
+def _parse_control(text: str) -> tuple[str, str, float]:
+    """TYPE:IMAGE[:STRENGTH] -> (type, image path, strength)."""
+    from ldmkit.pipelines.control import PREPROCESSORS
+
+    kind, sep, rest = text.partition(":")
+    if not sep or not rest:
+        raise LdmkitError(f"--control {text!r}: expected TYPE:IMAGE[:STRENGTH], e.g. canny:edges.png:0.8")
+    if kind not in PREPROCESSORS:
+        raise LdmkitError(f"--control type {kind!r}; allowed: {', '.join(PREPROCESSORS)}")
+    path, strength = rest, 1.0
+    head, sep, tail = rest.rpartition(":")
+    if sep and head:
+        try:
+            path, strength = head, float(tail)
+        except ValueError:
+            pass  # a path with a colon in it
+    return kind, path, strength
+
+
+def _controls(args, pipe, controls: list[tuple[str, str, float]], images: list) -> list:
+    """ControlInputs for --control / --controlnet: one ControlNet per control, one for all, or the
+    bundled model's own."""
+    from ldmkit.bundled import bundled_controlnet
+    from ldmkit.checkpoints.controlnet_files import load_controlnet
+    from ldmkit.pipelines.control import ControlInput
+
+    files = list(args.controlnet or [])
+    if not files:
+        files = [bundled_controlnet(pipe.path)]
+    if len(files) not in (1, len(controls)):
+        raise LdmkitError(f"{len(files)} --controlnet files for {len(controls)} --control images; give one or one each")
+    nets = {f: load_controlnet(f, base=pipe.model.unet.config) for f in set(map(str, files))}
+    return [
+        ControlInput(
+            nets[str(files[i if len(files) > 1 else 0])],
+            image,
+            kind,
+            strength,
+            args.control_start,
+            args.control_end,
+            args.guess_mode,
+            name=Path(files[i if len(files) > 1 else 0]).stem,
+        )
+        for i, ((kind, _, strength), image) in enumerate(zip(controls, images))
+    ]
+
+
 def cmd_generate(args) -> int:
     from tqdm import tqdm
 
@@ -175,6 +240,10 @@ def cmd_generate(args) -> int:
         raise LdmkitError("--mask needs --init-image")
     init = load_image(args.init_image, "--init-image") if args.init_image else None
     mask = load_image(args.mask, "--mask") if args.mask else None
+    controls = [_parse_control(c) for c in args.control or []]
+    control_images = [load_image(path, "--control image") for _, path, _ in controls]
+    if args.controlnet and not controls:
+        raise LdmkitError("--controlnet needs --control TYPE:IMAGE[:STRENGTH]")
     if settings["sampler"] is not None:
         get_sampler(settings["sampler"])  # fail before loading a model
     if settings["steps"] is not None and settings["steps"] <= 0:
@@ -187,8 +256,9 @@ def cmd_generate(args) -> int:
             bars.append(tqdm(total=info.steps, desc="sampling", unit="step", disable=args.quiet, file=sys.stderr))
         bars[0].update(info.step - bars[0].n)
 
+    control = _controls(args, pipe, controls, control_images) if controls else None
     prompt = settings.pop("prompt")
-    result = pipe(prompt, init_image=init, mask=mask, callback=progress, **settings)
+    result = pipe(prompt, init_image=init, mask=mask, callback=progress, control=control, **settings)
     for bar in bars:
         bar.close()
     paths = _output_paths(args.output, result.seeds)
@@ -298,6 +368,12 @@ def cmd_train(args) -> int:
     return _train(args, LDMTrainConfig, LDMTask, "model.safetensors", init_from)
 
 
+def cmd_train_controlnet(args) -> int:
+    from ldmkit.training.controlnet import ControlNetTask, ControlNetTrainConfig
+
+    return _train(args, ControlNetTrainConfig, ControlNetTask, "controlnet.safetensors")
+
+
 MODEL_HELP = "a .safetensors/.ckpt file, a diffusers folder, or a bundled model's name (default: shapes)"
 DEFAULT_NOTE = "the bundled model's chosen setting; for other models steps 20, cfg 7, dpmpp_2m_karras"
 
@@ -347,6 +423,23 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["leading", "trailing", "linspace"],
         help="override the sampler's timestep spacing (as diffusers' scheduler option)",
     )
+    p.add_argument(
+        "--control",
+        action="append",
+        metavar="TYPE:IMAGE[:STRENGTH]",
+        help="a control image for a ControlNet; TYPE is a preprocessor: canny, scribble, threshold, or none / depth /"
+        " seg / normal / edges for maps used as given (repeatable)",
+    )
+    p.add_argument(
+        "--controlnet",
+        action="append",
+        metavar="FILE",
+        help="ControlNet file or diffusers folder: one for all --control images or one each (default: the bundled"
+        " model's own)",
+    )
+    p.add_argument("--control-start", type=float, default=0.0, help="fraction of the steps where control starts")
+    p.add_argument("--control-end", type=float, default=1.0, help="fraction of the steps where control ends")
+    p.add_argument("--guess-mode", action="store_true", help="control on the prompt branch only, scaled by depth")
     p.add_argument("--from-png", help="reuse the settings stored in a PNG's parameters")
     p.add_argument("-o", "--output", help="output .png (with --batch N: one file per seed)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -377,20 +470,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extras", action="store_true", help="also write each image's edge map and mask")
     p.set_defaults(func=cmd_shapes)
 
-    p = sub.add_parser("train-autoencoder", help="stage 1: train a KL autoencoder")
-    p.add_argument("--config", required=True, help="YAML file (see configs/)")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
-    p.add_argument("--run-dir", help="override run.dir")
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=cmd_train_autoencoder)
-
-    p = sub.add_parser("train", help="stage 2: train a text-conditioned latent diffusion model")
-    p.add_argument("--config", required=True, help="YAML file (see configs/)")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
-    p.add_argument("--init-from", help="fine-tune this model (SD 1.x/2.x file, diffusers folder, or ours)")
-    p.add_argument("--run-dir", help="override run.dir")
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=cmd_train)
+    for name, func, text in [
+        ("train-autoencoder", cmd_train_autoencoder, "stage 1: train a KL autoencoder"),
+        ("train", cmd_train, "stage 2: train a text-conditioned latent diffusion model"),
+        (
+            "train-controlnet",
+            cmd_train_controlnet,
+            "train a ControlNet for a frozen model (hints made from the images)",
+        ),
+    ]:
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", required=True, help="YAML file (see configs/)")
+        p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+        if name == "train":
+            p.add_argument("--init-from", help="fine-tune this model (SD 1.x/2.x file, diffusers folder, or ours)")
+        p.add_argument("--run-dir", help="override run.dir")
+        p.add_argument("-q", "--quiet", action="store_true")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("init-model", help="write a random-weight model of a named architecture (tests, benchmarks)")
     p.add_argument("out", help="output .safetensors path")

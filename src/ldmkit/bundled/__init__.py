@@ -15,6 +15,7 @@ class Bundled:
     file: str
     recipe: str
     defaults: dict = field(default_factory=dict)  # sampler, steps, cfg: what `generate` uses unless told
+    controlnet: str | None = None  # its bundled ControlNet's file, used when no --controlnet is given
 
 
 BUNDLED = {
@@ -36,3 +37,13 @@ def resolve(model: str | Path | None) -> tuple[Path, dict]:
             raise LdmkitError(f"bundled model {name!r}: {path} is missing from this install; reinstall ldmkit")
         return path, dict(entry.defaults)
     return Path(model), {}
+
+
+def bundled_controlnet(model_path: Path | None) -> Path:
+    """The bundled ControlNet of a bundled model (by its loaded file)."""
+    for name, entry in BUNDLED.items():
+        if model_path is not None and Path(model_path) == HERE / entry.file:
+            if entry.controlnet is None or not (HERE / entry.controlnet).is_file():
+                raise LdmkitError(f"the bundled model {name!r} has no bundled ControlNet yet: give --controlnet FILE")
+            return HERE / entry.controlnet
+    raise LdmkitError("--control needs --controlnet FILE for this model (only bundled models have their own)")

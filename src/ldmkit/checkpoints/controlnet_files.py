@@ -32,6 +32,46 @@ def is_controlnet(keys) -> bool:
     )
 
 
+def is_controlnet_path(path: str | Path) -> bool:
+    """Whether a file or folder holds a ControlNet (read from content, never the name)."""
+    path = Path(path)
+    if path.is_dir():
+        cfg = path / "config.json"
+        try:
+            return cfg.is_file() and json.loads(cfg.read_text()).get("_class_name") == "ControlNetModel"
+        except (OSError, ValueError):
+            return False
+    if not path.is_file():
+        return False
+    from ldmkit.checkpoints.files import SAFETENSORS, sniff
+
+    if sniff(path) == SAFETENSORS:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                return is_controlnet(f.keys())
+        except Exception:  # corrupt: the regular loaders report it
+            return False
+    try:
+        return is_controlnet(read_tensors(path)[0])
+    except CheckpointError:
+        return False
+
+
+def describe_controlnet(net: ControlNet) -> dict:
+    c = net.control_config
+    return {
+        "family": family_of(c.unet),
+        "supported": True,
+        "parameters": {"controlnet": sum(p.numel() for p in net.parameters())},
+        "context_dim": c.unet.context_dim,
+        "hint_channels": c.hint_channels,
+        "hint_downsample_factor": c.downsample_factor,
+        "note": "a ControlNet: use it with --controlnet",
+    }
+
+
 def family_of(c: UNetConfig) -> str:
     return {768: "sd1-controlnet", 1024: "sd2-controlnet"}.get(c.context_dim, "controlnet")
 

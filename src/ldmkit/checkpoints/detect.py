@@ -31,12 +31,6 @@ UNSUPPORTED = [
     ("SDXL", lambda keys: any(k.startswith("conditioner.embedders.") for k in keys)),
     ("SD3", lambda keys: any("joint_blocks." in k for k in keys)),
     ("Flux", lambda keys: any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys)),
-    (
-        "ControlNet",
-        lambda keys: any(
-            k.startswith(("control_model.", "controlnet_cond_embedding.", "input_hint_block.")) for k in keys
-        ),
-    ),
 ]
 
 # Keys that are not weights of the networks we build, dropped before strict loading:
@@ -183,6 +177,8 @@ def detect(
                 f"{where}: a {unsupported} checkpoint; ldmkit does not support {unsupported} yet"
             )
         if not any(k.startswith(UNET) for k in keys):
+            if any(k.startswith(("control_model.", "controlnet_cond_embedding.", "input_hint_block.")) for k in keys):
+                raise CheckpointError(f"{where}: a ControlNet, not a model; pass it with --controlnet")
             if any(k.startswith(VAE_FILE_PREFIXES) for k in keys):
                 raise CheckpointError(f"{where}: an autoencoder (VAE) file, not a full model; pass it with --vae")
             if any(k.startswith(("down_blocks.", "mid_block.")) for k in keys):

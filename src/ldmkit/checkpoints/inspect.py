@@ -38,8 +38,16 @@ def describe(model: LatentDiffusion) -> dict:
 
 
 def inspect_path(path: str | Path, vae: str | Path | None = None, overrides: dict | None = None) -> dict:
+    from ldmkit.checkpoints.controlnet_files import describe_controlnet, is_controlnet_path, load_controlnet
+
     fmt = sniff(path)
     info: dict = {"path": str(path), "format": fmt}
+    if is_controlnet_path(path):
+        net = load_controlnet(path)
+        info.update(describe_controlnet(net))
+        files = Path(path).glob("*.safetensors") if Path(path).is_dir() else [Path(path)]
+        info["dtype"] = sorted(set().union(*(safetensors_dtypes(f) for f in files if sniff(f) == "safetensors")))
+        return info
     if fmt == DIFFUSERS:
         model = load_model(path, vae=vae, overrides=overrides)
         info.update(describe(model))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldmkit import __version__
-from ldmkit.diffusion.denoiser import Conditioning, Denoiser
+from ldmkit.diffusion.denoiser import Conditioning, Control, Denoiser
 from ldmkit.diffusion.registry import SAMPLERS, get_sampler
 from ldmkit.diffusion.sampling import generators_for, sample_latents
 from ldmkit.diffusion.schedule import NoiseSchedule
@@ -55,8 +55,10 @@ class GenerationParams:
     guidance_rescale: float = 0.0
     prompt_mode: str = "webui"
     timestep_spacing: str | None = None
+    control: list = field(default_factory=list)  # ControlInput (pipelines/control.py)
 
 
+CONTROL_MODES = {False: "Balanced", True: "ControlNet is more important"}  # the popular UI's names
 CALL_DEFAULTS = {"steps": 20, "cfg": 7.0, "sampler": "dpmpp_2m_karras"}
 
 
@@ -78,6 +80,7 @@ class Result:
     seeds: list[int]
     infotexts: list[str]
     latents: torch.Tensor = field(repr=False)
+    control_images: list[Image.Image] = field(default_factory=list)  # the preprocessed control images
 
 
 def _check_size(name: str, value: int, multiple: int) -> None:
@@ -149,6 +152,7 @@ class Pipeline:
         prompt_mode: str = "webui",
         timestep_spacing: str | None = None,
         callback: Callable[[StepInfo], None] | None = None,
+        control: list | None = None,
     ) -> Result:
         c = self.model.config
         steps = self.defaults["steps"] if steps is None else steps
@@ -178,6 +182,14 @@ class Pipeline:
                 f"mask is {mask.size[0]}x{mask.size[1]} but the init image is "
                 f"{init_image.size[0]}x{init_image.size[1]}; they must be the same size"
             )
+        for ci in control or []:
+            ci.check()
+            ci.net.check_base(c.unet)
+            if ci.net.control_config.downsample_factor != c.vae.downsample_factor:
+                raise ConfigError(
+                    f"ControlNet {ci.name}: its hint encoder downsamples by {ci.net.control_config.downsample_factor}"
+                    f" but this model's autoencoder by {c.vae.downsample_factor}"
+                )
         if seed is None or seed < 0:
             seed = secrets.randbelow(2**32)
         text_config = self.model.text_encoder.config
@@ -199,14 +211,16 @@ class Pipeline:
             eta if sampler == "ddim" else None,
             guidance_rescale,
             prompt_mode,
+            control=list(control or []),
         )
         try:
             with torch.no_grad():
-                z, images = self._generate(params, init_image, mask, callback)
+                z, images, control_images = self._generate(params, init_image, mask, callback)
         finally:
             self.model.text_encoder.config = text_config
         seeds = [seed + i for i in range(batch)]
-        return Result(tensor_to_pil(images), params, seeds, [self.infotext(params, s) for s in seeds], z)
+        infotexts = [self.infotext(params, s) for s in seeds]
+        return Result(tensor_to_pil(images), params, seeds, infotexts, z, control_images)
 
     def _generate(self, p: GenerationParams, init_image, mask, callback):
         m = self.model
@@ -224,6 +238,12 @@ class Pipeline:
         if embedded_guidance:
             w = torch.full((p.batch,), float(p.cfg))
             cond.timestep_cond = guidance_scale_embedding(w, c.unet.time_cond_proj_dim).to(device)
+        control_images = []
+        for ci in p.control:
+            image, hint = ci.hint(p.width, p.height)
+            control_images.append(image)
+            hint = hint.to(device).expand(p.batch, -1, -1, -1)
+            cond.control.append(Control(ci.net, hint, ci.strength, ci.start, ci.end, ci.guess_mode))
         generators = generators_for(p.seed, p.batch)
         latent_shape = (4 if inpaint_model else c.unet.in_channels, p.height // f, p.width // f)
 
@@ -279,7 +299,7 @@ class Pipeline:
         images = m.vae.decode(m.vae.unscale(z))
         if pixel_mask is not None:
             images = pixel_mask * images + (1 - pixel_mask) * pixels
-        return z, images
+        return z, images, control_images
 
     def infotext(self, p: GenerationParams, seed: int) -> str:
         spec = SAMPLERS[p.sampler]
@@ -299,6 +319,13 @@ class Pipeline:
             "Guidance rescale": p.guidance_rescale or None,
             "Prompt mode": p.prompt_mode if p.prompt_mode != "webui" else None,
             "Timestep spacing": p.timestep_spacing,
+            **{
+                f"ControlNet {i}": (
+                    f"Module: {ci.kind}, Model: {ci.name}, Weight: {ci.strength:g}, Guidance Start: {ci.start:g}, "
+                    f"Guidance End: {ci.end:g}, Control Mode: {CONTROL_MODES[ci.guess_mode]}"
+                )
+                for i, ci in enumerate(p.control)
+            },
             "ldmkit sampler": p.sampler,
             "Version": f"ldmkit {__version__}",
         }

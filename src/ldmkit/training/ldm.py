@@ -9,6 +9,7 @@ random draw of sample g (latent noise, timestep, diffusion noise, dropout) comes
 generator, so runs resume exactly and do not depend on how batches are split."""
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -94,22 +95,30 @@ def build_model(c: LDMTrainConfig) -> LatentDiffusion:
 
 
 class LDMTask:
+    name = "unet"  # the trained module's key in checkpoints
+    needs_images = False  # with the latent cache, only captions are loaded
+
     def __init__(self, config: LDMTrainConfig):
+        self.model = build_model(config)
+        self.setup(config, self.model.unet)
+        self.scale_measured = False
+
+    def setup(self, config, trainable: torch.nn.Module) -> None:
+        """What every latent-space task shares: frozen autoencoder and text tower, the trained module
+        with its EMA and optimiser, the schedule, the data."""
         self.config = c = config
-        self.model = build_model(c)
         self.model.vae.requires_grad_(False).eval()
         self.model.text_encoder.requires_grad_(False).eval()
         self.unet = self.model.unet
-        self.unet.train()
-        self.ema = {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
-        self.opt = torch.optim.AdamW(self.unet.parameters(), lr=c.run.lr, weight_decay=c.run.weight_decay)
+        self.trainable = trainable.train()
+        self.ema = {k: v.detach().clone() for k, v in trainable.state_dict().items()}
+        self.opt = torch.optim.AdamW(trainable.parameters(), lr=c.run.lr, weight_decay=c.run.weight_decay)
         self.schedule = NoiseSchedule.from_config(self.model.config.schedule, self.model.alphas_cumprod)
         self.data = open_dataset(c.data)
         self.order = Order(len(self.data), c.run.seed)
         with torch.no_grad():
             self.empty = self.encode_text([""])[0]
         self.cache: dict[str, torch.Tensor] | None = None
-        self.scale_measured = False
 
     # text and latents -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -172,21 +181,28 @@ class LDMTask:
     # state ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
-            "unet": self.unet.state_dict(),
+            self.name: self.trainable.state_dict(),
             "ema": self.ema,
             "opt": self.opt.state_dict(),
             "scale_factor": self.model.vae.config.scale_factor,
         }
 
     def load_state_dict(self, d: dict) -> None:
-        self.unet.load_state_dict(d["unet"])
+        self.trainable.load_state_dict(d[self.name])
         self.ema = d["ema"]
         self.opt.load_state_dict(d["opt"])
         self.model.vae.config.scale_factor = float(d["scale_factor"])
         self.scale_measured = True
 
     # one step ---------------------------------------------------------------------------------------
-    def loss(self, images, items: list[int], captions: list[str], gs: list[int], reduce: bool = True):
+    def predict(self, zt, t, context, extra):
+        """The network's output for noisy latents; `extra` is per-sample input other tasks need."""
+        return self.unet(zt, t, context)
+
+    def extra_for(self, images: torch.Tensor | None):
+        return None
+
+    def loss(self, images, items: list[int], captions: list[str], gs: list[int], extra=None, reduce: bool = True):
         c = self.config
         mean, std = self.posterior(items, images)
         gens = [sample_generator(c.run.seed, g) for g in gs]
@@ -200,7 +216,7 @@ class LDMTask:
         context = torch.where(drop[:, None, None], self.empty.expand_as(context), context)
         ab = self.schedule.alphas_cumprod[t][:, None, None, None]
         zt = ab.sqrt() * z0 + (1 - ab).sqrt() * eps
-        out = self.unet(zt, t, context)
+        out = self.predict(zt, t, context, extra)
         prediction = self.model.config.schedule.prediction_type
         target = eps if prediction == "epsilon" else ab.sqrt() * eps - (1 - ab).sqrt() * z0
         per_sample = F.mse_loss(out.float(), target, reduction="none").mean(dim=(1, 2, 3))
@@ -219,7 +235,7 @@ class LDMTask:
             self.build_cache(Path(c.run.dir).expanduser())
         for g in self.opt.param_groups:
             g["lr"] = lr
-        if self.cache is not None:  # latents cached: only captions are needed
+        if self.cache is not None and not self.needs_images:  # latents cached: only captions are needed
             gs = list(indices)
             items = [self.order.item(g) for g in gs]
             captions = [self.data.caption(i) for i in items]
@@ -228,23 +244,30 @@ class LDMTask:
             batch = load_batch(self.data, self.order, indices, c.data.flip, c.run.seed)
             images, captions, gs = batch if batch is not None else (None, [], [])
             items = [self.order.item(g) for g in gs]
-        self.unet.train()
+        extra = self.extra_for(images)
+        self.trainable.train()
         self.opt.zero_grad(set_to_none=True)
         n_global = dist.global_count(len(gs))
         micro = max(1, len(gs) // c.run.grad_accum) if gs else 1
         total = 0.0
         for s in range(0, len(gs), micro):
             sl = slice(s, s + micro)
-            loss = self.loss(None if images is None else images[sl], items[sl], captions[sl], gs[sl])
+            loss = self.loss(
+                None if images is None else images[sl],
+                items[sl],
+                captions[sl],
+                gs[sl],
+                None if extra is None else extra[sl],
+            )
             share = len(gs[sl]) / n_global
             (loss * share).backward()
             total += loss.item() * share
-        dist.sum_grads_(self.unet.parameters())
+        dist.sum_grads_(self.trainable.parameters())
         self.opt.step()
         total = dist.sum_values({"loss": total})["loss"]
         decay = min(c.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for k, v in self.unet.state_dict().items():
+            for k, v in self.trainable.state_dict().items():
                 if v.dtype.is_floating_point:
                     self.ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
                 else:
@@ -252,6 +275,18 @@ class LDMTask:
         return {"loss": total, "lr": lr}
 
     # evaluation, samples, export --------------------------------------------------------------------
+    @contextmanager
+    def ema_weights(self):
+        """The trained module with its EMA weights for the duration (evaluation), then the live ones."""
+        live = {k: v.detach().clone() for k, v in self.trainable.state_dict().items()}
+        self.trainable.load_state_dict(self.ema)
+        self.trainable.eval()
+        try:
+            yield
+        finally:
+            self.trainable.load_state_dict(live)
+            self.trainable.train()
+
     def ema_model(self) -> LatentDiffusion:
         """The model with the EMA weights, sharing the frozen autoencoder and text encoder."""
         import copy
@@ -273,17 +308,17 @@ class LDMTask:
         if val is None:
             return {}
         saved_cache, self.cache = self.cache, None
-        ema = self.ema_model()
-        unet, self.unet = self.unet, ema.unet
         try:
             losses = []
-            for b in range(c.val_batches):
-                idx = range(b * c.run.batch_size, (b + 1) * c.run.batch_size)
-                items = [val.load(i) for i in idx]
-                images = torch.stack([it[0] for it in items])
-                losses.append(self.loss(images, list(idx), [it[1] for it in items], [10**9 + i for i in idx]).item())
+            with self.ema_weights():
+                for b in range(c.val_batches):
+                    idx = range(b * c.run.batch_size, (b + 1) * c.run.batch_size)
+                    items = [val.load(i) for i in idx]
+                    images = torch.stack([it[0] for it in items])
+                    captions, gs = [it[1] for it in items], [10**9 + i for i in idx]
+                    losses.append(self.loss(images, list(idx), captions, gs, self.extra_for(images)).item())
         finally:
-            self.unet, self.cache = unet, saved_cache
+            self.cache = saved_cache
         value = sum(losses) / len(losses)
         return {"val_loss": round(value, 6), "score": -value}
 
