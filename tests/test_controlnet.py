@@ -413,3 +413,55 @@ def test_inspect_and_convert_controlnet_files(tmp_path, capsys):
     # a ControlNet given where a model is expected: one clear line
     assert main(["generate", "x", "--model", str(tmp_path / "cn.safetensors"), "-q"]) == 2
     assert "a ControlNet, not a model; pass it with --controlnet" in capsys.readouterr().err
+
+
+def test_edge_fscore_tolerates_two_pixels_and_no_more():
+    import numpy as np
+
+    from ldmkit.evaluation.metrics import edge_fscore
+
+    ref = np.zeros((32, 32), bool)
+    ref[8:24, 10] = True
+    assert edge_fscore(ref, ref)["f"] == 1.0
+    assert edge_fscore(np.roll(ref, 2, axis=1), ref)["f"] == 1.0  # 2 pixels off: matched
+    assert edge_fscore(np.roll(ref, 3, axis=1), ref)["f"] == 0.0  # 3 pixels off: not
+    half = ref.copy()
+    half[16:] = False
+    s = edge_fscore(half, ref)
+    assert s["precision"] == 1.0 and 0.5 <= s["recall"] <= 0.7  # 2-pixel tolerance reaches a little past the end
+    assert edge_fscore(np.zeros_like(ref), ref)["f"] == 0.0
+    assert edge_fscore(np.zeros_like(ref), np.zeros_like(ref))["f"] == 1.0
+
+
+def test_eval_control_reports_with_without_and_ceiling(controlled_folders, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from ldmkit.cli import main
+
+    _, _, root = controlled_folders
+    argv = [
+        "eval",
+        "--model",
+        str(root / "pipe"),
+        "--control",
+        "canny",
+        "--controlnet",
+        str(root / "cn"),
+        "--n",
+        "2",
+        "--steps",
+        "2",
+        "--grid",
+        str(tmp_path / "grid.png"),
+        "-q",
+    ]
+    assert main(argv) == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["edge_f"]) == {"with", "without", "ceiling"}
+    assert all(0 <= v["f"] <= 1 for v in report["edge_f"].values())
+    assert set(report["judge"]) == {"with", "without"} and report["prompts"] == 2
+    assert Image.open(tmp_path / "grid.png").size[1] > 0
+    assert main(argv[:3] + ["--control", "depth", "--controlnet", str(root / "cn")]) == 2
+    assert "allowed: canny" in capsys.readouterr().err

@@ -302,14 +302,40 @@ def cmd_eval(args) -> int:
     cfgs = cfgs or [pipe.defaults["cfg"]]
     steps = steps or [pipe.defaults["steps"]]
     samplers = samplers or [pipe.defaults["sampler"]]
-    total = args.n * len(cfgs) * len(steps) * len(samplers)
-    with tqdm(total=total, desc="prompts", disable=args.quiet, file=sys.stderr) as bar:
-        report = evaluate(pipe, args.split, args.n, cfgs, steps, samplers, args.seeds, args.seed, bar.update)
+    if args.control:
+        report = _eval_control(args, pipe, cfgs[0], steps[0], samplers[0])
+    else:
+        total = args.n * len(cfgs) * len(steps) * len(samplers)
+        with tqdm(total=total, desc="prompts", disable=args.quiet, file=sys.stderr) as bar:
+            report = evaluate(pipe, args.split, args.n, cfgs, steps, samplers, args.seeds, args.seed, bar.update)
     report["command"] = "ldmkit " + " ".join(sys.argv[1:]) if sys.argv else "ldmkit eval"
     if args.out:
         write_json(args.out, report)
     print(json.dumps(report, indent=2))
     return 0
+
+
+def _eval_control(args, pipe, cfg: float, steps: int, sampler: str) -> dict:
+    from tqdm import tqdm
+
+    from ldmkit.bundled import bundled_controlnet
+    from ldmkit.checkpoints.controlnet_files import load_controlnet
+    from ldmkit.checkpoints.files import atomic_write
+    from ldmkit.evaluation.control_eval import evaluate_control
+    from ldmkit.training.loop import image_grid
+
+    if args.control != "canny":
+        raise LdmkitError(f"--control {args.control}: the control evaluation measures edges; allowed: canny")
+    net = load_controlnet(args.controlnet or bundled_controlnet(pipe.path), base=pipe.model.unet.config)
+    rows = 4 if args.grid else 0
+    with tqdm(total=args.n, desc="prompts", disable=args.quiet, file=sys.stderr) as bar:
+        report, pictures = evaluate_control(
+            pipe, net, args.split, args.n, cfg, steps, sampler, args.control_strength, args.seed, bar.update, rows
+        )
+    if args.grid:
+        grid = image_grid(pictures)  # one row per scene: control | without | with
+        atomic_write(args.grid, lambda tmp: grid.save(tmp, format="PNG"))
+    return report
 
 
 def cmd_shapes(args) -> int:
@@ -456,6 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="val", help="train, val or heldout (default val)")
     p.add_argument("--out", help="also write the report to this JSON file")
+    p.add_argument("--control", help="measure a ControlNet instead: canny (edge F-score with and without control)")
+    p.add_argument("--controlnet", help="the ControlNet to measure (default: the bundled model's own)")
+    p.add_argument("--control-strength", type=float, default=1.0)
+    p.add_argument("--grid", help="with --control: also write a picture, rows of control | without | with")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
 
