@@ -20,7 +20,10 @@ class Bundled:
 
 BUNDLED = {
     "shapes": Bundled(
-        "shapes.safetensors", "recipes/shapes.sh", {"sampler": "dpmpp_2m_karras", "steps": 20, "cfg": 5.0}
+        "shapes.safetensors",
+        "recipes/shapes.sh",
+        {"sampler": "dpmpp_2m_karras", "steps": 20, "cfg": 5.0},
+        controlnet="shapes-canny.safetensors",
     ),
 }
 DEFAULT = "shapes"
