@@ -1,9 +1,12 @@
 """Shared helpers: tiny random-weight diffusers components (the reference) and ours built from them."""
 
+import csv
 import os
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 # LDMKIT_TEST_THREADS=1 leaves a core to a training run in the background
 torch.set_num_threads(int(os.environ.get("LDMKIT_TEST_THREADS", 0)) or min(2, os.cpu_count() or 1))
@@ -177,3 +180,47 @@ def write_sd_file(path, kind="clip", in_channels=4, seed=0, with_schedule=True, 
     else:
         torch.save({"state_dict": state, "global_step": 470000}, str(path))
     return model
+
+
+# --- tiny training runs shared by the training, ControlNet and distillation tests ---------------------
+
+ROOT = Path(__file__).parent.parent
+
+
+def config_file(tmp_path, name: str, run_dir: Path, **changes) -> Path:
+    data = yaml.safe_load((ROOT / "configs" / name).read_text())
+    data["run"]["dir"] = str(run_dir)
+    for key, value in changes.items():
+        section, _, field = key.partition(".")
+        if field:
+            data.setdefault(section, {})[field] = value
+        else:
+            data[section] = value
+    path = tmp_path / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def losses(run_dir: Path, column: str = "loss") -> list[float]:
+    with open(run_dir / "loss.csv") as f:
+        return [float(r[column]) for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="session")
+def autoencoder(tmp_path_factory):
+    from ldmkit.cli import main
+
+    tmp = tmp_path_factory.mktemp("ae")
+    cfg = config_file(tmp, "test-autoencoder.yaml", tmp / "run")
+    assert main(["train-autoencoder", "--config", str(cfg), "-q"]) == 0
+    return tmp / "run"
+
+
+@pytest.fixture(scope="session")
+def base_model(tmp_path_factory, autoencoder):
+    from ldmkit.cli import main
+
+    tmp = tmp_path_factory.mktemp("ldm")
+    cfg = config_file(tmp, "test-ldm.yaml", tmp / "run", autoencoder=str(autoencoder / "autoencoder.safetensors"))
+    assert main(["train", "--config", str(cfg), "-q"]) == 0
+    return tmp / "run" / "model.safetensors"

@@ -1,7 +1,6 @@
 """Training both stages: losses fall, the discriminator really trains, resume after SIGKILL is exact,
 a NaN stops the run with the last good checkpoint intact, bad data and configs fail clearly."""
 
-import csv
 import os
 import signal
 import subprocess
@@ -15,36 +14,8 @@ import torch
 import yaml
 from PIL import Image
 
+from conftest import ROOT, config_file, losses
 from ldmkit.cli import main
-
-ROOT = Path(__file__).parent.parent
-
-
-def config_file(tmp_path, name: str, run_dir: Path, **changes) -> Path:
-    data = yaml.safe_load((ROOT / "configs" / name).read_text())
-    data["run"]["dir"] = str(run_dir)
-    for key, value in changes.items():
-        section, _, field = key.partition(".")
-        if field:
-            data.setdefault(section, {})[field] = value
-        else:
-            data[section] = value
-    path = tmp_path / f"{run_dir.name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def losses(run_dir: Path, column: str = "loss") -> list[float]:
-    with open(run_dir / "loss.csv") as f:
-        return [float(r[column]) for r in csv.DictReader(f)]
-
-
-@pytest.fixture(scope="module")
-def autoencoder(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ae")
-    cfg = config_file(tmp, "test-autoencoder.yaml", tmp / "run")
-    assert main(["train-autoencoder", "--config", str(cfg), "-q"]) == 0
-    return tmp / "run"
 
 
 def test_autoencoder_run_writes_everything_and_improves(autoencoder):
@@ -141,14 +112,6 @@ def test_resume_after_sigkill_is_exact(tmp_path, autoencoder, stage):
     a, b = losses(tmp_path / "whole"), losses(tmp_path / "killed")
     assert len(a) == len(b) == steps
     assert np.allclose(a, b, rtol=1e-6, atol=0), np.abs(np.array(a) - np.array(b)).max()
-
-
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory, autoencoder):
-    tmp = tmp_path_factory.mktemp("ldm")
-    cfg = config_file(tmp, "test-ldm.yaml", tmp / "run", autoencoder=str(autoencoder / "autoencoder.safetensors"))
-    assert main(["train", "--config", str(cfg), "-q"]) == 0
-    return tmp / "run" / "model.safetensors"
 
 
 def test_controlnet_run_trains_only_the_controlnet(tmp_path, base_model, capsys):

@@ -400,6 +400,12 @@ def cmd_train_controlnet(args) -> int:
     return _train(args, ControlNetTrainConfig, ControlNetTask, "controlnet.safetensors")
 
 
+def cmd_distill_lcm(args) -> int:
+    from ldmkit.training.lcm import DistillConfig, DistillTask
+
+    return _train(args, DistillConfig, DistillTask, "model.safetensors")
+
+
 MODEL_HELP = "a .safetensors/.ckpt file, a diffusers folder, or a bundled model's name (default: shapes)"
 DEFAULT_NOTE = "the bundled model's chosen setting; for other models steps 20, cfg 7, dpmpp_2m_karras"
 
@@ -508,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
             cmd_train_controlnet,
             "train a ControlNet for a frozen model (hints made from the images)",
         ),
+        ("distill-lcm", cmd_distill_lcm, "latent consistency distillation: a few-step student of a model"),
     ]:
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", required=True, help="YAML file (see configs/)")

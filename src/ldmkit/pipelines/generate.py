@@ -60,6 +60,7 @@ class GenerationParams:
 
 CONTROL_MODES = {False: "Balanced", True: "ControlNet is more important"}  # the popular UI's names
 CALL_DEFAULTS = {"steps": 20, "cfg": 7.0, "sampler": "dpmpp_2m_karras"}
+LCM_DEFAULTS = {"steps": 4, "cfg": 8.5, "sampler": "lcm"}
 
 
 @dataclass
@@ -95,8 +96,10 @@ class Pipeline:
         self.model = model.eval()
         self.name = name
         self.path = path
-        # What a call leaves out: ours, then the settings chosen for this model (bundled models).
-        self.defaults = {**CALL_DEFAULTS, **(defaults or {})}
+        # What a call leaves out: ours (consistency models: diffusers' LCM pipeline's), then the
+        # settings chosen for this model (bundled models).
+        base = LCM_DEFAULTS if model.config.unet.time_cond_proj_dim else CALL_DEFAULTS
+        self.defaults = {**base, **(defaults or {})}
         self._hash: str | None = None
 
     @classmethod
