@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces the bundled shapes model (src/ldmkit/bundled/shapes.safetensors) end to end with the
 # project's own commands: stage 1 (configs/shapes-autoencoder.yaml), stage 2 (configs/shapes-ldm.yaml),
-# its ControlNet (configs/shapes-controlnet.yaml), then fp16 exports. Resumable: after an interruption, run it again and each stage continues from
+# its ControlNet (configs/shapes-controlnet.yaml) and its few-step version (configs/shapes-lcm.yaml),
+# then fp16 exports. Resumable: after an interruption, run it again and each stage continues from
 # its last checkpoint. Run folders are the configs' run.dir (~/runs/shapes-ae, ~/runs/shapes-ldm).
 # The tables in README come from recipes/shapes-eval.sh.
 set -euo pipefail
@@ -13,9 +14,12 @@ resume() { if compgen -G "$1/checkpoints/step-*.pt" > /dev/null; then echo --res
 AE=~/runs/shapes-ae
 LDM=~/runs/shapes-ldm
 CN=~/runs/shapes-controlnet
+LCM=~/runs/shapes-lcm
 [ -f "$AE/autoencoder.safetensors" ] || ldmkit train-autoencoder --config configs/shapes-autoencoder.yaml $(resume "$AE")
 [ -f "$LDM/model.safetensors" ] || ldmkit train --config configs/shapes-ldm.yaml $(resume "$LDM")
 ldmkit convert "$LDM/model.safetensors" src/ldmkit/bundled/shapes.safetensors --to single-file --dtype fp16
 [ -f "$CN/controlnet.safetensors" ] || ldmkit train-controlnet --config configs/shapes-controlnet.yaml $(resume "$CN")
 ldmkit convert "$CN/controlnet.safetensors" src/ldmkit/bundled/shapes-canny.safetensors --to single-file --dtype fp16
+[ -f "$LCM/model.safetensors" ] || ldmkit distill-lcm --config configs/shapes-lcm.yaml $(resume "$LCM")
+ldmkit convert "$LCM/model.safetensors" src/ldmkit/bundled/shapes-fast.safetensors --to single-file --dtype fp16
 ls -l src/ldmkit/bundled/

@@ -39,6 +39,7 @@ def test_eval_reports_every_setting_and_the_ceiling(tmp_path, capsys):
         assert s["images"] == 6 and 0 <= s["fully_correct"] <= 1 and s["seconds_per_image"] > 0
         assert 0 <= s["colour"] <= 1 and s["diversity"] > 0
         assert sum(k["images"] for k in s["by_kind"].values()) == 6
+        assert 0 < s["unet_seconds_per_image"] < s["seconds_per_image"]
         assert set(s["by_kind"]) <= {"single", "relation", "pair", "count"}
     assert report["judge_on_renders"]["fully_correct"] == 1.0
     assert all(k["fully_correct"] == 1.0 for k in report["judge_on_renders"]["by_kind"].values())

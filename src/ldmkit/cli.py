@@ -238,6 +238,16 @@ def cmd_generate(args) -> int:
         raise LdmkitError("give a PROMPT (or --from-png FILE)")
     if args.mask and not args.init_image:
         raise LdmkitError("--mask needs --init-image")
+    if args.fast:
+        from ldmkit.bundled import DEFAULT, FAST
+
+        name = args.model or DEFAULT
+        if name not in FAST:
+            raise LdmkitError(
+                f"--fast: only bundled models have a few-step version ({', '.join(FAST)}); "
+                "for your own, distil one with ldmkit distill-lcm and pass it with --model"
+            )
+        args.model = FAST[name]
     init = load_image(args.init_image, "--init-image") if args.init_image else None
     mask = load_image(args.mask, "--mask") if args.mask else None
     controls = [_parse_control(c) for c in args.control or []]
@@ -472,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control-start", type=float, default=0.0, help="fraction of the steps where control starts")
     p.add_argument("--control-end", type=float, default=1.0, help="fraction of the steps where control ends")
     p.add_argument("--guess-mode", action="store_true", help="control on the prompt branch only, scaled by depth")
+    p.add_argument("--fast", action="store_true", help="the bundled model's consistency-distilled version (4 steps)")
     p.add_argument("--from-png", help="reuse the settings stored in a PNG's parameters")
     p.add_argument("-o", "--output", help="output .png (with --batch N: one file per seed)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

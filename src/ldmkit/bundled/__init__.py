@@ -25,7 +25,10 @@ BUNDLED = {
         {"sampler": "dpmpp_2m_karras", "steps": 20, "cfg": 5.0},
         controlnet="shapes-canny.safetensors",
     ),
+    # its latent consistency distillation (`ldmkit generate --fast`)
+    "shapes-fast": Bundled("shapes-fast.safetensors", "recipes/shapes.sh", {"sampler": "lcm", "steps": 4, "cfg": 5.0}),
 }
+FAST = {"shapes": "shapes-fast"}  # --fast: a bundled model's few-step version
 DEFAULT = "shapes"
 
 

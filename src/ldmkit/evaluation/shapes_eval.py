@@ -3,6 +3,7 @@ with the autoencoder's reconstructions of real renders as the ceiling."""
 
 import itertools
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -47,6 +48,25 @@ def _miss_kinds(verdicts) -> dict:
     return kinds
 
 
+@contextmanager
+def _time_calls(module):
+    """Accumulate the wall time of a module's forward calls in the yielded dict's "seconds"."""
+    record, start = {"seconds": 0.0}, {}
+
+    def before(*_):
+        start["t"] = time.perf_counter()
+
+    def after(*_):
+        record["seconds"] += time.perf_counter() - start["t"]
+
+    handles = [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    try:
+        yield record
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def ceiling(pipe, scenes) -> dict:
     """The judge on the autoencoder's reconstructions of real renders, and their PSNR / SSIM."""
     vae = pipe.model.vae
@@ -71,22 +91,13 @@ def ceiling(pipe, scenes) -> dict:
     }
 
 
-def evaluate(
-    pipe,
-    split: str = "val",
-    n: int = 50,
-    cfgs=(7.0,),
-    steps=(20,),
-    samplers=("dpmpp_2m_karras",),
-    seeds_per_prompt: int = 2,
-    seed: int = 0,
-    progress=None,
-) -> dict:
+def _run_settings(pipe, scenes, cfgs, steps, samplers, seeds_per_prompt, seed, progress, unet_time) -> list[dict]:
     size = pipe.model.config.image_size
-    scenes = [sample_scene(split, i, seed, size) for i in range(n)]
+    pipe("warm-up", steps=2, cfg=cfgs[0], sampler=samplers[0], seed=0, batch=seeds_per_prompt)  # first-call costs
     settings = []
     for cfg, n_steps, sampler in itertools.product(cfgs, steps, samplers):
         verdicts, kinds, diversity, seconds = [], [], [], 0.0
+        unet_time["seconds"] = 0.0
         for i, scene in enumerate(scenes):
             t = time.perf_counter()
             result = pipe(
@@ -118,8 +129,27 @@ def evaluate(
                 "misses": _miss_kinds(verdicts),
                 "diversity": round(float(np.mean(diversity)), 4) if diversity else None,
                 "seconds_per_image": round(seconds / len(verdicts), 4),
+                "unet_seconds_per_image": round(unet_time["seconds"] / len(verdicts), 4),
             }
         )
+    return settings
+
+
+def evaluate(
+    pipe,
+    split: str = "val",
+    n: int = 50,
+    cfgs=(7.0,),
+    steps=(20,),
+    samplers=("dpmpp_2m_karras",),
+    seeds_per_prompt: int = 2,
+    seed: int = 0,
+    progress=None,
+) -> dict:
+    size = pipe.model.config.image_size
+    scenes = [sample_scene(split, i, seed, size) for i in range(n)]
+    with _time_calls(pipe.model.unet) as unet_time:
+        settings = _run_settings(pipe, scenes, cfgs, steps, samplers, seeds_per_prompt, seed, progress, unet_time)
     renders = [judge(render(s), s.intent) for s in scenes]
     render_kinds = [prompt_kind(sc.intent) for sc in scenes]
     return {
@@ -131,5 +161,6 @@ def evaluate(
         "settings": settings,
         "judge_on_renders": {**_accuracies(renders), "by_kind": _by_kind(renders, render_kinds)},
         "ceiling": ceiling(pipe, scenes[: min(n, 100)]),
-        "notes": "diversity: mean absolute pixel difference (0-1) between images of the same prompt",
+        "notes": "diversity: mean absolute pixel difference (0-1) between images of the same prompt; seconds per"
+        " image: warm, model load excluded, batch = seeds per prompt (end to end, and the UNet calls alone)",
     }
