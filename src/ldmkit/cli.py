@@ -116,7 +116,8 @@ GENERATE_DEFAULTS = {
 
 def _from_png(path: str) -> dict:
     """Generation settings from a PNG's parameters: exact for ldmkit's own, best effort otherwise."""
-    from ldmkit.diffusion.registry import SAMPLERS
+    from ldmkit.diffusion.registry import from_webui
+    from ldmkit.errors import ConfigError
     from ldmkit.infotext import parse_infotext, read_png_parameters
 
     prompt, negative, f = parse_infotext(read_png_parameters(path))
@@ -127,17 +128,10 @@ def _from_png(path: str) -> dict:
     if "ldmkit sampler" in f:
         out["sampler"] = f["ldmkit sampler"]
     elif "Sampler" in f:
-        name, schedule = f["Sampler"], f.get("Schedule type", "Automatic")
-        if name.endswith(" Karras"):
-            name, schedule = name[: -len(" Karras")], "Karras"
-        matches = [s.name for s in SAMPLERS.values() if s.webui_name == name]
-        exact = [s.name for s in SAMPLERS.values() if s.webui_name == name and s.webui_schedule == schedule]
-        if not matches:
-            raise LdmkitError(
-                f"{path}: sampler {f['Sampler']!r} has no ldmkit equivalent; "
-                f"allowed: {', '.join(sorted({s.webui_name for s in SAMPLERS.values()}))}"
-            )
-        out["sampler"] = (exact or matches)[0]
+        try:
+            out["sampler"] = from_webui(f["Sampler"], f.get("Schedule type"))
+        except ConfigError as e:
+            raise LdmkitError(f"{path}: {e}") from None
     conv = {
         "Steps": ("steps", int),
         "CFG scale": ("cfg", float),
@@ -416,6 +410,37 @@ def cmd_distill_lcm(args) -> int:
     return _train(args, DistillConfig, DistillTask, "model.safetensors")
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from ldmkit.server.app import Limits, ServeConfig, create_app
+
+    if args.api_auth and ":" not in args.api_auth:
+        raise LdmkitError("--api-auth: expected USER:PASS")
+    if args.host not in LOOPBACK and not (args.api_key or args.api_auth or args.insecure):
+        raise LdmkitError(
+            f"--host {args.host}: binding beyond this machine needs --api-key KEY or --api-auth USER:PASS "
+            "(or --insecure to serve without credentials)"
+        )
+    for name in ("max_pixels", "max_steps", "max_images", "max_prompt_chars"):
+        if getattr(args, name) <= 0:
+            raise LdmkitError(f"--{name.replace('_', '-')}: allowed: 1 or more")
+    limits = Limits(args.max_pixels, args.max_steps, args.max_images, args.max_prompt_chars)
+    config = ServeConfig(
+        args.model, args.models_dir, list(args.controlnet or []), args.outputs, args.api_key, args.api_auth, limits
+    )
+    from ldmkit.bundled import resolve
+
+    resolve(args.model)  # a missing model is one line now, not a failure inside the server
+    app = create_app(config)
+    app.state.ready.result()
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 MODEL_HELP = "a .safetensors/.ckpt file, a diffusers folder, or a bundled model's name (default: shapes)"
 DEFAULT_NOTE = "the bundled model's chosen setting; for other models steps 20, cfg 7, dpmpp_2m_karras"
 
@@ -505,6 +530,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", help="with --control: also write a picture, rows of control | without | with")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", help="serve the popular web UI's HTTP API and a web page")
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--models-dir", help="a folder of checkpoints to offer in the model list")
+    p.add_argument("--controlnet", action="append", help="a ControlNet file to offer by name (repeatable)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--api-key", help="require this key (Authorization: Bearer KEY, or X-API-Key)")
+    p.add_argument("--api-auth", help="require HTTP Basic credentials USER:PASS")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without credentials")
+    p.add_argument("--outputs", default="outputs", help="where every image is saved (default ./outputs)")
+    p.add_argument("--max-pixels", type=int, default=1024 * 1024, help="largest width x height")
+    p.add_argument("--max-steps", type=int, default=150)
+    p.add_argument("--max-images", type=int, default=16, help="largest batch_size x n_iter")
+    p.add_argument("--max-prompt-chars", type=int, default=4000)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("shapes", help="write shapes-world images with captions (folder or tar shards)")
     p.add_argument("--out", required=True, help="output folder")

@@ -237,6 +237,29 @@ def get_sampler(name: str) -> SamplerSpec:
     return SAMPLERS[name]
 
 
+# The web UI's "Automatic" schedule type means each sampler's own default; for DPM++ 2M that is Karras.
+WEBUI_AUTOMATIC = {"DPM++ 2M": "Karras"}
+
+
+def from_webui(name: str, schedule: str | None = None) -> str:
+    """Our sampler for a web UI sampler display name ("DPM++ 2M Karras", or "DPM++ 2M" with
+    schedule "karras"), case-insensitive as its API is."""
+    schedule = (schedule or "automatic").strip().lower()
+    if name.endswith(" Karras"):
+        name, schedule = name[: -len(" Karras")], "karras"
+    matches = [s for s in SAMPLERS.values() if s.webui_name.lower() == name.strip().lower()]
+    if not matches:
+        allowed = sorted({s.webui_name for s in SAMPLERS.values()})
+        raise ConfigError(f"sampler {name!r} has no ldmkit equivalent; allowed: {', '.join(allowed)}")
+    if schedule == "automatic":
+        schedule = WEBUI_AUTOMATIC.get(matches[0].webui_name, "automatic").lower()
+    exact = [s for s in matches if s.webui_schedule.lower() == schedule]
+    if not exact and schedule not in ("automatic", "uniform"):
+        allowed = sorted({s.webui_schedule for s in matches} | {"Automatic"})
+        raise ConfigError(f"schedule type {schedule!r} with {matches[0].webui_name}; allowed: {', '.join(allowed)}")
+    return (exact or matches)[0].name
+
+
 def markdown_table() -> str:
     """The sampler table as README shows it (`python -m ldmkit.diffusion.registry`)."""
     rows = [

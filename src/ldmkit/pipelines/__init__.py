@@ -1,5 +1,5 @@
 """Generation pipelines: thin compositions of the text encoder, the sampler and the autoencoder."""
 
-from ldmkit.pipelines.generate import GenerationParams, Pipeline, Result, StepInfo
+from ldmkit.pipelines.generate import GenerationParams, Interrupted, Pipeline, Result, StepInfo
 
-__all__ = ["GenerationParams", "Pipeline", "Result", "StepInfo"]
+__all__ = ["GenerationParams", "Interrupted", "Pipeline", "Result", "StepInfo"]

@@ -63,6 +63,15 @@ CALL_DEFAULTS = {"steps": 20, "cfg": 7.0, "sampler": "dpmpp_2m_karras"}
 LCM_DEFAULTS = {"steps": 4, "cfg": 8.5, "sampler": "lcm"}
 
 
+class Interrupted(Exception):
+    """Raised by a step callback to stop sampling; the call then returns the current x0 prediction,
+    decoded (what the popular UI shows after an interrupt)."""
+
+    def __init__(self, x0: torch.Tensor | None = None):
+        super().__init__("interrupted")
+        self.x0 = x0
+
+
 @dataclass
 class StepInfo:
     """What the per-step callback sees. `preview()` makes cheap RGB previews of the current x0."""
@@ -82,6 +91,7 @@ class Result:
     infotexts: list[str]
     latents: torch.Tensor = field(repr=False)
     control_images: list[Image.Image] = field(default_factory=list)  # the preprocessed control images
+    interrupted: bool = False  # stopped by the callback: images are the last x0 prediction
 
 
 def _check_size(name: str, value: int, multiple: int) -> None:
@@ -216,14 +226,21 @@ class Pipeline:
             prompt_mode,
             control=list(control or []),
         )
+        interrupted = False
         try:
             with torch.no_grad():
                 z, images, control_images = self._generate(params, init_image, mask, callback)
+        except Interrupted as stop:
+            if stop.x0 is None:
+                raise
+            interrupted, z, control_images = True, stop.x0, []
+            with torch.no_grad():
+                images = self.model.vae.decode(self.model.vae.unscale(z))
         finally:
             self.model.text_encoder.config = text_config
         seeds = [seed + i for i in range(batch)]
         infotexts = [self.infotext(params, s) for s in seeds]
-        return Result(tensor_to_pil(images), params, seeds, infotexts, z, control_images)
+        return Result(tensor_to_pil(images), params, seeds, infotexts, z, control_images, interrupted)
 
     def _generate(self, p: GenerationParams, init_image, mask, callback):
         m = self.model

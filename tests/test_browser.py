@@ -1,0 +1,80 @@
+"""The web page in a real browser: Debian's headless Chromium driven by Playwright. It opens the page,
+enters a prompt, generates, sees the progress and the image appear, and reuses the settings. The
+screenshot is kept in artifacts/ (not in git). .ci/run installs Chromium and sets
+LDMKIT_REQUIRE_BROWSER=1, so there the test cannot be skipped."""
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ldmkit.cli import main
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+ARTIFACTS = Path(__file__).parent.parent / "artifacts"
+
+if not Path(CHROMIUM).exists() and not os.environ.get("LDMKIT_REQUIRE_BROWSER"):
+    pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import uvicorn
+
+    from ldmkit.server.app import ServeConfig, create_app
+
+    folder = tmp_path_factory.mktemp("browser")
+    assert main(["init-model", str(folder / "tiny.safetensors")]) == 0
+    app = create_app(ServeConfig(str(folder / "tiny.safetensors"), outputs=str(folder / "out")))
+    app.state.ready.result()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(30)
+
+
+def test_generate_from_the_page(server):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page()
+        page.goto(server)
+        expect(page.get_by_test_id("status")).to_have_text("ready", timeout=30000)
+        assert page.locator("#width").input_value() == "64"  # the model's own size
+        page.get_by_test_id("prompt").fill("a blue square")
+        page.locator("#steps").fill("40")  # long enough to watch the progress
+        page.get_by_test_id("generate").click()
+        expect(page.get_by_test_id("status")).to_contain_text("step ", timeout=30000)
+        expect(page.get_by_test_id("preview").locator("img")).to_be_visible(timeout=30000)
+        item = page.get_by_test_id("gallery").locator(".item").first
+        expect(item.locator("img")).to_be_visible(timeout=60000)
+        expect(page.get_by_test_id("status")).to_contain_text("done: seed", timeout=5000)
+        used = item.get_by_test_id("used-seed").inner_text()
+        assert page.get_by_test_id("seed").input_value() == "-1"
+        assert "a blue square" in item.locator("pre").inner_text()
+        item.get_by_test_id("reuse").click()
+        assert page.get_by_test_id("seed").input_value() == used  # the seed actually used, now fixed
+        assert page.get_by_test_id("error").inner_text() == ""
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "browser.png"), full_page=True)
+        browser.close()
