@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -324,3 +325,30 @@ def test_controlnet_through_alwayson_scripts(models, tmp_path):
             bad = {"ControlNet": {"args": [{**unit, **change}]}}
             r = c.post("/sdapi/v1/txt2img", json={**SMALL, "alwayson_scripts": bad})
             assert r.status_code == 422 and needle in r.text, (change, r.text)
+
+
+def test_loras_listed_and_used_from_prompts(models, tmp_path):
+    from safetensors.torch import save_file
+
+    from ldmkit.checkpoints.single_file import load_model
+
+    unet = load_model(models / "tiny.safetensors").unet
+    attn = unet.get_submodule("input_blocks.1.1.transformer_blocks.0.attn2.to_q")
+    key = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_q"  # original-layout names, as old files have
+    lora = {
+        f"{key}.lora_down.weight": torch.randn(2, attn.in_features),
+        f"{key}.lora_up.weight": torch.randn(attn.out_features, 2),
+    }
+    (tmp_path / "loras").mkdir()
+    save_file(lora, str(tmp_path / "loras" / "style.safetensors"))
+    config = ServeConfig(
+        str(models / "tiny.safetensors"), outputs=str(tmp_path / "out"), lora_dir=str(tmp_path / "loras")
+    )
+    with TestClient(create_app(config), raise_server_exceptions=False) as c:
+        assert [x["name"] for x in c.get("/sdapi/v1/loras").json()] == ["style"]
+        plain = c.post("/sdapi/v1/txt2img", json={**SMALL, "seed": 2, "prompt": "x "}).json()
+        tagged = c.post("/sdapi/v1/txt2img", json={**SMALL, "seed": 2, "prompt": "x <lora:style:0.5>"}).json()
+        assert 'Lora hashes: "style: ' in json.loads(tagged["info"])["infotexts"][0]
+        assert tagged["images"][0] != plain["images"][0]
+        r = c.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "x <lora:nope>"})
+        assert r.status_code == 422 and "unknown LoRA 'nope'" in r.text and "available: style" in r.text

@@ -185,6 +185,19 @@ def _parse_control(text: str) -> tuple[str, str, float]:
     return kind, path, strength
 
 
+def _parse_lora(text: str) -> tuple[str, float]:
+    """FILE[:WEIGHT]"""
+    path, sep, weight = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass  # a path with a colon in it
+    if not Path(text).is_file():
+        raise LdmkitError(f"--lora {text}: no such file (expected FILE[:WEIGHT])")
+    return text, 1.0
+
+
 def _controls(args, pipe, controls: list[tuple[str, str, float]], images: list) -> list:
     """ControlInputs for --control / --controlnet: one ControlNet per control, one for all, or the
     bundled model's own."""
@@ -245,6 +258,7 @@ def cmd_generate(args) -> int:
     init = load_image(args.init_image, "--init-image") if args.init_image else None
     mask = load_image(args.mask, "--mask") if args.mask else None
     controls = [_parse_control(c) for c in args.control or []]
+    loras = [_parse_lora(text) for text in args.lora or []]
     control_images = [load_image(path, "--control image") for _, path, _ in controls]
     if args.controlnet and not controls:
         raise LdmkitError("--controlnet needs --control TYPE:IMAGE[:STRENGTH]")
@@ -261,8 +275,9 @@ def cmd_generate(args) -> int:
         bars[0].update(info.step - bars[0].n)
 
     control = _controls(args, pipe, controls, control_images) if controls else None
+    pipe.lora_dir = args.lora_dir
     prompt = settings.pop("prompt")
-    result = pipe(prompt, init_image=init, mask=mask, callback=progress, control=control, **settings)
+    result = pipe(prompt, init_image=init, mask=mask, callback=progress, control=control, loras=loras, **settings)
     for bar in bars:
         bar.close()
     paths = _output_paths(args.output, result.seeds)
@@ -430,7 +445,14 @@ def cmd_serve(args) -> int:
             raise LdmkitError(f"--{name.replace('_', '-')}: allowed: 1 or more")
     limits = Limits(args.max_pixels, args.max_steps, args.max_images, args.max_prompt_chars)
     config = ServeConfig(
-        args.model, args.models_dir, list(args.controlnet or []), args.outputs, args.api_key, args.api_auth, limits
+        args.model,
+        args.models_dir,
+        list(args.controlnet or []),
+        args.lora_dir,
+        args.outputs,
+        args.api_key,
+        args.api_auth,
+        limits,
     )
     from ldmkit.bundled import resolve
 
@@ -507,6 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control-start", type=float, default=0.0, help="fraction of the steps where control starts")
     p.add_argument("--control-end", type=float, default=1.0, help="fraction of the steps where control ends")
     p.add_argument("--guess-mode", action="store_true", help="control on the prompt branch only, scaled by depth")
+    p.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", help="merge a LoRA for this run (repeatable)")
+    p.add_argument("--lora-dir", help="where <lora:NAME:WEIGHT> tags in the prompt look for NAME")
     p.add_argument("--fast", action="store_true", help="the bundled model's consistency-distilled version (4 steps)")
     p.add_argument("--from-png", help="reuse the settings stored in a PNG's parameters")
     p.add_argument("-o", "--output", help="output .png (with --batch N: one file per seed)")
@@ -535,6 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--models-dir", help="a folder of checkpoints to offer in the model list")
     p.add_argument("--controlnet", action="append", help="a ControlNet file to offer by name (repeatable)")
+    p.add_argument("--lora-dir", help="LoRA folder: /sdapi/v1/loras lists it, prompts use <lora:NAME:WEIGHT>")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--api-key", help="require this key (Authorization: Bearer KEY, or X-API-Key)")

@@ -27,6 +27,7 @@ from ldmkit.diffusion.sampling import generators_for, sample_latents
 from ldmkit.diffusion.schedule import NoiseSchedule
 from ldmkit.errors import ConfigError
 from ldmkit.infotext import format_infotext
+from ldmkit.lora import Lora, LoraSet, find_lora, lora_hash, parse_lora_tags, read_lora
 from ldmkit.models.ldm import LatentDiffusion
 from ldmkit.nn.embedding import guidance_scale_embedding
 from ldmkit.pipelines.images import latent_preview, mask_to_tensor, pil_to_tensor, tensor_to_pil
@@ -111,6 +112,9 @@ class Pipeline:
         base = LCM_DEFAULTS if model.config.unet.time_cond_proj_dim else CALL_DEFAULTS
         self.defaults = {**base, **(defaults or {})}
         self._hash: str | None = None
+        self.lora_dir: Path | None = None  # where <lora:NAME:WEIGHT> tags look
+        self.loras = LoraSet(model)  # merged LoRAs; each call makes its own set the merged one
+        self._lora_files: dict[Path, Lora] = {}
 
     @classmethod
     def load(
@@ -166,7 +170,10 @@ class Pipeline:
         timestep_spacing: str | None = None,
         callback: Callable[[StepInfo], None] | None = None,
         control: list | None = None,
+        loras: list[tuple[str | Path, float]] | None = None,
     ) -> Result:
+        """Generate images. loras: (file, strength) pairs merged for this call, besides the prompt's
+        <lora:NAME:WEIGHT> tags (looked up in `self.lora_dir`)."""
         c = self.model.config
         steps = self.defaults["steps"] if steps is None else steps
         cfg = self.defaults["cfg"] if cfg is None else cfg
@@ -195,6 +202,13 @@ class Pipeline:
                 f"mask is {mask.size[0]}x{mask.size[1]} but the init image is "
                 f"{init_image.size[0]}x{init_image.size[1]}; they must be the same size"
             )
+        requested = [(Path(f), float(w)) for f, w in loras or []]
+        for text in (prompt, negative_prompt):
+            requested += [(find_lora(n, self.lora_dir), w) for n, w in parse_lora_tags(text)[1]]
+        for path, _ in requested:
+            if path not in self._lora_files:
+                self._lora_files[path] = read_lora(path, self.model)
+        self.loras.apply([(self._lora_files[path], w) for path, w in requested])
         for ci in control or []:
             ci.check()
             ci.net.check_base(c.unet)
@@ -251,8 +265,9 @@ class Pipeline:
         inpaint_model = c.unet.in_channels == 9
         embedded_guidance = bool(c.unet.time_cond_proj_dim)
         use_uncond = p.cfg != 1.0 and not embedded_guidance
+        prompt, negative = parse_lora_tags(p.prompt)[0], parse_lora_tags(p.negative_prompt)[0]
         context, uncond = encode_prompts(
-            m.text_encoder, [p.prompt] * p.batch, [p.negative_prompt] * p.batch if use_uncond else None, p.prompt_mode
+            m.text_encoder, [prompt] * p.batch, [negative] * p.batch if use_uncond else None, p.prompt_mode
         )
         cond = Conditioning(context, uncond, cfg_scale=p.cfg, guidance_rescale=p.guidance_rescale)
         if embedded_guidance:
@@ -321,6 +336,9 @@ class Pipeline:
             images = pixel_mask * images + (1 - pixel_mask) * pixels
         return z, images, control_images
 
+    def _merged(self) -> list[Lora]:
+        return [self._lora_files[Path(path)] for path, _ in self.loras.applied]
+
     def infotext(self, p: GenerationParams, seed: int) -> str:
         spec = SAMPLERS[p.sampler]
         fields = {
@@ -339,6 +357,7 @@ class Pipeline:
             "Guidance rescale": p.guidance_rescale or None,
             "Prompt mode": p.prompt_mode if p.prompt_mode != "webui" else None,
             "Timestep spacing": p.timestep_spacing,
+            "Lora hashes": ", ".join(f"{lora.name}: {lora_hash(lora.path)}" for lora in self._merged()) or None,
             **{
                 f"ControlNet {i}": (
                     f"Module: {ci.kind}, Model: {ci.name}, Weight: {ci.strength:g}, Guidance Start: {ci.start:g}, "

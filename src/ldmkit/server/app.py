@@ -50,6 +50,7 @@ class ServeConfig:
     model: str | None = None  # a path or a bundled name; None: the bundled default
     models_dir: str | None = None  # more checkpoints to offer in the model picker
     controlnets: list[str] = field(default_factory=list)  # ControlNet files offered by name
+    lora_dir: str | None = None  # where prompts' <lora:NAME:WEIGHT> tags look
     outputs: str = "outputs"
     api_key: str | None = None
     api_auth: str | None = None  # USER:PASS for HTTP Basic
@@ -79,6 +80,7 @@ class Models:
         self.pipe = None
         self.loaded: str | None = None
         self.controlnets: dict[str, Path] = {Path(p).stem: Path(p) for p in config.controlnets}
+        self.lora_dir = config.lora_dir
 
     def short_hash(self, name: str) -> str | None:
         path = self.paths[name]
@@ -115,6 +117,7 @@ class Models:
 
             self.pipe = None  # free the old model first
             self.pipe = Pipeline.load(name if name in BUNDLED else self.paths[name])
+            self.pipe.lora_dir = self.lora_dir
             self.loaded = name
         return self.pipe
 
@@ -507,8 +510,13 @@ def create_app(config: ServeConfig) -> FastAPI:
         return []
 
     @app.get("/sdapi/v1/loras")
-    def loras() -> list:
-        return []
+    def loras() -> list[dict]:
+        from ldmkit.lora import find_lora, list_loras
+
+        return [
+            {"name": n, "alias": n, "path": str(find_lora(n, config.lora_dir)), "metadata": {}}
+            for n in list_loras(config.lora_dir)
+        ]
 
     @app.get("/sdapi/v1/embeddings")
     def embeddings() -> dict:
