@@ -276,6 +276,8 @@ def cmd_generate(args) -> int:
 
     control = _controls(args, pipe, controls, control_images) if controls else None
     pipe.lora_dir = args.lora_dir
+    if args.embeddings_dir:
+        pipe.embeddings.load_folder(args.embeddings_dir)
     prompt = settings.pop("prompt")
     result = pipe(prompt, init_image=init, mask=mask, callback=progress, control=control, loras=loras, **settings)
     for bar in bars:
@@ -449,6 +451,7 @@ def cmd_serve(args) -> int:
         args.models_dir,
         list(args.controlnet or []),
         args.lora_dir,
+        args.embeddings_dir,
         args.outputs,
         args.api_key,
         args.api_auth,
@@ -531,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guess-mode", action="store_true", help="control on the prompt branch only, scaled by depth")
     p.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", help="merge a LoRA for this run (repeatable)")
     p.add_argument("--lora-dir", help="where <lora:NAME:WEIGHT> tags in the prompt look for NAME")
+    p.add_argument("--embeddings-dir", help="textual-inversion embeddings, used by file name in prompts")
     p.add_argument("--fast", action="store_true", help="the bundled model's consistency-distilled version (4 steps)")
     p.add_argument("--from-png", help="reuse the settings stored in a PNG's parameters")
     p.add_argument("-o", "--output", help="output .png (with --batch N: one file per seed)")
@@ -560,6 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models-dir", help="a folder of checkpoints to offer in the model list")
     p.add_argument("--controlnet", action="append", help="a ControlNet file to offer by name (repeatable)")
     p.add_argument("--lora-dir", help="LoRA folder: /sdapi/v1/loras lists it, prompts use <lora:NAME:WEIGHT>")
+    p.add_argument("--embeddings-dir", help="textual-inversion embeddings, used by file name in prompts")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--api-key", help="require this key (Authorization: Bearer KEY, or X-API-Key)")

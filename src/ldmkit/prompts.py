@@ -121,13 +121,19 @@ def tokenize_weighted(prompt: str, tokenize, size: int, comma_id: int | None) ->
     return Chunks(ids, weights)
 
 
-def encode_prompts(text_encoder, prompts: list[str], negatives: list[str] | None = None, mode: str = "webui"):
+def encode_prompts(
+    text_encoder, prompts: list[str], negatives: list[str] | None = None, mode: str = "webui", embeddings=None
+):
     """(context, uncond) [B, 77*k, D] for the prompts and (if given) their negative prompts, both
-    padded to the same number of chunks k."""
+    padded to the same number of chunks k. `embeddings` (ldmkit.embeddings.Embeddings): textual
+    inversion names in the prompts become their vectors (web UI mode)."""
     if mode not in ("webui", "truncate"):
         raise ConfigError(f"prompt mode {mode!r}; allowed: webui, truncate")
     device = next(text_encoder.parameters()).device
     if mode == "truncate":
+        used = [n for t in prompts + (negatives or []) for n in (embeddings.used_in(t) if embeddings else [])]
+        if used:
+            raise ConfigError(f"embedding {used[0]!r} in a prompt: textual inversion works in the webui prompt mode")
 
         def plain(texts):
             t = text_encoder.tokenizer(texts)
@@ -140,8 +146,10 @@ def encode_prompts(text_encoder, prompts: list[str], negatives: list[str] | None
     bos, eos, pad = tok.special_ids
     comma = (tok.content_ids(",") or [None])[0]
 
+    content = embeddings.tokenize(tok.content_ids) if embeddings is not None else tok.content_ids
+
     def split(texts):
-        return [tokenize_weighted(t, tok.content_ids, size, comma) for t in texts]
+        return [tokenize_weighted(t, content, size, comma) for t in texts]
 
     everything = split(prompts) + (split(negatives) if negatives is not None else [])
     k = max(len(c.ids) for c in everything)

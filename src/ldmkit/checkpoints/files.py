@@ -76,11 +76,12 @@ ALLOWED_GLOBALS: list[tuple[Callable, str]] = [
 ]
 
 
-def _load_pickle(p: Path) -> dict[str, torch.Tensor]:
+def safe_torch_load(p: Path):
+    """torch.load with weights_only=True and the allow-list of inert classes: pickled code never runs."""
     try:
         # A file object, not a path: torch.load picks a reader by file extension when given a path.
         with open(p, "rb") as f, torch.serialization.safe_globals(ALLOWED_GLOBALS):
-            obj = torch.load(f, map_location="cpu", weights_only=True)
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = found.group(1) if found else "a non-tensor object"
@@ -92,6 +93,10 @@ def _load_pickle(p: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{p}: truncated or corrupt PyTorch checkpoint ({str(e).splitlines()[0][:120]})"
         ) from None
+
+
+def _load_pickle(p: Path) -> dict[str, torch.Tensor]:
+    obj = safe_torch_load(p)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         meta = {k: v for k, v in obj.items() if k in ("global_step", "epoch") and isinstance(v, int)}
         obj = obj["state_dict"]

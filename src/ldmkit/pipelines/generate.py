@@ -25,6 +25,7 @@ from ldmkit.diffusion.denoiser import Conditioning, Control, Denoiser
 from ldmkit.diffusion.registry import SAMPLERS, get_sampler
 from ldmkit.diffusion.sampling import generators_for, sample_latents
 from ldmkit.diffusion.schedule import NoiseSchedule
+from ldmkit.embeddings import Embeddings
 from ldmkit.errors import ConfigError
 from ldmkit.infotext import format_infotext
 from ldmkit.lora import Lora, LoraSet, find_lora, lora_hash, parse_lora_tags, read_lora
@@ -114,6 +115,7 @@ class Pipeline:
         self._hash: str | None = None
         self.lora_dir: Path | None = None  # where <lora:NAME:WEIGHT> tags look
         self.loras = LoraSet(model)  # merged LoRAs; each call makes its own set the merged one
+        self.embeddings = Embeddings(model.text_encoder)  # textual inversion, used by name in prompts
         self._lora_files: dict[Path, Lora] = {}
 
     @classmethod
@@ -267,7 +269,11 @@ class Pipeline:
         use_uncond = p.cfg != 1.0 and not embedded_guidance
         prompt, negative = parse_lora_tags(p.prompt)[0], parse_lora_tags(p.negative_prompt)[0]
         context, uncond = encode_prompts(
-            m.text_encoder, [prompt] * p.batch, [negative] * p.batch if use_uncond else None, p.prompt_mode
+            m.text_encoder,
+            [prompt] * p.batch,
+            [negative] * p.batch if use_uncond else None,
+            p.prompt_mode,
+            self.embeddings,
         )
         cond = Conditioning(context, uncond, cfg_scale=p.cfg, guidance_rescale=p.guidance_rescale)
         if embedded_guidance:

@@ -51,6 +51,7 @@ class ServeConfig:
     models_dir: str | None = None  # more checkpoints to offer in the model picker
     controlnets: list[str] = field(default_factory=list)  # ControlNet files offered by name
     lora_dir: str | None = None  # where prompts' <lora:NAME:WEIGHT> tags look
+    embeddings_dir: str | None = None  # textual-inversion embeddings, used by name in prompts
     outputs: str = "outputs"
     api_key: str | None = None
     api_auth: str | None = None  # USER:PASS for HTTP Basic
@@ -81,6 +82,7 @@ class Models:
         self.loaded: str | None = None
         self.controlnets: dict[str, Path] = {Path(p).stem: Path(p) for p in config.controlnets}
         self.lora_dir = config.lora_dir
+        self.embeddings_dir = config.embeddings_dir
 
     def short_hash(self, name: str) -> str | None:
         path = self.paths[name]
@@ -118,6 +120,8 @@ class Models:
             self.pipe = None  # free the old model first
             self.pipe = Pipeline.load(name if name in BUNDLED else self.paths[name])
             self.pipe.lora_dir = self.lora_dir
+            if self.embeddings_dir:
+                self.pipe.embeddings.load_folder(self.embeddings_dir)
             self.loaded = name
         return self.pipe
 
@@ -520,7 +524,12 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.get("/sdapi/v1/embeddings")
     def embeddings() -> dict:
-        return {"loaded": {}, "skipped": {}}
+        vectors = models.pipe.embeddings.vectors if models.pipe else {}
+        loaded = {
+            n: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": v.shape[1], "vectors": len(v)}
+            for n, v in vectors.items()
+        }
+        return {"loaded": loaded, "skipped": {}}
 
     @app.get("/sdapi/v1/upscalers")
     def upscalers() -> list[dict]:
