@@ -181,3 +181,47 @@ def test_a_lora_for_another_architecture_is_refused(folders, tmp_path):
     with pytest.raises(CheckpointError, match="LoHa"):
         read_lora(tmp_path / "loha.safetensors", pipe.model)
     assert LoraSet(pipe.model).applied == []
+
+
+def test_trained_lora_files_reproduce_the_trained_adapters(tmp_path, base_model, capsys):
+    import yaml
+
+    from conftest import ROOT, config_file, losses
+    from ldmkit.checkpoints.single_file import load_model
+    from ldmkit.config import from_dict
+    from ldmkit.training.lora import LoraTask, LoraTrainConfig
+
+    data = yaml.safe_load((ROOT / "configs" / "test-lora.yaml").read_text())
+    data.update(base=str(base_model))
+    data["run"]["dir"] = str(tmp_path / "direct")
+    task = LoraTask(from_dict(LoraTrainConfig, data))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in task.adapters.parameters():
+            p.normal_(0, 0.1)  # as if trained: PEFT starts lora_B at zero
+    g = torch.Generator().manual_seed(0)
+    x, t, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([900, 20]), torch.randn(2, 7, 384, generator=g)
+    ctx = ctx[..., : task.unet.config.context_dim]
+    with torch.no_grad():
+        adapted = task.unet(x, t, ctx)
+    kohya, diffusers = task.lora_files()
+    assert any(k.endswith("conv1.lora_down.weight") and v.ndim == 4 for k, v in kohya.items())  # LoCon
+    save_file(kohya, str(tmp_path / "k.safetensors"))
+    save_file(diffusers, str(tmp_path / "d.safetensors"), metadata={"lora_adapter_metadata": '{"lora_alpha": 2.0}'})
+    fresh = load_model(base_model)
+    with torch.no_grad():
+        plain = fresh.unet(x, t, ctx)
+        for f in ("k", "d"):
+            lora = read_lora(tmp_path / f"{f}.safetensors", fresh)
+            LoraSet(fresh).apply([(lora, 1.0)])
+            ours = fresh.unet(x, t, ctx)
+            assert (ours - plain).abs().mean() > 1e-3 and (ours - adapted).abs().max() <= 1e-5, f
+            LoraSet(fresh).remove()
+            fresh = load_model(base_model)
+    cfg = config_file(tmp_path, "test-lora.yaml", tmp_path / "cli", base=str(base_model))
+    assert main(["train-lora", "--config", str(cfg), "-q"]) == 0
+    assert len(losses(tmp_path / "cli")) == 6
+    assert (tmp_path / "cli" / "lora.safetensors").exists() and (
+        tmp_path / "cli" / "lora-diffusers.safetensors"
+    ).exists()
+    assert (tmp_path / "cli" / "samples" / "samples-00000006.png").exists()

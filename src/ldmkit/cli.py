@@ -421,6 +421,12 @@ def cmd_train_controlnet(args) -> int:
     return _train(args, ControlNetTrainConfig, ControlNetTask, "controlnet.safetensors")
 
 
+def cmd_train_lora(args) -> int:
+    from ldmkit.training.lora import LoraTask, LoraTrainConfig
+
+    return _train(args, LoraTrainConfig, LoraTask, "lora.safetensors")
+
+
 def cmd_distill_lcm(args) -> int:
     from ldmkit.training.lcm import DistillConfig, DistillTask
 
@@ -597,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
             "train a ControlNet for a frozen model (hints made from the images)",
         ),
         ("distill-lcm", cmd_distill_lcm, "latent consistency distillation: a few-step student of a model"),
+        ("train-lora", cmd_train_lora, "train a LoRA for a frozen model (saved in the kohya and diffusers layouts)"),
     ]:
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", required=True, help="YAML file (see configs/)")
