@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from ldmkit.cli import main
-from ldmkit.embeddings import Embeddings, read_embedding
+from ldmkit.embeddings import Embeddings, read_embedding, token_embedding
 from ldmkit.errors import CheckpointError, ConfigError
 from ldmkit.models.ldm import LatentDiffusion
 from ldmkit.models.presets import tiny
@@ -22,7 +22,7 @@ def encoder():
 
 def vectors_of(encoder, words: str) -> torch.Tensor:
     ids = encoder.tokenizer.content_ids(words)
-    return encoder.hf_model.embeddings.token_embedding.weight[ids].detach().clone()
+    return token_embedding(encoder).weight[ids].detach().clone()
 
 
 def test_every_layout_and_exact_equivalence(encoder, tmp_path):
@@ -90,3 +90,28 @@ def test_generate_with_an_embeddings_folder(encoder, tmp_path, capsys):
         main(["generate", "x", *common, "--embeddings-dir", str(tmp_path / "none"), "-o", str(tmp_path / "c.png")]) == 2
     )
     assert "no such embeddings folder" in capsys.readouterr().err
+
+
+def test_train_embedding_learns_only_the_new_vectors(tmp_path, base_model):
+    from safetensors.torch import load_file
+
+    from conftest import config_file, losses
+    from ldmkit.checkpoints.single_file import load_model
+
+    before = load_file(str(base_model))
+    cfg = config_file(tmp_path, "test-embedding.yaml", tmp_path / "emb", base=str(base_model))
+    assert main(["train-embedding", "--config", str(cfg), "-q"]) == 0
+    assert len(losses(tmp_path / "emb")) == 6
+    vectors = read_embedding(tmp_path / "emb" / "crimsonish.safetensors")
+    te = load_model(base_model).text_encoder  # MiniLM (BERT-style): textual inversion works there too
+    start = vectors_of(te, "red")
+    assert vectors.shape == start.shape and not torch.equal(vectors, start)  # it moved from "red"
+    emb = Embeddings(te)
+    emb.add("crimson", start)
+    with torch.no_grad():  # and on a BERT-style tower too, an embedding of "red" is "red"
+        assert torch.equal(
+            encode_prompts(te, ["a red circle"])[0], encode_prompts(te, ["a crimson circle"], embeddings=emb)[0]
+        )
+    after = load_file(str(base_model))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert (tmp_path / "emb" / "samples" / "samples-00000006.png").exists()

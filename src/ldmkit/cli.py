@@ -427,6 +427,12 @@ def cmd_train_lora(args) -> int:
     return _train(args, LoraTrainConfig, LoraTask, "lora.safetensors")
 
 
+def cmd_train_embedding(args) -> int:
+    from ldmkit.training.embedding import EmbeddingTask, EmbeddingTrainConfig
+
+    return _train(args, EmbeddingTrainConfig, EmbeddingTask, "embedding.safetensors")
+
+
 def cmd_distill_lcm(args) -> int:
     from ldmkit.training.lcm import DistillConfig, DistillTask
 
@@ -604,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         ("distill-lcm", cmd_distill_lcm, "latent consistency distillation: a few-step student of a model"),
         ("train-lora", cmd_train_lora, "train a LoRA for a frozen model (saved in the kohya and diffusers layouts)"),
+        ("train-embedding", cmd_train_embedding, "textual inversion: train a new word's vectors for a frozen model"),
     ]:
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", required=True, help="YAML file (see configs/)")

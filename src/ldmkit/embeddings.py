@@ -62,6 +62,15 @@ def read_embedding(path: str | Path) -> torch.Tensor:
     return vectors.detach().float().reshape(-1, vectors.shape[-1])
 
 
+def token_embedding(text_encoder) -> ExtendedEmbedding:
+    """The text tower's token embedding (CLIP's token_embedding, BERT's word_embeddings), extended."""
+    emb = text_encoder.hf_model.embeddings
+    attr = "word_embeddings" if text_encoder.config.kind == "bert" else "token_embedding"
+    if not isinstance(getattr(emb, attr), ExtendedEmbedding):
+        setattr(emb, attr, ExtendedEmbedding(getattr(emb, attr)))
+    return getattr(emb, attr)
+
+
 class Embeddings:
     """The embeddings a text encoder knows by name, and the prompt tokenisation that uses them."""
 
@@ -71,14 +80,9 @@ class Embeddings:
         self.ids: dict[str, list[int]] = {}
 
     def _token_embedding(self) -> ExtendedEmbedding:
-        emb = self.text_encoder.hf_model.embeddings
-        if not isinstance(emb.token_embedding, ExtendedEmbedding):
-            emb.token_embedding = ExtendedEmbedding(emb.token_embedding)
-        return emb.token_embedding
+        return token_embedding(self.text_encoder)
 
     def add(self, name: str, vectors: torch.Tensor, where: str = "embedding") -> None:
-        if self.text_encoder.config.kind == "bert":
-            raise ConfigError(f"{where}: textual inversion needs a CLIP text tower (this model's is BERT-style)")
         table = self._token_embedding()
         if vectors.shape[-1] != table.embedding_dim:
             raise CheckpointError(
