@@ -83,23 +83,14 @@ class EmbeddingTask(LDMTask):
         return super().loss(images, items, captions, gs, extra, reduce) + 0.0 * self.vectors["vectors"].sum()
 
     def sample(self, step: int, folder: Path) -> None:
-        from ldmkit.checkpoints.files import atomic_write
         from ldmkit.embeddings import token_embedding
         from ldmkit.pipelines import Pipeline
-        from ldmkit.training.loop import image_grid
 
-        s = self.config.sample
-        with self.ema_weights(), torch.no_grad():
+        with self.ema_weights():
             pipe = Pipeline(self.model, name=f"step-{step}")
             pipe.embeddings = self.embeddings
             token_embedding(self.model.text_encoder).extra = self.vectors["vectors"].detach().clone()
-            rows = [
-                [pipe(p, steps=s.steps, cfg=s.cfg, sampler=s.sampler, seed=seed).images[0] for p in s.prompts]
-                for seed in s.seeds
-            ]
-        folder.mkdir(parents=True, exist_ok=True)
-        grid = image_grid(rows)
-        atomic_write(folder / f"samples-{step:08d}.png", lambda tmp: grid.save(tmp, format="PNG"))
+            self.prompt_grid(pipe, step, folder)
 
     def finish(self, folder: Path) -> None:
         """The popular UI's .safetensors layout: {"emb_params": [n, d]}, named after the word."""

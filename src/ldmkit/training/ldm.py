@@ -325,14 +325,17 @@ class LDMTask:
     def sample(self, step: int, folder: Path) -> None:
         from ldmkit.pipelines import Pipeline
 
+        self.prompt_grid(Pipeline(self.ema_model(), name=f"step-{step}"), step, folder)
+
+    def prompt_grid(self, pipe, step: int, folder: Path) -> None:
+        """samples-STEP.png: one column per sample prompt, one row per seed."""
         s = self.config.sample
-        pipe = Pipeline(self.ema_model(), name=f"step-{step}")
-        rows = []
-        for prompt in s.prompts:
-            rows.append(
-                [pipe(prompt, steps=s.steps, cfg=s.cfg, sampler=s.sampler, seed=seed).images[0] for seed in s.seeds]
-            )
-        grid = image_grid([list(r) for r in zip(*rows)])  # one column per prompt, one row per seed
+        with torch.no_grad():
+            rows = [
+                [pipe(p, steps=s.steps, cfg=s.cfg, sampler=s.sampler, seed=seed).images[0] for p in s.prompts]
+                for seed in s.seeds
+            ]
+        grid = image_grid(rows)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(folder / f"samples-{step:08d}.png", lambda tmp: grid.save(tmp, format="PNG"))
 

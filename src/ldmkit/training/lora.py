@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ldmkit.checkpoints.files import atomic_write, write_safetensors
+from ldmkit.checkpoints.files import write_safetensors
 from ldmkit.data.images import DataConfig
 from ldmkit.errors import ConfigError
 from ldmkit.training.ldm import LDMTask, SampleConfig
-from ldmkit.training.loop import RunConfig, image_grid
+from ldmkit.training.loop import RunConfig
 
 
 @dataclass
@@ -78,16 +78,8 @@ class LoraTask(LDMTask):
     def sample(self, step: int, folder: Path) -> None:
         from ldmkit.pipelines import Pipeline
 
-        s = self.config.sample
-        with self.ema_weights(), torch.no_grad():
-            pipe = Pipeline(self.model, name=f"step-{step}")
-            rows = [
-                [pipe(p, steps=s.steps, cfg=s.cfg, sampler=s.sampler, seed=seed).images[0] for p in s.prompts]
-                for seed in s.seeds
-            ]
-        folder.mkdir(parents=True, exist_ok=True)
-        grid = image_grid(rows)
-        atomic_write(folder / f"samples-{step:08d}.png", lambda tmp: grid.save(tmp, format="PNG"))
+        with self.ema_weights():
+            self.prompt_grid(Pipeline(self.model, name=f"step-{step}"), step, folder)
 
     def lora_files(self) -> tuple[dict, dict]:
         """(kohya, diffusers) state dicts of the adapters, named as those tools name them."""
