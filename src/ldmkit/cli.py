@@ -359,6 +359,20 @@ def _eval_control(args, pipe, cfg: float, steps: int, sampler: str) -> dict:
     return report
 
 
+def cmd_emoji_data(args) -> int:
+    from ldmkit.data.emoji import fetch, prepare
+
+    if args.size <= 0 or not 0 <= args.heldout_fraction < 1:
+        raise LdmkitError("--size: allowed 1 or more; --heldout-fraction: allowed 0 <= f < 1")
+    out = Path(args.out).expanduser()
+    if out.exists():
+        raise LdmkitError(f"{out}: already exists; choose a new --out (or remove it)")
+    archives = fetch(Path(args.cache).expanduser())
+    manifest = prepare(archives, out, args.size, heldout_fraction=args.heldout_fraction)
+    print(json.dumps({"written": str(out), **manifest}))
+    return 0
+
+
 def cmd_shapes(args) -> int:
     import time
 
@@ -588,6 +602,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=16, help="largest batch_size x n_iter")
     p.add_argument("--max-prompt-chars", type=int, default=4000)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("emoji-data", help="fetch and prepare the open emoji image sets (Noto, Twemoji) with captions")
+    p.add_argument("--out", required=True, help="new dataset folder (train/, heldout/, NOTICE.txt)")
+    p.add_argument("--cache", default="~/.cache/ldmkit-emoji", help="where the npm archives are kept")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--heldout-fraction", type=float, default=0.05, help="emoji held out, each in one style")
+    p.set_defaults(func=cmd_emoji_data)
 
     p = sub.add_parser("shapes", help="write shapes-world images with captions (folder or tar shards)")
     p.add_argument("--out", required=True, help="output folder")
