@@ -306,3 +306,25 @@ def test_bad_requests(tiny_file, tmp_path, capsys):
         capsys, "generate", "a (cat", "--model", tiny_file, "--steps", "1", "-q", "-o", tmp_path / "y.png"
     )
     assert code == 0 and "warning: unbalanced bracket" in err and (tmp_path / "y.png").exists()
+
+
+def test_large_images_decode_in_tiles_automatically(tiny_pipe):
+    from ldmkit.pipelines.images import tensor_to_pil
+
+    pipe = tiny_pipe
+    vae = pipe.model.vae
+    assert pipe.vae_tile(torch.zeros(1, 4, 48, 48)) is None  # up to 1.5x the model's 32-latent size: whole
+    big = pipe("a red circle", steps=2, seed=1, width=128, height=128)
+    assert pipe.vae_tile(big.latents) == 32
+    with torch.no_grad():
+        tiled = tensor_to_pil(vae.decode(vae.unscale(big.latents), 32))[0]
+        whole = tensor_to_pil(vae.decode(vae.unscale(big.latents)))[0]
+    assert pixels(big.images[0]).tolist() == pixels(tiled).tolist() != pixels(whole).tolist()
+    pipe.tiled_vae = False
+    try:
+        assert (
+            pixels(pipe("a red circle", steps=2, seed=1, width=128, height=128).images[0]).tolist()
+            == pixels(whole).tolist()
+        )
+    finally:
+        pipe.tiled_vae = None

@@ -276,6 +276,7 @@ def cmd_generate(args) -> int:
 
     control = _controls(args, pipe, controls, control_images) if controls else None
     pipe.lora_dir = args.lora_dir
+    pipe.tiled_vae = {"auto": None, "on": True, "off": False}[args.tiled_vae]
     if args.embeddings_dir:
         pipe.embeddings.load_folder(args.embeddings_dir)
     prompt = settings.pop("prompt")
@@ -561,6 +562,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", help="merge a LoRA for this run (repeatable)")
     p.add_argument("--lora-dir", help="where <lora:NAME:WEIGHT> tags in the prompt look for NAME")
     p.add_argument("--embeddings-dir", help="textual-inversion embeddings, used by file name in prompts")
+    p.add_argument(
+        "--tiled-vae",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="decode/encode in tiles: bounded memory for large images (auto: above 1.5x the model's size)",
+    )
     p.add_argument("--fast", action="store_true", help="the bundled model's consistency-distilled version (4 steps)")
     p.add_argument("--from-png", help="reuse the settings stored in a PNG's parameters")
     p.add_argument("-o", "--output", help="output .png (with --batch N: one file per seed)")

@@ -195,6 +195,40 @@ class DiagonalGaussian:
         return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
 
 
+def _blend(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> None:
+    """Ramp the first `extent` rows (dim 2) or columns (dim 3) of b from a's last ones, in place."""
+    extent = min(a.shape[dim], b.shape[dim], extent)
+    if extent <= 0:
+        return
+    shape = [1] * b.ndim
+    shape[dim] = extent
+    w = (torch.arange(extent, dtype=torch.float32, device=b.device) / extent).reshape(shape).to(b.dtype)
+    head = b.narrow(dim, 0, extent)
+    head.copy_(a.narrow(dim, a.shape[dim] - extent, extent) * (1 - w) + head * w)
+
+
+def tiled(fn, x: torch.Tensor, tile_in: int, tile_out: int, overlap: float = 0.25) -> torch.Tensor:
+    """fn over overlapping tiles of x (tile_in pixels, a quarter overlapping), outputs cross-faded
+    over the overlap -- diffusers' tiling, tile for tile, so that the two agree. Each tile is
+    normalised on its own (GroupNorm), so tiles can differ slightly: the cross-fade hides the seams."""
+    step = int(tile_in * (1 - overlap))
+    extent = int(tile_out * overlap)
+    keep = tile_out - extent
+    rows = [
+        [fn(x[:, :, i : i + tile_in, j : j + tile_in]) for j in range(0, x.shape[3], step)]
+        for i in range(0, x.shape[2], step)
+    ]
+    out = []
+    for i, row in enumerate(rows):
+        for j, t in enumerate(row):  # in order: each tile blends with its already-blended neighbours
+            if i:
+                _blend(rows[i - 1][j], t, extent, 2)
+            if j:
+                _blend(row[j - 1], t, extent, 3)
+        out.append(torch.cat([t[:, :, :keep, :keep] for t in row], dim=3))
+    return torch.cat(out, dim=2)
+
+
 class AutoencoderKL(nn.Module):
     def __init__(self, config: AutoencoderConfig):
         super().__init__()
@@ -205,18 +239,29 @@ class AutoencoderKL(nn.Module):
             self.quant_conv = nn.Conv2d(2 * c.z_channels, 2 * c.embed_dim, 1)
             self.post_quant_conv = nn.Conv2d(c.embed_dim, c.z_channels, 1)
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        """x in [-1, 1] -> posterior over the (unscaled) latent."""
-        moments = self.encoder(x)
-        if self.config.use_quant_conv:
-            moments = self.quant_conv(moments)
-        return DiagonalGaussian(moments)
+    def encode(self, x: torch.Tensor, tile: int | None = None) -> DiagonalGaussian:
+        """x in [-1, 1] -> posterior over the (unscaled) latent. With `tile` (latent pixels), images
+        larger than tile * f are encoded in overlapping tiles (see `tiled`)."""
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Unscaled latent -> image in [-1, 1] (not clamped)."""
-        if self.config.use_quant_conv:
-            z = self.post_quant_conv(z)
-        return self.decoder(z)
+        def run(x):
+            moments = self.encoder(x)
+            return self.quant_conv(moments) if self.config.use_quant_conv else moments
+
+        f = self.config.downsample_factor
+        if tile is not None and max(x.shape[-2:]) > tile * f:
+            return DiagonalGaussian(tiled(run, x, tile * f, tile))
+        return DiagonalGaussian(run(x))
+
+    def decode(self, z: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        """Unscaled latent -> image in [-1, 1] (not clamped). With `tile` (latent pixels), latents larger
+        than that are decoded in overlapping tiles: memory stays bounded whatever the image size."""
+
+        def run(z):
+            return self.decoder(self.post_quant_conv(z) if self.config.use_quant_conv else z)
+
+        if tile is not None and max(z.shape[-2:]) > tile:
+            return tiled(run, z, tile, tile * self.config.downsample_factor)
+        return run(z)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True):
         posterior = self.encode(x)

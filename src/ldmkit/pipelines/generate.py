@@ -116,6 +116,7 @@ class Pipeline:
         self.lora_dir: Path | None = None  # where <lora:NAME:WEIGHT> tags look
         self.loras = LoraSet(model)  # merged LoRAs; each call makes its own set the merged one
         self.embeddings = Embeddings(model.text_encoder)  # textual inversion, used by name in prompts
+        self.tiled_vae: bool | None = None  # None: automatic (see vae_tile)
         self._lora_files: dict[Path, Lora] = {}
 
     @classmethod
@@ -251,7 +252,7 @@ class Pipeline:
                 raise
             interrupted, z, control_images = True, stop.x0, []
             with torch.no_grad():
-                images = self.model.vae.decode(self.model.vae.unscale(z))
+                images = self.model.vae.decode(self.model.vae.unscale(z), self.vae_tile(z))
         finally:
             self.model.text_encoder.config = text_config
         seeds = [seed + i for i in range(batch)]
@@ -291,13 +292,13 @@ class Pipeline:
         init_latents = pixels = pixel_mask = None
         if init_image is not None:
             pixels = pil_to_tensor(init_image, p.width, p.height).to(device)
-            posterior = m.vae.encode(pixels)
+            posterior = m.vae.encode(pixels, self.vae_tile(pixels, f))
             init_latents = torch.cat([m.vae.scale(posterior.sample(g)) for g in generators])
         if mask is not None:
             pixel_mask = mask_to_tensor(mask, p.width, p.height, p.mask_blur).to(device)
             if inpaint_model:
                 hard = (mask_to_tensor(mask, p.width, p.height, 0) >= 0.5).float().to(device)
-                masked = m.vae.scale(m.vae.encode(pixels * (1 - hard)).mode())
+                masked = m.vae.scale(m.vae.encode(pixels * (1 - hard), self.vae_tile(pixels, f)).mode())
                 hard = F.interpolate(hard, size=latent_shape[1:])
                 cond.concat = torch.cat([hard, masked], dim=1).expand(p.batch, -1, -1, -1)
             else:
@@ -337,10 +338,20 @@ class Pipeline:
         if cond.blend is not None:
             keep, z_init = cond.blend
             z = keep * z + (1 - keep) * z_init
-        images = m.vae.decode(m.vae.unscale(z))
+        images = m.vae.decode(m.vae.unscale(z), self.vae_tile(z))
         if pixel_mask is not None:
             images = pixel_mask * images + (1 - pixel_mask) * pixels
         return z, images, control_images
+
+    def vae_tile(self, x: torch.Tensor, factor: int = 1) -> int | None:
+        """The autoencoder's tile (latent pixels) for a tensor of `factor` x latent size, or None.
+        Auto: tiles of the model's own size once the latent is over 1.5 times that side, so memory
+        stays bounded on large images; `tiled_vae` True / False forces it."""
+        native = max(8, self.model.config.image_size // self.model.vae.config.downsample_factor)
+        side = max(x.shape[-2:]) // factor
+        if self.tiled_vae is False or (self.tiled_vae is None and side <= 1.5 * native):
+            return None
+        return native
 
     def _merged(self) -> list[Lora]:
         return [self._lora_files[Path(path)] for path, _ in self.loras.applied]
