@@ -328,3 +328,28 @@ def test_large_images_decode_in_tiles_automatically(tiny_pipe):
         )
     finally:
         pipe.tiled_vae = None
+
+
+def test_bf16_path_stays_close_to_fp32_and_leaves_global_state_alone(tmp_path):
+    from ldmkit.pipelines.generate import bf16_supported
+
+    assert main(["init-model", str(tmp_path / "m.safetensors")]) == 0
+    precision = torch.get_float32_matmul_precision()
+    fp32 = Pipeline.load(tmp_path / "m.safetensors")
+    bf16 = Pipeline.load(tmp_path / "m.safetensors", precision="bf16")
+    assert Pipeline.load(tmp_path / "m.safetensors", precision="auto").precision == "fp32"  # small: no gain
+    assert next(bf16.model.unet.parameters()).dtype == torch.bfloat16
+    assert next(bf16.model.text_encoder.parameters()).dtype == torch.float32
+    g = torch.Generator().manual_seed(0)
+    x, t, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([900, 50]), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        a = fp32.model.unet(x, t, ctx)
+        b = bf16.model.unet(x.bfloat16(), t, ctx.bfloat16()).float()
+    # bf16 keeps 8 mantissa bits: one UNet call within 3% of the output's scale
+    assert (a - b).abs().max() <= 0.03 * a.abs().max()
+    a = fp32("a red circle", steps=4, seed=2, width=32, height=32)
+    b = bf16("a red circle", steps=4, seed=2, width=32, height=32)
+    assert "Precision: bf16" in b.infotexts[0] and "Precision" not in a.infotexts[0]
+    assert (a.latents - b.latents).abs().max() <= 0.05 * a.latents.abs().max()
+    assert torch.get_float32_matmul_precision() == precision
+    assert bf16_supported() in (True, False)

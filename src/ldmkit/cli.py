@@ -266,7 +266,9 @@ def cmd_generate(args) -> int:
         get_sampler(settings["sampler"])  # fail before loading a model
     if settings["steps"] is not None and settings["steps"] <= 0:
         raise LdmkitError(f"--steps {settings['steps']}: allowed: 1 or more")
-    pipe = Pipeline.load(args.model, vae=args.vae, overrides=_overrides(args, skip=("clip_skip",)))
+    pipe = Pipeline.load(
+        args.model, vae=args.vae, overrides=_overrides(args, skip=("clip_skip",)), precision=args.precision
+    )
     bars = []  # drawn at the first step, so that a refused request prints its error line alone
 
     def progress(info):
@@ -562,6 +564,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", help="merge a LoRA for this run (repeatable)")
     p.add_argument("--lora-dir", help="where <lora:NAME:WEIGHT> tags in the prompt look for NAME")
     p.add_argument("--embeddings-dir", help="textual-inversion embeddings, used by file name in prompts")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "auto"],
+        default="fp32",
+        help="bf16: UNet and autoencoder in bf16 (fast on CPUs with bf16 units); auto: bf16 for large models"
+        " on such CPUs (default fp32)",
+    )
     p.add_argument(
         "--tiled-vae",
         choices=["auto", "on", "off"],

@@ -132,23 +132,25 @@ class Denoiser:
         x_in = x if math.isinf(sigma) else x / (sigma**2 + 1) ** 0.5  # at inf, x is the VP latent
         if cond.concat is not None:
             x_in = torch.cat([x_in, cond.concat.to(x_in)], dim=1)
+        # The UNet computes in its own dtype (bf16 on the fast path); the sampler's state stays fp32.
+        dtype = next(self.unet.parameters()).dtype
+        x_in = x_in.to(dtype)
         t = torch.full((x.shape[0],), self.timestep(sigma), dtype=torch.float32, device=x.device)
         guided = cond.uncond is not None and cond.cfg_scale != 1.0
         if guided:
             n = x.shape[0]
-            x2, t2, ctx2 = torch.cat([x_in, x_in]), torch.cat([t, t]), torch.cat([cond.uncond, cond.context])
+            x2, t2, ctx2 = torch.cat([x_in, x_in]), torch.cat([t, t]), torch.cat([cond.uncond, cond.context]).to(dtype)
             y2 = None if cond.y is None else torch.cat([cond.y, cond.y])
             control = self.control_residuals(x2, t2, ctx2, cond, sigma, True, y2) if cond.control else None
-            both = self.unet(x2, t2, ctx2, y=y2, control=control)
+            both = self.unet(x2, t2, ctx2, y=y2, control=control).float()
             out_uncond, out_cond = both[:n], both[n:]
             out = out_uncond + cond.cfg_scale * (out_cond - out_uncond)
             if cond.guidance_rescale > 0:
                 out = rescale_guidance(out, out_cond, cond.guidance_rescale)
         else:
-            control = (
-                self.control_residuals(x_in, t, cond.context, cond, sigma, False, cond.y) if cond.control else None
-            )
-            out = self.unet(x_in, t, cond.context, y=cond.y, timestep_cond=cond.timestep_cond, control=control)
+            context = cond.context.to(dtype)
+            control = self.control_residuals(x_in, t, context, cond, sigma, False, cond.y) if cond.control else None
+            out = self.unet(x_in, t, context, y=cond.y, timestep_cond=cond.timestep_cond, control=control).float()
         x0 = to_x0(out.float(), x, sigma, self.prediction_type)
         if cond.blend is not None:
             keep, z_init = cond.blend

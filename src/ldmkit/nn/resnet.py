@@ -7,10 +7,14 @@ from torch import nn
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in fp32 whatever the activation dtype: its statistics overflow in fp16."""
+    """GroupNorm computed in fp32 whatever the activation or weight dtype: its statistics overflow in
+    fp16 and lose precision in bf16."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        if self.weight is None or self.weight.dtype == torch.float32:
+            return super().forward(x.float()).to(x.dtype)
+        w, b = self.weight.float(), self.bias.float() if self.bias is not None else None
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
 
 
 def normalization(channels: int, groups: int = 32, eps: float = 1e-5) -> nn.GroupNorm:

@@ -60,6 +60,17 @@ class GenerationParams:
     control: list = field(default_factory=list)  # ControlInput (pipelines/control.py)
 
 
+BF16_MIN_PARAMS = 100_000_000
+
+
+def bf16_supported() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AVX-512 BF16 / AMX) that oneDNN uses."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 CONTROL_MODES = {False: "Balanced", True: "ControlNet is more important"}  # the popular UI's names
 CALL_DEFAULTS = {"steps": 20, "cfg": 7.0, "sampler": "dpmpp_2m_karras"}
 LCM_DEFAULTS = {"steps": 4, "cfg": 8.5, "sampler": "lcm"}
@@ -117,19 +128,27 @@ class Pipeline:
         self.loras = LoraSet(model)  # merged LoRAs; each call makes its own set the merged one
         self.embeddings = Embeddings(model.text_encoder)  # textual inversion, used by name in prompts
         self.tiled_vae: bool | None = None  # None: automatic (see vae_tile)
+        self.precision = "fp32"  # set_precision
         self._lora_files: dict[Path, Lora] = {}
 
     @classmethod
     def load(
-        cls, path: str | Path | None = None, vae: str | Path | None = None, overrides: dict | None = None
+        cls,
+        path: str | Path | None = None,
+        vae: str | Path | None = None,
+        overrides: dict | None = None,
+        precision: str = "fp32",
     ) -> "Pipeline":
-        """A model file or folder, or a bundled model by name ("shapes"; the default when no path is given)."""
+        """A model file or folder, or a bundled model by name ("shapes"; the default when no path is
+        given), computing in `precision` (see set_precision)."""
         from ldmkit.bundled import resolve
         from ldmkit.checkpoints.single_file import load_model
 
         path, defaults = resolve(path)
         model = load_model(path, vae=vae, overrides=overrides).use_measured_memory_format()
-        return cls(model, name=path.stem if path.is_file() else path.name, path=path, defaults=defaults)
+        pipe = cls(model, name=path.stem if path.is_file() else path.name, path=path, defaults=defaults)
+        pipe.set_precision(precision)
+        return pipe
 
     @property
     def model_hash(self) -> str:
@@ -215,6 +234,7 @@ class Pipeline:
         for ci in control or []:
             ci.check()
             ci.net.check_base(c.unet)
+            ci.net.to(next(self.model.unet.parameters()).dtype)  # residuals join the UNet in its dtype
             if ci.net.control_config.downsample_factor != c.vae.downsample_factor:
                 raise ConfigError(
                     f"ControlNet {ci.name}: its hint encoder downsamples by {ci.net.control_config.downsample_factor}"
@@ -252,7 +272,7 @@ class Pipeline:
                 raise
             interrupted, z, control_images = True, stop.x0, []
             with torch.no_grad():
-                images = self.model.vae.decode(self.model.vae.unscale(z), self.vae_tile(z))
+                images = self.decode(z)
         finally:
             self.model.text_encoder.config = text_config
         seeds = [seed + i for i in range(batch)]
@@ -292,13 +312,13 @@ class Pipeline:
         init_latents = pixels = pixel_mask = None
         if init_image is not None:
             pixels = pil_to_tensor(init_image, p.width, p.height).to(device)
-            posterior = m.vae.encode(pixels, self.vae_tile(pixels, f))
+            posterior = self.encode(pixels)
             init_latents = torch.cat([m.vae.scale(posterior.sample(g)) for g in generators])
         if mask is not None:
             pixel_mask = mask_to_tensor(mask, p.width, p.height, p.mask_blur).to(device)
             if inpaint_model:
                 hard = (mask_to_tensor(mask, p.width, p.height, 0) >= 0.5).float().to(device)
-                masked = m.vae.scale(m.vae.encode(pixels * (1 - hard), self.vae_tile(pixels, f)).mode())
+                masked = m.vae.scale(self.encode(pixels * (1 - hard)).mode())
                 hard = F.interpolate(hard, size=latent_shape[1:])
                 cond.concat = torch.cat([hard, masked], dim=1).expand(p.batch, -1, -1, -1)
             else:
@@ -316,7 +336,7 @@ class Pipeline:
                 return latent_preview(x0, c.latent_rgb)
             if c.family.startswith("sd"):
                 return latent_preview(x0)
-            return tensor_to_pil(m.vae.decode(m.vae.unscale(x0)))  # small models: decoding is cheap
+            return tensor_to_pil(self.decode(x0))  # small models: decoding is cheap
 
         def on_step(i, x, x0):
             if callback is not None:
@@ -338,10 +358,46 @@ class Pipeline:
         if cond.blend is not None:
             keep, z_init = cond.blend
             z = keep * z + (1 - keep) * z_init
-        images = m.vae.decode(m.vae.unscale(z), self.vae_tile(z))
+        images = self.decode(z)
         if pixel_mask is not None:
             images = pixel_mask * images + (1 - pixel_mask) * pixels
         return z, images, control_images
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Diffusion latents -> images in [-1, 1], fp32, in the autoencoder's dtype and tiles."""
+        vae = self.model.vae
+        dtype = next(vae.parameters()).dtype
+        return vae.decode(vae.unscale(z).to(dtype), self.vae_tile(z)).float()
+
+    def encode(self, pixels: torch.Tensor):
+        from ldmkit.models.autoencoder import DiagonalGaussian
+
+        vae = self.model.vae
+        dtype = next(vae.parameters()).dtype
+        posterior = vae.encode(pixels.to(dtype), self.vae_tile(pixels, vae.config.downsample_factor))
+        if dtype == torch.float32:
+            return posterior
+        return DiagonalGaussian(torch.cat([posterior.mean, posterior.logvar], dim=1).float())
+
+    def set_precision(self, precision: str = "auto") -> str:
+        """fp32, or bf16: the UNet's and the autoencoder's weights converted once (faster than autocast,
+        which re-casts every call), while the text tower, the sampler's state and the guidance sum stay
+        fp32. auto: bf16 when the CPU has bf16 matrix units and the UNet is big enough to gain (below
+        ~100M parameters bf16 gave nothing here: README, Performance). Set once, at load."""
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision {precision!r}; allowed: auto, fp32, bf16")
+        if precision == "auto":
+            big = sum(p.numel() for p in self.model.unet.parameters()) >= BF16_MIN_PARAMS
+            precision = "bf16" if big and bf16_supported() else "fp32"
+        if precision == "bf16":
+            if self.precision == "fp32" and next(self.model.unet.parameters()).dtype != torch.float32:
+                raise ConfigError("set_precision: the model is not fp32")
+            self.model.unet.to(torch.bfloat16)
+            self.model.vae.to(torch.bfloat16)
+        elif next(self.model.unet.parameters()).dtype != torch.float32:
+            raise ConfigError("fp32 after bf16: reload the model (bf16 weights cannot be made exact again)")
+        self.precision = precision
+        return precision
 
     def vae_tile(self, x: torch.Tensor, factor: int = 1) -> int | None:
         """The autoencoder's tile (latent pixels) for a tensor of `factor` x latent size, or None.
@@ -374,6 +430,7 @@ class Pipeline:
             "Guidance rescale": p.guidance_rescale or None,
             "Prompt mode": p.prompt_mode if p.prompt_mode != "webui" else None,
             "Timestep spacing": p.timestep_spacing,
+            "Precision": self.precision if self.precision != "fp32" else None,
             "Lora hashes": ", ".join(f"{lora.name}: {lora_hash(lora.path)}" for lora in self._merged()) or None,
             **{
                 f"ControlNet {i}": (
