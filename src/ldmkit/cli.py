@@ -362,6 +362,25 @@ def _eval_control(args, pipe, cfg: float, steps: int, sampler: str) -> dict:
     return report
 
 
+def cmd_bench(args) -> int:
+    from ldmkit.bench import run
+    from ldmkit.checkpoints.files import write_json
+
+    if not args.vs:
+        raise LdmkitError("--vs diffusers: the only reference there is; the comparison is the point")
+    precisions = ("fp32", "bf16") if args.precision == "both" else (args.precision,)
+    report = run(
+        quick=args.quick,
+        precisions=precisions,
+        progress=(lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr)),
+    )
+    report["command"] = "ldmkit " + " ".join(sys.argv[1:]) if sys.argv else "ldmkit bench"
+    if args.json:
+        write_json(args.json, report)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def cmd_emoji_data(args) -> int:
     from ldmkit.data.emoji import fetch, prepare
 
@@ -618,6 +637,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=16, help="largest batch_size x n_iter")
     p.add_argument("--max-prompt-chars", type=int, default=4000)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bench", help="measure ldmkit against diffusers on the SD 1.5 architecture, side by side")
+    p.add_argument("--vs", default="diffusers", choices=["diffusers"])
+    p.add_argument("--quick", action="store_true", help="the tiny preset: a smoke test, not a measurement")
+    p.add_argument("--precision", default="both", choices=["both", "fp32", "bf16"])
+    p.add_argument("--json", help="also write the report here")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("emoji-data", help="fetch and prepare the open emoji image sets (Noto, Twemoji) with captions")
     p.add_argument("--out", required=True, help="new dataset folder (train/, heldout/, NOTICE.txt)")

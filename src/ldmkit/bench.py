@@ -1,0 +1,236 @@
+"""`ldmkit bench`: ldmkit against diffusers on the same model and the same CPU, measured side by side.
+
+The SD 1.5 architecture with random weights (seed 0) is built once by us and written as a diffusers
+folder, so both implementations hold identical weights. Each timing is the median of several calls
+after a warm-up; peak resident memory is read in a fresh subprocess per implementation, after one
+whole image. Reported: seconds, the ratio ldmkit / diffusers (< 1: ldmkit is faster), the largest
+difference between the two outputs, the UNet's FLOPs per call and the fraction of this machine's
+measured matmul peak each reaches. `--quick` uses the tiny preset: a smoke test, seconds not minutes."""
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SETTINGS = {
+    "full": {"preset": "sd15", "sizes": (512, 256), "steps": 20, "runs": 3, "ctx": 768},
+    "quick": {"preset": "tiny", "sizes": (64, 32), "steps": 4, "runs": 2, "ctx": 32},
+}
+
+
+def median_seconds(fn, runs: int) -> float:
+    fn()  # warm-up: first-call allocations, oneDNN kernel selection
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, runs: int = 5) -> float:
+    """GFLOP/s of an n x n matmul, this machine's practical ceiling for the dtype."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    return 2 * n**3 / median_seconds(lambda: a @ b, runs) / 1e9
+
+
+def unet_flops(unet, x, t, ctx) -> float:
+    """FLOPs of one call: torch's counter, plus attention, which it does not count on CPU (the fused
+    kernel has no formula): 4 * B * L * S * channels per attention."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ldmkit.nn.attention import CrossAttention
+
+    extra = []
+
+    def hook(module, args, kwargs, out):
+        q = args[0]
+        context = args[1] if len(args) > 1 else kwargs.get("context")
+        s = context.shape[1] if context is not None else q.shape[1]
+        extra.append(4 * q.shape[0] * q.shape[1] * s * module.to_q.out_features)
+
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in unet.modules() if isinstance(m, CrossAttention)]
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            unet(x, t, ctx)
+    finally:
+        for h in handles:
+            h.remove()
+    return counter.get_total_flops() + sum(extra)
+
+
+def _build(preset_name: str, folder: Path):
+    from ldmkit.checkpoints.diffusers_folder import save_diffusers
+    from ldmkit.models.ldm import LatentDiffusion
+    from ldmkit.models.presets import preset
+
+    torch.manual_seed(0)
+    model = LatentDiffusion(preset(preset_name))
+    with torch.no_grad():
+        for p in model.parameters():  # default inits leave zero layers: give every layer real work
+            p.normal_(0, 0.02) if p.ndim > 1 else p.zero_()
+        for m in model.modules():
+            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                m.weight.fill_(1.0)
+    save_diffusers(model, folder)
+    return folder
+
+
+def _ours(folder: Path, precision: str):
+    from ldmkit.pipelines import Pipeline
+
+    return Pipeline.load(folder, precision=precision)
+
+
+def _theirs(folder: Path, dtype: torch.dtype):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    from ldmkit.diffusion.registry import get_sampler
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DPMSolverMultistepScheduler(**get_sampler("dpmpp_2m").diffusers_config)
+    pipe.to(dtype)  # diffusers' bf16 path: every component converted, as its docs do it
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _image(impl: str, folder: Path, s: dict, precision: str):
+    """One whole image at the first size: (seconds, image as a float array)."""
+    import numpy as np
+
+    from ldmkit.diffusion.sampling import generators_for
+
+    size, steps = s["sizes"][0], s["steps"]
+    prompt = "a photograph of an astronaut riding a horse"
+    if impl == "ldmkit":
+        pipe = _ours(folder, precision)
+
+        def run():
+            return pipe(
+                prompt,
+                steps=steps,
+                cfg=7.5,
+                sampler="dpmpp_2m",
+                seed=0,
+                width=size,
+                height=size,
+                prompt_mode="truncate",
+            ).images[0]
+    else:
+        pipe = _theirs(folder, torch.bfloat16 if precision == "bf16" else torch.float32)
+
+        def run():
+            return pipe(
+                prompt,
+                num_inference_steps=steps,
+                guidance_scale=7.5,
+                width=size,
+                height=size,
+                generator=generators_for(0, 1),
+            ).images[0]
+
+    run()  # warm-up
+    t = time.perf_counter()
+    image = run()
+    return time.perf_counter() - t, np.asarray(image, dtype=np.float32)
+
+
+def child(impl: str, folder: str, mode: str, precision: str) -> None:
+    """In a fresh process: one whole image, then the peak resident memory (ru_maxrss)."""
+    import resource
+
+    seconds, _ = _image(impl, Path(folder), SETTINGS[mode], precision)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": rss}))
+
+
+def _peak_rss(impl: str, folder: Path, mode: str, precision: str) -> float:
+    out = subprocess.run(
+        [sys.executable, "-m", "ldmkit.bench", impl, str(folder), mode, precision],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def _calls(folder: Path, precision: str, s: dict, peak: float, vs_diffusers: bool, progress) -> dict:
+    """UNet guidance pair at each size and one VAE decode, both implementations, same inputs."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    ours = _ours(folder, precision)
+    theirs = _theirs(folder, dtype) if vs_diffusers else None
+    r: dict = {}
+    g = torch.Generator().manual_seed(0)
+    f = ours.model.vae.config.downsample_factor
+    with torch.no_grad():
+        for size in s["sizes"]:
+            x = torch.randn(2, 4, size // f, size // f, generator=g).to(dtype)
+            t = torch.tensor([500, 500])
+            ctx = torch.randn(2, 77, s["ctx"], generator=g).to(dtype)
+            a = ours.model.unet(x, t, ctx)
+            entry = {"ldmkit_s": median_seconds(lambda: ours.model.unet(x, t, ctx), s["runs"])}
+            flops = unet_flops(ours.model.unet, x, t, ctx)
+            entry["tflop"] = round(flops / 1e12, 3)
+            entry["ldmkit_peak_fraction"] = round(flops / entry["ldmkit_s"] / 1e9 / peak, 3)
+            if theirs is not None:
+                b = theirs.unet(x, t, ctx).sample
+                entry["diffusers_s"] = median_seconds(lambda: theirs.unet(x, t, ctx), s["runs"])
+                entry["ratio"] = round(entry["ldmkit_s"] / entry["diffusers_s"], 3)
+                entry["max_abs_diff"] = float((a.float() - b.float()).abs().max())
+                entry["diffusers_peak_fraction"] = round(flops / entry["diffusers_s"] / 1e9 / peak, 3)
+            progress(f"{precision}: unet pair {size}: {entry}")
+            r[f"unet_pair_{size}"] = entry
+        z = torch.randn(1, 4, s["sizes"][0] // f, s["sizes"][0] // f, generator=g).to(dtype)
+        entry = {"ldmkit_s": median_seconds(lambda: ours.model.vae.decode(z), s["runs"])}
+        if theirs is not None:
+            entry["diffusers_s"] = median_seconds(lambda: theirs.vae.decode(z), s["runs"])
+            entry["ratio"] = round(entry["ldmkit_s"] / entry["diffusers_s"], 3)
+            a, b = ours.model.vae.decode(z), theirs.vae.decode(z).sample
+            entry["max_abs_diff"] = float((a.float() - b.float()).abs().max())
+        progress(f"{precision}: vae decode: {entry}")
+        r["vae_decode"] = entry
+    return r
+
+
+def run(quick: bool = False, vs_diffusers: bool = True, precisions=("fp32", "bf16"), progress=print) -> dict:
+    mode = "quick" if quick else "full"
+    s = SETTINGS[mode]
+    report: dict = {
+        "mode": mode,
+        "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__},
+        "peak_gflops": {"fp32": round(matmul_peak(torch.float32)), "bf16": round(matmul_peak(torch.bfloat16))},
+        "results": {},
+    }
+    if vs_diffusers:
+        import diffusers
+
+        report["machine"]["diffusers"] = diffusers.__version__
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = _build(s["preset"], Path(tmp) / "model")
+        for precision in precisions:
+            progress(f"{precision}: loading")
+            r = _calls(folder, precision, s, report["peak_gflops"][precision], vs_diffusers, progress)
+            sec_a, img_a = _image("ldmkit", folder, s, precision)
+            entry = {"ldmkit_s": sec_a, "ldmkit_peak_rss_mb": _peak_rss("ldmkit", folder, mode, precision)}
+            if vs_diffusers:
+                sec_b, img_b = _image("diffusers", folder, s, precision)
+                entry.update(
+                    diffusers_s=sec_b,
+                    ratio=round(sec_a / sec_b, 3),
+                    max_abs_pixel_diff=float(abs(img_a - img_b).max()),
+                    mean_abs_pixel_diff=float(abs(img_a - img_b).mean()),
+                    diffusers_peak_rss_mb=_peak_rss("diffusers", folder, mode, precision),
+                )
+            progress(f"{precision}: whole image {entry}")
+            r["image"] = entry
+            report["results"][precision] = r
+    return report
+
+
+if __name__ == "__main__":
+    child(*sys.argv[1:5])
