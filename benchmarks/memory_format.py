@@ -7,34 +7,23 @@ difference between the two layouts' outputs. --quick uses the tiny preset (secon
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
+from ldmkit.bench import median_seconds
 from ldmkit.models.autoencoder import AutoencoderKL
 from ldmkit.models.presets import preset
 from ldmkit.models.unet import UNetModel
 
 
-def median_time(fn, runs: int) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def compare(name, module, inputs, call, runs):
     with torch.no_grad():
         out_default = call(module, inputs)
-        t_default = median_time(lambda: call(module, inputs), runs)
+        t_default = median_seconds(lambda: call(module, inputs), runs)
         module = module.to(memory_format=torch.channels_last)
         cl = [x.to(memory_format=torch.channels_last) if x.ndim == 4 else x for x in inputs]
         out_cl = call(module, cl)
-        t_cl = median_time(lambda: call(module, cl), runs)
+        t_cl = median_seconds(lambda: call(module, cl), runs)
     return {
         "case": name,
         "default_s": round(t_default, 4),
