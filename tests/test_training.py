@@ -320,3 +320,28 @@ def test_fitted_latent_preview_looks_like_the_decoded_image(autoencoder, tmp_pat
     preview = np.asarray(latent_preview(z, table)[0], dtype=np.float32)
     small = np.asarray(image.resize((16, 16), Image.BOX), dtype=np.float32)
     assert np.abs(preview - small).mean() < np.abs(small - small.mean((0, 1))).mean()  # better than flat colour
+
+
+def test_every_committed_config_parses():
+    from ldmkit.config import load_yaml
+    from ldmkit.training.autoencoder import AutoencoderTrainConfig
+    from ldmkit.training.controlnet import ControlNetTrainConfig
+    from ldmkit.training.embedding import EmbeddingTrainConfig
+    from ldmkit.training.lcm import DistillConfig
+    from ldmkit.training.ldm import LDMTrainConfig
+    from ldmkit.training.lora import LoraTrainConfig
+
+    kinds = {
+        "autoencoder": AutoencoderTrainConfig,
+        "ldm": LDMTrainConfig,
+        "controlnet": ControlNetTrainConfig,
+        "lcm": DistillConfig,
+        "lora": LoraTrainConfig,
+        "embedding": EmbeddingTrainConfig,
+    }
+    files = sorted((ROOT / "configs").glob("*.yaml"))
+    assert len(files) >= 8
+    for f in files:
+        kind = f.stem.split("-")[-1]
+        assert kind in kinds, f"{f.name}: name it <what>-<kind>.yaml, kind one of {sorted(kinds)}"
+        load_yaml(kinds[kind], f)
