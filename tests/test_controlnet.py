@@ -465,3 +465,28 @@ def test_eval_control_reports_with_without_and_ceiling(controlled_folders, tmp_p
     assert Image.open(tmp_path / "grid.png").size[1] > 0
     assert main(argv[:3] + ["--control", "depth", "--controlnet", str(root / "cn")]) == 2
     assert "allowed: canny" in capsys.readouterr().err
+
+
+def test_several_controlnets_are_summed_each_with_its_strength():
+    from ldmkit.diffusion.denoiser import Conditioning, Control, Denoiser
+    from ldmkit.diffusion.schedule import NoiseSchedule
+    from ldmkit.models.ldm import ScheduleConfig
+
+    torch.manual_seed(0)
+    unet = randomize(UNetModel(tiny_unet_config()), std=0.05)
+    nets = [randomize(ControlNet.from_unet(unet, hint_block_channels=(8, 16)), seed=s, std=0.05) for s in (3, 4)]
+    x, _, ctx, hint = inputs(2, batch=1)
+    hint2 = hint.flip(-1)
+    denoiser = Denoiser(unet, NoiseSchedule.from_config(ScheduleConfig()), "epsilon")
+    sigma = 2.0
+    denoiser.use_sigmas(torch.tensor([sigma, 0.0]))
+    cond = Conditioning(ctx, None, cfg_scale=1.0, control=[Control(nets[0], hint, 0.5), Control(nets[1], hint2, 1.5)])
+    with torch.no_grad():
+        x0 = denoiser(x, sigma, cond)
+        x_in = x / (sigma**2 + 1) ** 0.5
+        t = torch.full((1,), denoiser.timestep(sigma))
+        r1, r2 = nets[0](x_in, hint, t, ctx), nets[1](x_in, hint2, t, ctx)
+        summed = [0.5 * a + 1.5 * b for a, b in zip(r1, r2)]
+        want = x - sigma * unet(x_in, t, ctx, control=summed)
+        alone = x - sigma * unet(x_in, t, ctx, control=[0.5 * a for a in r1])
+    assert (x0 - want).abs().max() <= 1e-5 and (x0 - alone).abs().max() > 1e-3
