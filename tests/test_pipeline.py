@@ -353,3 +353,18 @@ def test_bf16_path_stays_close_to_fp32_and_leaves_global_state_alone(tmp_path):
     assert (a.latents - b.latents).abs().max() <= 0.05 * a.latents.abs().max()
     assert torch.get_float32_matmul_precision() == precision
     assert bf16_supported() in (True, False)
+
+
+@pytest.mark.slow
+def test_compiled_unet_gives_the_eager_result(tmp_path):
+    """Slow: inductor compiles for tens of seconds."""
+    assert main(["init-model", str(tmp_path / "m.safetensors")]) == 0
+    eager = Pipeline.load(tmp_path / "m.safetensors")
+    compiled = Pipeline.load(tmp_path / "m.safetensors")
+    compiled.compile()
+    before = torch.get_float32_matmul_precision()
+    a = eager("a red circle", steps=3, seed=1, width=32, height=32)
+    b = compiled("a red circle", steps=3, seed=1, width=32, height=32)
+    assert (a.latents - b.latents).abs().max() <= 1e-3 * a.latents.abs().max()
+    assert torch.get_float32_matmul_precision() == before
+    assert set(compiled.model.state_dict()) == set(eager.model.state_dict())

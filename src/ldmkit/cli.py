@@ -278,6 +278,8 @@ def cmd_generate(args) -> int:
 
     control = _controls(args, pipe, controls, control_images) if controls else None
     pipe.lora_dir = args.lora_dir
+    if args.compile:
+        pipe.compile()
     pipe.tiled_vae = {"auto": None, "on": True, "off": False}[args.tiled_vae]
     if args.embeddings_dir:
         pipe.embeddings.load_folder(args.embeddings_dir)
@@ -590,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="bf16: UNet and autoencoder in bf16 (fast on CPUs with bf16 units); auto: bf16 for large models"
         " on such CPUs (default fp32)",
     )
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first call; faster steps)")
     p.add_argument(
         "--tiled-vae",
         choices=["auto", "on", "off"],
