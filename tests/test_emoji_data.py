@@ -115,3 +115,53 @@ def test_no_registry_or_a_damaged_archive_is_one_line_and_no_dataset(tmp_path, c
     with pytest.raises(emoji.LdmkitError, match="damaged archive"):
         emoji.prepare({"noto": cut}, tmp_path / "set2")
     assert not (tmp_path / "set2").exists() and not (tmp_path / "set2.partial").exists()
+
+
+def test_eval_emoji_reports_every_measure(tmp_path, capsys):
+    meta = [
+        {
+            "name": f"THING {i}",
+            "short_name": f"t{i}",
+            "category": ["Animals", "Food"][i % 2],
+            "image": f"{i}.png",
+            "has_img_google": True,
+            "has_img_twitter": True,
+        }
+        for i in range(12)
+    ]
+    archives = {}
+    for style, (_, _, folder) in emoji.PACKAGES.items():
+        archives[style] = tmp_path / f"{style}.tgz"
+        images = {
+            f"{i}.png": Image.new("RGBA", (64, 64), (20 * i, 100 if style == "noto" else 200, 50, 255))
+            for i in range(12)
+        }
+        fake_archive(archives[style], folder, images, meta)
+    emoji.prepare(archives, tmp_path / "set", size=64, heldout_fraction=0.3)
+    assert main(["init-model", str(tmp_path / "m.safetensors")]) == 0
+    capsys.readouterr()
+    argv = [
+        "eval-emoji",
+        "--model",
+        str(tmp_path / "m.safetensors"),
+        "--data",
+        str(tmp_path / "set"),
+        "--n",
+        "4",
+        "--fd-samples",
+        "4",
+        "--cfg",
+        "1,5",
+        "--steps",
+        "2",
+        "--classifier-steps",
+        "10",
+        "-q",
+    ]
+    assert main(argv) == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    assert report["heldout_images"] > 0 and report["train_images"] + report["heldout_images"] == 24
+    assert set(report["fd_by_cfg"]) == {"1.0", "5.0"} and report["floor_fd_train_vs_heldout"] >= 0
+    assert 0 <= report["prompt_to_content"]["recall@1"] <= report["prompt_to_content"]["recall@5"] <= 1
+    assert set(report["heldout_pairs"]) >= {"name_recall@1", "style_accuracy"}
+    assert set(report["classifier"]) == {"style", "category"}

@@ -397,6 +397,38 @@ def cmd_emoji_data(args) -> int:
     return 0
 
 
+def cmd_eval_emoji(args) -> int:
+    from tqdm import tqdm
+
+    from ldmkit.checkpoints.files import write_json
+    from ldmkit.evaluation.emoji_eval import evaluate_emoji
+    from ldmkit.pipelines import Pipeline
+
+    cfgs = _list(args.cfg, float, "cfg")
+    if min(args.n, args.fd_samples, args.steps, args.classifier_steps) <= 0:
+        raise LdmkitError("--n, --fd-samples, --steps, --classifier-steps: allowed: 1 or more")
+    pipe = Pipeline.load(args.model)
+    total = args.n + args.fd_samples * len(cfgs)
+    with tqdm(total=total, desc="images", disable=args.quiet, file=sys.stderr) as bar:
+        report = evaluate_emoji(
+            pipe,
+            Path(args.data).expanduser(),
+            args.n,
+            args.fd_samples,
+            cfgs,
+            args.steps,
+            args.sampler,
+            args.classifier_steps,
+            args.seed,
+            bar.update,
+        )
+    report["command"] = "ldmkit " + " ".join(sys.argv[1:]) if sys.argv else "ldmkit eval-emoji"
+    if args.out:
+        write_json(args.out, report)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def cmd_shapes(args) -> int:
     import time
 
@@ -655,6 +687,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--heldout-fraction", type=float, default=0.05, help="emoji held out, each in one style")
     p.set_defaults(func=cmd_emoji_data)
+
+    p = sub.add_parser("eval-emoji", help="measure an emoji model: recall of names, held-out pairs, Fréchet distance")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="the folder ldmkit emoji-data wrote (train/, heldout/)")
+    p.add_argument("--n", type=int, default=200, help="training captions for recall (default 200)")
+    p.add_argument("--fd-samples", type=int, default=2000, help="images per guidance scale for the distance")
+    p.add_argument("--cfg", default="1,3,5,7.5", help="guidance scales for the distance")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sampler", default="dpmpp_2m_karras")
+    p.add_argument("--classifier-steps", type=int, default=3000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval_emoji)
 
     p = sub.add_parser("shapes", help="write shapes-world images with captions (folder or tar shards)")
     p.add_argument("--out", required=True, help="output folder")
