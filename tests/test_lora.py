@@ -192,7 +192,7 @@ def test_trained_lora_files_reproduce_the_trained_adapters(tmp_path, base_model,
     from ldmkit.training.lora import LoraTask, LoraTrainConfig
 
     data = yaml.safe_load((ROOT / "configs" / "test-lora.yaml").read_text())
-    data.update(base=str(base_model))
+    data.update(base=str(base_model), text_target_modules=["query", "value"])  # MiniLM's attention
     data["run"]["dir"] = str(tmp_path / "direct")
     task = LoraTask(from_dict(LoraTrainConfig, data))
     torch.manual_seed(3)
@@ -204,18 +204,23 @@ def test_trained_lora_files_reproduce_the_trained_adapters(tmp_path, base_model,
     ctx = ctx[..., : task.unet.config.context_dim]
     with torch.no_grad():
         adapted = task.unet(x, t, ctx)
+        adapted_text = task.model.text_encoder(["a red circle"])
     kohya, diffusers = task.lora_files()
+    assert any(k.startswith("lora_te_encoder_layer_0_attention_self_query") for k in kohya)
     assert any(k.endswith("conv1.lora_down.weight") and v.ndim == 4 for k, v in kohya.items())  # LoCon
     save_file(kohya, str(tmp_path / "k.safetensors"))
     save_file(diffusers, str(tmp_path / "d.safetensors"), metadata={"lora_adapter_metadata": '{"lora_alpha": 2.0}'})
     fresh = load_model(base_model)
     with torch.no_grad():
         plain = fresh.unet(x, t, ctx)
+        plain_text = fresh.text_encoder(["a red circle"])
         for f in ("k", "d"):
             lora = read_lora(tmp_path / f"{f}.safetensors", fresh)
             LoraSet(fresh).apply([(lora, 1.0)])
             ours = fresh.unet(x, t, ctx)
             assert (ours - plain).abs().mean() > 1e-3 and (ours - adapted).abs().max() <= 1e-5, f
+            text = fresh.text_encoder(["a red circle"])
+            assert (text - plain_text).abs().mean() > 1e-3 and (text - adapted_text).abs().max() <= 1e-5, f
             LoraSet(fresh).remove()
             fresh = load_model(base_model)
     cfg = config_file(tmp_path, "test-lora.yaml", tmp_path / "cli", base=str(base_model))

@@ -28,6 +28,9 @@ class LoraTrainConfig:
     # Module name suffixes in our (original SD) layout, as PEFT matches them; in_layers.2 / out_layers.3 are
     # the resnets' convolutions (LoCon).
     target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    # The text tower's layers to adapt too (empty: UNet only), e.g. q_proj, k_proj, v_proj, out_proj for
+    # CLIP, or query, key, value for BERT-style towers such as MiniLM.
+    text_target_modules: tuple[str, ...] = ()
     cond_dropout: float = 0.0
     min_snr_gamma: float | None = None
     ema_decay: float = 0.0  # 0: the live weights are the result
@@ -58,22 +61,37 @@ class LoraTask(LDMTask):
         self.model = load_model(config.base)
         self.model.requires_grad_(False)
         torch.manual_seed(config.run.seed)
-        peft_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.target_modules))
-        try:
-            inject_adapter_in_model(peft_config, self.model.unet)
-        except ValueError as e:
-            raise ConfigError(f"target_modules {list(config.target_modules)}: {e}") from None
-        self.layers = {n: m for n, m in self.model.unet.named_modules() if isinstance(m, LoraLayer)}
+        self.layers: dict[tuple[str, str], nn.Module] = {}
+        for net, targets in (("unet", config.target_modules), ("text", config.text_target_modules)):
+            if not targets:
+                continue
+            module = self.model.unet if net == "unet" else self.model.text_encoder
+            peft_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(targets))
+            try:
+                inject_adapter_in_model(peft_config, module)
+            except ValueError as e:
+                raise ConfigError(f"{net} target modules {list(targets)}: {e}") from None
+            self.layers.update({(net, n): m for n, m in module.named_modules() if isinstance(m, LoraLayer)})
         adapters = nn.ModuleDict()
-        for n, m in self.layers.items():
-            key = n.replace(".", "__")
+        for (net, n), m in self.layers.items():
+            key = f"{net}__" + n.replace(".", "__")
             adapters[key + "__down"] = m.lora_A["default"]
             adapters[key + "__up"] = m.lora_B["default"]
-        adapters.requires_grad_(True)
         self.adapters = adapters
         self.setup(config, adapters)
+        adapters.requires_grad_(True)  # after setup, which freezes the text tower
         self.model.unet.eval()  # dropout-free base; the adapters train
         self.scale_measured = True
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        """With gradients when the text tower has adapters (the base class encodes without any). The
+        empty prompt for condition dropout is encoded once, at the start."""
+        if not self.config.text_target_modules:
+            return super().encode_text(captions)
+        from ldmkit.prompts import encode_prompts
+
+        with torch.enable_grad():
+            return encode_prompts(self.model.text_encoder, captions, None, mode="truncate")[0]
 
     def sample(self, step: int, folder: Path) -> None:
         from ldmkit.pipelines import Pipeline
@@ -86,18 +104,22 @@ class LoraTask(LDMTask):
         from ldmkit.checkpoints.keymaps import rename, unet_to_diffusers
 
         c = self.config
-        ours = list(self.layers)
-        theirs = rename({n + ".weight": None for n in ours}, unet_to_diffusers(self.model.config.unet))
+        unet = [n for net, n in self.layers if net == "unet"]
+        theirs = rename({n + ".weight": None for n in unet}, unet_to_diffusers(self.model.config.unet))
+        names = {("unet", n): ("lora_unet_", "unet.", k[: -len(".weight")]) for n, k in zip(unet, theirs)}
+        for net, n in self.layers:
+            if net == "text":  # transformers' own module path: what kohya and diffusers name text layers by
+                names[(net, n)] = ("lora_te_", "text_encoder.", n.removeprefix("transformer."))
         kohya, diffusers = {}, {}
-        for n, d in zip(ours, (k[: -len(".weight")] for k in theirs)):
-            m = self.layers[n]
+        for layer, (kohya_prefix, peft_prefix, path) in names.items():
+            m = self.layers[layer]
             down, up = m.lora_A["default"].weight.detach(), m.lora_B["default"].weight.detach()
-            key = "lora_unet_" + d.replace(".", "_")
+            key = kohya_prefix + path.replace(".", "_")
             kohya[f"{key}.lora_down.weight"] = down
             kohya[f"{key}.lora_up.weight"] = up
             kohya[f"{key}.alpha"] = torch.tensor(float(c.alpha))
-            diffusers[f"unet.{d}.lora_A.weight"] = down
-            diffusers[f"unet.{d}.lora_B.weight"] = up
+            diffusers[f"{peft_prefix}{path}.lora_A.weight"] = down
+            diffusers[f"{peft_prefix}{path}.lora_B.weight"] = up
         return kohya, diffusers
 
     def finish(self, folder: Path) -> None:
