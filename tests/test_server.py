@@ -352,3 +352,14 @@ def test_loras_listed_and_used_from_prompts(models, tmp_path):
         assert tagged["images"][0] != plain["images"][0]
         r = c.post("/sdapi/v1/txt2img", json={**SMALL, "prompt": "x <lora:nope>"})
         assert r.status_code == 422 and "unknown LoRA 'nope'" in r.text and "available: style" in r.text
+
+
+def test_a_model_that_fails_to_load_is_a_4xx_and_the_server_recovers(models, tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "broken.safetensors").write_bytes(b"not a checkpoint")
+    config = ServeConfig(str(models / "tiny.safetensors"), str(tmp_path / "models"), outputs=str(tmp_path / "out"))
+    with TestClient(create_app(config), raise_server_exceptions=False) as c:
+        r = c.post("/sdapi/v1/options", json={"sd_model_checkpoint": "broken"})
+        assert r.status_code == 422 and "broken.safetensors" in r.text
+        r = c.post("/sdapi/v1/txt2img", json={**SMALL, "override_settings": {"sd_model_checkpoint": "tiny"}})
+        assert r.status_code == 200, r.text

@@ -117,7 +117,7 @@ class Models:
             from ldmkit.bundled import BUNDLED
             from ldmkit.pipelines import Pipeline
 
-            self.pipe = None  # free the old model first
+            self.pipe, self.loaded = None, None  # free the old model first; a failed load leaves none
             self.pipe = Pipeline.load(name if name in BUNDLED else self.paths[name])
             self.pipe.lora_dir = self.lora_dir
             if self.embeddings_dir:
