@@ -304,10 +304,20 @@ def _list(text: str, kind, name: str) -> list:
     return values
 
 
+def _print_report(report: dict, out: str | None, command: str) -> int:
+    """Record the command that made a report, write it to `out` if asked, print it as JSON."""
+    from ldmkit.checkpoints.files import write_json
+
+    report["command"] = "ldmkit " + " ".join(sys.argv[1:]) if sys.argv else f"ldmkit {command}"
+    if out:
+        write_json(out, report)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def cmd_eval(args) -> int:
     from tqdm import tqdm
 
-    from ldmkit.checkpoints.files import write_json
     from ldmkit.data.shapes import SPLITS
     from ldmkit.diffusion.registry import get_sampler
     from ldmkit.evaluation.shapes_eval import evaluate
@@ -334,11 +344,7 @@ def cmd_eval(args) -> int:
         total = args.n * len(cfgs) * len(steps) * len(samplers)
         with tqdm(total=total, desc="prompts", disable=args.quiet, file=sys.stderr) as bar:
             report = evaluate(pipe, args.split, args.n, cfgs, steps, samplers, args.seeds, args.seed, bar.update)
-    report["command"] = "ldmkit " + " ".join(sys.argv[1:]) if sys.argv else "ldmkit eval"
-    if args.out:
-        write_json(args.out, report)
-    print(json.dumps(report, indent=2))
-    return 0
+    return _print_report(report, args.out, "eval")
 
 
 def _eval_control(args, pipe, cfg: float, steps: int, sampler: str) -> dict:
@@ -366,21 +372,14 @@ def _eval_control(args, pipe, cfg: float, steps: int, sampler: str) -> dict:
 
 def cmd_bench(args) -> int:
     from ldmkit.bench import run
-    from ldmkit.checkpoints.files import write_json
 
-    if not args.vs:
-        raise LdmkitError("--vs diffusers: the only reference there is; the comparison is the point")
     precisions = ("fp32", "bf16") if args.precision == "both" else (args.precision,)
     report = run(
         quick=args.quick,
         precisions=precisions,
         progress=(lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr)),
     )
-    report["command"] = "ldmkit " + " ".join(sys.argv[1:]) if sys.argv else "ldmkit bench"
-    if args.json:
-        write_json(args.json, report)
-    print(json.dumps(report, indent=2))
-    return 0
+    return _print_report(report, args.json, "bench")
 
 
 def cmd_emoji_data(args) -> int:
@@ -400,7 +399,6 @@ def cmd_emoji_data(args) -> int:
 def cmd_eval_emoji(args) -> int:
     from tqdm import tqdm
 
-    from ldmkit.checkpoints.files import write_json
     from ldmkit.evaluation.emoji_eval import evaluate_emoji
     from ldmkit.pipelines import Pipeline
 
@@ -422,11 +420,7 @@ def cmd_eval_emoji(args) -> int:
             args.seed,
             bar.update,
         )
-    report["command"] = "ldmkit " + " ".join(sys.argv[1:]) if sys.argv else "ldmkit eval-emoji"
-    if args.out:
-        write_json(args.out, report)
-    print(json.dumps(report, indent=2))
-    return 0
+    return _print_report(report, args.out, "eval-emoji")
 
 
 def cmd_shapes(args) -> int:

@@ -13,6 +13,7 @@ restores the originals bit for bit and never needs a reload."""
 import json
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -55,6 +56,11 @@ class Lora:
     name: str
     path: Path
     patches: list[Patch]
+
+    @cached_property
+    def hash(self) -> str:
+        """For infotexts: computed once per loaded file, not once per image."""
+        return lora_hash(self.path)
 
 
 def module_names(model) -> dict[str, tuple[str, str]]:

@@ -28,7 +28,7 @@ from ldmkit.diffusion.schedule import NoiseSchedule
 from ldmkit.embeddings import Embeddings
 from ldmkit.errors import ConfigError
 from ldmkit.infotext import format_infotext
-from ldmkit.lora import Lora, LoraSet, find_lora, lora_hash, parse_lora_tags, read_lora
+from ldmkit.lora import Lora, LoraSet, find_lora, parse_lora_tags, read_lora
 from ldmkit.models.ldm import LatentDiffusion
 from ldmkit.nn.embedding import guidance_scale_embedding
 from ldmkit.pipelines.images import latent_preview, mask_to_tensor, pil_to_tensor, tensor_to_pil
@@ -442,7 +442,7 @@ class Pipeline:
             "Prompt mode": p.prompt_mode if p.prompt_mode != "webui" else None,
             "Timestep spacing": p.timestep_spacing,
             "Precision": self.precision if self.precision != "fp32" else None,
-            "Lora hashes": ", ".join(f"{lora.name}: {lora_hash(lora.path)}" for lora in self._merged()) or None,
+            "Lora hashes": ", ".join(f"{lora.name}: {lora.hash}" for lora in self._merged()) or None,
             **{
                 f"ControlNet {i}": (
                     f"Module: {ci.kind}, Model: {ci.name}, Weight: {ci.strength:g}, Guidance Start: {ci.start:g}, "

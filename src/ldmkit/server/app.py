@@ -82,6 +82,7 @@ class Models:
         self.loaded: str | None = None
         self.controlnets: dict[str, Path] = {Path(p).stem: Path(p) for p in config.controlnets}
         self.lora_dir = config.lora_dir
+        self._controlnet_files: dict[Path, Any] = {}
         self.embeddings_dir = config.embeddings_dir
 
     def short_hash(self, name: str) -> str | None:
@@ -140,6 +141,17 @@ class Models:
         if path is not None and stem in (path.stem, path.name):
             return path
         raise RequestError(f"ControlNet model {name!r} not found; available: {', '.join(self.controlnet_names())}")
+
+    def controlnet(self, name: str, base):
+        """A ControlNet by name, read once and checked against the loaded model's UNet."""
+        from ldmkit.checkpoints.controlnet_files import load_controlnet
+
+        path = self.controlnet_path(name)
+        if path not in self._controlnet_files:
+            self._controlnet_files[path] = load_controlnet(path, base=base)
+        net = self._controlnet_files[path]
+        net.check_base(base)
+        return net
 
     def controlnet_names(self) -> list[str]:
         from ldmkit.bundled import BUNDLED, HERE
@@ -257,7 +269,6 @@ def create_app(config: ServeConfig) -> FastAPI:
         return from_webui(name, req.scheduler) if name else None
 
     def control_inputs(req: GenerationRequest, pipe) -> list:
-        from ldmkit.checkpoints.controlnet_files import load_controlnet
         from ldmkit.pipelines.control import ControlInput
 
         found = [v for k, v in (req.alwayson_scripts or {}).items() if k.lower() == "controlnet"]
@@ -282,7 +293,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             same_aspect = img.width * req.height == img.height * req.width
             if resize not in (0, "Just Resize") and not same_aspect:
                 raise RequestError(f"{where}.resize_mode: only 'Just Resize' for images of another aspect ratio")
-            net = load_controlnet(models.controlnet_path(str(u.get("model", ""))), base=pipe.model.unet.config)
+            net = models.controlnet(str(u.get("model", "")), pipe.model.unet.config)
             out.append(
                 ControlInput(
                     net,
