@@ -62,3 +62,43 @@ def test_shapes_command_writes_a_folder(tmp_path, capsys):
     assert main(["shapes", "--out", str(tmp_path / "d"), "--n", "12", "--split", "val"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["n"] == 12 and len(list((tmp_path / "d").glob("*.png"))) == 12
+
+
+def test_eval_measures_with_a_lora_and_an_embedding(tmp_path, base_model, capsys):
+    """The personalisation numbers in README come from `eval --lora` / `--embedding`: the images
+    measured must be the adapted model's (weight 0 is the base model, weight 1 is not)."""
+    import torch
+    import yaml
+    from safetensors.torch import save_file
+
+    from conftest import ROOT
+    from ldmkit.config import from_dict
+    from ldmkit.embeddings import token_embedding
+    from ldmkit.training.lora import LoraTask, LoraTrainConfig
+
+    data = yaml.safe_load((ROOT / "configs" / "test-lora.yaml").read_text())
+    data.update(base=str(base_model))
+    data["run"]["dir"] = str(tmp_path / "lora-run")
+    task = LoraTask(from_dict(LoraTrainConfig, data))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in task.adapters.parameters():
+            p.normal_(0, 0.2)
+    save_file(task.lora_files()[0], str(tmp_path / "pink.safetensors"))
+    width = token_embedding(task.model.text_encoder).embedding_dim
+    save_file({"emb_params": torch.randn(2, width)}, str(tmp_path / "teal.safetensors"))
+
+    def run(*extra):
+        argv = ["eval", "--model", str(base_model), "--n", "2", "--steps", "2", "--cfg", "3", "--seeds", "2", "-q"]
+        assert main(argv + list(extra)) == 0
+        report = json.loads(capsys.readouterr().out)
+        return report, report["settings"][0]["diversity"]
+
+    _, plain = run("--split", "pink")
+    zero_report, zero = run("--split", "pink", "--lora", f"{tmp_path / 'pink.safetensors'}:0")
+    one_report, one = run("--split", "pink", "--lora", f"{tmp_path / 'pink.safetensors'}:1")
+    assert zero == plain and one != plain
+    assert one_report["loras"] == [[str(tmp_path / "pink.safetensors"), 1.0]]
+    _, without = run("--split", "teal")
+    with_report, with_embedding = run("--split", "teal", "--embedding", str(tmp_path / "teal.safetensors"))
+    assert with_embedding != without and with_report["embeddings"] == ["teal"]

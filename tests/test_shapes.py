@@ -11,6 +11,7 @@ from PIL import Image
 from ldmkit.data.shapes import (
     COLOURS,
     HELDOUT,
+    NOVEL_COLOURS,
     SHAPES,
     Intent,
     Item,
@@ -49,6 +50,14 @@ def test_splits_hold_out_attribute_combinations():
     assert not seen_train & HELDOUT
     for i in range(200):
         assert {(s.colour, s.shape) for s in sample_scene("heldout", i).shapes} & HELDOUT
+    seen = {
+        s.colour for split in ("train", "val", "heldout") for i in range(500) for s in sample_scene(split, i).shapes
+    }
+    assert seen == set(COLOURS) and not seen & set(NOVEL_COLOURS)
+    for colour in NOVEL_COLOURS:  # each novel split shows its colour in every scene, with old ones beside it
+        scenes = [sample_scene(colour, i) for i in range(200)]
+        assert all(colour in {s.colour for s in sc.shapes} and colour in sc.caption for sc in scenes)
+        assert {s.colour for sc in scenes for s in sc.shapes} - {colour} == set(COLOURS)
     train = {sample_scene("train", i).to_json()["caption"] for i in range(50)}
     val = {sample_scene("val", i).to_json()["caption"] for i in range(50)}
     assert train != val

@@ -334,7 +334,10 @@ def cmd_eval(args) -> int:
         raise LdmkitError(f"--split {args.split}: allowed: {', '.join(SPLITS)}")
     if args.n <= 0 or args.seeds <= 0:
         raise LdmkitError("--n and --seeds: allowed: 1 or more")
+    loras = [_parse_lora(text) for text in args.lora or []]
     pipe = Pipeline.load(args.model)
+    for path in args.embedding or []:
+        pipe.embeddings.load(path)
     cfgs = cfgs or [pipe.defaults["cfg"]]
     steps = steps or [pipe.defaults["steps"]]
     samplers = samplers or [pipe.defaults["sampler"]]
@@ -343,7 +346,7 @@ def cmd_eval(args) -> int:
     else:
         total = args.n * len(cfgs) * len(steps) * len(samplers)
         with tqdm(total=total, desc="prompts", disable=args.quiet, file=sys.stderr) as bar:
-            report = evaluate(pipe, args.split, args.n, cfgs, steps, samplers, args.seeds, args.seed, bar.update)
+            report = evaluate(pipe, args.split, args.n, cfgs, steps, samplers, args.seeds, args.seed, bar.update, loras)
     return _print_report(report, args.out, "eval")
 
 
@@ -640,8 +643,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=50, help="prompts per setting (default 50)")
     p.add_argument("--seeds", type=int, default=2, help="images per prompt, for diversity (default 2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split", default="val", help="train, val or heldout (default val)")
+    p.add_argument("--split", default="val", help="train, val, heldout, or a novel colour: pink, teal (default val)")
     p.add_argument("--out", help="also write the report to this JSON file")
+    p.add_argument(
+        "--lora", action="append", metavar="FILE[:WEIGHT]", help="measure with this LoRA merged (repeatable)"
+    )
+    p.add_argument("--embedding", action="append", metavar="FILE", help="a textual-inversion file, used by its name")
     p.add_argument("--control", help="measure a ControlNet instead: canny (edge F-score with and without control)")
     p.add_argument("--controlnet", help="the ControlNet to measure (default: the bundled model's own)")
     p.add_argument("--control-strength", type=float, default=1.0)

@@ -6,7 +6,8 @@ Its caption is drawn from varied phrasings, and its `intent` is what the caption
 thing the judge (evaluation/judge.py) checks a generated image against.
 
 Deterministic: scene i of a split depends only on (split, seed, i). Splits: "train" and "val" share
-a distribution; "heldout" scenes each use a (colour, shape) pair that "train" never shows."""
+a distribution; "heldout" scenes each use a (colour, shape) pair that "train" never shows; "pink" and
+"teal" scenes each use that colour, which no other split shows (for teaching it to a trained model)."""
 
 import io
 import json
@@ -28,6 +29,13 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "blue": (40, 90, 220),
     "purple": (140, 60, 190),
 }
+# Colours no training split uses: personalisation (LoRA, textual inversion) teaches them to a trained
+# model. Split NAME (one per colour) puts this colour in every scene; the judge knows them all.
+NOVEL_COLOURS: dict[str, tuple[int, int, int]] = {
+    "pink": (240, 120, 190),
+    "teal": (0, 150, 150),
+}
+PALETTE = COLOURS | NOVEL_COLOURS
 SHAPES = ("circle", "square", "triangle", "star")
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars"}
 NUMBERS = {2: "two", 3: "three"}
@@ -47,7 +55,7 @@ RELATIONS = ("above", "below", "left of", "right of")
 RELATION_WORDS = {"above": "above", "below": "below", "left of": "to the left of", "right of": "to the right of"}
 # (colour, shape) pairs the training split never shows.
 HELDOUT = {("red", "star"), ("blue", "triangle"), ("green", "circle"), ("yellow", "square")}
-SPLITS = {"train": 0, "val": 1, "heldout": 2}
+SPLITS = {"train": 0, "val": 1, "heldout": 2} | {c: 3 + i for i, c in enumerate(NOVEL_COLOURS)}
 
 
 @dataclass
@@ -138,7 +146,7 @@ def _allowed(split: str, colour: str, shape: str) -> bool:
 
 def _pick_kind(rng, split: str) -> tuple[str, str]:
     while True:
-        colour = str(rng.choice(list(COLOURS)))
+        colour = split if split in NOVEL_COLOURS and rng.random() < 0.5 else str(rng.choice(list(COLOURS)))
         shape = str(rng.choice(SHAPES))
         if _allowed(split, colour, shape):
             return colour, shape
@@ -173,6 +181,8 @@ def sample_scene(split: str, index: int, seed: int = 0, size: int = 64) -> Scene
             continue
         kinds = {(s.colour, s.shape) for s in scene.shapes}
         if split == "heldout" and not (kinds & HELDOUT):
+            continue
+        if split in NOVEL_COLOURS and split not in {c for c, _ in kinds}:
             continue
         return scene
 
@@ -289,7 +299,7 @@ def render(scene: Scene, with_masks: bool = False):
     masks = []
     for s in scene.shapes:
         x, y, r = s.x * ss, s.y * ss, s.r * ss
-        colour = COLOURS[s.colour]
+        colour = PALETTE[s.colour]
         if s.shape == "circle":
             draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
         else:

@@ -14,11 +14,11 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from ldmkit.data.shapes import COLOURS, PLURAL, SIZES, Intent
+from ldmkit.data.shapes import PALETTE, PLURAL, SIZES, Intent
 
 ATTRIBUTES = ("colour", "shape", "count", "position", "relation", "size")
-_PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
-_NAMES = list(COLOURS)
+_PALETTE = np.array(list(PALETTE.values()), dtype=np.float32)
+_NAMES = list(PALETTE)
 
 
 @dataclass
@@ -220,12 +220,12 @@ def corrupt(intent: Intent, kind: str, rng: np.random.Generator) -> Intent | Non
     `kind` does not apply (no position to move, no relation to flip)."""
     import copy
 
-    from ldmkit.data.shapes import COLOURS, POSITIONS, SHAPES
+    from ldmkit.data.shapes import PALETTE, POSITIONS, SHAPES
 
     wrong = copy.deepcopy(intent)
     item = wrong.items[int(rng.integers(len(wrong.items)))]
     if kind == "colour":
-        item.colour = str(rng.choice([c for c in COLOURS if c != item.colour]))
+        item.colour = str(rng.choice([c for c in PALETTE if c != item.colour]))
     elif kind == "shape":
         item.shape = str(rng.choice([s for s in SHAPES if s != item.shape]))
     elif kind == "count":

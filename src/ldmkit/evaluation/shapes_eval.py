@@ -91,7 +91,7 @@ def ceiling(pipe, scenes) -> dict:
     }
 
 
-def _run_settings(pipe, scenes, cfgs, steps, samplers, seeds_per_prompt, seed, progress, unet_time) -> list[dict]:
+def _run_settings(pipe, scenes, cfgs, steps, samplers, seeds_per_prompt, seed, progress, unet_time, loras):
     size = pipe.model.config.image_size
     pipe("warm-up", steps=2, cfg=cfgs[0], sampler=samplers[0], seed=0, batch=seeds_per_prompt)  # first-call costs
     settings = []
@@ -109,6 +109,7 @@ def _run_settings(pipe, scenes, cfgs, steps, samplers, seeds_per_prompt, seed, p
                 batch=seeds_per_prompt,
                 width=size,
                 height=size,
+                loras=loras,
             )
             seconds += time.perf_counter() - t
             arrays = [np.asarray(im, dtype=np.float32) / 255 for im in result.images]
@@ -145,15 +146,22 @@ def evaluate(
     seeds_per_prompt: int = 2,
     seed: int = 0,
     progress=None,
+    loras=None,
 ) -> dict:
+    """loras: (file, weight) pairs merged for every image; textual-inversion words are the caller's
+    to load into `pipe.embeddings` (captions use them by name)."""
     size = pipe.model.config.image_size
     scenes = [sample_scene(split, i, seed, size) for i in range(n)]
     with _time_calls(pipe.model.unet) as unet_time:
-        settings = _run_settings(pipe, scenes, cfgs, steps, samplers, seeds_per_prompt, seed, progress, unet_time)
+        settings = _run_settings(
+            pipe, scenes, cfgs, steps, samplers, seeds_per_prompt, seed, progress, unet_time, loras
+        )
     renders = [judge(render(s), s.intent) for s in scenes]
     render_kinds = [prompt_kind(sc.intent) for sc in scenes]
     return {
         "model": pipe.name,
+        "loras": [[str(f), w] for f, w in loras or []],
+        "embeddings": sorted(pipe.embeddings.vectors),
         "split": split,
         "prompts": n,
         "seeds_per_prompt": seeds_per_prompt,
