@@ -9,8 +9,14 @@ MODEL=${MODEL:-shapes}
 N=${N:-100}
 ldmkit eval --model "$MODEL" --split val --n "$N" --seeds 2 --cfg 1,2,3,5,7.5,10 --steps 20 \
     --samplers dpmpp_2m_karras -q --out reports/shapes-cfg-val.json > /dev/null
-ldmkit eval --model "$MODEL" --split val --n "$N" --seeds 2 --cfg "${CFG:-5}" --steps 10,20,25 \
+# the samplers at 20 steps and the scale chosen from the first table; then, for the best sampler,
+# fewer and more steps and the neighbouring scales
+ldmkit eval --model "$MODEL" --split val --n "$N" --seeds 2 --cfg 2 --steps 20 \
     --samplers dpmpp_2m_karras,euler_a,ddim,unipc -q --out reports/shapes-samplers-val.json > /dev/null
+ldmkit eval --model "$MODEL" --split val --n "$N" --seeds 2 --cfg 2 --steps 10,25 \
+    --samplers euler_a -q --out reports/shapes-steps-val.json > /dev/null
+ldmkit eval --model "$MODEL" --split val --n "$N" --seeds 2 --cfg 3,5 --steps 20 \
+    --samplers euler_a -q --out reports/shapes-euler-cfg-val.json > /dev/null
 for split in val heldout; do
     ldmkit eval --model "$MODEL" --split "$split" --seed 1 --n 200 --seeds 2 -q \
         --out "reports/shapes-default-$split.json" > /dev/null

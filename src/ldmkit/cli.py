@@ -250,9 +250,10 @@ def cmd_generate(args) -> int:
 
         name = args.model or DEFAULT
         if name not in FAST:
+            which = f"only these bundled models have one: {', '.join(FAST)}" if FAST else "no bundled one ships yet"
             raise LdmkitError(
-                f"--fast: only bundled models have a few-step version ({', '.join(FAST)}); "
-                "for your own, distil one with ldmkit distill-lcm and pass it with --model"
+                f"--fast: a few-step version of {name}: {which}; "
+                "distil your own with ldmkit distill-lcm and pass it with --model"
             )
         args.model = FAST[name]
     init = load_image(args.init_image, "--init-image") if args.init_image else None

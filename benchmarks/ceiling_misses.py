@@ -1,0 +1,41 @@
+"""What the autoencoder's reconstructions lose, by the judge: reconstruct N true renders of a split
+with the bundled model's autoencoder, judge each against its prompt, and count the misses by kind and
+by the shape asked for (README: "The bundled model").
+
+    python benchmarks/ceiling_misses.py [N] [SPLIT]
+"""
+
+import collections
+import json
+import sys
+
+import torch
+
+from ldmkit.data.shapes import render, sample_scene
+from ldmkit.evaluation.judge import judge
+from ldmkit.pipelines import Pipeline
+from ldmkit.pipelines.generate import pil_to_tensor, tensor_to_pil
+
+
+def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 200
+    split = sys.argv[2] if len(sys.argv) > 2 else "val"
+    vae = Pipeline.load(None).model.vae
+    misses, wrong = collections.Counter(), 0
+    for i in range(n):
+        scene = sample_scene(split, i)
+        image = render(scene)
+        with torch.no_grad():
+            x = pil_to_tensor(image, scene.size, scene.size)
+            rec = tensor_to_pil(vae.decode(vae.encode(x).mode()).clamp(-1, 1))[0]
+        verdict = judge(rec, scene.intent)
+        wrong += not verdict.correct
+        for m in verdict.misses:
+            kind = m.split(":")[0]
+            asked = m.split("wanted the ")[1].split(",")[0].split()[-1] if kind == "shape" else ""
+            misses[f"{kind} {asked}".strip()] += 1
+    print(json.dumps({"split": split, "reconstructions": n, "not_fully_correct": wrong, "misses": dict(misses)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""The bundled shapes model: what a fresh install runs first. It ships inside the package, loads
+with no download, and draws what it is asked (checked by the exact judge, not by eye)."""
+
+import json
+
+import pytest
+from PIL import Image
+from safetensors import safe_open
+
+from ldmkit import bundled
+from ldmkit.cli import main
+from ldmkit.data.shapes import Intent, Item
+from ldmkit.errors import LdmkitError
+from ldmkit.evaluation.judge import judge
+from ldmkit.infotext import parse_infotext, read_png_parameters
+from ldmkit.pipelines import Pipeline
+
+SIZE_BUDGET_MB = 80  # everything the package ships (README: "The bundled model")
+
+
+def test_bundled_files_are_fp16_safetensors_within_the_budget():
+    files = sorted(bundled.HERE.glob("*.safetensors"))
+    assert {f.name for f in files} >= {b.file for b in bundled.BUNDLED.values()}
+    assert sum(f.stat().st_size for f in files) < SIZE_BUDGET_MB * 2**20
+    for f in files:
+        with safe_open(f, "pt") as sf:
+            dtypes = {sf.get_slice(k).get_dtype() for k in sf.keys()}
+        assert dtypes == {"F16"}, (f.name, dtypes)
+
+
+def test_generate_with_no_model_uses_the_bundled_one(tmp_path, capsys):
+    out = tmp_path / "a.png"
+    code = main(["generate", "a red circle above a blue square", "--seed", "3", "-o", str(out), "-q"])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(stdout)["written"] == [str(out)]
+    image = Image.open(out)
+    assert image.size == (64, 64)
+    _, _, fields = parse_infotext(read_png_parameters(out))
+    chosen = bundled.BUNDLED["shapes"].defaults
+    assert fields["Model"] == "shapes" and int(fields["Steps"]) == chosen["steps"]
+    assert float(fields["CFG scale"]) == chosen["cfg"]
+
+
+def test_bundled_model_draws_the_colour_and_shape_asked_for():
+    pipe = Pipeline.load()  # no argument: the bundled default
+    asked = [("red", "circle"), ("blue", "square"), ("yellow", "triangle"), ("green", "star")]
+    hits = 0
+    for colour, shape in asked:
+        for image in pipe(f"a {colour} {shape}", seed=0, batch=2).images:
+            hits += judge(image, Intent([Item(shape, colour)])).correct
+    # measured at the chosen settings: README's table gives single-shape accuracy on 200 val prompts
+    assert hits >= 6, f"{hits}/8 images fully correct"
+
+
+def test_user_paths_are_never_shadowed_by_bundled_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shapes").mkdir()
+    assert bundled.resolve("shapes") == (bundled.Path("shapes"), {})
+    path, defaults = bundled.resolve(None)
+    assert path == bundled.HERE / "shapes.safetensors" and defaults == bundled.BUNDLED["shapes"].defaults
+
+
+def test_missing_bundled_file_is_one_clear_error(monkeypatch):
+    monkeypatch.setitem(bundled.BUNDLED, "gone", bundled.Bundled("gone.safetensors", "recipes/none.sh"))
+    with pytest.raises(LdmkitError, match="bundled model 'gone'.*missing"):
+        bundled.resolve("gone")
+
+
+def test_fast_with_no_few_step_version_is_one_clear_error(monkeypatch, capsys):
+    monkeypatch.setattr(bundled, "FAST", {})
+    assert main(["generate", "a red circle", "--fast", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --fast") and "distill-lcm" in err and len(err.splitlines()) == 1
