@@ -187,8 +187,8 @@ def write_sd_file(path, kind="clip", in_channels=4, seed=0, with_schedule=True, 
 ROOT = Path(__file__).parent.parent
 
 
-def config_file(tmp_path, name: str, run_dir: Path, **changes) -> Path:
-    data = yaml.safe_load((ROOT / "configs" / name).read_text())
+def config_file(tmp_path, config: str, run_dir: Path, **changes) -> Path:
+    data = yaml.safe_load((ROOT / "configs" / config).read_text())
     data["run"]["dir"] = str(run_dir)
     for key, value in changes.items():
         section, _, field = key.partition(".")

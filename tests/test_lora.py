@@ -2,6 +2,8 @@
 and by us, give the same UNet and text-encoder outputs; merging then removing restores every weight
 bit for bit; prompt tags and bad files fail with one line."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -223,10 +225,12 @@ def test_trained_lora_files_reproduce_the_trained_adapters(tmp_path, base_model,
             assert (text - plain_text).abs().mean() > 1e-3 and (text - adapted_text).abs().max() <= 1e-5, f
             LoraSet(fresh).remove()
             fresh = load_model(base_model)
-    cfg = config_file(tmp_path, "test-lora.yaml", tmp_path / "cli", base=str(base_model))
+    cfg = config_file(tmp_path, "test-lora.yaml", tmp_path / "cli", base=str(base_model), name="mine")
+    capsys.readouterr()
     assert main(["train-lora", "--config", str(cfg), "-q"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["lora"] == str(tmp_path / "cli" / "mine.safetensors")
     assert len(losses(tmp_path / "cli")) == 6
-    assert (tmp_path / "cli" / "lora.safetensors").exists() and (
-        tmp_path / "cli" / "lora-diffusers.safetensors"
+    assert (tmp_path / "cli" / "mine.safetensors").exists() and (
+        tmp_path / "cli" / "mine-diffusers.safetensors"
     ).exists()
     assert (tmp_path / "cli" / "samples" / "samples-00000006.png").exists()

@@ -439,8 +439,9 @@ def cmd_shapes(args) -> int:
     return 0
 
 
-def _train(args, config_class, task_class, product: str, adjust=None) -> int:
-    """The two training commands: join the process group, read the config, run, report."""
+def _train(args, config_class, task_class, product, adjust=None) -> int:
+    """The training commands: join the process group, read the config, run, report. product: the
+    file the run ends with, or a function of the config giving it (LoRAs and embeddings are named)."""
     from ldmkit.config import load_yaml, to_dict
     from ldmkit.training.distributed import init_from_env
     from ldmkit.training.loop import Trainer
@@ -453,6 +454,8 @@ def _train(args, config_class, task_class, product: str, adjust=None) -> int:
         adjust(config)
     trainer = Trainer(task_class(config), config.run, resume=args.resume, config_record=to_dict(config))
     last = trainer.fit(progress=not args.quiet)
+    key = task_class.name if callable(product) else product.split(".")[0]
+    product = product(config) if callable(product) else product
     if trainer.main:
         print(
             json.dumps(
@@ -460,7 +463,7 @@ def _train(args, config_class, task_class, product: str, adjust=None) -> int:
                     "run": str(trainer.dir),
                     "step": trainer.step,
                     "last": last,
-                    product.split(".")[0]: str(trainer.dir / product),
+                    key: str(trainer.dir / product),
                 }
             )
         )
@@ -492,13 +495,13 @@ def cmd_train_controlnet(args) -> int:
 def cmd_train_lora(args) -> int:
     from ldmkit.training.lora import LoraTask, LoraTrainConfig
 
-    return _train(args, LoraTrainConfig, LoraTask, "lora.safetensors")
+    return _train(args, LoraTrainConfig, LoraTask, lambda c: f"{c.name}.safetensors")
 
 
 def cmd_train_embedding(args) -> int:
     from ldmkit.training.embedding import EmbeddingTask, EmbeddingTrainConfig
 
-    return _train(args, EmbeddingTrainConfig, EmbeddingTask, "embedding.safetensors")
+    return _train(args, EmbeddingTrainConfig, EmbeddingTask, lambda c: f"{c.word}.safetensors")
 
 
 def cmd_distill_lcm(args) -> int:
