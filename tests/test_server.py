@@ -310,7 +310,8 @@ def test_controlnet_through_alwayson_scripts(models, tmp_path):
         "control_mode": "Balanced",
     }
     with TestClient(create_app(config), raise_server_exceptions=False) as c:
-        assert c.get("/controlnet/model_list").json()["model_list"] == ["edges"]
+        # ours, then the bundled model's own (offered with it: the bundled model is always on the list)
+        assert c.get("/controlnet/model_list").json()["model_list"] == ["edges", "shapes-canny"]
         r = c.post("/sdapi/v1/txt2img", json={**SMALL, "alwayson_scripts": {"ControlNet": {"args": [unit]}}})
         assert r.status_code == 200, r.text
         assert 'ControlNet 0: "Module: canny, Model: edges, Weight: 0.7' in json.loads(r.json()["info"])["infotexts"][0]
