@@ -9,12 +9,11 @@ import collections
 import json
 import sys
 
-import torch
-
 from ldmkit.data.shapes import render, sample_scene
 from ldmkit.evaluation.judge import judge
+from ldmkit.evaluation.shapes_eval import reconstruct
 from ldmkit.pipelines import Pipeline
-from ldmkit.pipelines.generate import pil_to_tensor, tensor_to_pil
+from ldmkit.pipelines.images import tensor_to_pil
 
 
 def main() -> None:
@@ -24,10 +23,7 @@ def main() -> None:
     misses, wrong = collections.Counter(), 0
     for i in range(n):
         scene = sample_scene(split, i)
-        image = render(scene)
-        with torch.no_grad():
-            x = pil_to_tensor(image, scene.size, scene.size)
-            rec = tensor_to_pil(vae.decode(vae.encode(x).mode()).clamp(-1, 1))[0]
+        rec = tensor_to_pil(reconstruct(vae, render(scene))[1])[0]
         verdict = judge(rec, scene.intent)
         wrong += not verdict.correct
         for m in verdict.misses:

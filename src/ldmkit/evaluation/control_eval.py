@@ -5,14 +5,13 @@ the true render, since nothing decoded by that autoencoder can do better. The ju
 control does not cost prompt adherence."""
 
 import numpy as np
-import torch
 
 from ldmkit.data.shapes import render, sample_scene
 from ldmkit.evaluation.judge import judge
 from ldmkit.evaluation.metrics import edge_fscore
-from ldmkit.evaluation.shapes_eval import _accuracies, _by_kind, prompt_kind
+from ldmkit.evaluation.shapes_eval import _accuracies, _by_kind, prompt_kind, reconstruct
 from ldmkit.pipelines.control import ControlInput, canny
-from ldmkit.pipelines.images import pil_to_tensor, tensor_to_pil
+from ldmkit.pipelines.images import tensor_to_pil
 
 
 def edges(image) -> np.ndarray:
@@ -52,9 +51,7 @@ def evaluate_control(
         for name, result in (("with", controlled), ("without", plain)):
             scores[name].append(edge_fscore(edges(result.images[0]), target))
             verdicts[name].append(judge(result.images[0], scene.intent))
-        with torch.no_grad():
-            x = pil_to_tensor(truth, size, size)
-            rec = tensor_to_pil(vae.decode(vae.encode(x).mode()).clamp(-1, 1))[0]
+        rec = tensor_to_pil(reconstruct(vae, truth)[1])[0]
         scores["ceiling"].append(edge_fscore(edges(rec), target))
         kinds.append(prompt_kind(scene.intent))
         if i < grid_rows:

@@ -67,19 +67,22 @@ def _time_calls(module):
             h.remove()
 
 
+@torch.no_grad()
+def reconstruct(vae, image) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the image, its autoencoder round trip) as [1, 3, H, W] tensors in [-1, 1]: the ceiling's input."""
+    x = pil_to_tensor(image, image.width, image.height)
+    return x, vae.decode(vae.encode(x).mode()).clamp(-1, 1)
+
+
 def ceiling(pipe, scenes) -> dict:
     """The judge on the autoencoder's reconstructions of real renders, and their PSNR / SSIM."""
-    vae = pipe.model.vae
     verdicts, p, s = [], [], []
-    with torch.no_grad():
-        for scene in scenes:
-            image = render(scene)
-            x = pil_to_tensor(image, scene.size, scene.size)
-            rec = vae.decode(vae.encode(x).mode()).clamp(-1, 1)
-            a, b = (x + 1) / 2, (rec + 1) / 2
-            p.append(float(psnr(a, b)[0]))
-            s.append(float(ssim(a, b)[0]))
-            verdicts.append(judge(tensor_to_pil(rec)[0], scene.intent))
+    for scene in scenes:
+        x, rec = reconstruct(pipe.model.vae, render(scene))
+        a, b = (x + 1) / 2, (rec + 1) / 2
+        p.append(float(psnr(a, b)[0]))
+        s.append(float(ssim(a, b)[0]))
+        verdicts.append(judge(tensor_to_pil(rec)[0], scene.intent))
     return {
         "reconstructions": {
             **_accuracies(verdicts),
