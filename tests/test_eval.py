@@ -51,6 +51,8 @@ def test_eval_and_shapes_bad_arguments(tmp_path, capsys):
         (["eval", "--model", "x", "--samplers", "nope"], "unknown sampler"),
         (["eval", "--model", "x", "--steps", "a,b"], "comma-separated list of int"),
         (["eval", "--model", "x", "--split", "test"], "--split test"),
+        (["eval", "--model", "x", "--word", "red"], "expected OLD=NEW"),
+        (["eval", "--model", "x", "--word", "red=dark red"], "expected OLD=NEW"),
         (["shapes", "--out", str(tmp_path), "--n", "0"], "n: 0"),
     ]:
         assert main(argv) == 2
@@ -86,7 +88,7 @@ def test_eval_measures_with_a_lora_and_an_embedding(tmp_path, base_model, capsys
             p.normal_(0, 0.2)
     save_file(task.lora_files()[0], str(tmp_path / "pink.safetensors"))
     width = token_embedding(task.model.text_encoder).embedding_dim
-    save_file({"emb_params": torch.randn(2, width)}, str(tmp_path / "teal.safetensors"))
+    save_file({"emb_params": torch.randn(2, width)}, str(tmp_path / "dax.safetensors"))
 
     def run(*extra):
         argv = ["eval", "--model", str(base_model), "--n", "2", "--steps", "2", "--cfg", "3", "--seeds", "2", "-q"]
@@ -99,6 +101,9 @@ def test_eval_measures_with_a_lora_and_an_embedding(tmp_path, base_model, capsys
     one_report, one = run("--split", "pink", "--lora", f"{tmp_path / 'pink.safetensors'}:1")
     assert zero == plain and one != plain
     assert one_report["loras"] == [[str(tmp_path / "pink.safetensors"), 1.0]]
-    _, without = run("--split", "teal")
-    with_report, with_embedding = run("--split", "teal", "--embedding", str(tmp_path / "teal.safetensors"))
-    assert with_embedding != without and with_report["embeddings"] == ["teal"]
+    # A new word for red: prompts say "dax" where captions say "red"; the judge still checks red.
+    _, red = run("--split", "val")
+    word_report, without = run("--split", "val", "--word", "red=dax")
+    with_report, with_embedding = run("--split", "val", "--word", "red=dax", "--embedding", str(tmp_path / "dax.safetensors"))
+    assert len({red, without, with_embedding}) == 3
+    assert with_report["embeddings"] == ["dax"] and word_report["words"] == {"red": "dax"}

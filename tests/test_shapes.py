@@ -12,6 +12,7 @@ from ldmkit.data.shapes import (
     COLOURS,
     HELDOUT,
     NOVEL_COLOURS,
+    NOVEL_SHAPES,
     SHAPES,
     Intent,
     Item,
@@ -58,9 +59,27 @@ def test_splits_hold_out_attribute_combinations():
         scenes = [sample_scene(colour, i) for i in range(200)]
         assert all(colour in {s.colour for s in sc.shapes} and colour in sc.caption for sc in scenes)
         assert {s.colour for sc in scenes for s in sc.shapes} - {colour} == set(COLOURS)
+    scenes = [sample_scene("diamond", i) for i in range(200)]  # likewise the novel shape
+    assert all("diamond" in {s.shape for s in sc.shapes} and "diamond" in sc.caption for sc in scenes)
+    assert {s.shape for sc in scenes for s in sc.shapes} == {*SHAPES, "diamond"}
+    assert not any(s.shape == "diamond" for i in range(500) for s in sample_scene("train", i).shapes)
     train = {sample_scene("train", i).to_json()["caption"] for i in range(50)}
     val = {sample_scene("val", i).to_json()["caption"] for i in range(50)}
     assert train != val
+
+
+def test_the_judge_sees_diamonds_only_when_its_vocabulary_has_them():
+    """A model that never saw diamonds is judged as before (the training world's four shapes) unless
+    the prompt names a diamond or the caller widens the vocabulary; renders are exact either way."""
+    full = (*SHAPES, *NOVEL_SHAPES)
+    diamonds = [sc for sc in (sample_scene("diamond", i) for i in range(300)) if len(sc.shapes) == 1]
+    for sc in diamonds:
+        image = render(sc)
+        assert judge(image, sc.intent).correct and judge(image, sc.intent, full).correct
+        assert all(d.shape != "diamond" for d in detect(image))  # four classes: it must be one of them
+    for i in range(300):
+        sc = sample_scene("val", i)
+        assert judge(render(sc), sc.intent, full).correct, sc.caption
 
 
 def test_captions_vary():

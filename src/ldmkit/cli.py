@@ -316,10 +316,17 @@ def _print_report(report: dict, out: str | None, command: str) -> int:
     return 0
 
 
+def _parse_word(text: str) -> tuple[str, str]:
+    old, sep, new = text.partition("=")
+    if not sep or not old.strip() or not new.strip() or " " in old.strip() + new.strip():
+        raise LdmkitError(f"--word {text!r}: expected OLD=NEW, two single words (e.g. red=dax)")
+    return old.strip(), new.strip()
+
+
 def cmd_eval(args) -> int:
     from tqdm import tqdm
 
-    from ldmkit.data.shapes import SPLITS
+    from ldmkit.data.shapes import NOVEL_SHAPES, SHAPES, SPLITS
     from ldmkit.diffusion.registry import get_sampler
     from ldmkit.evaluation.shapes_eval import evaluate
     from ldmkit.pipelines import Pipeline
@@ -336,6 +343,8 @@ def cmd_eval(args) -> int:
     if args.n <= 0 or args.seeds <= 0:
         raise LdmkitError("--n and --seeds: allowed: 1 or more")
     loras = [_parse_lora(text) for text in args.lora or []]
+    words = dict(_parse_word(text) for text in args.word or [])
+    shapes = (*SHAPES, *NOVEL_SHAPES) if args.novel_shapes else None
     pipe = Pipeline.load(args.model)
     for path in args.embedding or []:
         pipe.embeddings.load(path)
@@ -347,7 +356,9 @@ def cmd_eval(args) -> int:
     else:
         total = args.n * len(cfgs) * len(steps) * len(samplers)
         with tqdm(total=total, desc="prompts", disable=args.quiet, file=sys.stderr) as bar:
-            report = evaluate(pipe, args.split, args.n, cfgs, steps, samplers, args.seeds, args.seed, bar.update, loras)
+            report = evaluate(
+                pipe, args.split, args.n, cfgs, steps, samplers, args.seeds, args.seed, bar.update, loras, shapes, words
+            )
     return _print_report(report, args.out, "eval")
 
 
@@ -647,12 +658,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=50, help="prompts per setting (default 50)")
     p.add_argument("--seeds", type=int, default=2, help="images per prompt, for diversity (default 2)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split", default="val", help="train, val, heldout, or a novel colour: pink, teal (default val)")
+    p.add_argument(
+        "--split", default="val", help="train, val, heldout, or a novel colour or shape: pink, teal, diamond (default val)"
+    )
     p.add_argument("--out", help="also write the report to this JSON file")
     p.add_argument(
         "--lora", action="append", metavar="FILE[:WEIGHT]", help="measure with this LoRA merged (repeatable)"
     )
     p.add_argument("--embedding", action="append", metavar="FILE", help="a textual-inversion file, used by its name")
+    p.add_argument(
+        "--word",
+        action="append",
+        metavar="OLD=NEW",
+        help="prompts say NEW where captions say OLD; the judge still checks OLD (repeatable)",
+    )
+    p.add_argument(
+        "--novel-shapes",
+        action="store_true",
+        help="the judge may also see shapes no training split has (diamond) in every image, asked for or not",
+    )
     p.add_argument("--control", help="measure a ControlNet instead: canny (edge F-score with and without control)")
     p.add_argument("--controlnet", help="the ControlNet to measure (default: the bundled model's own)")
     p.add_argument("--control-strength", type=float, default=1.0)

@@ -7,7 +7,8 @@ thing the judge (evaluation/judge.py) checks a generated image against.
 
 Deterministic: scene i of a split depends only on (split, seed, i). Splits: "train" and "val" share
 a distribution; "heldout" scenes each use a (colour, shape) pair that "train" never shows; "pink" and
-"teal" scenes each use that colour, which no other split shows (for teaching it to a trained model)."""
+"teal" scenes each use that colour, and "diamond" scenes that shape, which no other split shows (for
+teaching them to a trained model)."""
 
 import io
 import json
@@ -37,7 +38,9 @@ NOVEL_COLOURS: dict[str, tuple[int, int, int]] = {
 }
 PALETTE = COLOURS | NOVEL_COLOURS
 SHAPES = ("circle", "square", "triangle", "star")
-PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars"}
+# Shapes no training split uses, likewise: split NAME puts one in every scene.
+NOVEL_SHAPES = ("diamond",)
+PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars", "diamond": "diamonds"}
 NUMBERS = {2: "two", 3: "three"}
 # Radii (half the bounding box) as fractions of the image side: small vs large are far apart so
 # that a judge can tell them.
@@ -55,7 +58,8 @@ RELATIONS = ("above", "below", "left of", "right of")
 RELATION_WORDS = {"above": "above", "below": "below", "left of": "to the left of", "right of": "to the right of"}
 # (colour, shape) pairs the training split never shows.
 HELDOUT = {("red", "star"), ("blue", "triangle"), ("green", "circle"), ("yellow", "square")}
-SPLITS = {"train": 0, "val": 1, "heldout": 2} | {c: 3 + i for i, c in enumerate(NOVEL_COLOURS)}
+NOVEL = (*NOVEL_COLOURS, *NOVEL_SHAPES)
+SPLITS = {"train": 0, "val": 1, "heldout": 2} | {name: 3 + i for i, name in enumerate(NOVEL)}
 
 
 @dataclass
@@ -147,7 +151,7 @@ def _allowed(split: str, colour: str, shape: str) -> bool:
 def _pick_kind(rng, split: str) -> tuple[str, str]:
     while True:
         colour = split if split in NOVEL_COLOURS and rng.random() < 0.5 else str(rng.choice(list(COLOURS)))
-        shape = str(rng.choice(SHAPES))
+        shape = split if split in NOVEL_SHAPES and rng.random() < 0.5 else str(rng.choice(SHAPES))
         if _allowed(split, colour, shape):
             return colour, shape
 
@@ -159,11 +163,11 @@ def _radius(rng, size: str, side: int) -> float:
 
 # How far each shape reaches from its centre, in units of r (a square's corners, a triangle's base
 # corners lie beyond r).
-EXTENT = {"circle": 1.0, "star": 1.0, "square": 1.28, "triangle": 1.35}
+EXTENT = {"circle": 1.0, "star": 1.0, "square": 1.28, "triangle": 1.35, "diamond": 1.0}
 
 
 # A triangle's centroid lies 0.3 r below the centre of its bounding box; the others' at the centre.
-CENTROID_DY = {"circle": 0.0, "star": 0.0, "square": 0.0, "triangle": 0.3}
+CENTROID_DY = {"circle": 0.0, "star": 0.0, "square": 0.0, "triangle": 0.3, "diamond": 0.0}
 
 
 def _separated(shapes: list[Shape], x: float, y: float, r: float, shape: str, gap: float) -> bool:
@@ -182,7 +186,7 @@ def sample_scene(split: str, index: int, seed: int = 0, size: int = 64) -> Scene
         kinds = {(s.colour, s.shape) for s in scene.shapes}
         if split == "heldout" and not (kinds & HELDOUT):
             continue
-        if split in NOVEL_COLOURS and split not in {c for c, _ in kinds}:
+        if split in NOVEL and split not in {word for kind in kinds for word in kind}:
             continue
         return scene
 
@@ -281,6 +285,8 @@ def _polygon(shape: str, x: float, y: float, r: float) -> list[tuple[float, floa
         return [(x - h, y - h), (x + h, y - h), (x + h, y + h), (x - h, y + h)]
     if shape == "triangle":  # pointing up, base 2r, height 1.8r
         return [(x, y - 0.9 * r), (x + r, y + 0.9 * r), (x - r, y + 0.9 * r)]
+    if shape == "diamond":  # a rhombus, taller than wide
+        return [(x, y - r), (x + 0.75 * r, y), (x, y + r), (x - 0.75 * r, y)]
     if shape == "star":  # five points, inner radius 0.45 r
         pts = []
         for k in range(10):

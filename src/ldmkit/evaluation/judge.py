@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from ldmkit.data.shapes import PALETTE, PLURAL, SIZES, Intent
+from ldmkit.data.shapes import PALETTE, PLURAL, SHAPES, SIZES, Intent
 
 ATTRIBUTES = ("colour", "shape", "count", "position", "relation", "size")
 _PALETTE = np.array(list(PALETTE.values()), dtype=np.float32)
@@ -45,9 +45,10 @@ class Verdict:
         return all(self.checks.values())
 
 
-def classify_shape(mask: np.ndarray) -> str:
-    """Shape class of one component from its geometry: a star is far from convex; a triangle is
-    narrow at the top with its mass low; a square fills the corners of its bounding box; else a circle."""
+def classify_shape(mask: np.ndarray, shapes=SHAPES) -> str:
+    """Shape class of one component from its geometry: a star is far from convex; a diamond (if
+    `shapes` has it) is narrow at the top and the bottom; a triangle is narrow at the top with its mass
+    low; a square fills the corners of its bounding box; else a circle."""
     ys, xs = np.nonzero(mask)
     y0, x0 = ys.min(), xs.min()
     h, w = ys.max() - y0 + 1, xs.max() - x0 + 1
@@ -59,7 +60,11 @@ def classify_shape(mask: np.ndarray) -> str:
     if solidity < 0.8:
         return "star"
     top_width = box[: max(1, h // 4)].sum(1).mean() / w
+    bottom_width = box[-max(1, h // 4) :].sum(1).mean() / w
     mass_y = (ys.mean() - y0) / h  # 0 = top
+    # Pointed at both ends (a triangle's base is wide) and filling half its box (a circle fills 0.79).
+    if "diamond" in shapes and top_width < 0.42 and bottom_width < 0.42 and box.mean() < 0.65:
+        return "diamond"
     if top_width < 0.33 and mass_y > 0.52:
         return "triangle"
     # Corners of the bounding box (|dx| + |dy| > 0.75 of its half-size, summed): a square fills
@@ -71,7 +76,7 @@ def classify_shape(mask: np.ndarray) -> str:
     return "circle"
 
 
-def detect(image: Image.Image) -> list[Detection]:
+def detect(image: Image.Image, shapes=SHAPES) -> list[Detection]:
     arr = np.asarray(image.convert("RGB"), dtype=np.float32)
     side = arr.shape[0]
     border = np.concatenate(
@@ -102,7 +107,7 @@ def detect(image: Image.Image) -> list[Detection]:
             found.append(
                 Detection(
                     name,
-                    classify_shape(comp),
+                    classify_shape(comp, shapes),
                     float(centroids[j][0]),
                     float(centroids[j][1]),
                     int(stats[j, cv2.CC_STAT_AREA]),
@@ -133,9 +138,13 @@ def _size_of(d: Detection, side: int) -> str:
     return "small" if d.radius / side < (small_hi + large_lo) / 2 else "large"
 
 
-def judge(image: Image.Image, intent: Intent) -> Verdict:
+def judge(image: Image.Image, intent: Intent, shapes=None) -> Verdict:
+    """shapes: the classes a found shape may take; by default the training world's and any the prompt
+    names (so a model that never saw diamonds is judged as before unless a prompt asks for one)."""
     side = image.size[0]
-    found = detect(image)
+    if shapes is None:
+        shapes = (*SHAPES, *sorted({item.shape for item in intent.items} - set(SHAPES)))
+    found = detect(image, shapes)
     v = Verdict(detections=found)
     wanted = [(i, item) for i, item in enumerate(intent.items) for _ in range(item.count)]
 
@@ -220,14 +229,14 @@ def corrupt(intent: Intent, kind: str, rng: np.random.Generator) -> Intent | Non
     `kind` does not apply (no position to move, no relation to flip)."""
     import copy
 
-    from ldmkit.data.shapes import PALETTE, POSITIONS, SHAPES
+    from ldmkit.data.shapes import NOVEL_SHAPES, PALETTE, POSITIONS, SHAPES
 
     wrong = copy.deepcopy(intent)
     item = wrong.items[int(rng.integers(len(wrong.items)))]
     if kind == "colour":
         item.colour = str(rng.choice([c for c in PALETTE if c != item.colour]))
     elif kind == "shape":
-        item.shape = str(rng.choice([s for s in SHAPES if s != item.shape]))
+        item.shape = str(rng.choice([s for s in SHAPES + NOVEL_SHAPES if s != item.shape]))
     elif kind == "count":
         item.count = item.count + 1 if item.count == 1 or rng.random() < 0.5 else item.count - 1
     elif kind == "position":
@@ -254,17 +263,19 @@ def corrupt(intent: Intent, kind: str, rng: np.random.Generator) -> Intent | Non
 
 
 def self_test(per_split: int, seed: int = 0) -> dict:
-    """The judge against the records of its own renders, and against deliberately wrong intents:
+    """The judge, with every shape class it knows, against the records of its own renders and against
+    deliberately wrong intents:
     {"renders": n, "renders_correct": k, "misses_on_renders": {kind: count}, "caught": {kind: [caught, total]}}."""
-    from ldmkit.data.shapes import SPLITS, render, sample_scene
+    from ldmkit.data.shapes import NOVEL_SHAPES, SPLITS, render, sample_scene
 
+    shapes = (*SHAPES, *NOVEL_SHAPES)
     rng = np.random.default_rng(seed)
     correct, misses, caught = 0, {}, {}
     for split in SPLITS:
         for i in range(per_split):
             scene = sample_scene(split, i, seed)
             image = render(scene)
-            verdict = judge(image, scene.intent)
+            verdict = judge(image, scene.intent, shapes)
             correct += verdict.correct
             for m in verdict.misses:
                 misses[m.split(":")[0]] = misses.get(m.split(":")[0], 0) + 1
@@ -272,7 +283,7 @@ def self_test(per_split: int, seed: int = 0) -> dict:
                 bad = corrupt(scene.intent, kind, rng)
                 if bad is not None:
                     c = caught.setdefault(kind, [0, 0])
-                    c[0] += not judge(image, bad).correct
+                    c[0] += not judge(image, bad, shapes).correct
                     c[1] += 1
     return {
         "renders": per_split * len(SPLITS),

@@ -74,7 +74,7 @@ def reconstruct(vae, image) -> tuple[torch.Tensor, torch.Tensor]:
     return x, vae.decode(vae.encode(x).mode()).clamp(-1, 1)
 
 
-def ceiling(pipe, scenes) -> dict:
+def ceiling(pipe, scenes, shapes=None) -> dict:
     """The judge on the autoencoder's reconstructions of real renders, and their PSNR / SSIM."""
     verdicts, p, s = [], [], []
     for scene in scenes:
@@ -82,7 +82,7 @@ def ceiling(pipe, scenes) -> dict:
         a, b = (x + 1) / 2, (rec + 1) / 2
         p.append(float(psnr(a, b)[0]))
         s.append(float(ssim(a, b)[0]))
-        verdicts.append(judge(tensor_to_pil(rec)[0], scene.intent))
+        verdicts.append(judge(tensor_to_pil(rec)[0], scene.intent, shapes))
     return {
         "reconstructions": {
             **_accuracies(verdicts),
@@ -94,7 +94,12 @@ def ceiling(pipe, scenes) -> dict:
     }
 
 
-def _run_settings(pipe, scenes, cfgs, steps, samplers, seeds_per_prompt, seed, progress, unet_time, loras):
+def say(caption: str, words: dict[str, str]) -> str:
+    """The caption with each word in `words` (whole words only) said as its replacement."""
+    return " ".join(words.get(w, w) for w in caption.split(" "))
+
+
+def _run_settings(pipe, scenes, cfgs, steps, samplers, seeds_per_prompt, seed, progress, unet_time, loras, shapes, words):
     size = pipe.model.config.image_size
     pipe("warm-up", steps=2, cfg=cfgs[0], sampler=samplers[0], seed=0, batch=seeds_per_prompt)  # first-call costs
     settings = []
@@ -104,7 +109,7 @@ def _run_settings(pipe, scenes, cfgs, steps, samplers, seeds_per_prompt, seed, p
         for i, scene in enumerate(scenes):
             t = time.perf_counter()
             result = pipe(
-                scene.caption,
+                say(scene.caption, words),
                 steps=n_steps,
                 cfg=cfg,
                 sampler=sampler,
@@ -116,7 +121,7 @@ def _run_settings(pipe, scenes, cfgs, steps, samplers, seeds_per_prompt, seed, p
             )
             seconds += time.perf_counter() - t
             arrays = [np.asarray(im, dtype=np.float32) / 255 for im in result.images]
-            verdicts += [judge(im, scene.intent) for im in result.images]
+            verdicts += [judge(im, scene.intent, shapes) for im in result.images]
             kinds += [prompt_kind(scene.intent)] * len(result.images)
             if len(arrays) > 1:
                 diversity.append(np.mean([np.abs(a - b).mean() for a, b in itertools.combinations(arrays, 2)]))
@@ -150,28 +155,35 @@ def evaluate(
     seed: int = 0,
     progress=None,
     loras=None,
+    shapes=None,
+    words=None,
 ) -> dict:
     """loras: (file, weight) pairs merged for every image; textual-inversion words are the caller's
-    to load into `pipe.embeddings` (captions use them by name)."""
+    to load into `pipe.embeddings`. words: {caption word: what the prompt says instead} (a new word for
+    a colour: the prompt says it, the judge still checks the colour). shapes: the judge's shape classes
+    (default: the training world's and any the prompt names)."""
+    words = words or {}
     size = pipe.model.config.image_size
     scenes = [sample_scene(split, i, seed, size) for i in range(n)]
     with _time_calls(pipe.model.unet) as unet_time:
         settings = _run_settings(
-            pipe, scenes, cfgs, steps, samplers, seeds_per_prompt, seed, progress, unet_time, loras
+            pipe, scenes, cfgs, steps, samplers, seeds_per_prompt, seed, progress, unet_time, loras, shapes, words
         )
-    renders = [judge(render(s), s.intent) for s in scenes]
+    renders = [judge(render(s), s.intent, shapes) for s in scenes]
     render_kinds = [prompt_kind(sc.intent) for sc in scenes]
     return {
         "model": pipe.name,
         "loras": [[str(f), w] for f, w in loras or []],
         "embeddings": sorted(pipe.embeddings.vectors),
+        "words": words,
+        "judge_shapes": list(shapes) if shapes else "the world's and the prompt's",
         "split": split,
         "prompts": n,
         "seeds_per_prompt": seeds_per_prompt,
         "image_size": size,
         "settings": settings,
         "judge_on_renders": {**_accuracies(renders), "by_kind": _by_kind(renders, render_kinds)},
-        "ceiling": ceiling(pipe, scenes[: min(n, 100)]),
+        "ceiling": ceiling(pipe, scenes[: min(n, 100)], shapes),
         "notes": "diversity: mean absolute pixel difference (0-1) between images of the same prompt; seconds per"
         " image: warm, model load excluded, batch = seeds per prompt (end to end, and the UNet calls alone)",
     }
