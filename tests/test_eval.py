@@ -104,6 +104,8 @@ def test_eval_measures_with_a_lora_and_an_embedding(tmp_path, base_model, capsys
     # A new word for red: prompts say "dax" where captions say "red"; the judge still checks red.
     _, red = run("--split", "val")
     word_report, without = run("--split", "val", "--word", "red=dax")
-    with_report, with_embedding = run("--split", "val", "--word", "red=dax", "--embedding", str(tmp_path / "dax.safetensors"))
+    with_report, with_embedding = run(
+        "--split", "val", "--word", "red=dax", "--embedding", str(tmp_path / "dax.safetensors")
+    )
     assert len({red, without, with_embedding}) == 3
     assert with_report["embeddings"] == ["dax"] and word_report["words"] == {"red": "dax"}

@@ -62,6 +62,7 @@ def test_splits_hold_out_attribute_combinations():
     scenes = [sample_scene("diamond", i) for i in range(200)]  # likewise the novel shape
     assert all("diamond" in {s.shape for s in sc.shapes} and "diamond" in sc.caption for sc in scenes)
     assert {s.shape for sc in scenes for s in sc.shapes} == {*SHAPES, "diamond"}
+    assert {s.size for sc in scenes for s in sc.shapes if s.shape == "diamond"} == {"large"}  # what the AE keeps
     assert not any(s.shape == "diamond" for i in range(500) for s in sample_scene("train", i).shapes)
     train = {sample_scene("train", i).to_json()["caption"] for i in range(50)}
     val = {sample_scene("val", i).to_json()["caption"] for i in range(50)}

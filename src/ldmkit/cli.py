@@ -659,7 +659,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=2, help="images per prompt, for diversity (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--split", default="val", help="train, val, heldout, or a novel colour or shape: pink, teal, diamond (default val)"
+        "--split",
+        default="val",
+        help="train, val, heldout, or a novel colour or shape: pink, teal, diamond (default val)",
     )
     p.add_argument("--out", help="also write the report to this JSON file")
     p.add_argument(

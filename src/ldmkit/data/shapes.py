@@ -156,6 +156,13 @@ def _pick_kind(rng, split: str) -> tuple[str, str]:
             return colour, shape
 
 
+def _size_for(rng, shape: str) -> str:
+    # Novel shapes are always large: the bundled f=4 autoencoder keeps a large diamond's corners but
+    # rounds a small one into a circle or a triangle (9 of 81 small vs 62 of 63 large survive; README),
+    # and a UNet adapter cannot teach what the frozen decoder cannot draw.
+    return "large" if shape in NOVEL_SHAPES else str(rng.choice(list(SIZES)))
+
+
 def _radius(rng, size: str, side: int) -> float:
     lo, hi = SIZES[size]
     return float(rng.uniform(lo, hi) * side)
@@ -197,7 +204,7 @@ def _try_scene(rng, split: str, side: int) -> Scene | None:
     shapes: list[Shape] = []
     if kind == "single":
         colour, shape = _pick_kind(rng, split)
-        size = str(rng.choice(list(SIZES)))
+        size = _size_for(rng, shape)
         position = str(rng.choice(list(POSITIONS))) if rng.random() < 0.6 else None
         r = _radius(rng, size, side)
         if position:
@@ -213,7 +220,7 @@ def _try_scene(rng, split: str, side: int) -> Scene | None:
         (c1, s1), (c2, s2) = _pick_kind(rng, split), _pick_kind(rng, split)
         if (c1, s1) == (c2, s2):
             return None
-        sizes = [str(rng.choice(list(SIZES))) for _ in range(2)]
+        sizes = [_size_for(rng, s1), _size_for(rng, s2)]
         radii = [_radius(rng, sz, side) for sz in sizes]
         rel = str(rng.choice(RELATIONS)) if kind == "relation" else None
         # Relations are unambiguous: the stated axis differs by >= 0.25 side, the other by < 0.08.
@@ -255,7 +262,7 @@ def _try_scene(rng, split: str, side: int) -> Scene | None:
     else:
         colour, shape = _pick_kind(rng, split)
         count = int(rng.choice([2, 3]))
-        size = "small" if count == 3 else str(rng.choice(list(SIZES)))
+        size = "small" if count == 3 and shape not in NOVEL_SHAPES else _size_for(rng, shape)
         for _ in range(200):
             r = _radius(rng, size, side)
             x, y = rng.uniform(r + margin, side - r - margin, size=2)

@@ -99,7 +99,9 @@ def say(caption: str, words: dict[str, str]) -> str:
     return " ".join(words.get(w, w) for w in caption.split(" "))
 
 
-def _run_settings(pipe, scenes, cfgs, steps, samplers, seeds_per_prompt, seed, progress, unet_time, loras, shapes, words):
+def _run_settings(
+    pipe, scenes, cfgs, steps, samplers, seeds_per_prompt, seed, progress, unet_time, loras, shapes, words
+):
     size = pipe.model.config.image_size
     pipe("warm-up", steps=2, cfg=cfgs[0], sampler=samplers[0], seed=0, batch=seeds_per_prompt)  # first-call costs
     settings = []
