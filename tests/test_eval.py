@@ -3,6 +3,7 @@
 import json
 
 from ldmkit.cli import main
+from ldmkit.data.shapes import sample_scene
 
 
 def test_eval_reports_every_setting_and_the_ceiling(tmp_path, capsys):
@@ -53,6 +54,7 @@ def test_eval_and_shapes_bad_arguments(tmp_path, capsys):
         (["eval", "--model", "x", "--split", "test"], "--split test"),
         (["eval", "--model", "x", "--word", "red"], "expected OLD=NEW"),
         (["eval", "--model", "x", "--word", "red=dark red"], "expected OLD=NEW"),
+        (["eval", "--model", "x", "--word", "the=dax"], "OLD must be a colour or shape"),
         (["shapes", "--out", str(tmp_path), "--n", "0"], "n: 0"),
     ]:
         assert main(argv) == 2
@@ -102,10 +104,11 @@ def test_eval_measures_with_a_lora_and_an_embedding(tmp_path, base_model, capsys
     assert zero == plain and one != plain
     assert one_report["loras"] == [[str(tmp_path / "pink.safetensors"), 1.0]]
     # A new word for red: prompts say "dax" where captions say "red"; the judge still checks red.
-    _, red = run("--split", "val")
     word_report, without = run("--split", "val", "--word", "red=dax")
     with_report, with_embedding = run(
         "--split", "val", "--word", "red=dax", "--embedding", str(tmp_path / "dax.safetensors")
     )
-    assert len({red, without, with_embedding}) == 3
+    assert with_embedding != without
     assert with_report["embeddings"] == ["dax"] and word_report["words"] == {"red": "dax"}
+    # only prompts that say the word are measured
+    assert all("red" in sample_scene("val", i).caption.split() for i in word_report["scenes"])

@@ -317,10 +317,17 @@ def _print_report(report: dict, out: str | None, command: str) -> int:
 
 
 def _parse_word(text: str) -> tuple[str, str]:
-    old, sep, new = text.partition("=")
-    if not sep or not old.strip() or not new.strip() or " " in old.strip() + new.strip():
+    from ldmkit.data.shapes import NOVEL_SHAPES, PALETTE, SHAPES
+
+    old, sep, new = (part.strip() for part in text.partition("="))
+    if not sep or not old or not new or " " in old + new:
         raise LdmkitError(f"--word {text!r}: expected OLD=NEW, two single words (e.g. red=dax)")
-    return old.strip(), new.strip()
+    if old not in (*PALETTE, *SHAPES, *NOVEL_SHAPES):
+        raise LdmkitError(
+            f"--word {text!r}: OLD must be a colour or shape the captions use: {', '.join(PALETTE)}, "
+            f"{', '.join(SHAPES + NOVEL_SHAPES)}"
+        )
+    return old, new
 
 
 def cmd_eval(args) -> int:
@@ -672,7 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--word",
         action="append",
         metavar="OLD=NEW",
-        help="prompts say NEW where captions say OLD; the judge still checks OLD (repeatable)",
+        help="measure prompts that say OLD (a colour or shape), saying NEW instead; the judge still checks OLD",
     )
     p.add_argument(
         "--novel-shapes",

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ldmkit.data.shapes import render, sample_scene
+from ldmkit.errors import ConfigError
 from ldmkit.evaluation.judge import ATTRIBUTES, judge
 from ldmkit.evaluation.metrics import psnr, ssim
 from ldmkit.pipelines.images import pil_to_tensor, tensor_to_pil
@@ -94,6 +95,19 @@ def ceiling(pipe, scenes, shapes=None) -> dict:
     }
 
 
+def _scenes(split: str, n: int, seed: int, size: int, saying: set[str]) -> tuple[list[int], list]:
+    """(indices, scenes): the split's first n scenes; with `saying`, the first n whose captions say one
+    of those words (a new word is measured on the prompts that use it)."""
+    indices = []
+    for i in itertools.count():
+        if not saying or saying & set(sample_scene(split, i, seed, size).caption.split(" ")):
+            indices.append(i)
+            if len(indices) == n:
+                return indices, [sample_scene(split, j, seed, size) for j in indices]
+        if i >= 100 * n:
+            raise ConfigError(f"split {split}: fewer than {n} of its first {i + 1} captions say {sorted(saying)}")
+
+
 def say(caption: str, words: dict[str, str]) -> str:
     """The caption with each word in `words` (whole words only) said as its replacement."""
     return " ".join(words.get(w, w) for w in caption.split(" "))
@@ -162,11 +176,12 @@ def evaluate(
 ) -> dict:
     """loras: (file, weight) pairs merged for every image; textual-inversion words are the caller's
     to load into `pipe.embeddings`. words: {caption word: what the prompt says instead} (a new word for
-    a colour: the prompt says it, the judge still checks the colour). shapes: the judge's shape classes
+    a colour: the prompt says it, the judge still checks the colour; only prompts that say a word in
+    `words` are measured). shapes: the judge's shape classes
     (default: the training world's and any the prompt names)."""
     words = words or {}
     size = pipe.model.config.image_size
-    scenes = [sample_scene(split, i, seed, size) for i in range(n)]
+    indices, scenes = _scenes(split, n, seed, size, set(words))
     with _time_calls(pipe.model.unet) as unet_time:
         settings = _run_settings(
             pipe, scenes, cfgs, steps, samplers, seeds_per_prompt, seed, progress, unet_time, loras, shapes, words
@@ -180,6 +195,7 @@ def evaluate(
         "words": words,
         "judge_shapes": list(shapes) if shapes else "the world's and the prompt's",
         "split": split,
+        "scenes": indices if words else f"0..{n - 1}",
         "prompts": n,
         "seeds_per_prompt": seeds_per_prompt,
         "image_size": size,
