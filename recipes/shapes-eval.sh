@@ -21,4 +21,17 @@ for split in val heldout; do
     ldmkit eval --model "$MODEL" --split "$split" --seed 1 --n 200 --seeds 2 -q \
         --out "reports/shapes-default-$split.json" > /dev/null
 done
+# few-step (#8): the guidance scale for the distilled model at 4 steps (val, seed 0); then, on new seeds,
+# the distilled model at 1, 2, 4 and 8 steps against the teacher at 25 and 50 with its default sampler
+ldmkit eval --model shapes-fast --split val --n "$N" --seeds 2 --cfg 1.5,2,3,5 --steps 4 \
+    --samplers lcm -q --out reports/shapes-fast-cfg-val.json > /dev/null
+ldmkit eval --model shapes-fast --split val --seed 1 --n 200 --seeds 2 --steps 1,2,4,8 -q \
+    --out reports/shapes-fast-val.json > /dev/null
+ldmkit eval --model shapes --split val --seed 1 --n 200 --seeds 2 --steps 25,50 -q \
+    --out reports/shapes-teacher-val.json > /dev/null
+# seconds per image, warm, batch 1 (one seed per prompt), model load excluded
+ldmkit eval --model shapes-fast --split val --seed 2 --n 50 --seeds 1 --steps 1,2,4,8 -q \
+    --out reports/shapes-fast-time.json > /dev/null
+ldmkit eval --model shapes --split val --seed 2 --n 50 --seeds 1 --steps 20,25,50 -q \
+    --out reports/shapes-teacher-time.json > /dev/null
 ls -l reports/

@@ -91,3 +91,21 @@ def test_bundled_controlnet_puts_the_shapes_where_the_edges_are(tmp_path, capsys
     out = tmp_path / "c.png"
     assert main(["generate", "a red star", "--control", f"canny:{hint}", "-o", str(out), "-q"]) == 0  # no --controlnet
     assert Image.open(out).size == (64, 64)
+
+
+def test_fast_uses_the_distilled_model_in_four_steps(tmp_path, capsys):
+    """--fast: the bundled model's consistency-distilled version, lcm sampler, 4 steps, no negative pass."""
+    out = tmp_path / "f.png"
+    assert main(["generate", "a red circle", "--fast", "--seed", "1", "-o", str(out), "-q"]) == 0
+    _, _, fields = parse_infotext(read_png_parameters(out))
+    chosen = bundled.BUNDLED[bundled.FAST["shapes"]].defaults
+    assert fields["Model"] == bundled.FAST["shapes"] and int(fields["Steps"]) == chosen["steps"] == 4
+    assert fields["Sampler"].lower().startswith("lcm")
+    pipe = Pipeline.load(bundled.FAST["shapes"])
+    asked = [("red", "circle"), ("blue", "square"), ("yellow", "triangle"), ("green", "star")]
+    hits = sum(
+        judge(image, Intent([Item(shape, colour)])).correct
+        for colour, shape in asked
+        for image in pipe(f"a {colour} {shape}", seed=0, batch=2).images
+    )
+    assert hits >= 6, f"{hits}/8 images fully correct"  # README: the few-step table

@@ -25,10 +25,11 @@ BUNDLED = {
         {"sampler": "euler_a", "steps": 20, "cfg": 2.0},
         controlnet="shapes-canny.safetensors",
     ),
+    # shapes' latent consistency distillation (configs/shapes-lcm.yaml): lcm, 4 steps, one UNet call each
+    "shapes-fast": Bundled("shapes-fast.safetensors", "recipes/shapes.sh", {"sampler": "lcm", "steps": 4, "cfg": 2.0}),
 }
-# --fast: a bundled model's few-step version (its latent consistency distillation, configs/shapes-lcm.yaml);
-# none ships yet: its distillation run is under way.
-FAST: dict[str, str] = {}
+# --fast: a bundled model's few-step version
+FAST: dict[str, str] = {"shapes": "shapes-fast"}
 DEFAULT = "shapes"
 
 
