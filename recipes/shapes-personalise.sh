@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# README's personalisation numbers, reproduced: a LoRA teaches the bundled model a shape it has never
+# drawn (the diamond), an embedding teaches it a new word for a colour it knows ("dax" for red); the
+# judge scores each before and after, and the LoRA on the validation split to show what it keeps.
+# Reports land in reports/ (JSON, with the command that made each).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p reports
+LORA=~/runs/shapes-lora-diamond/diamond.safetensors
+DAX=~/runs/shapes-embedding-dax/dax.safetensors
+[ -f "$LORA" ] || ldmkit train-lora --config configs/shapes-lora-diamond.yaml
+[ -f "$DAX" ] || ldmkit train-embedding --config configs/shapes-embedding-dax.yaml
+N=${N:-100}
+run() { out=$1; shift; ldmkit eval --seed 1 --n "$N" --seeds 2 -q --out "reports/$out.json" "$@" > /dev/null; }
+# the new shape: the judge knows all five shapes in every measurement here
+run diamond-before --split diamond --novel-shapes
+run diamond-after --split diamond --novel-shapes --lora "$LORA"
+run diamond-val-before --split val --novel-shapes
+run diamond-val-after --split val --novel-shapes --lora "$LORA"
+# the new word: prompts that say "red" say "dax" instead; the judge still wants red
+run dax-red --split val --word red=red
+run dax-before --split val --word red=dax
+run dax-after --split val --word red=dax --embedding "$DAX"
+python recipes/table.py reports/diamond-*.json reports/dax-*.json
