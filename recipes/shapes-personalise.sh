@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 mkdir -p reports
 LORA=~/runs/shapes-lora-diamond/diamond.safetensors
 DAX=~/runs/shapes-embedding-dax/dax.safetensors
-[ -f "$LORA" ] || ldmkit train-lora --config configs/shapes-lora-diamond.yaml
-[ -f "$DAX" ] || ldmkit train-embedding --config configs/shapes-embedding-dax.yaml
+[ -f "$LORA" ] || ldmkit train-lora --config configs/shapes-diamond-lora.yaml
+[ -f "$DAX" ] || ldmkit train-embedding --config configs/shapes-dax-embedding.yaml
 N=${N:-100}
 run() { out=$1; shift; ldmkit eval --seed 1 --n "$N" --seeds 2 -q --out "reports/$out.json" "$@" > /dev/null; }
 # the new shape: the judge knows all five shapes in every measurement here
