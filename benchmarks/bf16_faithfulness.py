@@ -46,7 +46,7 @@ def main() -> None:
             "settings": pipe.defaults,
         }
     p = [
-        float(psnr((pil_to_tensor(a, 64, 64) + 1) / 2, (pil_to_tensor(b, 64, 64) + 1) / 2)[0])
+        float(psnr((pil_to_tensor(a, a.width, a.height) + 1) / 2, (pil_to_tensor(b, b.width, b.height) + 1) / 2)[0])
         for a, b in zip(images["fp32"], images["bf16"])
     ]
     # Identical 8-bit images score 120 dB (psnr clamps the error at 1e-12): a median, not a mean.

@@ -317,15 +317,15 @@ def _print_report(report: dict, out: str | None, command: str) -> int:
 
 
 def _parse_word(text: str) -> tuple[str, str]:
-    from ldmkit.data.shapes import NOVEL_SHAPES, PALETTE, SHAPES
+    from ldmkit.data.shapes import ALL_SHAPES, PALETTE
 
     old, sep, new = (part.strip() for part in text.partition("="))
     if not sep or not old or not new or " " in old + new:
         raise LdmkitError(f"--word {text!r}: expected OLD=NEW, two single words (e.g. red=dax)")
-    if old not in (*PALETTE, *SHAPES, *NOVEL_SHAPES):
+    if old not in (*PALETTE, *ALL_SHAPES):
         raise LdmkitError(
             f"--word {text!r}: OLD must be a colour or shape the captions use: {', '.join(PALETTE)}, "
-            f"{', '.join(SHAPES + NOVEL_SHAPES)}"
+            f"{', '.join(ALL_SHAPES)}"
         )
     return old, new
 
@@ -333,7 +333,7 @@ def _parse_word(text: str) -> tuple[str, str]:
 def cmd_eval(args) -> int:
     from tqdm import tqdm
 
-    from ldmkit.data.shapes import NOVEL_SHAPES, SHAPES, SPLITS
+    from ldmkit.data.shapes import ALL_SHAPES, SPLITS
     from ldmkit.diffusion.registry import get_sampler
     from ldmkit.evaluation.shapes_eval import evaluate
     from ldmkit.pipelines import Pipeline
@@ -351,7 +351,7 @@ def cmd_eval(args) -> int:
         raise LdmkitError("--n and --seeds: allowed: 1 or more")
     loras = [_parse_lora(text) for text in args.lora or []]
     words = dict(_parse_word(text) for text in args.word or [])
-    shapes = (*SHAPES, *NOVEL_SHAPES) if args.novel_shapes else None
+    shapes = ALL_SHAPES if args.novel_shapes else None
     pipe = Pipeline.load(args.model)
     for path in args.embedding or []:
         pipe.embeddings.load(path)

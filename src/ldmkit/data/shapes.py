@@ -40,6 +40,7 @@ PALETTE = COLOURS | NOVEL_COLOURS
 SHAPES = ("circle", "square", "triangle", "star")
 # Shapes no training split uses, likewise: split NAME puts one in every scene.
 NOVEL_SHAPES = ("diamond",)
+ALL_SHAPES = SHAPES + NOVEL_SHAPES  # every class the judge can tell apart
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars", "diamond": "diamonds"}
 NUMBERS = {2: "two", 3: "three"}
 # Radii (half the bounding box) as fractions of the image side: small vs large are far apart so

@@ -229,14 +229,14 @@ def corrupt(intent: Intent, kind: str, rng: np.random.Generator) -> Intent | Non
     `kind` does not apply (no position to move, no relation to flip)."""
     import copy
 
-    from ldmkit.data.shapes import NOVEL_SHAPES, PALETTE, POSITIONS, SHAPES
+    from ldmkit.data.shapes import ALL_SHAPES, PALETTE, POSITIONS
 
     wrong = copy.deepcopy(intent)
     item = wrong.items[int(rng.integers(len(wrong.items)))]
     if kind == "colour":
         item.colour = str(rng.choice([c for c in PALETTE if c != item.colour]))
     elif kind == "shape":
-        item.shape = str(rng.choice([s for s in SHAPES + NOVEL_SHAPES if s != item.shape]))
+        item.shape = str(rng.choice([s for s in ALL_SHAPES if s != item.shape]))
     elif kind == "count":
         item.count = item.count + 1 if item.count == 1 or rng.random() < 0.5 else item.count - 1
     elif kind == "position":
@@ -266,16 +266,15 @@ def self_test(per_split: int, seed: int = 0) -> dict:
     """The judge, with every shape class it knows, against the records of its own renders and against
     deliberately wrong intents:
     {"renders": n, "renders_correct": k, "misses_on_renders": {kind: count}, "caught": {kind: [caught, total]}}."""
-    from ldmkit.data.shapes import NOVEL_SHAPES, SPLITS, render, sample_scene
+    from ldmkit.data.shapes import ALL_SHAPES, SPLITS, render, sample_scene
 
-    shapes = (*SHAPES, *NOVEL_SHAPES)
     rng = np.random.default_rng(seed)
     correct, misses, caught = 0, {}, {}
     for split in SPLITS:
         for i in range(per_split):
             scene = sample_scene(split, i, seed)
             image = render(scene)
-            verdict = judge(image, scene.intent, shapes)
+            verdict = judge(image, scene.intent, ALL_SHAPES)
             correct += verdict.correct
             for m in verdict.misses:
                 misses[m.split(":")[0]] = misses.get(m.split(":")[0], 0) + 1
@@ -283,7 +282,7 @@ def self_test(per_split: int, seed: int = 0) -> dict:
                 bad = corrupt(scene.intent, kind, rng)
                 if bad is not None:
                     c = caught.setdefault(kind, [0, 0])
-                    c[0] += not judge(image, bad, shapes).correct
+                    c[0] += not judge(image, bad, ALL_SHAPES).correct
                     c[1] += 1
     return {
         "renders": per_split * len(SPLITS),

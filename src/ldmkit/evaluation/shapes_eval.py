@@ -98,12 +98,14 @@ def ceiling(pipe, scenes, shapes=None) -> dict:
 def _scenes(split: str, n: int, seed: int, size: int, saying: set[str]) -> tuple[list[int], list]:
     """(indices, scenes): the split's first n scenes; with `saying`, the first n whose captions say one
     of those words (a new word is measured on the prompts that use it)."""
-    indices = []
+    indices, scenes = [], []
     for i in itertools.count():
-        if not saying or saying & set(sample_scene(split, i, seed, size).caption.split(" ")):
+        scene = sample_scene(split, i, seed, size)
+        if not saying or saying & set(scene.caption.split(" ")):
             indices.append(i)
-            if len(indices) == n:
-                return indices, [sample_scene(split, j, seed, size) for j in indices]
+            scenes.append(scene)
+            if len(scenes) == n:
+                return indices, scenes
         if i >= 100 * n:
             raise ConfigError(f"split {split}: fewer than {n} of its first {i + 1} captions say {sorted(saying)}")
 
