@@ -225,7 +225,8 @@ def test_trained_lora_files_reproduce_the_trained_adapters(tmp_path, base_model,
             assert (text - plain_text).abs().mean() > 1e-3 and (text - adapted_text).abs().max() <= 1e-5, f
             LoraSet(fresh).remove()
             fresh = load_model(base_model)
-    cfg = config_file(tmp_path, "test-lora.yaml", tmp_path / "cli", base=str(base_model), name="mine")
+    prior = {"kind": "shapes", "split": "val", "n": 16, "size": 32}
+    cfg = config_file(tmp_path, "test-lora.yaml", tmp_path / "cli", base=str(base_model), name="mine", prior=prior)
     capsys.readouterr()
     assert main(["train-lora", "--config", str(cfg), "-q"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["lora"] == str(tmp_path / "cli" / "mine.safetensors")
@@ -234,3 +235,21 @@ def test_trained_lora_files_reproduce_the_trained_adapters(tmp_path, base_model,
         tmp_path / "cli" / "mine-diffusers.safetensors"
     ).exists()
     assert (tmp_path / "cli" / "samples" / "samples-00000006.png").exists()
+    cache = torch.load(tmp_path / "cli" / "latent-cache.pt", weights_only=True)
+    assert cache["mean"].shape[0] == 64 + 16  # the prior images are encoded with the instance images
+
+
+def test_prior_images_fill_every_other_sample():
+    from ldmkit.data.images import DataConfig, MixedOrder, PriorMix, ShapesData
+
+    instance, prior = ShapesData(DataConfig(split="diamond", n=5)), ShapesData(DataConfig(split="train", n=7))
+    mix = PriorMix(instance, prior)
+    items = [MixedOrder(mix, 0).item(g) for g in range(2 * 35)]
+    ours, theirs = items[0::2], items[1::2]
+    assert all(i < 5 for i in ours) and all(5 <= i < 12 for i in theirs)
+    for epoch in range(7):  # each set in its own epochs: every item once per epoch
+        assert sorted(ours[5 * epoch : 5 * epoch + 5]) == list(range(5))
+    for epoch in range(5):
+        assert sorted(theirs[7 * epoch : 7 * epoch + 7]) == list(range(5, 12))
+    assert mix.caption(3) == instance.caption(3) and "diamond" in mix.caption(3)
+    assert mix.load(8)[1] == prior.caption(3) == mix.caption(8)

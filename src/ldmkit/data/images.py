@@ -215,6 +215,43 @@ class Order:
         return int(self._perm[pos])
 
 
+class PriorMix:
+    """Instance images with regularisation ("prior") images, for training an adapter on a few dozen
+    images without forgetting what the base model drew (DreamBooth's prior preservation, kohya's reg
+    images): items 0..n-1 are the instance set, the rest the prior set; `MixedOrder` alternates them."""
+
+    def __init__(self, instance, prior):
+        self.instance, self.prior = instance, prior
+
+    def __len__(self) -> int:
+        return len(self.instance) + len(self.prior)
+
+    def _which(self, i: int):
+        n = len(self.instance)
+        return (self.instance, i) if i < n else (self.prior, i - n)
+
+    def caption(self, i: int) -> str:
+        data, j = self._which(i)
+        return data.caption(j)
+
+    def load(self, i: int):
+        data, j = self._which(i)
+        return data.load(j)
+
+
+class MixedOrder:
+    """Even global samples from the instance set, odd ones from the prior set, each in its own epochs:
+    every batch is half of each, whatever the sets' sizes (the loss weighs both halves equally)."""
+
+    def __init__(self, mix: PriorMix, seed: int):
+        self.n = len(mix.instance)
+        self.instance, self.prior = Order(len(mix.instance), seed), Order(len(mix.prior), seed + 1)
+
+    def item(self, g: int) -> int:
+        half, odd = divmod(g, 2)
+        return self.n + self.prior.item(half) if odd else self.instance.item(half)
+
+
 def sample_generator(seed: int, g: int) -> torch.Generator:
     """The random stream of global sample g (its noise, timestep, dropout): independent of batch
     size, of the process count and of where a run was resumed."""

@@ -2,8 +2,9 @@
 grids, latent cache) and saved in the kohya layout and the diffusers/PEFT layout (lora.py reads both).
 
 The adapters are PEFT's (`inject_adapter_in_model`), which fit our modules as they are: attention
-projections by default, convolutions too when listed (LoCon). Only the UNet is adapted: our text
-tower is encoded without gradients."""
+projections by default, convolutions too when listed (LoCon), and the text tower's layers when
+`text_target_modules` names them. With `prior`, half of every batch comes from regularisation images
+(prior preservation), which keeps a LoRA trained on a few dozen images from overwriting the rest."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from ldmkit.checkpoints.files import write_safetensors
-from ldmkit.data.images import DataConfig
+from ldmkit.data.images import DataConfig, MixedOrder, PriorMix, open_dataset
 from ldmkit.errors import ConfigError
 from ldmkit.training.ldm import LDMTask, SampleConfig
 from ldmkit.training.loop import RunConfig
@@ -22,6 +23,9 @@ from ldmkit.training.loop import RunConfig
 class LoraTrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    # Regularisation images from what the base already draws, half of every batch, so that a few dozen
+    # new images do not overwrite it (prior preservation); none: the instance images only.
+    prior: DataConfig | None = None
     base: str = ""  # the frozen model (ours, an SD file, a diffusers folder)
     rank: int = 8
     alpha: float = 8.0
@@ -79,6 +83,9 @@ class LoraTask(LDMTask):
             adapters[key + "__up"] = m.lora_B["default"]
         self.adapters = adapters
         self.setup(config, adapters)
+        if config.prior is not None:
+            self.data = PriorMix(self.data, open_dataset(config.prior))
+            self.order = MixedOrder(self.data, config.run.seed)
         adapters.requires_grad_(True)  # after setup, which freezes the text tower
         self.model.unet.eval()  # dropout-free base; the adapters train
         self.scale_measured = True
