@@ -16,7 +16,7 @@ from ldmkit.config import to_dict
 from ldmkit.data.images import DataConfig, Order, load_batch, open_dataset, sample_generator
 from ldmkit.errors import ConfigError
 from ldmkit.evaluation.metrics import psnr, ssim
-from ldmkit.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldmkit.models.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian
 from ldmkit.pipelines.images import tensor_to_pil
 from ldmkit.training import distributed as dist
 from ldmkit.training.loop import RunConfig, image_grid
@@ -82,8 +82,9 @@ class AutoencoderTask:
     def __init__(self, config: AutoencoderTrainConfig):
         self.config = c = config
         torch.manual_seed(c.run.seed)
-        self.vae = AutoencoderKL(c.model)
+        self.vae = AutoencoderKL(c.model).to(memory_format=c.run.memory_format())
         self.disc = PatchDiscriminator(c.loss.disc_channels, c.loss.disc_layers, c.model.out_channels)
+        self.disc.to(memory_format=c.run.memory_format())
         self.opt_ae = torch.optim.Adam(self.vae.parameters(), lr=c.run.lr, betas=(0.5, 0.9))
         self.opt_disc = torch.optim.Adam(self.disc.parameters(), lr=c.loss.disc_lr, betas=(0.5, 0.9))
         self.data = open_dataset(c.data)
@@ -109,18 +110,25 @@ class AutoencoderTask:
         self.opt_disc.load_state_dict(d["opt_disc"])
 
     # one step ---------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, gens: list[torch.Generator]):
-        """Losses of a batch: (reconstruction + KL, adversarial, discriminator, logged values)."""
+    def forward(self, x: torch.Tensor, gens: list[torch.Generator], disc_on: bool):
+        """Losses of a batch: (reconstruction + KL, adversarial or None before disc_start,
+        discriminator, logged values)."""
         c = self.config.loss
-        posterior = self.vae.encode(x)
-        eps = torch.cat([torch.randn((1, *posterior.mean.shape[1:]), generator=g) for g in gens])
-        rec = self.vae.decode(posterior.mean + posterior.std * eps)
-        diff = (x - rec).abs() if c.reconstruction == "l1" else (x - rec) ** 2
-        nll = diff.sum() / x.shape[0]
-        kl = posterior.kl().sum() / x.shape[0]
-        g_loss = -self.disc(rec).mean()
-        logits_real, logits_fake = self.disc(x), self.disc(rec.detach())
-        d_loss = 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+        x = x.contiguous(memory_format=self.config.run.memory_format())
+        with self.config.run.autocast():
+            posterior = self.vae.encode(x)
+            # sampling and the KL in fp32 whatever the compute precision: exp(logvar) in bf16 is coarse
+            posterior = DiagonalGaussian(torch.cat([posterior.mean, posterior.logvar], 1).float())
+            eps = torch.cat([torch.randn((1, *posterior.mean.shape[1:]), generator=g) for g in gens])
+            rec = self.vae.decode(posterior.mean + posterior.std * eps).float()
+            diff = (x - rec).abs() if c.reconstruction == "l1" else (x - rec) ** 2
+            nll = diff.sum() / x.shape[0]
+            kl = posterior.kl().sum() / x.shape[0]
+            # Before disc_start the adversarial term has weight 0: its pass would be wasted backward work.
+            with torch.set_grad_enabled(disc_on):
+                g_loss = -self.disc(rec).float().mean()
+                logits_real, logits_fake = self.disc(x).float(), self.disc(rec.detach()).float()
+                d_loss = 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
         values = {
             "rec": diff.mean().item(),
             "kl": kl.item(),
@@ -130,7 +138,7 @@ class AutoencoderTask:
             "logits_real": logits_real.mean().item(),
             "logits_fake": logits_fake.mean().item(),
         }
-        return nll + c.kl_weight * kl, g_loss, d_loss, values
+        return nll + c.kl_weight * kl, g_loss if disc_on else None, d_loss, values
 
     def train_step(self, step: int, indices: range, lr: float) -> dict:
         """One optimiser step of each network on this process's share of the global batch. The
@@ -159,10 +167,14 @@ class AutoencoderTask:
         for start in range(0, len(kept), micro):
             sl = slice(start, start + micro)
             share = len(kept[sl]) / n_global
-            rec_loss, g_loss, d_loss, values = self.forward(x[sl], [sample_generator(c.run.seed, g) for g in kept[sl]])
+            rec_loss, g_loss, d_loss, values = self.forward(
+                x[sl], [sample_generator(c.run.seed, g) for g in kept[sl]], disc_on
+            )
             for loss, into in ((rec_loss, grads_rec), (g_loss, grads_adv)):
+                if loss is None:
+                    continue
                 self.vae.zero_grad(set_to_none=True)
-                (loss * share).backward(retain_graph=loss is rec_loss)
+                (loss * share).backward(retain_graph=g_loss is not None and loss is rec_loss)
                 for buf, p in zip(into, params):
                     if p.grad is not None:
                         buf += p.grad

@@ -44,8 +44,13 @@ class RunConfig:
     ckpt_every: int = 500
     keep_last: int = 2
     threads: int = 0  # 0: torch's default
+    # bf16: forward passes under bf16 autocast with channels-last activations (weights, gradients and the
+    # optimiser stay fp32) -- about 3x faster for the autoencoder on CPUs with AMX / AVX-512 BF16.
+    precision: str = "fp32"
 
     def __post_init__(self):
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"run.precision: {self.precision!r}; allowed: fp32, bf16")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"run.batch_size {self.batch_size} is not a multiple of run.grad_accum {self.grad_accum}")
         for name in (
@@ -60,6 +65,13 @@ class RunConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"run.{name}: {getattr(self, name)}; allowed: 1 or more")
+
+    def autocast(self):
+        """The forward passes' precision (a context manager; fp32: nothing changes)."""
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.precision == "bf16" else torch.contiguous_format
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then constant."""
