@@ -222,6 +222,38 @@ def test_ldm_run_and_its_model(tmp_path, autoencoder, capsys):
     assert (tmp_path / "tuned" / "model.safetensors").exists()
 
 
+def test_ldm_bf16_loss_follows_fp32_and_validates_on_a_held_out_folder(tmp_path, autoencoder):
+    from ldmkit.config import from_dict
+    from ldmkit.data.images import DataConfig, ShapesData, load_batch
+    from ldmkit.pipelines.images import tensor_to_pil
+    from ldmkit.training.ldm import LDMTask, LDMTrainConfig
+
+    held = ShapesData(DataConfig(split="val", n=8, size=32))
+    for i in range(8):
+        image, caption = held.load(i)
+        tensor_to_pil(image[None])[0].save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(caption)
+    data = yaml.safe_load((ROOT / "configs" / "test-ldm.yaml").read_text())
+    data.update(
+        autoencoder=str(autoencoder / "autoencoder.safetensors"),
+        val={"kind": "folder", "path": str(tmp_path), "size": 32},
+    )
+    tasks = []
+    for precision in ("fp32", "bf16"):
+        data["run"]["precision"] = precision
+        tasks.append(LDMTask(from_dict(LDMTrainConfig, data)))
+    exact, fast = tasks
+    exact.measure_scale()
+    fast.load_state_dict(exact.state_dict())
+    images, captions, gs = load_batch(exact.data, exact.order, range(8), False, 0)
+    items = [exact.order.item(g) for g in gs]
+    a, b = (t.loss(images, items, captions, gs).item() for t in (exact, fast))
+    assert abs(a - b) <= 0.03 * a, (a, b)
+    va, vb = exact.evaluate(0)["val_loss"], fast.evaluate(0)["val_loss"]
+    assert 0 < va and abs(va - vb) <= 0.03 * va, (va, vb)
+    assert not torch.is_autocast_enabled("cpu")
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     from ldmkit.training.loop import RunConfig, Trainer, TrainingError
 

@@ -59,6 +59,7 @@ class LDMTrainConfig:
     scale_batches: int = 4  # batches used to measure the latent std (scale-by-std)
     sample: SampleConfig = field(default_factory=SampleConfig)
     val_batches: int = 2
+    val: DataConfig | None = None  # held-out images for the validation loss (default: the shapes "val" split)
 
     def __post_init__(self):
         self.autoencoder, self.init_from = (
@@ -216,7 +217,8 @@ class LDMTask:
         context = torch.where(drop[:, None, None], self.empty.expand_as(context), context)
         ab = self.schedule.alphas_cumprod[t][:, None, None, None]
         zt = ab.sqrt() * z0 + (1 - ab).sqrt() * eps
-        out = self.predict(zt, t, context, extra)
+        with c.run.autocast():
+            out = self.predict(zt, t, context, extra)
         prediction = self.model.config.schedule.prediction_type
         target = eps if prediction == "epsilon" else ab.sqrt() * eps - (1 - ab).sqrt() * z0
         per_sample = F.mse_loss(out.float(), target, reduction="none").mean(dim=(1, 2, 3))
@@ -300,19 +302,18 @@ class LDMTask:
     def evaluate(self, step: int) -> dict:
         """Loss of the EMA weights on fixed validation samples with fixed noise (lower is better)."""
         c = self.config
-        val = (
-            open_dataset(replace(c.data, split="val", n=c.val_batches * c.run.batch_size))
-            if c.data.kind == "shapes"
-            else None
-        )
-        if val is None:
+        if getattr(c, "val", None) is not None:
+            val = open_dataset(c.val)
+        elif c.data.kind == "shapes":
+            val = open_dataset(replace(c.data, split="val", n=c.val_batches * c.run.batch_size))
+        else:
             return {}
         saved_cache, self.cache = self.cache, None
         try:
             losses = []
             with self.ema_weights():
                 for b in range(c.val_batches):
-                    idx = range(b * c.run.batch_size, (b + 1) * c.run.batch_size)
+                    idx = range(b * c.run.batch_size, min(len(val), (b + 1) * c.run.batch_size))
                     items = [val.load(i) for i in idx]
                     images = torch.stack([it[0] for it in items])
                     captions, gs = [it[1] for it in items], [10**9 + i for i in idx]
