@@ -168,6 +168,26 @@ def test_batch_seeds_and_infotexts(tiny_pipe):
     assert (out.latents[1] - single.latents[0]).abs().max() <= 1e-4
 
 
+def test_a_list_of_prompts_is_one_image_each(tiny_pipe):
+    prompts = ["a cat", "a red dog", "a cat"]
+    out = tiny_pipe(prompts, steps=2, seed=5, width=32, height=32, sampler="euler_a")
+    assert out.seeds == [5, 6, 7] and [parse_infotext(t)[0] for t in out.infotexts] == prompts
+    scale = out.latents.abs().max()  # sigma_max-sized: a batch of 3 vs of 1 differs only in float rounding
+    for i, prompt in enumerate(prompts):
+        single = tiny_pipe(prompt, steps=2, seed=5 + i, width=32, height=32, sampler="euler_a")
+        assert (out.latents[i] - single.latents[0]).abs().max() <= 1e-5 * scale, i
+    same = tiny_pipe(["a cat"] * 3, steps=2, seed=5, width=32, height=32, sampler="euler_a")
+    batch = tiny_pipe("a cat", batch=3, steps=2, seed=5, width=32, height=32, sampler="euler_a")
+    assert torch.equal(same.latents, batch.latents)
+    assert (out.latents[0] - out.latents[1]).abs().max() > 1e-2  # the prompts really differ
+    from ldmkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="one image each"):
+        tiny_pipe(prompts, batch=2, steps=1, width=32, height=32)
+    with pytest.raises(ConfigError, match="non-empty list"):
+        tiny_pipe([], steps=1, width=32, height=32)
+
+
 # --- prompts ---------------------------------------------------------------------------------------
 
 

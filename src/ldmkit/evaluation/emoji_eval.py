@@ -29,6 +29,8 @@ from ldmkit.evaluation.features import (
 )
 from ldmkit.pipelines.images import load_image, pil_to_tensor
 
+CHUNK = 32
+
 
 def parse_caption(caption: str) -> dict[str, str]:
     """ "thumbs up, medium skin tone, people & body, noto style" -> name, full name, category, style."""
@@ -58,11 +60,13 @@ def _labels(records: list[dict], key: str, classes: list[str]) -> torch.Tensor:
 
 
 def _generate(pipe, captions: list[str], cfg: float, steps: int, sampler: str, seed: int, size: int, progress):
+    """Caption i's image with seed + i, CHUNK prompts per call (a batch keeps the CPU busier than one)."""
     out = []
-    for i, caption in enumerate(captions):
-        image = pipe(caption, steps=steps, cfg=cfg, sampler=sampler, seed=seed + i, width=size, height=size).images[0]
-        out.append(pil_to_tensor(image, size, size))
-        if progress:
+    for start in range(0, len(captions), CHUNK):
+        part = captions[start : start + CHUNK]
+        result = pipe(part, steps=steps, cfg=cfg, sampler=sampler, seed=seed + start, width=size, height=size)
+        out += [pil_to_tensor(image, size, size) for image in result.images]
+        for _ in part if progress else ():
             progress()
     return torch.cat(out)
 

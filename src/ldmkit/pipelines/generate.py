@@ -41,7 +41,7 @@ MAX_BATCH = 64
 
 @dataclass
 class GenerationParams:
-    prompt: str
+    prompt: str | tuple[str, ...]  # a tuple: one prompt per image of the batch
     negative_prompt: str = ""
     steps: int = 20
     cfg: float = 7.0
@@ -172,7 +172,7 @@ class Pipeline:
 
     def __call__(
         self,
-        prompt: str,
+        prompt: str | list[str],
         negative_prompt: str = "",
         steps: int | None = None,
         cfg: float | None = None,
@@ -194,9 +194,17 @@ class Pipeline:
         control: list | None = None,
         loras: list[tuple[str | Path, float]] | None = None,
     ) -> Result:
-        """Generate images. loras: (file, strength) pairs merged for this call, besides the prompt's
+        """Generate images. A list of prompts makes one image each (image i with seed + i), as diffusers
+        takes a list. loras: (file, strength) pairs merged for this call, besides the prompt's
         <lora:NAME:WEIGHT> tags (looked up in `self.lora_dir`)."""
         c = self.model.config
+        if not isinstance(prompt, str):
+            prompt = tuple(prompt)
+            if not prompt or not all(isinstance(x, str) for x in prompt):
+                raise ConfigError("prompt: a string, or a non-empty list of strings (one image each)")
+            if batch not in (1, len(prompt)):
+                raise ConfigError(f"batch {batch} with {len(prompt)} prompts; a list of prompts is one image each")
+            batch = len(prompt)
         steps = self.defaults["steps"] if steps is None else steps
         cfg = self.defaults["cfg"] if cfg is None else cfg
         sampler = self.defaults["sampler"] if sampler is None else sampler
@@ -225,7 +233,7 @@ class Pipeline:
                 f"{init_image.size[0]}x{init_image.size[1]}; they must be the same size"
             )
         requested = [(Path(f), float(w)) for f, w in loras or []]
-        for text in (prompt, negative_prompt):
+        for text in (*([prompt] if isinstance(prompt, str) else sorted(set(prompt))), negative_prompt):
             requested += [(find_lora(n, self.lora_dir), w) for n, w in parse_lora_tags(text)[1]]
         for path, _ in requested:
             if path not in self._lora_files:
@@ -276,7 +284,7 @@ class Pipeline:
         finally:
             self.model.text_encoder.config = text_config
         seeds = [seed + i for i in range(batch)]
-        infotexts = [self.infotext(params, s) for s in seeds]
+        infotexts = [self.infotext(params, s, i) for i, s in enumerate(seeds)]
         return Result(tensor_to_pil(images), params, seeds, infotexts, z, control_images, interrupted)
 
     def _generate(self, p: GenerationParams, init_image, mask, callback):
@@ -288,10 +296,11 @@ class Pipeline:
         inpaint_model = c.unet.in_channels == 9
         embedded_guidance = bool(c.unet.time_cond_proj_dim)
         use_uncond = p.cfg != 1.0 and not embedded_guidance
-        prompt, negative = parse_lora_tags(p.prompt)[0], parse_lora_tags(p.negative_prompt)[0]
+        prompts = list(p.prompt) if isinstance(p.prompt, tuple) else [p.prompt] * p.batch
+        negative = parse_lora_tags(p.negative_prompt)[0]
         context, uncond = encode_prompts(
             m.text_encoder,
-            [prompt] * p.batch,
+            [parse_lora_tags(x)[0] for x in prompts],
             [negative] * p.batch if use_uncond else None,
             p.prompt_mode,
             self.embeddings,
@@ -423,7 +432,7 @@ class Pipeline:
     def _merged(self) -> list[Lora]:
         return [self._lora_files[Path(path)] for path, _ in self.loras.applied]
 
-    def infotext(self, p: GenerationParams, seed: int) -> str:
+    def infotext(self, p: GenerationParams, seed: int, index: int = 0) -> str:
         spec = SAMPLERS[p.sampler]
         fields = {
             "Steps": p.steps,
@@ -453,4 +462,5 @@ class Pipeline:
             "ldmkit sampler": p.sampler,
             "Version": f"ldmkit {__version__}",
         }
-        return format_infotext(p.prompt, p.negative_prompt, fields)
+        prompt = p.prompt[index] if isinstance(p.prompt, tuple) else p.prompt
+        return format_infotext(prompt, p.negative_prompt, fields)
