@@ -428,7 +428,8 @@ def cmd_eval_emoji(args) -> int:
     if min(args.n, args.fd_samples, args.steps, args.classifier_steps) <= 0:
         raise LdmkitError("--n, --fd-samples, --steps, --classifier-steps: allowed: 1 or more")
     pipe = Pipeline.load(args.model)
-    total = args.n + args.fd_samples * len(cfgs)
+    heldout = len(list((Path(args.data).expanduser() / "heldout").glob("*.png")))
+    total = args.n + heldout + args.fd_samples * len(cfgs)
     with tqdm(total=total, desc="images", disable=args.quiet, file=sys.stderr) as bar:
         report = evaluate_emoji(
             pipe,
