@@ -322,3 +322,31 @@ def test_sd2_diffusers_folder_to_a_file_other_tools_read(tmp_path):
         x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 64)
         assert (pipe.unet(x, 7, ctx).sample - wild.unet(x, torch.tensor([7]), ctx)).abs().max() <= 1e-4
     assert ref.abs().mean() > 0.1 and (ours - ref).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("layout", ["single file", "diffusers folder"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_loading_fills_empty_modules_with_the_files_tensors(tmp_path, layout, dtype):
+    """The UNet and autoencoder are built empty (meta) and take the file's tensors: every weight is
+    the file's, in the model's dtype (fp32), and writing to a loaded weight -- an fp32 file's tensors
+    are the model's own, mapped from the file -- leaves the file untouched."""
+    import hashlib
+
+    write_sd_file(tmp_path / "sd1.safetensors")
+    model = load_model(tmp_path / "sd1.safetensors")
+    path = tmp_path / "model.safetensors"
+    save_single_file(model, path, dtype=dtype)
+    if layout == "diffusers folder":
+        save_diffusers(model, tmp_path / "folder", dtype=dtype)
+        path = tmp_path / "folder" / "unet" / "diffusion_pytorch_model.safetensors"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    loaded = load_model(path if layout == "single file" else tmp_path / "folder")
+    state = loaded.state_dict()
+    assert not any(v.is_meta for v in state.values())
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
+    for k, v in model.state_dict().items():
+        assert torch.equal(state[k], v.to(dtype).float()), k
+    with torch.no_grad():
+        for p in loaded.unet.parameters():
+            p.add_(1.0)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest

@@ -28,7 +28,13 @@ def strict_load(module: nn.Module, state: dict[str, torch.Tensor], component: st
             )
         if not (state[k].is_floating_point() or state[k].dtype == v.dtype):
             raise CheckpointError(f"{where}: {component}: weight {k} has dtype {state[k].dtype}, expected {v.dtype}")
-    module.load_state_dict(state, strict=True)
+    if any(t.is_meta for t in expected.values()):
+        # An empty module (LatentDiffusion(..., empty=True)): it takes the file's tensors themselves, in
+        # the dtype it was declared with, instead of copying them into a second, randomly initialised set.
+        state = {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
+        module.load_state_dict(state, strict=True, assign=True)
+    else:
+        module.load_state_dict(state, strict=True)
 
 
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -306,7 +306,7 @@ def load_diffusers(path: str | Path, overrides: dict | None = None) -> LatentDif
         family=family, unet=unet, vae=vae, text=text, schedule=schedule, guessed=guessed, image_size=image_size
     )
     _apply_overrides(config, dict(overrides or {}), where)
-    model = LatentDiffusion(config)
+    model = LatentDiffusion(config, empty=True)
     strict_load(
         model.unet,
         keymaps.rename(

@@ -52,7 +52,7 @@ def build(config: ModelConfig, state: dict[str, torch.Tensor], where: str) -> La
     """A LatentDiffusion with every component strictly loaded from original-layout `state`."""
     alphas_cumprod = state.get("alphas_cumprod")
     state = {k: v for k, v in state.items() if not NOT_WEIGHTS.search(k)}
-    model = LatentDiffusion(config)
+    model = LatentDiffusion(config, empty=True)
     unet = strip_prefix(state, UNET)
     vae = keymaps.vae_linear_attention_to_conv(strip_prefix(state, VAE))
     text = text_state_from_file(state, config.text.kind)

@@ -2,6 +2,7 @@
 noise schedule they belong to. Attribute names make `state_dict()` the original single-file layout
 (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`)."""
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -69,11 +70,15 @@ class _DiffusionWrapper(nn.Module):
 
 
 class LatentDiffusion(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, empty: bool = False):
+        """empty: the UNet and the autoencoder are built on the meta device -- no memory, no random
+        init -- for a loader to fill with the file's tensors (checkpoints.components.strict_load), so
+        loading holds the weights once, not twice."""
         super().__init__()
         self.config = config
-        self.model = _DiffusionWrapper(UNetModel(config.unet))
-        self.first_stage_model = AutoencoderKL(config.vae)
+        with torch.device("meta") if empty else contextlib.nullcontext():
+            self.model = _DiffusionWrapper(UNetModel(config.unet))
+            self.first_stage_model = AutoencoderKL(config.vae)
         self.cond_stage_model = TextEncoder(config.text)
         # The training schedule stored in the file (SD files carry `alphas_cumprod`), if any.
         self.alphas_cumprod: torch.Tensor | None = None
