@@ -254,6 +254,33 @@ def test_ldm_bf16_loss_follows_fp32_and_validates_on_a_held_out_folder(tmp_path,
     assert not torch.is_autocast_enabled("cpu")
 
 
+def test_frozen_text_states_are_encoded_once_and_kept_within_a_bound(autoencoder, monkeypatch):
+    from ldmkit.config import from_dict
+    from ldmkit.prompts import encode_prompts
+    from ldmkit.training import ldm
+    from ldmkit.training.ldm import LDMTask, LDMTrainConfig
+
+    data = yaml.safe_load((ROOT / "configs" / "test-ldm.yaml").read_text())
+    data["autoencoder"] = str(autoencoder / "autoencoder.safetensors")
+    task = LDMTask(from_dict(LDMTrainConfig, data))
+    text = task.model.text_encoder
+    calls = []
+    encode_ids = text.encode_ids
+    monkeypatch.setattr(text, "encode_ids", lambda ids, mask: calls.append(len(ids)) or encode_ids(ids, mask))
+    captions = ["a red circle", "two blue squares", "a red circle"]
+    with torch.no_grad():
+        direct = encode_prompts(text, captions, None, mode="truncate")[0]
+    calls.clear()
+    first, again = task.encode_text(captions), task.encode_text(captions[::-1])
+    assert calls == [2]  # the two distinct captions, once
+    assert (first - direct).abs().max() <= 1e-6 and torch.equal(again, first.flip(0))
+    per_caption = direct[0].numel() * direct.element_size()
+    monkeypatch.setattr(ldm, "TEXT_CACHE_MB", (len(task.text_memo) + 1) * per_caption / 2**20)
+    more = task.encode_text(["a green star", "a yellow triangle"])
+    assert len(task.text_memo) == 4 and "a yellow triangle" not in task.text_memo  # full: encoded, not kept
+    assert (more[1] - encode_prompts(text, ["a yellow triangle"], None, mode="truncate")[0][0]).abs().max() <= 1e-6
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     from ldmkit.training.loop import RunConfig, Trainer, TrainingError
 

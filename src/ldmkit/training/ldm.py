@@ -95,6 +95,9 @@ def build_model(c: LDMTrainConfig) -> LatentDiffusion:
     return model
 
 
+TEXT_CACHE_MB = 1024
+
+
 class LDMTask:
     name = "unet"  # the trained module's key in checkpoints
     needs_images = False  # with the latent cache, only captions are loaded
@@ -117,6 +120,7 @@ class LDMTask:
         self.schedule = NoiseSchedule.from_config(self.model.config.schedule, self.model.alphas_cumprod)
         self.data = open_dataset(c.data)
         self.order = Order(len(self.data), c.run.seed)
+        self.text_memo: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             self.empty = self.encode_text([""])[0]
         self.cache: dict[str, torch.Tensor] | None = None
@@ -124,9 +128,19 @@ class LDMTask:
     # text and latents -------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> torch.Tensor:
+        """The frozen text tower's states for the captions, each caption encoded once per run and kept
+        (up to TEXT_CACHE_MB): on a small UNet, encoding 32 captions every step was a fifth of the step."""
         from ldmkit.prompts import encode_prompts
 
-        return encode_prompts(self.model.text_encoder, captions, None, mode="truncate")[0]
+        memo = self.text_memo
+        missing = [c for c in dict.fromkeys(captions) if c not in memo]
+        fresh = {}
+        if missing:
+            states = encode_prompts(self.model.text_encoder, missing, None, mode="truncate")[0]
+            fresh = dict(zip(missing, states))
+            room = int(TEXT_CACHE_MB * 2**20 // (states[0].numel() * states.element_size())) - len(memo)
+            memo.update((c, s.clone()) for c, s in list(fresh.items())[: max(0, room)])
+        return torch.stack([memo[c] if c in memo else fresh[c] for c in captions])
 
     @torch.no_grad()
     def posterior(self, items: list[int], images: torch.Tensor | None):
