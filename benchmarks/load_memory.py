@@ -1,0 +1,23 @@
+"""Seconds and peak resident memory of loading one model in this fresh process (README: Performance).
+
+    python benchmarks/load_memory.py MODEL [fp32|bf16]
+
+MODEL: a file or diffusers folder, e.g. the SD 1.5 random-weight folder `ldmkit bench` builds
+(`python -c "from pathlib import Path; from ldmkit import bench; bench._build('sd15', Path('/tmp/sd15/model'))"`)."""
+
+import sys
+import time
+
+
+def main() -> None:
+    t = time.time()
+    from ldmkit.pipelines import Pipeline
+
+    Pipeline.load(sys.argv[1], precision=sys.argv[2] if len(sys.argv) > 2 else "fp32")
+    seconds = time.time() - t
+    status = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith(("VmHWM", "VmRSS")))
+    print(f"load {seconds:.1f} s, peak {status['VmHWM'].strip()}, now {status['VmRSS'].strip()}")
+
+
+if __name__ == "__main__":
+    main()
