@@ -11,12 +11,11 @@ import time
 
 def main() -> None:
     t = time.time()
+    from ldmkit.bench import peak_rss_mb
     from ldmkit.pipelines import Pipeline
 
     Pipeline.load(sys.argv[1], precision=sys.argv[2] if len(sys.argv) > 2 else "fp32")
-    seconds = time.time() - t
-    status = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith(("VmHWM", "VmRSS")))
-    print(f"load {seconds:.1f} s, peak {status['VmHWM'].strip()}, now {status['VmRSS'].strip()}")
+    print(f"load {time.time() - t:.1f} s, peak {peak_rss_mb():.0f} MB")
 
 
 if __name__ == "__main__":

@@ -9,11 +9,10 @@ Median seconds per step of 4 after one warm-up step; prints JSON."""
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
+from ldmkit.bench import median_seconds
 from ldmkit.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldmkit.models.unet import UNetConfig, UNetModel
 
@@ -23,16 +22,15 @@ def seconds_per_step(net, loss_of, inputs, mode: str, runs: int = 4) -> float:
     net.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
     x = inputs[0].contiguous(memory_format=torch.channels_last) if cl else inputs[0]
     opt = torch.optim.AdamW(net.parameters(), 1e-5)
-    times = []
-    for _ in range(runs + 1):
-        t = time.perf_counter()
+
+    def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "fp32"):
             loss = loss_of(net, x, *inputs[1:])
         loss.backward()
         opt.step()
-        times.append(time.perf_counter() - t)
-    return round(statistics.median(times[1:]), 3)
+
+    return round(median_seconds(step, runs), 3)
 
 
 def main() -> None:

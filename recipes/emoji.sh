@@ -3,7 +3,7 @@
 # commands: the data (ldmkit emoji-data, from the npm registry), stage 1 (configs/emoji-autoencoder.yaml)
 # and its no-GAN baseline (configs/emoji-nogan-autoencoder.yaml), stage 2 (configs/emoji-ldm.yaml), then
 # the fp16 export. Resumable: after an interruption, run it again and each stage continues from its last
-# checkpoint. README's emoji numbers come from recipes/emoji-eval.sh.
+# checkpoint. README's emoji autoencoder numbers come from benchmarks/emoji_autoencoders.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -327,8 +327,9 @@ class LDMTask:
         try:
             losses = []
             with self.ema_weights():
-                for b in range(c.val_batches):
-                    idx = range(b * c.run.batch_size, min(len(val), (b + 1) * c.run.batch_size))
+                bs = c.run.batch_size
+                for start in range(0, min(len(val), c.val_batches * bs), bs):
+                    idx = range(start, min(len(val), start + bs))
                     items = [val.load(i) for i in idx]
                     images = torch.stack([it[0] for it in items])
                     captions, gs = [it[1] for it in items], [10**9 + i for i in idx]
