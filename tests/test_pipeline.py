@@ -360,6 +360,9 @@ def test_bf16_path_stays_close_to_fp32_and_leaves_global_state_alone(tmp_path):
     assert Pipeline.load(tmp_path / "m.safetensors", precision="auto").precision == "fp32"  # small: no gain
     assert next(bf16.model.unet.parameters()).dtype == torch.bfloat16
     assert next(bf16.model.text_encoder.parameters()).dtype == torch.float32
+    # layouts by measurement: channels-last for a bf16 UNet, the default for an fp32 one
+    assert bf16.model.unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not fp32.model.unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
     g = torch.Generator().manual_seed(0)
     x, t, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([900, 50]), torch.randn(2, 77, 32, generator=g)
     with torch.no_grad():

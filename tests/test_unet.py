@@ -148,3 +148,33 @@ def test_class_conditional_model_without_labels_is_a_clear_error():
     )
     with pytest.raises(ConfigError, match="class-conditional"):
         unet(torch.randn(1, 4, 8, 8), torch.tensor([1]), torch.randn(1, 2, 8))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bf16_group_norm_on_cpu_equals_the_fp32_round_trip(channels_last):
+    """bf16 activations go to the kernel directly (it accumulates in fp32): the same result as the
+    upcast path to one bf16 rounding step, in either memory layout; fp16 still goes through fp32."""
+    import torch.nn.functional as F
+
+    from ldmkit.nn.resnet import GroupNorm32
+
+    g = torch.Generator().manual_seed(0)
+    norm = GroupNorm32(8, 64)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64, generator=g))
+        norm.bias.copy_(torch.randn(64, generator=g))
+    x = (torch.randn(2, 64, 12, 12, generator=g) * 5 + 3).bfloat16()
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    for weights in (torch.float32, torch.bfloat16):
+        norm.to(weights)
+        w, b = norm.weight.float(), norm.bias.float()
+        ref = F.group_norm(x.float(), 8, w, b, norm.eps)
+        out = norm(x)
+        assert out.dtype == torch.bfloat16 and out.shape == x.shape
+        # one bf16 step of the value itself (8 mantissa bits), not of the tensor's largest value
+        assert ((out.float() - ref).abs() <= ref.abs() * 2**-8 + 1e-6).all()
+    half = norm.to(torch.float32)(x.half())
+    assert half.dtype == torch.float16
+    ref = F.group_norm(x.float(), 8, norm.weight, norm.bias, norm.eps)
+    assert ((half.float() - ref).abs() <= ref.abs() * 2**-10 + 1e-3).all()

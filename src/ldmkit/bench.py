@@ -1,13 +1,14 @@
 """`ldmkit bench`: ldmkit against diffusers on the same model and the same CPU, measured side by side.
 
 The SD 1.5 architecture with random weights (seed 0) is built once by us and written as a diffusers
-folder, so both implementations hold identical weights. Each timing is the median of several calls
-after a warm-up; peak resident memory is read in a fresh subprocess per implementation, after one
-whole image. Reported: seconds, the ratio ldmkit / diffusers (< 1: ldmkit is faster), the largest
-difference between the two outputs, the UNet's FLOPs per call and the fraction of this machine's
-measured matmul peak each reaches. `--quick` uses the tiny preset: a smoke test, seconds not minutes."""
+folder, so both implementations hold identical weights. Each implementation runs in a fresh process
+of its own (its own allocator settings and memory, as a user runs it); each timing is the median of
+several calls after a warm-up, and its peak resident memory is read at the end. Reported: seconds,
+the ratio ldmkit / diffusers (< 1: ldmkit is faster), the largest difference between the two
+outputs, the UNet's FLOPs per call and the fraction of this machine's measured matmul peak each
+reaches. `--quick` uses the tiny preset: a smoke test, seconds not minutes."""
 
-import json
+import os
 import statistics
 import subprocess
 import sys
@@ -99,9 +100,8 @@ def _theirs(folder: Path, dtype: torch.dtype):
     return pipe
 
 
-def _image(impl: str, folder: Path, s: dict, precision: str, warm: bool = True):
-    """One whole image at the first size, after a warm-up one unless `warm` is False: (seconds, image
-    as a float array)."""
+def _image(impl: str, pipe, s: dict):
+    """One whole image at the first size, after a warm-up one: (seconds, image as a float array)."""
     import numpy as np
 
     from ldmkit.diffusion.sampling import generators_for
@@ -109,7 +109,6 @@ def _image(impl: str, folder: Path, s: dict, precision: str, warm: bool = True):
     size, steps = s["sizes"][0], s["steps"]
     prompt = "a photograph of an astronaut riding a horse"
     if impl == "ldmkit":
-        pipe = _ours(folder, precision)
 
         def run():
             return pipe(
@@ -123,7 +122,6 @@ def _image(impl: str, folder: Path, s: dict, precision: str, warm: bool = True):
                 prompt_mode="truncate",
             ).images[0]
     else:
-        pipe = _theirs(folder, torch.bfloat16 if precision == "bf16" else torch.float32)
 
         def run():
             return pipe(
@@ -135,18 +133,10 @@ def _image(impl: str, folder: Path, s: dict, precision: str, warm: bool = True):
                 generator=generators_for(0, 1),
             ).images[0]
 
-    if warm:
-        run()
+    run()
     t = time.perf_counter()
     image = run()
     return time.perf_counter() - t, np.asarray(image, dtype=np.float32)
-
-
-def child(impl: str, folder: str, mode: str, precision: str) -> None:
-    """In a fresh process: one whole image (no warm-up: the peak is what a user's first image costs),
-    then the peak resident memory."""
-    seconds, _ = _image(impl, Path(folder), SETTINGS[mode], precision, warm=False)
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_mb()}))
 
 
 def peak_rss_mb() -> float:
@@ -160,51 +150,82 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _peak_rss(impl: str, folder: Path, mode: str, precision: str) -> float:
-    out = subprocess.run(
-        [sys.executable, "-m", "ldmkit.bench", impl, str(folder), mode, precision],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
-
-
-def _calls(folder: Path, precision: str, s: dict, peak: float, vs_diffusers: bool, progress) -> dict:
-    """UNet guidance pair at each size and one VAE decode, both implementations, same inputs."""
+def child(impl: str, folder: str, mode: str, precision: str, out: str) -> None:
+    """Everything measured for one implementation, in a fresh process of its own: its allocator
+    settings, memory and thread state are its own, as when a user runs it. The UNet calls at each size
+    and one VAE decode on seeded inputs (the same in both children), then a whole image; outputs and
+    seconds are saved to `out` for the parent to compare, and the process's peak resident memory."""
+    s = SETTINGS[mode]
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    ours = _ours(folder, precision)
-    theirs = _theirs(folder, dtype) if vs_diffusers else None
+    pipe = _ours(Path(folder), precision) if impl == "ldmkit" else _theirs(Path(folder), dtype)
+    unet, vae = (pipe.model.unet, pipe.model.vae) if impl == "ldmkit" else (pipe.unet, pipe.vae)
+    f = pipe.vae_scale_factor if impl == "diffusers" else vae.config.downsample_factor
     r: dict = {}
     g = torch.Generator().manual_seed(0)
-    f = ours.model.vae.config.downsample_factor
     with torch.no_grad():
         for size in s["sizes"]:
             x = torch.randn(2, 4, size // f, size // f, generator=g).to(dtype)
             t = torch.tensor([500, 500])
             ctx = torch.randn(2, 77, s["ctx"], generator=g).to(dtype)
-            a = ours.model.unet(x, t, ctx)
-            entry = {"ldmkit_s": median_seconds(lambda: ours.model.unet(x, t, ctx), s["runs"])}
-            flops = unet_flops(ours.model.unet, x, t, ctx)
-            entry["tflop"] = round(flops / 1e12, 3)
-            entry["ldmkit_peak_fraction"] = round(flops / entry["ldmkit_s"] / 1e9 / peak, 3)
-            if theirs is not None:
-                b = theirs.unet(x, t, ctx).sample
-                entry["diffusers_s"] = median_seconds(lambda: theirs.unet(x, t, ctx), s["runs"])
-                entry["ratio"] = round(entry["ldmkit_s"] / entry["diffusers_s"], 3)
-                entry["max_abs_diff"] = float((a.float() - b.float()).abs().max())
-                entry["diffusers_peak_fraction"] = round(flops / entry["diffusers_s"] / 1e9 / peak, 3)
-            progress(f"{precision}: unet pair {size}: {entry}")
-            r[f"unet_pair_{size}"] = entry
+
+            def call():
+                y = unet(x, t, ctx)
+                return y if impl == "ldmkit" else y.sample
+
+            r[f"unet_pair_{size}"] = {"seconds": median_seconds(call, s["runs"]), "out": call().float()}
+            if impl == "ldmkit":
+                r[f"unet_pair_{size}"]["flops"] = unet_flops(unet, x, t, ctx)
         z = torch.randn(1, 4, s["sizes"][0] // f, s["sizes"][0] // f, generator=g).to(dtype)
-        entry = {"ldmkit_s": median_seconds(lambda: ours.model.vae.decode(z), s["runs"])}
-        if theirs is not None:
-            entry["diffusers_s"] = median_seconds(lambda: theirs.vae.decode(z), s["runs"])
-            entry["ratio"] = round(entry["ldmkit_s"] / entry["diffusers_s"], 3)
-            a, b = ours.model.vae.decode(z), theirs.vae.decode(z).sample
-            entry["max_abs_diff"] = float((a.float() - b.float()).abs().max())
-        progress(f"{precision}: vae decode: {entry}")
-        r["vae_decode"] = entry
+
+        def decode():
+            y = vae.decode(z)
+            return y if impl == "ldmkit" else y.sample
+
+        r["vae_decode"] = {"seconds": median_seconds(decode, s["runs"]), "out": decode().float()}
+    seconds, image = _image(impl, pipe, s)
+    r["image"] = {"seconds": seconds, "out": torch.from_numpy(image), "peak_rss_mb": peak_rss_mb()}
+    torch.save(r, out)
+
+
+def measure(impl: str, folder: Path, mode: str, precision: str, env: dict | None = None) -> dict:
+    """`child` in a fresh process (with `env` added to this one's environment); its results."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "r.pt"
+        done = subprocess.run(
+            [sys.executable, "-m", "ldmkit.bench", impl, str(folder), mode, precision, str(out)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"bench child {impl} {precision} failed:\n{done.stderr[-4000:]}")
+        return torch.load(out, weights_only=True)
+
+
+def _compare(a: dict, b: dict | None, peak: float) -> dict:
+    """Rows of the report from the ldmkit child's results `a` and diffusers' `b` (or None)."""
+    r: dict = {}
+    for name, entry in a.items():
+        row = {"ldmkit_s": entry["seconds"]}
+        if "flops" in entry:
+            row["tflop"] = round(entry["flops"] / 1e12, 3)
+            row["ldmkit_peak_fraction"] = round(entry["flops"] / entry["seconds"] / 1e9 / peak, 3)
+        if name == "image":
+            row["ldmkit_peak_rss_mb"] = round(entry["peak_rss_mb"])
+        if b is not None:
+            other = b[name]
+            row["diffusers_s"] = other["seconds"]
+            row["ratio"] = round(entry["seconds"] / other["seconds"], 3)
+            diff = (entry["out"] - other["out"]).abs()
+            if name == "image":
+                row["max_abs_pixel_diff"] = float(diff.max())
+                row["mean_abs_pixel_diff"] = float(diff.mean())
+                row["diffusers_peak_rss_mb"] = round(other["peak_rss_mb"])
+            else:
+                row["max_abs_diff"] = float(diff.max())
+                if "flops" in entry:
+                    row["diffusers_peak_fraction"] = round(entry["flops"] / other["seconds"] / 1e9 / peak, 3)
+        r[name] = row
     return r
 
 
@@ -224,24 +245,16 @@ def run(quick: bool = False, vs_diffusers: bool = True, precisions=("fp32", "bf1
     with tempfile.TemporaryDirectory() as tmp:
         folder = _build(s["preset"], Path(tmp) / "model")
         for precision in precisions:
-            progress(f"{precision}: loading")
-            r = _calls(folder, precision, s, report["peak_gflops"][precision], vs_diffusers, progress)
-            sec_a, img_a = _image("ldmkit", folder, s, precision)
-            entry = {"ldmkit_s": sec_a, "ldmkit_peak_rss_mb": _peak_rss("ldmkit", folder, mode, precision)}
-            if vs_diffusers:
-                sec_b, img_b = _image("diffusers", folder, s, precision)
-                entry.update(
-                    diffusers_s=sec_b,
-                    ratio=round(sec_a / sec_b, 3),
-                    max_abs_pixel_diff=float(abs(img_a - img_b).max()),
-                    mean_abs_pixel_diff=float(abs(img_a - img_b).mean()),
-                    diffusers_peak_rss_mb=_peak_rss("diffusers", folder, mode, precision),
-                )
-            progress(f"{precision}: whole image {entry}")
-            r["image"] = entry
+            progress(f"{precision}: ldmkit")
+            ours = measure("ldmkit", folder, mode, precision)
+            progress(f"{precision}: diffusers" if vs_diffusers else "")
+            theirs = measure("diffusers", folder, mode, precision) if vs_diffusers else None
+            r = _compare(ours, theirs, report["peak_gflops"][precision])
+            for name, row in r.items():
+                progress(f"{precision}: {name}: {row}")
             report["results"][precision] = r
     return report
 
 
 if __name__ == "__main__":
-    child(*sys.argv[1:5])
+    child(*sys.argv[1:6])

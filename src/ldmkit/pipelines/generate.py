@@ -141,9 +141,11 @@ class Pipeline:
     ) -> "Pipeline":
         """A model file or folder, or a bundled model by name ("shapes"; the default when no path is
         given), computing in `precision` (see set_precision)."""
+        from ldmkit.allocator import tune_allocator
         from ldmkit.bundled import resolve
         from ldmkit.checkpoints.single_file import load_model
 
+        tune_allocator()  # process-wide malloc settings for CPU inference (see allocator.py)
         path, defaults = resolve(path)
         model = load_model(path, vae=vae, overrides=overrides).use_measured_memory_format()
         pipe = cls(model, name=path.stem if path.is_file() else path.name, path=path, defaults=defaults)
@@ -403,6 +405,7 @@ class Pipeline:
                 raise ConfigError("set_precision: the model is not fp32")
             self.model.unet.to(torch.bfloat16)
             self.model.vae.to(torch.bfloat16)
+            self.model.use_measured_memory_format()
         elif next(self.model.unet.parameters()).dtype != torch.float32:
             raise ConfigError("fp32 after bf16: reload the model (bf16 weights cannot be made exact again)")
         self.precision = precision
