@@ -1,14 +1,18 @@
-"""What ldmkit's malloc settings (ldmkit.allocator) buy, and what the same settings give diffusers.
+"""Whole images, each in a fresh process, alternated and repeated: ldmkit against diffusers, and what
+ldmkit's malloc settings (ldmkit.allocator) do for each. The machine's noise on one whole image is
+several per cent, so single runs do not settle a ratio near a target; medians of alternated runs do.
 
-    python benchmarks/allocator.py FOLDER [bf16|fp32]
+    python benchmarks/allocator.py FOLDER [bf16|fp32] [ROUNDS]   (defaults: bf16, 3)
 
 FOLDER: the SD 1.5 random-weight diffusers folder `ldmkit bench` builds (python -c "from pathlib import
-Path; from ldmkit import bench; bench._build('sd15', Path('/tmp/sd15/model'))"). Four fresh processes,
-each bench.child (UNet guidance pair at 512² and 256², one VAE decode, a whole 20-step image): ldmkit
-as it runs and with LDMKIT_MALLOC=default; diffusers as it runs and with the same settings through
-glibc's environment variables. Prints seconds per row, and whether each pair's outputs are identical."""
+Path; from ldmkit import bench; bench._build('sd15', Path('/tmp/sd15/model'))"). Each round runs four
+children (bench.child, whole image only: a warm-up image, then the timed one): ldmkit as it runs and
+with LDMKIT_MALLOC=default; diffusers as it runs and with the same settings through glibc's environment
+variables. Prints JSON: per variant the seconds of each round and their median, the ratios of medians,
+and whether each implementation's image is identical with and without the settings."""
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -22,21 +26,42 @@ GLIBC_ENV = {
     "MALLOC_TRIM_THRESHOLD_": str(allocator.TRIM_THRESHOLD),
     "MALLOC_TOP_PAD_": str(allocator.TOP_PAD),
 }
+VARIANTS = {
+    "ldmkit": ("ldmkit", {}),
+    "ldmkit, LDMKIT_MALLOC=default": ("ldmkit", {"LDMKIT_MALLOC": "default"}),
+    "diffusers": ("diffusers", {}),
+    "diffusers, ldmkit's malloc settings": ("diffusers", GLIBC_ENV),
+}
 
 
 def main():
-    folder, precision = Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "bf16"
-    runs = {
-        "ldmkit": measure("ldmkit", folder, "full", precision),
-        "ldmkit, LDMKIT_MALLOC=default": measure("ldmkit", folder, "full", precision, {"LDMKIT_MALLOC": "default"}),
-        "diffusers": measure("diffusers", folder, "full", precision),
-        "diffusers, ldmkit's settings": measure("diffusers", folder, "full", precision, GLIBC_ENV),
+    folder = Path(sys.argv[1])
+    precision = sys.argv[2] if len(sys.argv) > 2 else "bf16"
+    rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+    seconds = {name: [] for name in VARIANTS}
+    images = {}
+    for _ in range(rounds):
+        for name, (impl, env) in VARIANTS.items():
+            r = measure(impl, folder, "full", precision, env, what="image")["image"]
+            seconds[name].append(round(r["seconds"], 2))
+            images.setdefault(name, r["out"])
+    median = {name: statistics.median(s) for name, s in seconds.items()}
+    report = {
+        "precision": precision,
+        "rounds": rounds,
+        "seconds": seconds,
+        "median_s": median,
+        "diffusers / ldmkit": round(median["diffusers"] / median["ldmkit"], 3),
+        "both with ldmkit's settings, diffusers / ldmkit": round(
+            median["diffusers, ldmkit's malloc settings"] / median["ldmkit"], 3
+        ),
+        "both without, diffusers / ldmkit": round(median["diffusers"] / median["ldmkit, LDMKIT_MALLOC=default"], 3),
+        "ldmkit: same image both ways": torch.equal(images["ldmkit"], images["ldmkit, LDMKIT_MALLOC=default"]),
+        "diffusers: same image both ways": torch.equal(
+            images["diffusers"], images["diffusers, ldmkit's malloc settings"]
+        ),
     }
-    names = list(runs["ldmkit"])
-    report = {name: {k: round(r[k]["seconds"], 3) for k in names} for name, r in runs.items()}
-    for a, b in (("ldmkit", "ldmkit, LDMKIT_MALLOC=default"), ("diffusers", "diffusers, ldmkit's settings")):
-        report[f"{a}: same outputs both ways"] = all(torch.equal(runs[a][k]["out"], runs[b][k]["out"]) for k in names)
-    print(json.dumps({"precision": precision, "seconds": report}, indent=1))
+    print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

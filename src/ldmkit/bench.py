@@ -150,7 +150,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child(impl: str, folder: str, mode: str, precision: str, out: str) -> None:
+def child(impl: str, folder: str, mode: str, precision: str, out: str, what: str = "all") -> None:
     """Everything measured for one implementation, in a fresh process of its own: its allocator
     settings, memory and thread state are its own, as when a user runs it. The UNet calls at each size
     and one VAE decode on seeded inputs (the same in both children), then a whole image; outputs and
@@ -163,7 +163,7 @@ def child(impl: str, folder: str, mode: str, precision: str, out: str) -> None:
     r: dict = {}
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for size in s["sizes"]:
+        for size in s["sizes"] if what == "all" else ():
             x = torch.randn(2, 4, size // f, size // f, generator=g).to(dtype)
             t = torch.tensor([500, 500])
             ctx = torch.randn(2, 77, s["ctx"], generator=g).to(dtype)
@@ -181,18 +181,20 @@ def child(impl: str, folder: str, mode: str, precision: str, out: str) -> None:
             y = vae.decode(z)
             return y if impl == "ldmkit" else y.sample
 
-        r["vae_decode"] = {"seconds": median_seconds(decode, s["runs"]), "out": decode().float()}
+        if what == "all":
+            r["vae_decode"] = {"seconds": median_seconds(decode, s["runs"]), "out": decode().float()}
     seconds, image = _image(impl, pipe, s)
     r["image"] = {"seconds": seconds, "out": torch.from_numpy(image), "peak_rss_mb": peak_rss_mb()}
     torch.save(r, out)
 
 
-def measure(impl: str, folder: Path, mode: str, precision: str, env: dict | None = None) -> dict:
-    """`child` in a fresh process (with `env` added to this one's environment); its results."""
+def measure(impl: str, folder: Path, mode: str, precision: str, env: dict | None = None, what: str = "all") -> dict:
+    """`child` in a fresh process (with `env` added to this one's environment); its results. `what`:
+    "all", or "image" for the whole image alone."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.pt"
         done = subprocess.run(
-            [sys.executable, "-m", "ldmkit.bench", impl, str(folder), mode, precision, str(out)],
+            [sys.executable, "-m", "ldmkit.bench", impl, str(folder), mode, precision, str(out), what],
             capture_output=True,
             text=True,
             env={**os.environ, **(env or {})},
@@ -257,4 +259,4 @@ def run(quick: bool = False, vs_diffusers: bool = True, precisions=("fp32", "bf1
 
 
 if __name__ == "__main__":
-    child(*sys.argv[1:6])
+    child(*sys.argv[1:7])

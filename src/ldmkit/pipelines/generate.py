@@ -413,8 +413,10 @@ class Pipeline:
 
     def compile(self, freezing: bool = True) -> None:
         """Opt-in torch.compile (inductor) of the UNet's forward. The first call at each shape compiles
-        (tens of seconds on two cores); measured on a 13M UNet here: bf16 with freezing 1.8x over eager
-        (../shared/reference/cpu-performance.md). Options are passed per compile: no global setting changes.
+        (tens of seconds on two cores); measured here: a 13M UNet in bf16 with freezing 1.8x over eager
+        (../shared/reference/cpu-performance.md), the SD 1.5 UNet 0.97x after an 84 s first call
+        (benchmarks/compile_unet.py): worth it for small models only. Options are passed per compile: no
+        global setting changes.
         Only the forward is compiled, so the module, its weights and its state dict stay as they are."""
         unet = self.model.unet
         if getattr(unet, "_ldmkit_compiled", False):
