@@ -283,6 +283,36 @@ def test_frozen_text_states_are_encoded_once_and_kept_within_a_bound(autoencoder
     assert (more - fresh).abs().max() <= 1e-6
 
 
+def test_ema_follows_its_equation_and_fused_adamw_the_reference_update(autoencoder):
+    """EMA against its equation in float64; the fused AdamW against torch's reference (for-loop)
+    implementation on the same batches: the same weights up to float rounding."""
+    from ldmkit.config import from_dict
+    from ldmkit.training.ldm import LDMTask, LDMTrainConfig
+
+    data = yaml.safe_load((ROOT / "configs" / "test-ldm.yaml").read_text())
+    data["autoencoder"] = str(autoencoder / "autoencoder.safetensors")
+    fused, reference = (LDMTask(from_dict(LDMTrainConfig, data)) for _ in range(2))
+    assert fused.opt.defaults["fused"] is True
+    reference.opt = torch.optim.AdamW(
+        reference.trainable.parameters(), lr=fused.config.run.lr, weight_decay=fused.config.run.weight_decay
+    )
+    expected = {k: v.double() for k, v in fused.ema.items()}
+    B = fused.config.run.batch_size
+    for step in range(3):
+        for task in (fused, reference):
+            task.train_step(step, range(step * B, (step + 1) * B), fused.config.run.lr)
+        decay = min(fused.config.ema_decay, (1 + step) / (10 + step))
+        for k, v in fused.trainable.state_dict().items():
+            expected[k] = decay * expected[k] + (1 - decay) * v.double() if v.is_floating_point() else v.double()
+        for k, v in fused.ema.items():
+            assert (v.double() - expected[k]).abs().max() <= 1e-6 * (1 + expected[k].abs().max()), k
+    ours, theirs = fused.trainable.state_dict(), reference.trainable.state_dict()
+    moved = [k for k, v in ours.items() if v.is_floating_point() and not torch.equal(v, fused.ema[k])]
+    assert moved  # the weights did change, so the comparison below compares updates
+    for k in ours:
+        assert (ours[k] - theirs[k]).abs().max() <= 1e-5 * (1 + theirs[k].abs().max()), k
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     from ldmkit.training.loop import RunConfig, Trainer, TrainingError
 

@@ -98,6 +98,14 @@ def build_model(c: LDMTrainConfig) -> LatentDiffusion:
 TEXT_CACHE_MB = 1024
 
 
+def _fused_ok(module: torch.nn.Module) -> bool:
+    """The fused AdamW kernel takes float parameters on CPU or CUDA (not meta, not integer)."""
+    params = list(module.parameters())
+    return bool(params) and all(
+        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params
+    )
+
+
 class LDMTask:
     name = "unet"  # the trained module's key in checkpoints
     needs_images = False  # with the latent cache, only captions are loaded
@@ -116,7 +124,11 @@ class LDMTask:
         self.unet = self.model.unet
         self.trainable = trainable.train()
         self.ema = {k: v.detach().clone() for k, v in trainable.state_dict().items()}
-        self.opt = torch.optim.AdamW(trainable.parameters(), lr=c.run.lr, weight_decay=c.run.weight_decay)
+        # fused: one kernel over all parameters instead of ~10 ops per tensor (the emoji UNet's 624
+        # tensors: 36 -> 10 ms per step, benchmarks/optimizer_step.py); the same update up to rounding
+        self.opt = torch.optim.AdamW(
+            trainable.parameters(), lr=c.run.lr, weight_decay=c.run.weight_decay, fused=_fused_ok(trainable)
+        )
         self.schedule = NoiseSchedule.from_config(self.model.config.schedule, self.model.alphas_cumprod)
         self.data = open_dataset(c.data)
         self.order = Order(len(self.data), c.run.seed)
@@ -282,14 +294,20 @@ class LDMTask:
         dist.sum_grads_(self.trainable.parameters())
         self.opt.step()
         total = dist.sum_values({"loss": total})["loss"]
-        decay = min(c.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, v in self.trainable.state_dict().items():
-                if v.dtype.is_floating_point:
-                    self.ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
-                else:
-                    self.ema[k].copy_(v)
+        self.update_ema(step)
         return {"loss": total, "lr": lr}
+
+    @torch.no_grad()
+    def update_ema(self, step: int) -> None:
+        """ema <- decay * ema + (1 - decay) * weights, decay warming up as (1 + step) / (10 + step) to
+        ema_decay; one fused lerp over every float tensor, integer buffers copied."""
+        decay = min(self.config.ema_decay, (1 + step) / (10 + step))
+        state = self.trainable.state_dict()
+        floats = [k for k, v in state.items() if v.dtype.is_floating_point]
+        torch._foreach_lerp_([self.ema[k] for k in floats], [state[k] for k in floats], 1 - decay)
+        for k, v in state.items():
+            if not v.dtype.is_floating_point:
+                self.ema[k].copy_(v)
 
     # evaluation, samples, export --------------------------------------------------------------------
     @contextmanager
