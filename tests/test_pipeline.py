@@ -391,3 +391,27 @@ def test_compiled_unet_gives_the_eager_result(tmp_path):
     assert (a.latents - b.latents).abs().max() <= 1e-3 * a.latents.abs().max()
     assert torch.get_float32_matmul_precision() == before
     assert set(compiled.model.state_dict()) == set(eager.model.state_dict())
+
+
+def test_feature_cache_runs_the_deep_blocks_every_nth_step_and_round_trips(tiny_file, tmp_path, capsys):
+    pipe = Pipeline.load(tiny_file)
+    middle = []
+    pipe.model.unet.middle_block.register_forward_hook(lambda *a: middle.append(1))
+    plain = pipe("a red circle", steps=5, seed=1, sampler="euler", cfg=3.0)
+    assert len(middle) == 5 and "Feature cache" not in plain.infotexts[0]
+    middle.clear()
+    cached = pipe("a red circle", steps=5, seed=1, sampler="euler", cfg=3.0, feature_cache=2)
+    assert len(middle) == 3  # calls 0, 2, 4 (a guidance pair is one call)
+    assert "Feature cache: 2" in cached.infotexts[0]
+    assert not torch.equal(cached.latents, plain.latents)
+    code, _, _ = run(
+        capsys, "generate", "a red circle", "--model", tiny_file, "--steps", "4", "--seed", "3", "--feature-cache",
+        "3", "-q", "-o", tmp_path / "a.png",
+    )  # fmt: skip
+    assert code == 0
+    code, _, _ = run(
+        capsys, "generate", "--from-png", tmp_path / "a.png", "--model", tiny_file, "-q", "-o", tmp_path / "b.png"
+    )
+    assert code == 0 and np.array_equal(pixels(Image.open(tmp_path / "a.png")), pixels(Image.open(tmp_path / "b.png")))
+    code, _, err = run(capsys, "generate", "x", "--model", tiny_file, "--feature-cache", "0", "-q")
+    one_line_error(code, err, "feature cache interval 0", "allowed: 1 or more")

@@ -178,3 +178,64 @@ def test_bf16_group_norm_on_cpu_equals_the_fp32_round_trip(channels_last):
     assert half.dtype == torch.float16
     ref = F.group_norm(x.float(), 8, norm.weight, norm.bias, norm.eps)
     assert ((half.float() - ref).abs() <= ref.abs() * 2**-10 + 1e-3).all()
+
+
+def _tiny_unet():
+    from conftest import randomize
+    from ldmkit.models.presets import tiny
+
+    return randomize(UNetModel(tiny().unet)).eval()
+
+
+@pytest.mark.parametrize("branch", [0, 1, 2])
+def test_feature_cache_reuses_the_deep_features_and_only_them(branch):
+    """DeepCache (FeatureCache): a full call every `interval` calls keeps the features entering the
+    shallowest branch + 1 output blocks; a reuse call runs only the shallowest branch + 1 input and
+    output blocks. With the same inputs a reuse call must equal the full one exactly (the kept features
+    are what the full call would compute), and it must skip the middle and deep blocks."""
+    from ldmkit.models.unet import FeatureCache
+
+    unet = _tiny_unet()
+    n = len(unet.output_blocks)
+    runs = {"middle": 0, "input": [0] * n, "output": [0] * n}
+    unet.middle_block.register_forward_hook(lambda *a: runs.__setitem__("middle", runs["middle"] + 1))
+    for i in range(n):
+        unet.input_blocks[i].register_forward_hook(lambda *a, i=i: runs["input"].__setitem__(i, runs["input"][i] + 1))
+        unet.output_blocks[i].register_forward_hook(
+            lambda *a, i=i: runs["output"].__setitem__(i, runs["output"][i] + 1)
+        )
+    g = torch.Generator().manual_seed(branch)
+    x, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, unet.config.context_dim, generator=g)
+    t = torch.tensor([500, 500])
+    cache = FeatureCache(interval=3, branch=branch)
+    with torch.no_grad():
+        plain = unet(x, t, ctx)
+        full = unet(x, t, ctx, cache=cache)
+        reused = [unet(x, t, ctx, cache=cache) for _ in range(2)]
+        again_full = unet(x, t, ctx, cache=cache)  # the 4th call: interval 3 comes round
+        moved = unet(x + 0.5, t, ctx, cache=cache)  # a reuse call on new inputs: the shallow path is new
+        fresh = unet(x + 0.5, t, ctx)
+    assert torch.equal(full, plain) and torch.equal(again_full, plain)
+    assert all(torch.equal(r, plain) for r in reused)
+    shallow = branch + 1
+    assert runs["middle"] == 4  # plain, full, again_full, fresh: never on reuse calls
+    assert runs["input"] == [7] * shallow + [4] * (n - shallow)
+    assert runs["output"] == [4] * (n - shallow) + [7] * shallow
+    assert not torch.equal(moved, fresh) and not torch.equal(moved, plain)
+
+
+def test_feature_cache_interval_one_is_off_and_bad_settings_are_refused():
+    from ldmkit.errors import ConfigError
+    from ldmkit.models.unet import FeatureCache
+
+    unet = _tiny_unet()
+    x, t, ctx = torch.randn(1, 4, 16, 16), torch.tensor([10]), torch.randn(1, 7, unet.config.context_dim)
+    cache = FeatureCache(1)
+    with torch.no_grad():
+        outs = [unet(x + i, t, ctx, cache=cache) for i in range(3)]
+        assert all(torch.equal(o, unet(x + i, t, ctx)) for i, o in enumerate(outs))
+    for bad in (0, -2, 1.5):
+        with pytest.raises(ConfigError, match="feature cache interval"):
+            FeatureCache(bad)
+    with pytest.raises(ConfigError, match="branch"):
+        FeatureCache(2, branch=-1)

@@ -111,6 +111,7 @@ GENERATE_DEFAULTS = {
     "eta": 0.0,
     "guidance_rescale": 0.0,
     "prompt_mode": "webui",
+    "feature_cache": 1,
 }
 
 
@@ -143,6 +144,7 @@ def _from_png(path: str) -> dict:
         "Guidance rescale": ("guidance_rescale", float),
         "Prompt mode": ("prompt_mode", str),
         "Timestep spacing": ("timestep_spacing", str),
+        "Feature cache": ("feature_cache", int),
     }
     try:
         for key, (name, kind) in conv.items():
@@ -640,9 +642,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--precision",
         choices=["fp32", "bf16", "auto"],
-        default="fp32",
-        help="bf16: UNet and autoencoder in bf16 (fast on CPUs with bf16 units); auto: bf16 for large models"
-        " on such CPUs (default fp32)",
+        default="auto",
+        help="bf16: UNet and autoencoder in bf16 (fast on CPUs with bf16 units); auto (default): bf16 for"
+        " UNets of 100M parameters or more on such CPUs, fp32 otherwise",
+    )
+    p.add_argument(
+        "--feature-cache",
+        type=int,
+        metavar="N",
+        help="DeepCache: a full UNet call every N steps, the steps between reuse its deep features (1 = off)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first call; faster steps)")
     p.add_argument(

@@ -15,7 +15,7 @@ import torch
 from ldmkit.diffusion.schedule import NoiseSchedule
 from ldmkit.errors import ConfigError
 from ldmkit.models.controlnet import ControlNet, guess_mode_scales
-from ldmkit.models.unet import UNetModel
+from ldmkit.models.unet import FeatureCache, UNetModel
 
 
 @dataclass
@@ -79,8 +79,11 @@ def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> to
 
 
 class Denoiser:
-    def __init__(self, unet: UNetModel, schedule: NoiseSchedule, prediction_type: str):
+    def __init__(
+        self, unet: UNetModel, schedule: NoiseSchedule, prediction_type: str, cache: FeatureCache | None = None
+    ):
         self.unet = unet
+        self.cache = cache  # DeepCache's kept features for this generation, or None
         self.schedule = schedule
         self.prediction_type = prediction_type
         self._timesteps: dict[float, float] = {}
@@ -142,7 +145,7 @@ class Denoiser:
             x2, t2, ctx2 = torch.cat([x_in, x_in]), torch.cat([t, t]), torch.cat([cond.uncond, cond.context]).to(dtype)
             y2 = None if cond.y is None else torch.cat([cond.y, cond.y])
             control = self.control_residuals(x2, t2, ctx2, cond, sigma, True, y2) if cond.control else None
-            both = self.unet(x2, t2, ctx2, y=y2, control=control).float()
+            both = self.unet(x2, t2, ctx2, y=y2, control=control, cache=self.cache).float()
             out_uncond, out_cond = both[:n], both[n:]
             out = out_uncond + cond.cfg_scale * (out_cond - out_uncond)
             if cond.guidance_rescale > 0:
@@ -150,7 +153,9 @@ class Denoiser:
         else:
             context = cond.context.to(dtype)
             control = self.control_residuals(x_in, t, context, cond, sigma, False, cond.y) if cond.control else None
-            out = self.unet(x_in, t, context, y=cond.y, timestep_cond=cond.timestep_cond, control=control).float()
+            out = self.unet(
+                x_in, t, context, y=cond.y, timestep_cond=cond.timestep_cond, control=control, cache=self.cache
+            ).float()
         x0 = to_x0(out.float(), x, sigma, self.prediction_type)
         if cond.blend is not None:
             keep, z_init = cond.blend

@@ -96,6 +96,32 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
+@dataclass
+class FeatureCache:
+    """DeepCache (Ma et al. 2024): adjacent sampling steps change the UNet's deep features little, so
+    a full call every `interval` calls keeps the features entering its shallowest `branch + 1` output
+    blocks, and the calls between recompute only the shallowest `branch + 1` input blocks (for their
+    skip connections) and those output blocks. One object per generation: it counts UNet calls (a
+    guidance pair is one call). interval 1 is a full call every time."""
+
+    interval: int
+    branch: int = 0
+    calls: int = 0
+    deep: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.interval, int) or self.interval < 1:
+            raise ConfigError(f"feature cache interval {self.interval!r}; allowed: 1 or more (1 = off)")
+        if not isinstance(self.branch, int) or self.branch < 0:
+            raise ConfigError(f"feature cache branch {self.branch!r}; allowed: 0 or more")
+
+    def reuse(self, batch: int) -> bool:
+        """Whether this call reuses the kept features (and count it)."""
+        reuse = self.deep is not None and self.deep.shape[0] == batch and self.calls % self.interval != 0
+        self.calls += 1
+        return reuse
+
+
 class UNetModel(nn.Module):
     def __init__(self, config: UNetConfig, encoder_only: bool = False):
         """encoder_only: the input and middle blocks alone (what a ControlNet copies)."""
@@ -192,24 +218,39 @@ class UNetModel(nn.Module):
         y: torch.Tensor | None = None,
         timestep_cond: torch.Tensor | None = None,
         control: list[torch.Tensor] | None = None,
+        cache: FeatureCache | None = None,
     ) -> torch.Tensor:
         """x: [B, C, H, W] noisy latents; timesteps: [B] (or scalar); context: [B, T, D] text states;
         y: class labels [B] or vectors [B, adm_in_channels]; timestep_cond: the guidance-scale
         embedding [B, time_cond_proj_dim] (see `guidance_scale_embedding`); control: ControlNet
-        residuals, one per skip connection and one for the middle block (models/controlnet.py)."""
+        residuals, one per skip connection and one for the middle block (models/controlnet.py);
+        cache: DeepCache's kept deep features (FeatureCache)."""
         emb = self.embed(x, timesteps, y, timestep_cond)
+        if control is not None and len(control) != len(self.input_blocks) + 1:
+            raise ConfigError(
+                f"UNetModel: {len(control)} control residuals for {len(self.input_blocks)} skips + middle"
+            )
+        shallow = len(self.output_blocks) if cache is None else min(cache.branch + 1, len(self.output_blocks))
+        reuse = cache is not None and cache.reuse(x.shape[0])
         skips = []
         h = x
-        for block in self.input_blocks:
+        for block in self.input_blocks[:shallow] if reuse else self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
         if control is not None:
-            if len(control) != len(skips) + 1:
-                raise ConfigError(f"UNetModel: {len(control)} control residuals for {len(skips)} skips + middle")
-            h = h + control[-1]
             skips = [s + r for s, r in zip(skips, control)]
-        for block in self.output_blocks:
+        if reuse:
+            h = cache.deep
+        else:
+            h = self.middle_block(h, emb, context)
+            if control is not None:
+                h = h + control[-1]
+        deep_blocks = len(self.output_blocks) - shallow
+        for i, block in enumerate(self.output_blocks):
+            if i < deep_blocks and reuse:
+                continue
+            if i == deep_blocks and cache is not None and not reuse:
+                cache.deep = h
             h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h)

@@ -30,6 +30,7 @@ from ldmkit.errors import ConfigError
 from ldmkit.infotext import format_infotext
 from ldmkit.lora import Lora, LoraSet, find_lora, parse_lora_tags, read_lora
 from ldmkit.models.ldm import LatentDiffusion
+from ldmkit.models.unet import FeatureCache
 from ldmkit.nn.embedding import guidance_scale_embedding
 from ldmkit.pipelines.images import latent_preview, mask_to_tensor, pil_to_tensor, tensor_to_pil
 from ldmkit.prompts import encode_prompts
@@ -58,6 +59,7 @@ class GenerationParams:
     prompt_mode: str = "webui"
     timestep_spacing: str | None = None
     control: list = field(default_factory=list)  # ControlInput (pipelines/control.py)
+    feature_cache: int = 1  # DeepCache interval (models/unet.FeatureCache); 1 = off
 
 
 BF16_MIN_PARAMS = 100_000_000
@@ -137,7 +139,7 @@ class Pipeline:
         path: str | Path | None = None,
         vae: str | Path | None = None,
         overrides: dict | None = None,
-        precision: str = "fp32",
+        precision: str = "auto",
     ) -> "Pipeline":
         """A model file or folder, or a bundled model by name ("shapes"; the default when no path is
         given), computing in `precision` (see set_precision)."""
@@ -195,10 +197,12 @@ class Pipeline:
         callback: Callable[[StepInfo], None] | None = None,
         control: list | None = None,
         loras: list[tuple[str | Path, float]] | None = None,
+        feature_cache: int = 1,
     ) -> Result:
         """Generate images. A list of prompts makes one image each (image i with seed + i), as diffusers
         takes a list. loras: (file, strength) pairs merged for this call, besides the prompt's
-        <lora:NAME:WEIGHT> tags (looked up in `self.lora_dir`)."""
+        <lora:NAME:WEIGHT> tags (looked up in `self.lora_dir`). feature_cache N > 1: a full UNet call
+        every N calls, the ones between reuse its deep features (DeepCache; off by default)."""
         c = self.model.config
         if not isinstance(prompt, str):
             prompt = tuple(prompt)
@@ -214,6 +218,7 @@ class Pipeline:
         spec.build_schedule(NoiseSchedule.from_config(c.schedule), 1, timestep_spacing)  # refuse bad spacing early
         if not isinstance(steps, int) or steps <= 0:
             raise ConfigError(f"steps: {steps}; allowed: 1 or more")
+        FeatureCache(feature_cache)  # refuse a bad interval before any work
         if not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
             raise ConfigError(f"batch: {batch}; allowed: 1 to {MAX_BATCH}")
         if mask is not None and init_image is None:
@@ -272,6 +277,7 @@ class Pipeline:
             guidance_rescale,
             prompt_mode,
             control=list(control or []),
+            feature_cache=feature_cache,
         )
         interrupted = False
         try:
@@ -339,7 +345,12 @@ class Pipeline:
         if inpaint_model and strength >= 1.0:
             init_latents = None  # from pure noise, as diffusers does at full strength
 
-        denoiser = Denoiser(m.unet, NoiseSchedule.from_config(c.schedule, m.alphas_cumprod), c.schedule.prediction_type)
+        denoiser = Denoiser(
+            m.unet,
+            NoiseSchedule.from_config(c.schedule, m.alphas_cumprod),
+            c.schedule.prediction_type,
+            FeatureCache(p.feature_cache) if p.feature_cache > 1 else None,
+        )
 
         @torch.no_grad()
         def preview(x0: torch.Tensor) -> list[Image.Image]:
@@ -456,6 +467,7 @@ class Pipeline:
             "Prompt mode": p.prompt_mode if p.prompt_mode != "webui" else None,
             "Timestep spacing": p.timestep_spacing,
             "Precision": self.precision if self.precision != "fp32" else None,
+            "Feature cache": p.feature_cache if p.feature_cache > 1 else None,
             "Lora hashes": ", ".join(f"{lora.name}: {lora.hash}" for lora in self._merged()) or None,
             **{
                 f"ControlNet {i}": (
