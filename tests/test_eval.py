@@ -19,7 +19,9 @@ def test_eval_reports_every_setting_and_the_ceiling(tmp_path, capsys):
             "--steps",
             "2,3",
             "--cfg",
-            "1,5",
+            "5",
+            "--feature-cache",
+            "1,2",
             "--samplers",
             "euler_a",
             "--split",
@@ -36,6 +38,7 @@ def test_eval_reports_every_setting_and_the_ceiling(tmp_path, capsys):
     report = json.loads(out)
     assert report == json.loads((tmp_path / "r.json").read_text())
     assert len(report["settings"]) == 4 and report["split"] == "heldout"
+    assert [s.get("feature_cache", 1) for s in report["settings"]] == [1, 2, 1, 2]
     for s in report["settings"]:
         assert s["images"] == 6 and 0 <= s["fully_correct"] <= 1 and s["seconds_per_image"] > 0
         assert 0 <= s["colour"] <= 1 and s["diversity"] > 0
@@ -52,6 +55,7 @@ def test_eval_and_shapes_bad_arguments(tmp_path, capsys):
         (["eval", "--model", "x", "--samplers", "nope"], "unknown sampler"),
         (["eval", "--model", "x", "--steps", "a,b"], "comma-separated list of int"),
         (["eval", "--model", "x", "--split", "test"], "--split test"),
+        (["eval", "--model", "x", "--feature-cache", "0,2"], "--feature-cache 0,2: allowed: integers of 1 or more"),
         (["eval", "--model", "x", "--word", "red"], "expected OLD=NEW"),
         (["eval", "--model", "x", "--word", "red=dark red"], "expected OLD=NEW"),
         (["eval", "--model", "x", "--word", "the=dax"], "OLD must be a colour or shape"),

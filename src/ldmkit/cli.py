@@ -343,6 +343,9 @@ def cmd_eval(args) -> int:
     cfgs = _list(args.cfg, float, "cfg") if args.cfg is not None else None
     steps = _list(args.steps, int, "steps") if args.steps is not None else None
     samplers = _list(args.samplers, str, "samplers") if args.samplers is not None else None
+    caches = _list(args.feature_cache, int, "feature-cache") if args.feature_cache is not None else [1]
+    if any(n < 1 for n in caches):
+        raise LdmkitError(f"--feature-cache {args.feature_cache}: allowed: integers of 1 or more (1 = off)")
     for name in samplers or []:
         get_sampler(name)
     if any(s <= 0 for s in steps or []):
@@ -363,10 +366,22 @@ def cmd_eval(args) -> int:
     if args.control:
         report = _eval_control(args, pipe, cfgs[0], steps[0], samplers[0])
     else:
-        total = args.n * len(cfgs) * len(steps) * len(samplers)
+        total = args.n * len(cfgs) * len(steps) * len(samplers) * len(caches)
         with tqdm(total=total, desc="prompts", disable=args.quiet, file=sys.stderr) as bar:
             report = evaluate(
-                pipe, args.split, args.n, cfgs, steps, samplers, args.seeds, args.seed, bar.update, loras, shapes, words
+                pipe,
+                args.split,
+                args.n,
+                cfgs,
+                steps,
+                samplers,
+                args.seeds,
+                args.seed,
+                bar.update,
+                loras,
+                shapes,
+                words,
+                caches,
             )
     return _print_report(report, args.out, "eval")
 
@@ -671,6 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", help=f"comma-separated guidance scales; default: {DEFAULT_NOTE}")
     p.add_argument("--steps", help=f"comma-separated step counts; default: {DEFAULT_NOTE}")
     p.add_argument("--samplers", help=f"comma-separated sampler names; default: {DEFAULT_NOTE}")
+    p.add_argument("--feature-cache", help="comma-separated DeepCache intervals to measure (default 1: off)")
     p.add_argument("--n", type=int, default=50, help="prompts per setting (default 50)")
     p.add_argument("--seeds", type=int, default=2, help="images per prompt, for diversity (default 2)")
     p.add_argument("--seed", type=int, default=0)

@@ -116,12 +116,12 @@ def say(caption: str, words: dict[str, str]) -> str:
 
 
 def _run_settings(
-    pipe, scenes, cfgs, steps, samplers, seeds_per_prompt, seed, progress, unet_time, loras, shapes, words
+    pipe, scenes, cfgs, steps, samplers, seeds_per_prompt, seed, progress, unet_time, loras, shapes, words, caches
 ):
     size = pipe.model.config.image_size
     pipe("warm-up", steps=2, cfg=cfgs[0], sampler=samplers[0], seed=0, batch=seeds_per_prompt)  # first-call costs
     settings = []
-    for cfg, n_steps, sampler in itertools.product(cfgs, steps, samplers):
+    for cfg, n_steps, sampler, cache in itertools.product(cfgs, steps, samplers, caches):
         verdicts, kinds, diversity, seconds = [], [], [], 0.0
         unet_time["seconds"] = 0.0
         for i, scene in enumerate(scenes):
@@ -136,6 +136,7 @@ def _run_settings(
                 width=size,
                 height=size,
                 loras=loras,
+                feature_cache=cache,
             )
             seconds += time.perf_counter() - t
             arrays = [np.asarray(im, dtype=np.float32) / 255 for im in result.images]
@@ -150,6 +151,7 @@ def _run_settings(
                 "cfg": cfg,
                 "steps": n_steps,
                 "sampler": sampler,
+                **({"feature_cache": cache} if cache > 1 else {}),
                 "images": len(verdicts),
                 **_accuracies(verdicts),
                 "by_kind": _by_kind(verdicts, kinds),
@@ -175,18 +177,32 @@ def evaluate(
     loras=None,
     shapes=None,
     words=None,
+    feature_caches=(1,),
 ) -> dict:
     """loras: (file, weight) pairs merged for every image; textual-inversion words are the caller's
     to load into `pipe.embeddings`. words: {caption word: what the prompt says instead} (a new word for
     a colour: the prompt says it, the judge still checks the colour; only prompts that say a word in
     `words` are measured). shapes: the judge's shape classes
-    (default: the training world's and any the prompt names)."""
+    (default: the training world's and any the prompt names). feature_caches: DeepCache intervals to
+    measure (1 = off)."""
     words = words or {}
     size = pipe.model.config.image_size
     indices, scenes = _scenes(split, n, seed, size, set(words))
     with _time_calls(pipe.model.unet) as unet_time:
         settings = _run_settings(
-            pipe, scenes, cfgs, steps, samplers, seeds_per_prompt, seed, progress, unet_time, loras, shapes, words
+            pipe,
+            scenes,
+            cfgs,
+            steps,
+            samplers,
+            seeds_per_prompt,
+            seed,
+            progress,
+            unet_time,
+            loras,
+            shapes,
+            words,
+            tuple(feature_caches),
         )
     renders = [judge(render(s), s.intent, shapes) for s in scenes]
     render_kinds = [prompt_kind(sc.intent) for sc in scenes]
