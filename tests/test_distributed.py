@@ -64,8 +64,7 @@ def worker(rank: int, world: int, stage: str, folder: str, mode: str, accum: int
         data["run"].update({"dir": f"{folder}/run-{world}", "steps": 3, "lr": 1e-5, "warmup": 1})
         task = build_task(stage, data)
         Trainer(task, RunConfig(**data["run"])).fit(progress=False)
-    if world > 1:
-        tdist.destroy_process_group()
+    dist.shutdown()  # every rank done, then the group destroyed before interpreter teardown
 
 
 def run(stage, folder, mode, world, accum=1):

@@ -479,7 +479,7 @@ def _train(args, config_class, task_class, product, adjust=None) -> int:
     """The training commands: join the process group, read the config, run, report. product: the
     file the run ends with, or a function of the config giving it (LoRAs and embeddings are named)."""
     from ldmkit.config import load_yaml, to_dict
-    from ldmkit.training.distributed import init_from_env
+    from ldmkit.training.distributed import init_from_env, shutdown
     from ldmkit.training.loop import Trainer
 
     init_from_env()
@@ -490,6 +490,7 @@ def _train(args, config_class, task_class, product, adjust=None) -> int:
         adjust(config)
     trainer = Trainer(task_class(config), config.run, resume=args.resume, config_record=to_dict(config))
     last = trainer.fit(progress=not args.quiet)
+    shutdown()
     key = task_class.name if callable(product) else product.split(".")[0]
     product = product(config) if callable(product) else product
     if trainer.main:

@@ -18,6 +18,15 @@ def init_from_env() -> tuple[int, int]:
     return rank(), size()
 
 
+def shutdown() -> None:
+    """Leave the process group: wait for every rank (a rank that exits while another still talks to
+    it can abort), then destroy it before the interpreter's teardown, when gloo's worker threads would
+    release tensors without the GIL (SIGABRT at exit)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
