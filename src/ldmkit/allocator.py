@@ -3,13 +3,14 @@
 By default glibc serves every allocation above a (dynamic) threshold with a fresh `mmap` and gives
 it back on free, so each UNet call re-faults its activations' pages from the kernel; and it trims
 the heap's free top after each call. Activations of a 512² SD call are 5-40 MB each, hundreds per
-call. Serving them from the heap and keeping it: a whole SD 1.5 image in bf16 39.7 -> 36.6 s here
-(`python benchmarks/allocator.py`). The price: memory freed after a peak stays with the process
-(up to TRIM bytes at the heap's top) instead of returning to the system; the peak itself does not
-grow. Results are bit-identical: only where memory comes from changes.
+call. Serving them from the heap and keeping it: a whole SD 1.5 image in bf16 40.3 -> 37.7 s here
+(medians of three, `python benchmarks/allocator.py`; diffusers gains as much from the same settings).
+The price: memory freed after a peak stays with the process (up to TRIM_THRESHOLD bytes at the
+heap's top) instead of returning to the system; the effect on the peak itself is not measured
+separately. Results are bit-identical: only where memory comes from changes.
 
-It is process-wide, so ldmkit's own processes (the CLI, the server, `Pipeline.load` on CPU) apply
-it; LDMKIT_MALLOC=default turns it off. Linux with glibc only; elsewhere it does nothing."""
+It is process-wide, so `Pipeline.load` (and with it the CLI and the server) applies it once;
+LDMKIT_MALLOC=default turns it off. Linux with glibc only; elsewhere it does nothing."""
 
 import ctypes
 import ctypes.util

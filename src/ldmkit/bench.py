@@ -249,8 +249,10 @@ def run(quick: bool = False, vs_diffusers: bool = True, precisions=("fp32", "bf1
         for precision in precisions:
             progress(f"{precision}: ldmkit")
             ours = measure("ldmkit", folder, mode, precision)
-            progress(f"{precision}: diffusers" if vs_diffusers else "")
-            theirs = measure("diffusers", folder, mode, precision) if vs_diffusers else None
+            theirs = None
+            if vs_diffusers:
+                progress(f"{precision}: diffusers")
+                theirs = measure("diffusers", folder, mode, precision)
             r = _compare(ours, theirs, report["peak_gflops"][precision])
             for name, row in r.items():
                 progress(f"{precision}: {name}: {row}")
