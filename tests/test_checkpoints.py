@@ -15,7 +15,7 @@ from conftest import tiny_pipeline, write_sd_file
 from ldmkit.checkpoints.diffusers_folder import load_diffusers, save_diffusers
 from ldmkit.checkpoints.inspect import inspect_path
 from ldmkit.checkpoints.single_file import load_model, save_single_file
-from ldmkit.errors import UnsupportedModelError
+from ldmkit.errors import CheckpointError, UnsupportedModelError
 
 
 def outputs(model, seed=0):
@@ -350,3 +350,67 @@ def test_loading_fills_empty_modules_with_the_files_tensors(tmp_path, layout, dt
         for p in loaded.unet.parameters():
             p.add_(1.0)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("layout", ["single file", "diffusers folder"])
+def test_a_bf16_load_converts_as_it_reads_and_equals_converting_after(tmp_path, layout):
+    """A bf16 load reads the UNet's and autoencoder's tensors one at a time and converts each at once
+    (files.read_tensors with dtype_for); the result must be exactly the fp32 load converted after, the
+    text tower still fp32."""
+    write_sd_file(tmp_path / "sd1.safetensors")
+    model = load_model(tmp_path / "sd1.safetensors")
+    path = tmp_path / "model.safetensors"
+    save_single_file(model, path)
+    if layout == "diffusers folder":
+        save_diffusers(model, tmp_path / "folder")
+        path = tmp_path / "folder"
+    rule_calls = []
+
+    def bf16(config):
+        rule_calls.append(config.family)
+        return torch.bfloat16
+
+    fast = load_model(path, dtype_rule=bf16)
+    assert rule_calls == ["sd1"]
+    reference = load_model(path)
+    reference.unet.to(torch.bfloat16)
+    reference.vae.to(torch.bfloat16)
+    a, b = fast.state_dict(), reference.state_dict()
+    assert set(a) == set(b)
+    for k in b:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert next(fast.unet.parameters()).dtype == next(fast.vae.parameters()).dtype == torch.bfloat16
+    assert next(fast.text_encoder.parameters()).dtype == torch.float32
+
+
+def test_reading_safetensors_with_conversion_equals_the_library_and_refuses_damage(tmp_path):
+    from ldmkit.checkpoints.files import read_tensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=g),
+        "f16": torch.randn(7, generator=g).half(),
+        "bf16": torch.randn(2, 2, 2, generator=g).bfloat16(),
+        "f64": torch.randn(4, generator=g).double(),
+        "i64": torch.arange(6).reshape(2, 3),
+        "u8": torch.arange(5, dtype=torch.uint8),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 3),
+    }
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path), metadata={"note": "x"})
+    ref = load_file(str(path))
+    for target in (torch.bfloat16, torch.float32, None):
+        state, meta = read_tensors(path, lambda k: target)
+        assert meta == {"note": "x"} and set(state) == set(ref)
+        for k, v in ref.items():
+            want = v.to(target) if target is not None and v.is_floating_point() else v
+            assert state[k].dtype == want.dtype and state[k].shape == want.shape and torch.equal(state[k], want), k
+    data = path.read_bytes()
+    (tmp_path / "short.safetensors").write_bytes(data[:-8])
+    n = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + n].replace(b'"shape":[3,5]', b'"shape":[3,6]')
+    (tmp_path / "shape.safetensors").write_bytes(data[:8] + header + data[8 + n :])
+    for name in ("short", "shape"):
+        with pytest.raises(CheckpointError, match="corrupt safetensors file"):
+            read_tensors(tmp_path / f"{name}.safetensors", lambda k: torch.bfloat16)

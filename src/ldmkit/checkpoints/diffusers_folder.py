@@ -38,13 +38,14 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
-def _weights(folder: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """A component's weights: safetensors first, then the fp16 variant, then `.bin` (safe loader)."""
+def _weights(folder: Path, names: tuple[str, ...], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A component's weights: safetensors first, then the fp16 variant, then `.bin` (safe loader).
+    dtype: a safetensors file's floating tensors converted to it as they are read."""
     for name in names:
         stem, ext = name.rsplit(".", 1)
         for candidate in (name, f"{stem}.fp16.{ext}"):
             if (folder / candidate).exists():
-                state, _ = read_tensors(folder / candidate)
+                state, _ = read_tensors(folder / candidate, None if dtype is None else (lambda k: dtype))
                 return state
     raise CheckpointError(f"{folder}: no weights file (looked for {', '.join(names)})")
 
@@ -224,10 +225,15 @@ def vae_config_to_diffusers(c: AutoencoderConfig, sample_size: int) -> dict:
     return cfg
 
 
-def load_diffusers_vae(folder: Path) -> AutoencoderKL:
+def load_diffusers_vae(folder: Path, dtype: torch.dtype | None = None) -> AutoencoderKL:
+    """dtype: built empty in it and filled with the file's tensors, converted as they are read."""
     config = vae_config_from_diffusers(_read_json(folder / "config.json"), str(folder))
-    vae = AutoencoderKL(config)
-    state = _weights(folder, ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"))
+    if dtype is None:
+        vae = AutoencoderKL(config)
+    else:
+        with torch.device("meta"):
+            vae = AutoencoderKL(config).to(dtype)
+    state = _weights(folder, ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"), dtype)
     strict_load(vae, keymaps.vae_from_diffusers(state, config), "autoencoder", str(folder))
     return vae.eval()
 
@@ -265,7 +271,8 @@ def schedule_from_diffusers(cfg: dict) -> ScheduleConfig:
     )
 
 
-def load_diffusers(path: str | Path, overrides: dict | None = None) -> LatentDiffusion:
+def load_diffusers(path: str | Path, overrides: dict | None = None, dtype_rule=None) -> LatentDiffusion:
+    """dtype_rule: the UNet's and autoencoder's dtype for the config (single_file.load_single_file)."""
     from ldmkit.checkpoints.detect import _apply_overrides
 
     folder = Path(path)
@@ -306,18 +313,20 @@ def load_diffusers(path: str | Path, overrides: dict | None = None) -> LatentDif
         family=family, unet=unet, vae=vae, text=text, schedule=schedule, guessed=guessed, image_size=image_size
     )
     _apply_overrides(config, dict(overrides or {}), where)
-    model = LatentDiffusion(config, empty=True)
+    dtype = dtype_rule(config) if dtype_rule else torch.float32
+    model = LatentDiffusion(config, empty=True, dtype=dtype)
+    convert = None if dtype == torch.float32 else dtype  # fp32 tensors stay mapped from the file
     strict_load(
         model.unet,
         keymaps.rename(
-            _weights(folder / "unet", ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")),
+            _weights(folder / "unet", ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"), convert),
             keymaps.unet_to_diffusers(unet),
             reverse=True,
         ),
         "UNet",
         f"{folder / 'unet'}",
     )
-    model.first_stage_model = load_diffusers_vae(folder / "vae")
+    model.first_stage_model = load_diffusers_vae(folder / "vae", convert)
     te = _weights(folder / "text_encoder", ("model.safetensors", "pytorch_model.bin"))
     te = {k: v for k, v in te.items() if not NOT_WEIGHTS.search(k)}
     if text.kind == "bert":

@@ -4,6 +4,7 @@ Our own files are the same layout plus the model config as JSON in the safetenso
 file written by ldmkit loads in tools that read SD files, and ldmkit needs no guessing to read it."""
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from ldmkit.checkpoints import keymaps
 from ldmkit.checkpoints.components import strict_load, strip_prefix
 from ldmkit.checkpoints.detect import METADATA_KEY, NOT_WEIGHTS, OPENCLIP, UNET, VAE, detect, vae_config_from_weights
-from ldmkit.checkpoints.files import DIFFUSERS, read_tensors, sniff, write_safetensors
+from ldmkit.checkpoints.files import DIFFUSERS, SAFETENSORS, read_tensors, sniff, write_safetensors
 from ldmkit.errors import CheckpointError
 from ldmkit.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldmkit.models.ldm import LatentDiffusion, ModelConfig
@@ -48,11 +49,14 @@ def load_package_text_encoder(encoder: TextEncoder) -> None:
     strict_load(encoder.transformer, state, "text encoder", str(folder))
 
 
-def build(config: ModelConfig, state: dict[str, torch.Tensor], where: str) -> LatentDiffusion:
-    """A LatentDiffusion with every component strictly loaded from original-layout `state`."""
+def build(
+    config: ModelConfig, state: dict[str, torch.Tensor], where: str, dtype: torch.dtype = torch.float32
+) -> LatentDiffusion:
+    """A LatentDiffusion with every component strictly loaded from original-layout `state`, its UNet
+    and autoencoder in `dtype`."""
     alphas_cumprod = state.get("alphas_cumprod")
     state = {k: v for k, v in state.items() if not NOT_WEIGHTS.search(k)}
-    model = LatentDiffusion(config, empty=True)
+    model = LatentDiffusion(config, empty=True, dtype=dtype)
     unet = strip_prefix(state, UNET)
     vae = keymaps.vae_linear_attention_to_conv(strip_prefix(state, VAE))
     text = text_state_from_file(state, config.text.kind)
@@ -76,20 +80,32 @@ def build(config: ModelConfig, state: dict[str, torch.Tensor], where: str) -> La
     return model.eval()
 
 
-def load_single_file(path: str | Path, overrides: dict | None = None) -> LatentDiffusion:
-    state, metadata = read_tensors(path)
+DtypeRule = Callable[[ModelConfig], torch.dtype]
+
+
+def load_single_file(path: str | Path, overrides: dict | None = None, dtype_rule: DtypeRule | None = None):
+    """dtype_rule: the UNet's and autoencoder's dtype for the detected config (default fp32). Not fp32
+    and a safetensors file: their tensors are converted as they are read (files.read_tensors)."""
+    state, metadata = read_tensors(path)  # mapped, not read: detection needs only names and shapes
     config = detect(state, metadata, str(path), overrides)
-    return build(config, state, str(path))
+    dtype = dtype_rule(config) if dtype_rule else torch.float32
+    if dtype != torch.float32 and sniff(path) == SAFETENSORS:
+        del state
+        state, _ = read_tensors(path, lambda k: dtype if k.startswith((UNET, VAE)) else None)
+    return build(config, state, str(path), dtype)
 
 
-def load_model(path: str | Path, vae: str | Path | None = None, overrides: dict | None = None) -> LatentDiffusion:
-    """Load a model from a single file or a diffusers folder; `vae` replaces its autoencoder."""
+def load_model(
+    path: str | Path, vae: str | Path | None = None, overrides: dict | None = None, dtype_rule: DtypeRule | None = None
+) -> LatentDiffusion:
+    """Load a model from a single file or a diffusers folder; `vae` replaces its autoencoder.
+    dtype_rule: see load_single_file."""
     if sniff(path) == DIFFUSERS:
         from ldmkit.checkpoints.diffusers_folder import load_diffusers
 
-        model = load_diffusers(path, overrides)
+        model = load_diffusers(path, overrides, dtype_rule)
     else:
-        model = load_single_file(path, overrides)
+        model = load_single_file(path, overrides, dtype_rule)
     if vae is not None:
         replace_vae(model, vae)
     return model

@@ -70,15 +70,16 @@ class _DiffusionWrapper(nn.Module):
 
 
 class LatentDiffusion(nn.Module):
-    def __init__(self, config: ModelConfig, empty: bool = False):
+    def __init__(self, config: ModelConfig, empty: bool = False, dtype: torch.dtype = torch.float32):
         """empty: the UNet and the autoencoder are built on the meta device -- no memory, no random
         init -- for a loader to fill with the file's tensors (checkpoints.components.strict_load), so
-        loading holds the weights once, not twice."""
+        loading holds the weights once, not twice. dtype: the UNet's and the autoencoder's (the text
+        tower stays fp32)."""
         super().__init__()
         self.config = config
         with torch.device("meta") if empty else contextlib.nullcontext():
-            self.model = _DiffusionWrapper(UNetModel(config.unet))
-            self.first_stage_model = AutoencoderKL(config.vae)
+            self.model = _DiffusionWrapper(UNetModel(config.unet).to(dtype))
+            self.first_stage_model = AutoencoderKL(config.vae).to(dtype)
         self.cond_stage_model = TextEncoder(config.text)
         # The training schedule stored in the file (SD files carry `alphas_cumprod`), if any.
         self.alphas_cumprod: torch.Tensor | None = None

@@ -30,7 +30,7 @@ from ldmkit.errors import ConfigError
 from ldmkit.infotext import format_infotext
 from ldmkit.lora import Lora, LoraSet, find_lora, parse_lora_tags, read_lora
 from ldmkit.models.ldm import LatentDiffusion
-from ldmkit.models.unet import FeatureCache
+from ldmkit.models.unet import FeatureCache, UNetModel
 from ldmkit.nn.embedding import guidance_scale_embedding
 from ldmkit.pipelines.images import latent_preview, mask_to_tensor, pil_to_tensor, tensor_to_pil
 from ldmkit.prompts import encode_prompts
@@ -63,6 +63,16 @@ class GenerationParams:
 
 
 BF16_MIN_PARAMS = 100_000_000
+
+
+def resolve_precision(precision: str, unet_params: int) -> str:
+    """fp32 or bf16 for a requested precision; auto: bf16 when the CPU has bf16 matrix units and the
+    UNet is big enough to gain (below ~100M parameters bf16 gave nothing here: README, Performance)."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"precision {precision!r}; allowed: auto, fp32, bf16")
+    if precision == "auto":
+        return "bf16" if unet_params >= BF16_MIN_PARAMS and bf16_supported() else "fp32"
+    return precision
 
 
 def bf16_supported() -> bool:
@@ -148,8 +158,16 @@ class Pipeline:
         from ldmkit.checkpoints.single_file import load_model
 
         tune_allocator()  # process-wide malloc settings for CPU inference (see allocator.py)
+        resolve_precision(precision, 0)  # refuse a bad name before reading anything
         path, defaults = resolve(path)
-        model = load_model(path, vae=vae, overrides=overrides).use_measured_memory_format()
+
+        def dtype_rule(config) -> torch.dtype:
+            # decided from the config, before the weights are read, so a bf16 load converts as it reads
+            with torch.device("meta"):
+                n = sum(p.numel() for p in UNetModel(config.unet).parameters())
+            return torch.bfloat16 if resolve_precision(precision, n) == "bf16" else torch.float32
+
+        model = load_model(path, vae=vae, overrides=overrides, dtype_rule=dtype_rule).use_measured_memory_format()
         pipe = cls(model, name=path.stem if path.is_file() else path.name, path=path, defaults=defaults)
         pipe.set_precision(precision)
         return pipe
@@ -406,14 +424,10 @@ class Pipeline:
         which re-casts every call), while the text tower, the sampler's state and the guidance sum stay
         fp32. auto: bf16 when the CPU has bf16 matrix units and the UNet is big enough to gain (below
         ~100M parameters bf16 gave nothing here: README, Performance). Set once, at load."""
-        if precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"precision {precision!r}; allowed: auto, fp32, bf16")
-        if precision == "auto":
-            big = sum(p.numel() for p in self.model.unet.parameters()) >= BF16_MIN_PARAMS
-            precision = "bf16" if big and bf16_supported() else "fp32"
+        precision = resolve_precision(precision, sum(p.numel() for p in self.model.unet.parameters()))
         if precision == "bf16":
-            if self.precision == "fp32" and next(self.model.unet.parameters()).dtype != torch.float32:
-                raise ConfigError("set_precision: the model is not fp32")
+            if next(self.model.unet.parameters()).dtype not in (torch.float32, torch.bfloat16):
+                raise ConfigError("set_precision: the model is neither fp32 nor bf16")
             self.model.unet.to(torch.bfloat16)
             self.model.vae.to(torch.bfloat16)
             self.model.use_measured_memory_format()
