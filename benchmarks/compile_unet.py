@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from ldmkit.bench import median_seconds
+from ldmkit.bench import give_work, median_seconds
 from ldmkit.models.presets import preset
 from ldmkit.models.unet import UNetModel
 
@@ -20,13 +20,7 @@ from ldmkit.models.unet import UNetModel
 def main():
     latent = int(sys.argv[1]) if len(sys.argv) > 1 else 64
     torch.manual_seed(0)
-    unet = UNetModel(preset("sd15").unet)
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.normal_(0, 0.02) if p.ndim > 1 else p.zero_()
-        for m in unet.modules():
-            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
-                m.weight.fill_(1.0)
+    unet = give_work(UNetModel(preset("sd15").unet))
     unet = unet.to(torch.bfloat16).eval().to(memory_format=torch.channels_last)
     x = torch.randn(2, 4, latent, latent).bfloat16().to(memory_format=torch.channels_last)
     t, ctx = torch.tensor([500, 500]), torch.randn(2, 77, 768).bfloat16()

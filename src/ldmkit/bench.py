@@ -71,15 +71,21 @@ def _build(preset_name: str, folder: Path):
     from ldmkit.models.presets import preset
 
     torch.manual_seed(0)
-    model = LatentDiffusion(preset(preset_name))
-    with torch.no_grad():
-        for p in model.parameters():  # default inits leave zero layers: give every layer real work
-            p.normal_(0, 0.02) if p.ndim > 1 else p.zero_()
-        for m in model.modules():
-            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
-                m.weight.fill_(1.0)
+    model = give_work(LatentDiffusion(preset(preset_name)))
     save_diffusers(model, folder)
     return folder
+
+
+@torch.no_grad()
+def give_work(module: torch.nn.Module) -> torch.nn.Module:
+    """The bench's random weights (from the global seed): default inits leave zero layers, so every
+    matrix gets N(0, 0.02), biases 0 and norms scale 1, and every layer does real work."""
+    for p in module.parameters():
+        p.normal_(0, 0.02) if p.ndim > 1 else p.zero_()
+    for m in module.modules():
+        if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+            m.weight.fill_(1.0)
+    return module
 
 
 def _ours(folder: Path, precision: str):

@@ -123,35 +123,37 @@ SAFETENSORS_TORCH = {
 }
 
 
-def _read_safetensors_as(p: Path, dtype_for: Callable[[str], torch.dtype | None]) -> dict[str, torch.Tensor]:
+def _header(f) -> tuple[dict, int]:
+    """A safetensors file's JSON header and the offset where its data starts."""
+    (n,) = struct.unpack("<Q", f.read(8))
+    return json.loads(f.read(n)), 8 + n
+
+
+def _read_safetensors_as(f, header: dict, base: int, dtype_for) -> dict[str, torch.Tensor]:
     """Each tensor read with plain file reads and converted at once to dtype_for(name) (None: as
     stored), so converting never holds the file's pages and the converted copies together: mapping
     the file (safetensors' loader) keeps every page read in this process until the last tensor goes.
     Loading SD 1.5 in bf16 (python benchmarks/load_memory.py FOLDER bf16): peak 6.2 GB mapped, 3.5 GB
     this way (README: Performance)."""
-    size = p.stat().st_size
+    size = os.fstat(f.fileno()).st_size
     state = {}
-    with open(p, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        base = 8 + n
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            dtype = SAFETENSORS_TORCH.get(info.get("dtype"))
-            shape, (start, end) = info.get("shape"), info.get("data_offsets", (0, -1))
-            if dtype is None or not isinstance(shape, list):
-                raise ValueError(f"tensor {name}: unsupported dtype {info.get('dtype')!r} or shape")
-            count = int(np.prod(shape, dtype=np.int64))
-            if not 0 <= start <= end <= size - base or end - start != count * dtype.itemsize:
-                raise ValueError(f"tensor {name}: data offsets {start}..{end} do not fit its shape or the file")
-            f.seek(base + start)
-            t = torch.empty(shape, dtype=dtype)  # uninitialised: the read fills it
-            raw = t.reshape(-1).view(torch.uint8)
-            if end > start and f.readinto(memoryview(raw.numpy()).cast("B")) != end - start:
-                raise ValueError(f"tensor {name}: the file ends early")
-            target = dtype_for(name) if t.is_floating_point() else None
-            state[name] = t.to(target) if target is not None and target != dtype else t
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = SAFETENSORS_TORCH.get(info.get("dtype"))
+        shape, (start, end) = info.get("shape"), info.get("data_offsets", (0, -1))
+        if dtype is None or not isinstance(shape, list):
+            raise ValueError(f"tensor {name}: unsupported dtype {info.get('dtype')!r} or shape")
+        count = int(np.prod(shape, dtype=np.int64))
+        if not 0 <= start <= end <= size - base or end - start != count * dtype.itemsize:
+            raise ValueError(f"tensor {name}: data offsets {start}..{end} do not fit its shape or the file")
+        f.seek(base + start)
+        t = torch.empty(shape, dtype=dtype)  # uninitialised: the read fills it
+        raw = t.reshape(-1).view(torch.uint8)
+        if end > start and f.readinto(memoryview(raw.numpy()).cast("B")) != end - start:
+            raise ValueError(f"tensor {name}: the file ends early")
+        target = dtype_for(name) if t.is_floating_point() else None
+        state[name] = t.to(target) if target is not None and target != dtype else t
     return state
 
 
@@ -159,27 +161,18 @@ def read_tensors(
     path: str | Path, dtype_for: Callable[[str], torch.dtype | None] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, metadata) of a single checkpoint file, whatever its extension. dtype_for: for a
-    safetensors file, the dtype each floating tensor is converted to as it is read (None: as stored)."""
+    safetensors file, the dtype each floating tensor is converted to as it is read (None: as stored);
+    without it the tensors are mapped from the file (safetensors' own loader)."""
     p = Path(path)
     fmt = sniff(p)
     if fmt == DIFFUSERS:
         raise CheckpointError(f"{p}: a folder; expected a single checkpoint file")
-    if fmt == SAFETENSORS and dtype_for is not None:
-        try:
-            state = _read_safetensors_as(p, dtype_for)
-            with open(p, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-        except (OSError, ValueError, RuntimeError, struct.error) as e:
-            raise CheckpointError(f"{p}: corrupt safetensors file ({str(e).splitlines()[0][:120]})") from None
-        return state, dict(header.get("__metadata__") or {})
     if fmt == SAFETENSORS:
         try:
-            state = load_file(str(p))
             with open(p, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-        except (SafetensorError, OSError, ValueError) as e:
+                header, base = _header(f)
+                state = _read_safetensors_as(f, header, base, dtype_for) if dtype_for else load_file(str(p))
+        except (SafetensorError, OSError, ValueError, RuntimeError, struct.error) as e:
             raise CheckpointError(f"{p}: corrupt safetensors file ({str(e).splitlines()[0][:120]})") from None
         return state, dict(header.get("__metadata__") or {})
     state = _load_pickle(p)
@@ -187,18 +180,15 @@ def read_tensors(
     return state, {k: str(v) for k, v in meta.items()}  # type: ignore[union-attr]
 
 
-SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-
-
 def safetensors_dtypes(path: str | Path) -> set[str]:
     """Floating-point dtypes stored in a safetensors file, read from its header alone."""
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+        header, _ = _header(f)
+    stored = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
     return {
-        SAFETENSORS_DTYPES[v["dtype"]]
-        for k, v in header.items()
-        if k != "__metadata__" and v["dtype"] in SAFETENSORS_DTYPES
+        str(SAFETENSORS_TORCH[d]).removeprefix("torch.")
+        for d in stored
+        if d in SAFETENSORS_TORCH and SAFETENSORS_TORCH[d].is_floating_point
     }
 
 
