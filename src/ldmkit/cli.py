@@ -442,16 +442,16 @@ def cmd_eval_emoji(args) -> int:
     from ldmkit.pipelines import Pipeline
 
     cfgs = _list(args.cfg, float, "cfg")
-    if min(args.n, args.fd_samples, args.steps, args.classifier_steps) <= 0:
-        raise LdmkitError("--n, --fd-samples, --steps, --classifier-steps: allowed: 1 or more")
+    if min(args.fd_samples, args.steps, args.classifier_steps) <= 0:
+        raise LdmkitError("--fd-samples, --steps, --classifier-steps: allowed: 1 or more")
     pipe = Pipeline.load(args.model)
-    heldout = len(list((Path(args.data).expanduser() / "heldout").glob("*.png")))
-    total = args.n + heldout + args.fd_samples * len(cfgs)
+    data = Path(args.data).expanduser()
+    train, heldout = (len(list((data / split).glob("*.png"))) for split in ("train", "heldout"))
+    total = (min(args.fd_samples, train) + heldout) * len(cfgs)
     with tqdm(total=total, desc="images", disable=args.quiet, file=sys.stderr) as bar:
         report = evaluate_emoji(
             pipe,
-            Path(args.data).expanduser(),
-            args.n,
+            data,
             args.fd_samples,
             cfgs,
             args.steps,
@@ -755,8 +755,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval-emoji", help="measure an emoji model: recall of names, held-out pairs, Fréchet distance")
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True, help="the folder ldmkit emoji-data wrote (train/, heldout/)")
-    p.add_argument("--n", type=int, default=200, help="training captions for recall (default 200)")
-    p.add_argument("--fd-samples", type=int, default=2000, help="images per guidance scale for the distance")
+    p.add_argument(
+        "--fd-samples", type=int, default=2000, help="training captions per guidance scale (distance and recall)"
+    )
     p.add_argument("--cfg", default="1,3,5,7.5", help="guidance scales for the distance")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--sampler", default="dpmpp_2m_karras")
