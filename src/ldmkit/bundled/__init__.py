@@ -1,6 +1,6 @@
 """Models shipped inside the package, trained by our own recipes (recipes/), so that a fresh install
-generates with no download. Each entry names its weights file and the settings chosen for it on the
-shapes world's validation split (README: "The bundled model")."""
+generates with no download. Each entry names its weights file, its recipe and the settings chosen for it
+(README: "The bundled model", "The emoji model")."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +27,8 @@ BUNDLED = {
     ),
     # shapes' latent consistency distillation (configs/shapes-lcm.yaml): lcm, 4 steps, one UNet call each
     "shapes-fast": Bundled("shapes-fast.safetensors", "recipes/shapes.sh", {"sampler": "lcm", "steps": 4, "cfg": 2.0}),
+    # 64x64 emoji from words (Noto and Twemoji art; NOTICE-emoji.txt), trained by recipes/emoji.sh
+    "emoji": Bundled("emoji.safetensors", "recipes/emoji.sh", {"sampler": "dpmpp_2m_karras", "steps": 20, "cfg": 5.0}),
 }
 # --fast: a bundled model's few-step version
 FAST: dict[str, str] = {"shapes": "shapes-fast"}
