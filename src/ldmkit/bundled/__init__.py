@@ -28,7 +28,7 @@ BUNDLED = {
     # shapes' latent consistency distillation (configs/shapes-lcm.yaml): lcm, 4 steps, one UNet call each
     "shapes-fast": Bundled("shapes-fast.safetensors", "recipes/shapes.sh", {"sampler": "lcm", "steps": 4, "cfg": 2.0}),
     # 64x64 emoji from words (Noto and Twemoji art; NOTICE-emoji.txt), trained by recipes/emoji.sh
-    "emoji": Bundled("emoji.safetensors", "recipes/emoji.sh", {"sampler": "dpmpp_2m_karras", "steps": 20, "cfg": 5.0}),
+    "emoji": Bundled("emoji.safetensors", "recipes/emoji.sh", {"sampler": "dpmpp_2m_karras", "steps": 20, "cfg": 3.0}),
 }
 # --fast: a bundled model's few-step version
 FAST: dict[str, str] = {"shapes": "shapes-fast"}
