@@ -462,3 +462,142 @@ def test_every_committed_config_parses():
         kind = f.stem.split("-")[-1]
         assert kind in kinds, f"{f.name}: name it <what>-<kind>.yaml, kind one of {sorted(kinds)}"
         load_yaml(kinds[kind], f)
+
+
+def test_a_config_refuses_condition_dropout_outside_0_to_1():
+    """cond_dropout is a probability below 1 (at 1 no step sees a caption) in every latent task's config."""
+    from ldmkit.config import from_dict
+    from ldmkit.errors import ConfigError
+    from ldmkit.training.controlnet import ControlNetTrainConfig
+    from ldmkit.training.embedding import EmbeddingTrainConfig
+    from ldmkit.training.ldm import LDMTrainConfig
+    from ldmkit.training.lora import LoraTrainConfig
+
+    required = {
+        EmbeddingTrainConfig: {"base": "base.safetensors"},
+        LoraTrainConfig: {"base": "base.safetensors"},
+        LDMTrainConfig: {"init_from": "base.safetensors"},
+        ControlNetTrainConfig: {"base": "base.safetensors"},
+    }
+    for cls, data in required.items():
+        for p in (1.5, -0.1, 1.0):
+            with pytest.raises(ConfigError, match=rf"cond_dropout: {p}; allowed: 0 <= p < 1"):
+                from_dict(cls, {**data, "cond_dropout": p})
+        for p in (0.0, 0.5):
+            assert from_dict(cls, {**data, "cond_dropout": p}).cond_dropout == p
+
+
+# What each prediction type's UNet output is, written from the papers, for z_t = a·x0 + s·ε with
+# a = sqrt(ᾱ), s = sqrt(1 - ᾱ): ε (Ho et al. 2020), v = a·ε - s·x0 (Salimans & Ho 2022), x0.
+PAPER_TARGETS = {
+    "epsilon": lambda x0, eps, a, s: eps,
+    "v_prediction": lambda x0, eps, a, s: a * eps - s * x0,
+    "sample": lambda x0, eps, a, s: x0,
+}
+
+
+def test_each_prediction_type_has_the_target_inverse_and_weight_of_its_equations():
+    from ldmkit.models.ldm import PREDICTION_TYPES
+    from ldmkit.training.ldm import PREDICTIONS
+
+    assert set(PREDICTIONS) == set(PREDICTION_TYPES) == set(PAPER_TARGETS)
+    # by hand: x0 = 1, ε = 2, ᾱ = 0.36 (a = 0.6, s = 0.8): v = 0.6·2 - 0.8·1 = 0.4
+    one = torch.tensor([1.0], dtype=torch.float64)
+    by_hand = {"epsilon": 2.0, "v_prediction": 0.4, "sample": 1.0}
+    for name, want in by_hand.items():
+        assert PREDICTIONS[name].target(one, 2 * one, 0.6 * one, 0.8 * one).item() == pytest.approx(want, abs=1e-12)
+
+    g = torch.Generator().manual_seed(0)
+    x0, eps = (torch.randn(3, 4, 2, 2, generator=g, dtype=torch.float64) for _ in range(2))
+    ab = torch.tensor([0.9991, 0.5, 0.0047], dtype=torch.float64)[:, None, None, None]  # SD's ᾱ near t = 0, mid, T
+    a, s = ab.sqrt(), (1 - ab).sqrt()
+    zt = a * x0 + s * eps
+    snr = (ab / (1 - ab)).flatten()
+    delta = 0.1  # an output that stands for x0 + delta (and the ε that goes with it at this z_t)
+    x0_off = x0 + delta
+    eps_off = (zt - a * x0_off) / s
+    for name, paper in PAPER_TARGETS.items():
+        p = PREDICTIONS[name]
+        target = paper(x0, eps, a, s)
+        assert torch.allclose(p.target(x0, eps, a, s), target, rtol=0, atol=1e-12), name
+        back_x0, back_eps = p.inverse(target, zt, a, s)
+        assert torch.allclose(back_x0, x0, atol=1e-9) and torch.allclose(back_eps, eps, atol=1e-9), name
+        # Min-SNR's divisor: the squared output error per unit of squared x0 error
+        error = (paper(x0_off, eps_off, a, s) - target).pow(2).mean(dim=(1, 2, 3))
+        assert torch.allclose(error / delta**2, p.x0_error_scale(snr), rtol=1e-9), name
+
+
+def task_predicting(tmp_path: Path, prediction_type: str, **config):
+    """An LDMTask fine-tuning a tiny random model of this prediction type, with a latent cache of known
+    latents (std 0, so z0 = the scaled mean exactly)."""
+    from dataclasses import replace
+
+    from ldmkit.checkpoints.single_file import save_single_file
+    from ldmkit.data.images import DataConfig
+    from ldmkit.models.ldm import LatentDiffusion, ScheduleConfig
+    from ldmkit.models.presets import tiny
+    from ldmkit.training.ldm import LDMTask, LDMTrainConfig
+    from ldmkit.training.loop import RunConfig
+
+    torch.manual_seed(0)
+    path = tmp_path / f"{prediction_type}.safetensors"
+    save_single_file(LatentDiffusion(replace(tiny(), schedule=ScheduleConfig(prediction_type=prediction_type))), path)
+    task = LDMTask(
+        LDMTrainConfig(
+            init_from=str(path),
+            data=DataConfig(n=8),
+            run=RunConfig(dir=str(tmp_path / "run"), batch_size=8),
+            cond_dropout=0.0,
+            **config,
+        )
+    )
+    assert task.model.config.schedule.prediction_type == prediction_type
+    mean = torch.randn(8, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    task.cache = {"mean": mean, "std": torch.zeros_like(mean)}
+    return task, task.model.vae.scale(mean)
+
+
+def oracle(task, z0: torch.Tensor, kind: str, x0_error: float = 0.0):
+    """A stand-in UNet that knows the clean latents: it outputs the paper's `kind` target of
+    x0 + x0_error (and the ε that goes with it at z_t), and records the timesteps it saw."""
+    seen = []
+
+    def predict(zt, t, context, extra):
+        seen.append(t)
+        ab = task.schedule.alphas_cumprod[t].double()[:, None, None, None]
+        a, s = ab.sqrt(), (1 - ab).sqrt()
+        x0 = z0.double() + x0_error
+        eps = (zt.double() - a * x0) / s
+        return PAPER_TARGETS[kind](x0, eps, a, s).float()
+
+    return predict, seen
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_the_training_loss_is_against_the_models_own_prediction_target(tmp_path, prediction_type):
+    """The training step's loss: zero for a UNet that outputs exactly its prediction type's target,
+    large for one that outputs another type's; an x0-prediction model that outputs x0 has loss 0."""
+    task, z0 = task_predicting(tmp_path, prediction_type)
+    items, gs = list(range(8)), list(range(8))
+    captions = [task.data.caption(i) for i in items]
+    for kind in PAPER_TARGETS:
+        task.predict, _ = oracle(task, z0, kind)
+        loss = task.loss(None, items, captions, gs).item()
+        assert (loss <= 1e-8) if kind == prediction_type else (loss > 1e-2), (kind, loss)
+    if prediction_type == "sample":
+        task.predict = lambda zt, t, context, extra: z0
+        assert task.loss(None, items, captions, gs).item() == 0.0
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weighting_is_min_snr_gamma_times_the_x0_error_for_every_prediction_type(tmp_path, prediction_type):
+    """Min-SNR-γ (Hang et al. 2023) weights the x0 error by min(SNR, γ) whatever the UNet predicts."""
+    gamma, x0_error = 5.0, 0.1
+    task, z0 = task_predicting(tmp_path, prediction_type, min_snr_gamma=gamma)
+    items = list(range(8))
+    task.predict, seen = oracle(task, z0, prediction_type, x0_error)
+    per_sample = task.loss(None, items, [task.data.caption(i) for i in items], items, reduce=False)
+    ab = task.schedule.alphas_cumprod[seen[0]]
+    snr = ab / (1 - ab)
+    assert (snr < gamma).any() and (snr > gamma).any(), snr  # both sides of the clamp
+    assert torch.allclose(per_sample, snr.clamp(max=gamma) * x0_error**2, rtol=1e-3), (per_sample, snr)

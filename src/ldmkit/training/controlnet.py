@@ -14,7 +14,7 @@ import torch
 from ldmkit.checkpoints.files import atomic_write
 from ldmkit.data.images import DataConfig, open_dataset
 from ldmkit.errors import ConfigError
-from ldmkit.training.ldm import LDMTask
+from ldmkit.training.ldm import LDMTask, check_cond_dropout
 from ldmkit.training.loop import RunConfig, image_grid
 
 
@@ -50,8 +50,7 @@ class ControlNetTrainConfig:
         self.base = str(Path(self.base).expanduser())
         if self.hint not in PREPROCESSORS:
             raise ConfigError(f"hint: {self.hint!r}; allowed: {', '.join(PREPROCESSORS)}")
-        if not 0 <= self.cond_dropout < 1:
-            raise ConfigError(f"cond_dropout: {self.cond_dropout}; allowed: 0 <= p < 1")
+        check_cond_dropout(self.cond_dropout)
 
 
 def hints_from(images: torch.Tensor, kind: str) -> torch.Tensor:

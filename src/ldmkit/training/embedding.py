@@ -14,7 +14,7 @@ import torch.nn as nn
 from ldmkit.checkpoints.files import write_safetensors
 from ldmkit.data.images import DataConfig
 from ldmkit.errors import ConfigError
-from ldmkit.training.ldm import LDMTask, SampleConfig
+from ldmkit.training.ldm import LDMTask, SampleConfig, check_cond_dropout
 from ldmkit.training.loop import RunConfig
 
 
@@ -37,6 +37,7 @@ class EmbeddingTrainConfig:
         if not self.base:
             raise ConfigError("base: the model to teach is required")
         self.base = str(Path(self.base).expanduser())
+        check_cond_dropout(self.cond_dropout)
 
 
 class EmbeddingTask(LDMTask):

@@ -28,7 +28,7 @@ from ldmkit.errors import ConfigError
 from ldmkit.models.ldm import LatentDiffusion
 from ldmkit.models.unet import UNetModel
 from ldmkit.nn.embedding import guidance_scale_embedding
-from ldmkit.training.ldm import LDMTask
+from ldmkit.training.ldm import PREDICTIONS, LDMTask
 from ldmkit.training.loop import RunConfig, image_grid
 
 SIGMA_DATA = 0.5
@@ -78,12 +78,7 @@ def boundary_scalings(t: torch.Tensor, timestep_scaling: float = 10.0) -> tuple[
 
 def x0_and_eps(out, z, ab, prediction_type: str):
     """(x0, eps) from a UNet output at a VP latent z with ᾱ = ab."""
-    a, s = ab.sqrt(), (1 - ab).sqrt()
-    if prediction_type == "epsilon":
-        return (z - s * out) / a, out
-    if prediction_type == "v_prediction":
-        return a * z - s * out, s * z + a * out
-    raise ConfigError(f"distillation supports epsilon and v_prediction teachers, not {prediction_type}")
+    return PREDICTIONS[prediction_type].inverse(out, z, ab.sqrt(), (1 - ab).sqrt())
 
 
 def student_from(teacher: UNetModel, proj_dim: int) -> UNetModel:

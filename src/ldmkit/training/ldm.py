@@ -9,6 +9,7 @@ random draw of sample g (latent noise, timestep, diffusion noise, dropout) comes
 generator, so runs resume exactly and do not depend on how batches are split."""
 
 import logging
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -69,8 +70,48 @@ class LDMTrainConfig:
             raise ConfigError("give exactly one of autoencoder (train a new UNet on it) or init_from (fine-tune)")
         if self.init_from is None and self.unet is None:
             raise ConfigError("unet: the UNet architecture is needed when not fine-tuning (init_from)")
-        if not 0 <= self.cond_dropout < 1:
-            raise ConfigError(f"cond_dropout: {self.cond_dropout}; allowed: 0 <= p < 1")
+        check_cond_dropout(self.cond_dropout)
+
+
+def check_cond_dropout(p: float) -> None:
+    """Every latent task's `cond_dropout` is a probability of replacing a caption by the empty prompt;
+    at 1 no step would ever see a caption, so the model would learn no conditioning at all."""
+    if not 0 <= p < 1:
+        raise ConfigError(f"cond_dropout: {p}; allowed: 0 <= p < 1")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One UNet parameterisation, for z_t = a·x0 + s·ε with a = sqrt(ᾱ_t), s = sqrt(1 − ᾱ_t)."""
+
+    target: Callable  # (x0, eps, a, s) -> what the UNet learns to output
+    inverse: Callable  # (out, z_t, a, s) -> (x0, eps) the output stands for
+    # Squared output error per unit of squared x0 error, as a function of SNR = a²/s². Min-SNR
+    # weighting (Hang et al. 2023) is min(SNR, γ) on the x0 error, so a loss in this space is
+    # weighted by min(SNR, γ) / x0_error_scale(SNR).
+    x0_error_scale: Callable
+
+
+# The one place that says what each prediction type means in training (the loss's target, the Min-SNR
+# weight, and the inverse for code that needs x0 or ε from an output). Keys: models.ldm.PREDICTION_TYPES.
+PREDICTIONS = {
+    "epsilon": Prediction(
+        target=lambda x0, eps, a, s: eps,
+        inverse=lambda out, z, a, s: ((z - s * out) / a, out),
+        x0_error_scale=lambda snr: snr,
+    ),
+    # v = a·ε − s·x0 (Salimans & Ho 2022); since a² + s² = 1, a·z_t − s·v = x0 and s·z_t + a·v = ε.
+    "v_prediction": Prediction(
+        target=lambda x0, eps, a, s: a * eps - s * x0,
+        inverse=lambda out, z, a, s: (a * z - s * out, s * z + a * out),
+        x0_error_scale=lambda snr: snr + 1,
+    ),
+    "sample": Prediction(
+        target=lambda x0, eps, a, s: x0,
+        inverse=lambda out, z, a, s: (out, (z - a * out) / s),
+        x0_error_scale=lambda snr: torch.ones_like(snr),
+    ),
+}
 
 
 def build_model(c: LDMTrainConfig) -> LatentDiffusion:
@@ -243,16 +284,16 @@ class LDMTask:
         context = self.encode_text(captions)
         context = torch.where(drop[:, None, None], self.empty.expand_as(context), context)
         ab = self.schedule.alphas_cumprod[t][:, None, None, None]
-        zt = ab.sqrt() * z0 + (1 - ab).sqrt() * eps
+        a, s = ab.sqrt(), (1 - ab).sqrt()
+        zt = a * z0 + s * eps
         with c.run.autocast():
             out = self.predict(zt, t, context, extra)
-        prediction = self.model.config.schedule.prediction_type
-        target = eps if prediction == "epsilon" else ab.sqrt() * eps - (1 - ab).sqrt() * z0
+        prediction = PREDICTIONS[self.model.config.schedule.prediction_type]
+        target = prediction.target(z0, eps, a, s)
         per_sample = F.mse_loss(out.float(), target, reduction="none").mean(dim=(1, 2, 3))
         if c.min_snr_gamma:
             snr = (ab / (1 - ab)).flatten()
-            weight = snr.clamp(max=c.min_snr_gamma) / (snr if prediction == "epsilon" else snr + 1)
-            per_sample = per_sample * weight
+            per_sample = per_sample * snr.clamp(max=c.min_snr_gamma) / prediction.x0_error_scale(snr)
         return per_sample.mean() if reduce else per_sample
 
     def train_step(self, step: int, indices: range, lr: float) -> dict:

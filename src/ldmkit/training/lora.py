@@ -15,7 +15,7 @@ import torch.nn as nn
 from ldmkit.checkpoints.files import write_safetensors
 from ldmkit.data.images import DataConfig, MixedOrder, PriorMix, open_dataset
 from ldmkit.errors import ConfigError
-from ldmkit.training.ldm import LDMTask, SampleConfig
+from ldmkit.training.ldm import LDMTask, SampleConfig, check_cond_dropout
 from ldmkit.training.loop import RunConfig
 
 
@@ -49,8 +49,7 @@ class LoraTrainConfig:
         self.base = str(Path(self.base).expanduser())
         if self.rank <= 0 or self.alpha <= 0:
             raise ConfigError(f"rank {self.rank}, alpha {self.alpha}; allowed: positive")
-        if not 0 <= self.cond_dropout < 1:
-            raise ConfigError(f"cond_dropout: {self.cond_dropout}; allowed: 0 <= p < 1")
+        check_cond_dropout(self.cond_dropout)
 
 
 class LoraTask(LDMTask):
