@@ -15,10 +15,10 @@ from ldmkit.bench import median_seconds
 from ldmkit.models.unet import UNetConfig, UNetModel
 
 VARIANTS = [
-    {"attention_resolutions": (1, 2, 4), "num_res_blocks": 2, "model_channels": 64},
-    {"attention_resolutions": (2, 4), "num_res_blocks": 2, "model_channels": 64},
-    {"attention_resolutions": (1, 2, 4), "num_res_blocks": 1, "model_channels": 64},
-    {"attention_resolutions": (2, 4), "num_res_blocks": 2, "model_channels": 96},
+    {"attention_resolutions": (1, 2, 4), "num_res_blocks": 2, "channels": (64, 128, 128)},
+    {"attention_resolutions": (2, 4), "num_res_blocks": 2, "channels": (64, 128, 128)},
+    {"attention_resolutions": (1, 2, 4), "num_res_blocks": 1, "channels": (64, 128, 128)},
+    {"attention_resolutions": (2, 4), "num_res_blocks": 2, "channels": (96, 192, 192)},
 ]
 
 
@@ -34,11 +34,7 @@ def main() -> None:
         torch.randn(32, 32, 384, generator=g),
     )
     for v in VARIANTS:
-        unet = UNetModel(
-            UNetConfig(
-                channel_mult=(1, 2, 2), num_head_channels=32, use_linear_in_transformer=True, context_dim=384, **v
-            )
-        )
+        unet = UNetModel(UNetConfig(num_head_channels=32, use_linear_in_transformer=True, context_dim=384, **v))
         opt = torch.optim.AdamW(unet.parameters())
 
         def step():

@@ -19,7 +19,7 @@ from ldmkit.models.unet import UNetConfig, UNetModel
 def main():
     torch.manual_seed(0)
     cfg = yaml.safe_load(open("configs/emoji-ldm.yaml"))["unet"]
-    unet = UNetModel(UNetConfig(**{**cfg, "channel_mult": tuple(cfg["channel_mult"]), "context_dim": 384})).train()
+    unet = UNetModel(UNetConfig(**{**cfg, "channels": tuple(cfg["channels"]), "context_dim": 384})).train()
     x, t, ctx = torch.randn(32, 4, 16, 16), torch.randint(0, 1000, (32,)), torch.randn(32, 77, 384)
 
     def forward_backward():

@@ -40,7 +40,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    ae = AutoencoderKL(AutoencoderConfig(ch=64, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=32))
+    ae = AutoencoderKL(AutoencoderConfig(channels=(64, 128, 128), num_res_blocks=1, norm_groups=32))
     image = torch.rand(16, 3, 64, 64) * 2 - 1
 
     def ae_loss(net, x):
@@ -49,8 +49,7 @@ def main() -> None:
 
     unet = UNetModel(
         UNetConfig(
-            model_channels=64,
-            channel_mult=(1, 2, 2),
+            channels=(64, 128, 128),
             num_res_blocks=2,
             attention_resolutions=(1, 2, 4),
             num_head_channels=32,

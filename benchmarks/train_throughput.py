@@ -67,8 +67,7 @@ def main():
     runs, batch = (3, 8) if args.quick else (7, 16)
     torch.manual_seed(0)
     uc = UNetConfig(
-        model_channels=64,
-        channel_mult=(1, 2, 2),
+        channels=(64, 128, 128),
         num_res_blocks=2,
         attention_resolutions=(2, 4),
         num_heads=4,
@@ -98,7 +97,7 @@ def main():
         "ldmkit_bf16_autocast": round(r_bf16, 1),
         "bf16_autocast_speedup": round(r_bf16 / r_ours, 3),
     }
-    vc = AutoencoderConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=16)
+    vc = AutoencoderConfig(channels=(32, 64, 64), num_res_blocks=1, norm_groups=16)
     ours_v = AutoencoderKL(vc)
     ref_v = diffusers.AutoencoderKL(
         **{k: v for k, v in vae_config_to_diffusers(vc, 64).items() if not k.startswith("_")}

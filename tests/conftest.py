@@ -79,30 +79,41 @@ def tiny_clip(hidden_act="quick_gelu", layers=3, hidden=32, heads=4):
 
 
 def tiny_pipeline(
-    folder, *, unet=None, vae=None, text_encoder=None, pad_token="<|endoftext|>", prediction_type="epsilon"
+    folder,
+    *,
+    unet=None,
+    vae=None,
+    text_encoder=None,
+    pad_token="<|endoftext|>",
+    prediction_type="epsilon",
+    tokenizer=None,
+    scheduler=None,
 ):
-    """A diffusers StableDiffusionPipeline folder made of tiny random components."""
+    """A diffusers StableDiffusionPipeline folder made of tiny random components (by default CLIP's
+    tokenizer and SD's PNDM scheduler config)."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     from ldmkit.models.tokenizers import clip_vocab_and_merges
 
-    vocab, merges = clip_vocab_and_merges()
-    tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=77)
-    sched = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        skip_prk_steps=True,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
+    if tokenizer is None:
+        vocab, merges = clip_vocab_and_merges()
+        tokenizer = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=77)
+    if scheduler is None:
+        scheduler = PNDMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            skip_prk_steps=True,
+            steps_offset=1,
+            prediction_type=prediction_type,
+        )
     pipe = StableDiffusionPipeline(
         unet=unet or tiny_diffusers_unet(),
         vae=vae or tiny_diffusers_vae(),
         text_encoder=text_encoder or tiny_clip(),
-        tokenizer=tok,
-        scheduler=sched,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -140,8 +151,7 @@ def sd_like_config(kind: str = "clip", in_channels: int = 4):
     )
     unet = UNetConfig(
         in_channels=in_channels,
-        model_channels=64,
-        channel_mult=(1, 2),
+        channels=(64, 128),
         attention_resolutions=(1, 2),
         num_heads=8,
         num_head_channels=64 if sd2 else -1,
@@ -153,7 +163,7 @@ def sd_like_config(kind: str = "clip", in_channels: int = 4):
     return ModelConfig(
         family=family,
         unet=unet,
-        vae=AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1),
+        vae=AutoencoderConfig(channels=(32, 64), num_res_blocks=1),
         text=text,
         schedule=ScheduleConfig(prediction_type="v_prediction" if sd2 and not inpaint else "epsilon"),
         image_size=768 if family == "sd2-v" else 512,

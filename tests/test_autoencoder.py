@@ -76,7 +76,7 @@ def test_diffusers_posterior_sample_equals_ours_with_same_generator(tmp_path):
 def test_roundtrip_ours_to_diffusers_keys(tmp_path):
     from ldmkit.checkpoints.keymaps import vae_from_diffusers, vae_to_diffusers_state
 
-    c = AutoencoderConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8)
+    c = AutoencoderConfig(channels=(16, 32), num_res_blocks=1, norm_groups=8)
     vae = AutoencoderKL(c)
     there = vae_to_diffusers_state(vae.state_dict(), c)
     ref = tiny_diffusers_vae(block_out_channels=(16, 32))

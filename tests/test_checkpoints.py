@@ -42,8 +42,8 @@ def test_sd1_file_detected_and_loaded(tmp_path):
     c = model.config
     assert c.family == "sd1"
     assert c.unet.num_heads == 8 and c.unet.context_dim == 64 and not c.unet.use_linear_in_transformer
-    assert c.unet.channel_mult == (1, 2) and c.unet.num_res_blocks == 2 and c.unet.attention_resolutions == (1, 2)
-    assert c.vae.ch_mult == (1, 2) and c.vae.num_res_blocks == 1
+    assert c.unet.channels == (64, 128) and c.unet.num_res_blocks == 2 and c.unet.attention_resolutions == (1, 2)
+    assert c.vae.channels == (32, 64) and c.vae.num_res_blocks == 1
     assert set(c.guessed) >= {"unet.num_heads", "vae.scale_factor", "text.num_heads"}
     assert torch.equal(model.alphas_cumprod, source.alphas_cumprod)
     assert_same_outputs(source, model)
@@ -227,7 +227,7 @@ def _vae_state(seed):
     from conftest import randomize
     from ldmkit.models.autoencoder import AutoencoderConfig, AutoencoderKL
 
-    return randomize(AutoencoderKL(AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)), seed=seed)
+    return randomize(AutoencoderKL(AutoencoderConfig(channels=(32, 64), num_res_blocks=1)), seed=seed)
 
 
 def test_separate_vae_replaces_the_models_own(tmp_path):
@@ -414,3 +414,98 @@ def test_reading_safetensors_with_conversion_equals_the_library_and_refuses_dama
     for name in ("short", "shape"):
         with pytest.raises(CheckpointError, match="corrupt safetensors file"):
             read_tensors(tmp_path / f"{name}.safetensors", lambda k: torch.bfloat16)
+
+
+# --- configurations the reference expresses and ldmkit once refused or misread ------------------------
+
+
+def test_level_widths_that_are_not_multiples_of_the_first_load_and_equal_diffusers(tmp_path):
+    from conftest import tiny_diffusers_unet, tiny_diffusers_vae
+
+    unet = tiny_diffusers_unet(
+        block_out_channels=(32, 48, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4, 4),
+        layers_per_block=(1, 2, 1),
+        mid_block_type=None,  # pruned models (BK-SDM) drop the middle block
+    )
+    pipe = tiny_pipeline(tmp_path / "p", unet=unet, vae=tiny_diffusers_vae(block_out_channels=(16, 24)))
+    model = load_model(tmp_path / "p")
+    assert model.config.unet.channels == (32, 48, 64) and model.config.unet.middle_block == "none"
+    save_single_file(model, tmp_path / "one.safetensors")
+    x, ctx = torch.randn(1, 4, 12, 12), torch.randn(1, 5, 32)
+    z = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        ref, ref_image = pipe.unet(x, 700, ctx).sample, pipe.vae.decode(z).sample
+        for ours in (model, load_model(tmp_path / "one.safetensors")):
+            assert (ours.unet(x, torch.tensor([700]), ctx) - ref).abs().max() <= 1e-5
+            assert (ours.vae.decode(z) - ref_image).abs().max() <= 1e-5
+
+
+def test_a_folders_own_tokenizer_is_used_and_travels_into_single_files(tmp_path):
+    """A smaller vocabulary and a textual-inversion word baked into the tokenizer and the embedding
+    table: ldmkit tokenizes as the folder's tokenizer does (the bundled vocabulary would index past the
+    table), and a single file it writes carries that tokenizer."""
+    from test_random_configs import tokenizer_for
+
+    from conftest import tiny_clip
+
+    tok = tokenizer_for({"merges": 300, "pad": "!", "length": 77})
+    text = tiny_clip()
+    text.resize_token_embeddings(len(tok))
+    pipe = tiny_pipeline(tmp_path / "p", text_encoder=text)
+    tok.save_pretrained(str(tmp_path / "p" / "tokenizer"))
+    prompts = ["a <cat-toy> on a beach"]
+    want = tok(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert want.max() == len(tok) - 1 < 49406  # the added word, in a table smaller than CLIP's
+    model = load_model(tmp_path / "p")
+    save_single_file(model, tmp_path / "one.safetensors")
+    for ours in (model, load_model(tmp_path / "one.safetensors")):
+        assert torch.equal(ours.text_encoder.tokenizer(prompts)["input_ids"], want)
+        with torch.no_grad():
+            ref = pipe.text_encoder(want)[0]
+            assert (ours.text_encoder(prompts) - ref).abs().max() <= 1e-5
+
+
+def test_a_foreign_file_whose_vocabulary_is_smaller_than_clips_is_refused_in_one_line(tmp_path):
+    write_sd_file(tmp_path / "sd1.safetensors")
+    state = load_file(str(tmp_path / "sd1.safetensors"))
+    key = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+    state[key] = state[key][:1000].clone()
+    save_file(state, str(tmp_path / "small.safetensors"))
+    model = load_model(tmp_path / "small.safetensors")
+    with pytest.raises(CheckpointError, match="1000 token embeddings.*own tokenizer"):
+        model.text_encoder(["a cat"])
+
+
+def test_clip_keys_without_the_text_model_level_load_as_the_web_ui_loads_them(tmp_path):
+    write_sd_file(tmp_path / "sd1.safetensors")
+    state = load_file(str(tmp_path / "sd1.safetensors"))
+    bare = {
+        k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
+        for k, v in state.items()
+    }
+    assert any(k.startswith("cond_stage_model.transformer.encoder.layers.") for k in bare)
+    save_file(bare, str(tmp_path / "bare.safetensors"))
+    assert_same_outputs(load_model(tmp_path / "sd1.safetensors"), load_model(tmp_path / "bare.safetensors"))
+
+
+@pytest.mark.parametrize("pad", ["<|endoftext|>", "!"])
+def test_a_gelu_clip_folder_survives_diffusers_to_single_file_to_diffusers(tmp_path, pad):
+    """A CLIP-architecture tower with gelu is written and read back whatever single-file layout its
+    padding makes it (OpenCLIP's with "!"), with every tensor and the same outputs."""
+    from conftest import tiny_clip
+
+    pipe = tiny_pipeline(tmp_path / "p", text_encoder=tiny_clip(hidden_act="gelu"), pad_token=pad)
+    save_single_file(load_model(tmp_path / "p"), tmp_path / "one.safetensors")
+    save_diffusers(load_model(tmp_path / "one.safetensors"), tmp_path / "back")
+    a = load_file(str(tmp_path / "p" / "text_encoder" / "model.safetensors"))
+    b = load_file(str(tmp_path / "back" / "text_encoder" / "model.safetensors"))
+    strip = lambda s: {k.removeprefix("text_model."): v for k, v in s.items()}  # noqa: E731
+    a, b = strip(a), strip(b)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    back = load_model(tmp_path / "back")
+    ids = pipe.tokenizer(["a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert (back.text_encoder(["a cat"]) - pipe.text_encoder(ids)[0]).abs().max() <= 1e-5

@@ -148,8 +148,7 @@ def tiny_unet_config():
     from ldmkit.models.unet import UNetConfig
 
     return UNetConfig(
-        model_channels=32,
-        channel_mult=(1, 2),
+        channels=(32, 64),
         num_res_blocks=1,
         attention_resolutions=(1, 2),
         num_heads=2,

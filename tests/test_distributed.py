@@ -85,7 +85,7 @@ def folder(tmp_path):
     from ldmkit.training.autoencoder import save_autoencoder
 
     save_autoencoder(
-        randomize(AutoencoderKL(AutoencoderConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8))),
+        randomize(AutoencoderKL(AutoencoderConfig(channels=(16, 32), num_res_blocks=1, norm_groups=8))),
         tmp_path / "vae.safetensors",
     )
     return tmp_path

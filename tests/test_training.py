@@ -369,8 +369,12 @@ def test_bad_data_and_configs(tmp_path, capsys):
         tmp_path, "test-autoencoder.yaml", tmp_path / "r2", data={"kind": "folder", "path": str(tmp_path / "imgs")}
     )
     one_line_error(capsys, ["train-autoencoder", "--config", cfg], "a.png", "no caption file a.txt")
-    cfg = config_file(tmp_path, "test-autoencoder.yaml", tmp_path / "r3", model={"ch": 16, "chmult": [1, 2]})
-    one_line_error(capsys, ["train-autoencoder", "--config", cfg], "unknown AutoencoderConfig option(s) ['chmult']")
+    cfg = config_file(
+        tmp_path, "test-autoencoder.yaml", tmp_path / "r3", model={"channels": [16, 32], "num_res_block": 1}
+    )
+    one_line_error(
+        capsys, ["train-autoencoder", "--config", cfg], "unknown AutoencoderConfig option(s) ['num_res_block']"
+    )
     cfg = config_file(tmp_path, "test-autoencoder.yaml", tmp_path / "r4", loss={"disc_start": "soon"})
     one_line_error(capsys, ["train-autoencoder", "--config", cfg], "loss.disc_start: expected int, got 'soon'")
     one_line_error(capsys, ["train-autoencoder", "--config", tmp_path / "missing.yaml"], "no such config file")

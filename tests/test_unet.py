@@ -121,8 +121,7 @@ def test_config_roundtrip_to_diffusers():
     from ldmkit.checkpoints.diffusers_folder import unet_config_to_diffusers
 
     c = UNetConfig(
-        model_channels=32,
-        channel_mult=(1, 2, 2),
+        channels=(32, 64, 64),
         attention_resolutions=(2, 4),
         num_head_channels=16,
         context_dim=24,
@@ -137,8 +136,7 @@ def test_class_conditional_model_without_labels_is_a_clear_error():
 
     unet = UNetModel(
         UNetConfig(
-            model_channels=32,
-            channel_mult=(1,),
+            channels=(32,),
             attention_resolutions=(),
             num_heads=2,
             context_dim=8,

@@ -15,6 +15,16 @@ from ldmkit.errors import ConfigError
 T = TypeVar("T")
 
 
+def widths_from_multipliers(d: dict, base_key: str, mult_key: str, default_base: int) -> dict:
+    """A stored config that gave level widths as a base width times multipliers, with widths instead
+    (`channels`): how configs written before widths were stored as widths still load."""
+    if isinstance(d, dict) and mult_key in d and "channels" not in d:
+        d = dict(d)
+        base = d.pop(base_key, default_base)
+        d["channels"] = [base * m for m in d.pop(mult_key)]
+    return d
+
+
 def to_dict(config: Any) -> dict:
     """A JSON-ready dict (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(config)))
@@ -68,6 +78,8 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     silently ignored."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    if hasattr(cls, "migrate"):  # a config class may read the spelling older files stored
+        data = cls.migrate(data)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)

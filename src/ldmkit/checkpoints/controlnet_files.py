@@ -15,6 +15,7 @@ import torch
 from ldmkit.checkpoints import keymaps
 from ldmkit.checkpoints.components import strict_load, strip_prefix
 from ldmkit.checkpoints.detect import NOT_WEIGHTS, unet_config_from_weights
+from ldmkit.checkpoints.families import FAMILIES, controlnet_family
 from ldmkit.checkpoints.files import read_tensors, write_json, write_safetensors
 from ldmkit.config import from_dict, to_dict
 from ldmkit.errors import CheckpointError
@@ -73,13 +74,13 @@ def describe_controlnet(net: ControlNet) -> dict:
 
 
 def family_of(c: UNetConfig) -> str:
-    return {768: "sd1-controlnet", 1024: "sd2-controlnet"}.get(c.context_dim, "controlnet")
+    family = controlnet_family(c.context_dim)
+    return f"{family.name}-controlnet" if family else "controlnet"
 
 
 def _family_heads(c: UNetConfig) -> UNetConfig:
-    if c.context_dim == 1024:
-        return replace(c, num_heads=8, num_head_channels=64, norm_groups=32)
-    return replace(c, num_heads=8, num_head_channels=-1, norm_groups=32)
+    family = controlnet_family(c.context_dim) or FAMILIES["sd1"]
+    return replace(c, **{"num_heads": 8, "num_head_channels": -1, **family.unet_heads}, norm_groups=32)
 
 
 def hint_config_from_weights(state: dict[str, torch.Tensor], where: str) -> tuple[int, tuple[int, ...]]:
@@ -96,10 +97,9 @@ def _diffusers_unet_config(state: dict[str, torch.Tensor], where: str) -> UNetCo
     """A diffusers-layout ControlNet's architecture, read off its weights (single files carry no config)."""
     keys = set(state)
     try:
-        ch = state["conv_in.weight"].shape[0]
         levels = 1 + max(int(m.group(1)) for k in keys if (m := re.match(r"down_blocks\.(\d+)\.", k)))
         n_res = 1 + max(int(m.group(1)) for k in keys if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", k)))
-        mult = tuple(state[f"down_blocks.{lv}.resnets.0.conv2.weight"].shape[0] // ch for lv in range(levels))
+        widths = tuple(state[f"down_blocks.{lv}.resnets.0.conv2.weight"].shape[0] for lv in range(levels))
         attn = tuple(2**lv for lv in range(levels) if f"down_blocks.{lv}.attentions.0.norm.weight" in keys)
         ctx = state[next(k for k in sorted(keys) if k.endswith("attn2.to_k.weight"))].shape[1]
         proj = state[next(k for k in sorted(keys) if k.endswith(".proj_in.weight"))]
@@ -107,8 +107,7 @@ def _diffusers_unet_config(state: dict[str, torch.Tensor], where: str) -> UNetCo
         raise CheckpointError(f"{where}: diffusers ControlNet weights with an unknown layout") from None
     return UNetConfig(
         in_channels=state["conv_in.weight"].shape[1],
-        model_channels=ch,
-        channel_mult=mult,
+        channels=widths,
         num_res_blocks=n_res,
         attention_resolutions=attn,
         context_dim=ctx,
@@ -203,7 +202,15 @@ def save_controlnet_diffusers(net: ControlNet, folder: str | Path, dtype: torch.
     folder.mkdir(parents=True, exist_ok=True)
     c = net.control_config
     cfg = unet_config_to_diffusers(c.unet, 64)
-    for key in ("up_block_types", "out_channels", "sample_size", "time_cond_proj_dim"):
+    # Fields ControlNetModel does not take (its output is the residuals; its kernels are fixed at 3).
+    for key in (
+        "up_block_types",
+        "out_channels",
+        "sample_size",
+        "time_cond_proj_dim",
+        "conv_in_kernel",
+        "conv_out_kernel",
+    ):
         cfg.pop(key, None)
     cfg.update(
         _class_name="ControlNetModel",

@@ -12,6 +12,7 @@ from dataclasses import replace
 import torch
 
 from ldmkit.checkpoints.components import strip_prefix
+from ldmkit.checkpoints.families import FAMILIES, sd_family, unsupported_family
 from ldmkit.errors import CheckpointError, UnsupportedModelError
 from ldmkit.models.autoencoder import AutoencoderConfig
 from ldmkit.models.ldm import ModelConfig, ScheduleConfig
@@ -26,13 +27,6 @@ METADATA_KEY = "ldmkit"
 # Keys that mark a standalone autoencoder file (original or diffusers layout, prefixed or not).
 VAE_FILE_PREFIXES = ("encoder.down.", "encoder.down_blocks.", "first_stage_model.encoder.down.")
 
-# Families we recognise but cannot run yet: (name, test on the key set).
-UNSUPPORTED = [
-    ("SDXL", lambda keys: any(k.startswith("conditioner.embedders.") for k in keys)),
-    ("SD3", lambda keys: any("joint_blocks." in k for k in keys)),
-    ("Flux", lambda keys: any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys)),
-]
-
 # Keys that are not weights of the networks we build, dropped before strict loading:
 # EMA copies (the live weights are what SD ships for inference), the DDPM schedule buffers
 # (alphas_cumprod is kept aside as the training schedule), VAE training losses, position ids.
@@ -45,10 +39,8 @@ NOT_WEIGHTS = re.compile(
 
 
 def recognise_unsupported(keys) -> str | None:
-    for name, test in UNSUPPORTED:
-        if test(keys):
-            return name
-    return None
+    family = unsupported_family(keys)
+    return family.title if family else None
 
 
 def _count(keys, pattern: str) -> int:
@@ -57,25 +49,41 @@ def _count(keys, pattern: str) -> int:
 
 
 def unet_config_from_weights(state: dict[str, torch.Tensor], where: str = "checkpoint") -> UNetConfig:
-    """UNet architecture from `model.diffusion_model.*` (prefix stripped). Heads are not in the
-    weights: the caller fills them from family rules."""
+    """UNet architecture from `model.diffusion_model.*` (prefix stripped): every level's width,
+    residual blocks and transformer depth, whether it attends, and the middle block, read off the
+    tensors. Heads are not in the weights: the caller fills them from family rules."""
     keys = set(state)
     try:
         conv_in = state["input_blocks.0.0.weight"]
-        ch = conv_in.shape[0]
         ops = sorted(int(m.group(1)) for k in keys if (m := re.fullmatch(r"input_blocks\.(\d+)\.0\.op\.weight", k)))
-        levels = 1 + len(ops)
-        # Read block counts off the first downsampler's position, not the highest index: a stray
-        # extra key must show up as an unexpected weight, not as a different architecture.
-        n_res = ops[0] - 1 if ops else _count(keys, r"input_blocks\.(\d+)\.") - 1
-        mult, attn, depth = [], [], []
-        for level in range(levels):
-            first = 1 + level * (n_res + 1)
-            mult.append(state[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0] // ch)
+        # Each level ends at its downsampler; the last level at the end of the run of consecutive
+        # input blocks after it, so that a stray extra key shows up as an unexpected weight, not as a
+        # different architecture.
+        present = {int(m.group(1)) for k in keys if (m := re.match(r"input_blocks\.(\d+)\.", k))}
+        starts = [1] + [e + 1 for e in ops]
+        last = starts[-1]
+        while last in present:
+            last += 1
+        ends = [*ops, last]
+        res_blocks = [end - start for start, end in zip(starts, ends)]
+        widths, attn, depth = [], [], []
+        for level, first in enumerate(starts):
+            widths.append(state[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0])
             has = f"input_blocks.{first}.1.norm.weight" in keys
             if has:
                 attn.append(2**level)
             depth.append(_count(keys, rf"input_blocks\.{first}\.1\.transformer_blocks\.(\d+)\.") if has else 1)
+        if "middle_block.1.norm.weight" in keys:
+            middle = "attention"
+            mid_depth = _count(keys, r"middle_block\.1\.transformer_blocks\.(\d+)\.")
+            if attn and attn[-1] == 2 ** (len(widths) - 1) and depth[-1] != mid_depth:
+                raise CheckpointError(
+                    f"{where}: the middle block has {mid_depth} transformer layers and the deepest level "
+                    f"{depth[-1]}; ldmkit (as diffusers) gives both the same depth"
+                )
+            depth[-1] = mid_depth
+        else:
+            middle = "resnet" if "middle_block.0.in_layers.0.weight" in keys else "none"
         ctx_key = next(k for k in sorted(keys) if k.endswith("attn2.to_k.weight"))
         proj_in = next(k for k in sorted(keys) if k.endswith(".proj_in.weight"))
         num_classes, adm = None, None
@@ -86,16 +94,18 @@ def unet_config_from_weights(state: dict[str, torch.Tensor], where: str = "check
         return UNetConfig(
             in_channels=conv_in.shape[1],
             out_channels=state["out.2.weight"].shape[0],
-            model_channels=ch,
-            channel_mult=tuple(mult),
-            num_res_blocks=n_res,
+            channels=tuple(widths),
+            num_res_blocks=res_blocks[0] if len(set(res_blocks)) == 1 else tuple(res_blocks),
             attention_resolutions=tuple(attn),
             transformer_depth=depth[0] if len(set(depth)) == 1 else tuple(depth),
             context_dim=state[ctx_key].shape[1],
             use_linear_in_transformer=state[proj_in].ndim == 2,
+            middle_block=middle,
             num_classes=num_classes,
             adm_in_channels=adm,
             time_cond_proj_dim=state["time_cond_proj.weight"].shape[1] if "time_cond_proj.weight" in keys else None,
+            conv_in_kernel=conv_in.shape[-1],
+            conv_out_kernel=state["out.2.weight"].shape[-1],
         )
     except (KeyError, StopIteration, IndexError, ZeroDivisionError) as e:
         what = repr(e.args[0]) if isinstance(e, KeyError) else "its cross-attention and projection weights"
@@ -107,19 +117,18 @@ def vae_config_from_weights(state: dict[str, torch.Tensor], where: str = "checkp
     in the weights: the caller fills it."""
     keys = set(state)
     try:
-        ch = state["encoder.conv_in.weight"].shape[0]
         levels = _count(keys, r"encoder\.down\.(\d+)\.")
         return AutoencoderConfig(
             in_channels=state["encoder.conv_in.weight"].shape[1],
             out_channels=state["decoder.conv_out.weight"].shape[0],
-            ch=ch,
-            ch_mult=tuple(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)),
+            channels=tuple(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)),
             num_res_blocks=_count(keys, r"encoder\.down\.0\.block\.(\d+)\."),
             z_channels=state["decoder.conv_in.weight"].shape[1],
             embed_dim=state["quant_conv.weight"].shape[0] // 2
             if "quant_conv.weight" in keys
             else state["decoder.conv_in.weight"].shape[1],
             use_quant_conv="quant_conv.weight" in keys,
+            mid_attention="encoder.mid.attn_1.q.weight" in keys,
         )
     except (KeyError, IndexError) as e:
         raise CheckpointError(
@@ -197,10 +206,8 @@ def _config_from_sd_weights(state, metadata, where) -> ModelConfig:
     guessed = {"vae.scale_factor": 0.18215}
     if any(k.startswith(CLIP) for k in state):
         text = clip_config_from_weights(strip_prefix(state, "cond_stage_model.transformer."), "clip", where)
-        family = "sd1"
     elif any(k.startswith(OPENCLIP) for k in state):
         text = clip_config_from_weights(openclip_to_hf(strip_prefix(state, OPENCLIP)), "openclip", where)
-        family = "sd2"
     else:
         raise CheckpointError(
             f"{where}: unknown text encoder layout (neither cond_stage_model.transformer.* "
@@ -213,31 +220,23 @@ def _config_from_sd_weights(state, metadata, where) -> ModelConfig:
             f"{where}: UNet cross-attention expects context {unet.context_dim} but the text "
             f"encoder gives {text.hidden_size}"
         )
-    if family == "sd1":
-        unet.num_heads, unet.num_head_channels = 8, -1
-        guessed["unet.num_heads"] = 8
-    else:
-        unet.num_heads, unet.num_head_channels = 8, 64
-        guessed["unet.num_head_channels"] = 64
-    prediction = "epsilon"
-    inpainting = unet.in_channels == 9
-    if family == "sd2" and not inpainting:
+    prediction = None
+    if text.kind == "openclip" and unet.in_channels != 9:
         # SD 2.0-base (global step 875000, as diffusers checks) and 2.1-base are eps; 768-v models are v.
         prediction = "epsilon" if metadata.get("global_step") == "875000" else "v_prediction"
         guessed["schedule.prediction_type"] = prediction
-    family = family + (
-        "-inpainting" if inpainting else "" if family == "sd1" else "-v" if prediction == "v_prediction" else "-eps"
-    )
-    image_size = 768 if family == "sd2-v" else 512
-    if family.startswith("sd2"):
-        guessed["image_size"] = image_size
+    family = sd_family(text.kind, unet.in_channels, prediction)
+    unet = replace(unet, **family.unet_heads)
+    guessed.update({f"unet.{k}": v for k, v in family.unet_heads.items() if v != -1})
+    if family.text_kind == "openclip":
+        guessed["image_size"] = family.image_size
     return ModelConfig(
-        family=family,
+        family=family.name,
         unet=unet,
         vae=vae,
         text=text,
-        image_size=image_size,
-        schedule=ScheduleConfig(prediction_type=prediction),
+        image_size=family.image_size,
+        schedule=ScheduleConfig(prediction_type=family.prediction or prediction or "epsilon"),
         guessed=guessed,
     )
 
@@ -252,8 +251,9 @@ def _apply_overrides(config: ModelConfig, overrides: dict, where: str) -> None:
     if overrides.get("prediction_type") is not None:
         config.schedule = replace(config.schedule, prediction_type=overrides["prediction_type"])
         config.guessed.pop("schedule.prediction_type", None)
-        if config.family.startswith("sd2") and not config.family.endswith("inpainting"):
-            config.family = "sd2-v" if overrides["prediction_type"] == "v_prediction" else "sd2-eps"
+        family = FAMILIES.get(config.family)
+        if family is not None and family.prediction is not None and family.text_kind in ("clip", "openclip"):
+            config.family = sd_family(family.text_kind, config.unet.in_channels, overrides["prediction_type"]).name
     if overrides.get("num_heads") is not None:
         config.unet.num_heads, config.unet.num_head_channels = int(overrides["num_heads"]), -1
         config.guessed.pop("unet.num_heads", None)

@@ -17,12 +17,13 @@ import torch
 from ldmkit.checkpoints import keymaps
 from ldmkit.checkpoints.components import strict_load
 from ldmkit.checkpoints.detect import NOT_WEIGHTS
+from ldmkit.checkpoints.families import sd_family
 from ldmkit.checkpoints.files import read_tensors, write_json, write_safetensors
 from ldmkit.errors import CheckpointError, ConfigError
 from ldmkit.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldmkit.models.ldm import LatentDiffusion, ModelConfig, ScheduleConfig
 from ldmkit.models.text import TextEncoderConfig, text_config_from_hf
-from ldmkit.models.tokenizers import ClipTokenizer, clip_vocab_and_merges
+from ldmkit.models.tokenizers import ClipTokenizer
 from ldmkit.models.unet import UNetConfig
 
 DIFFUSERS_VERSION = "0.42.1"
@@ -53,72 +54,123 @@ def _weights(folder: Path, names: tuple[str, ...], dtype: torch.dtype | None = N
 # --- UNet ---------------------------------------------------------------------------------------
 
 
-def unet_config_from_diffusers(cfg: dict, where: str) -> UNetConfig:
-    def refuse(key, allowed):
-        if key in cfg and cfg[key] not in allowed:
-            raise CheckpointError(f"{where}: {key}={cfg[key]!r} is not supported; allowed: {allowed}")
+# Fields of diffusers' UNet2DConditionModel config that change nothing ldmkit computes, or that it
+# can only take at the value the SD 1.x / 2.x families use: (field, allowed values). Any other
+# value is refused in one line naming the field; fields read into UNetConfig are below.
+UNET_FIXED = {
+    "act_fn": ["silu"],
+    "flip_sin_to_cos": [True],
+    "freq_shift": [0],
+    "center_input_sample": [False],
+    "downsample_padding": [1],
+    "mid_block_scale_factor": [1, 1.0],
+    "resnet_time_scale_shift": ["default"],
+    "resnet_skip_time_act": [False],
+    "resnet_out_scale_factor": [1, 1.0],
+    "time_embedding_type": ["positional"],
+    "time_embedding_dim": [None],
+    "time_embedding_act_fn": [None],
+    "timestep_post_act": [None],
+    "addition_embed_type": [None],
+    "encoder_hid_dim": [None],
+    "encoder_hid_dim_type": [None],
+    "dual_cross_attention": [False],
+    "only_cross_attention": [False, None],
+    "mid_block_only_cross_attention": [None, False],
+    "class_embed_type": [None, "projection"],
+    "class_embeddings_concat": [False],
+    "attention_type": ["default"],
+    "cross_attention_norm": [None],
+    "reverse_transformer_layers_per_block": [None],
+    "num_attention_heads": [None],  # diffusers itself refuses it (attention_head_dim is the count)
+    "dropout": [0, 0.0],
+}
+MID_BLOCKS = {"UNetMidBlock2DCrossAttn": "attention", "UNetMidBlock2D": "resnet", None: "none"}
 
-    refuse("resnet_time_scale_shift", ["default"])
-    refuse("act_fn", ["silu"])
-    refuse("flip_sin_to_cos", [True])
-    refuse("freq_shift", [0])
-    refuse("mid_block_type", ["UNetMidBlock2DCrossAttn"])
-    refuse("addition_embed_type", [None])
-    refuse("class_embed_type", [None, "projection"])
-    refuse("center_input_sample", [False])
-    refuse("conv_in_kernel", [3])
-    refuse("conv_out_kernel", [3])
-    refuse("encoder_hid_dim", [None])
-    refuse("dual_cross_attention", [False])
-    refuse("only_cross_attention", [False])
-    refuse("norm_eps", [1e-5])
-    channels = list(cfg["block_out_channels"])
+
+def _refuse_unknown_values(cfg: dict, fixed: dict, where: str) -> None:
+    for key, allowed in fixed.items():
+        value = cfg.get(key, allowed[0])
+        if isinstance(value, list) and key == "only_cross_attention" and not any(value):
+            continue  # per level, all False
+        if value not in allowed:
+            raise CheckpointError(f"{where}: {key}={value!r} is not supported; allowed: {allowed}")
+
+
+def _per_level(cfg: dict, key: str, default, levels: int, where: str) -> int | tuple[int, ...]:
+    """An int or a per-level list in a diffusers config; one int when every level agrees."""
+    value = cfg.get(key, default)
+    if isinstance(value, (list, tuple)):
+        if len(value) != levels or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise CheckpointError(f"{where}: {key}={value!r}: expected an int or one int per level ({levels})")
+        return value[0] if len(set(value)) == 1 else tuple(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise CheckpointError(f"{where}: {key}={value!r}: expected an int or one int per level ({levels})")
+    return value
+
+
+def unet_config_from_diffusers(cfg: dict, where: str) -> UNetConfig:
+    _refuse_unknown_values(cfg, UNET_FIXED, where)
+    channels = tuple(cfg.get("block_out_channels", (320, 640, 1280, 1280)))
     levels = len(channels)
-    down = cfg["down_block_types"]
-    attention = [t.startswith("CrossAttn") for t in down]
-    if [t.startswith("CrossAttn") for t in reversed(cfg["up_block_types"])] != attention:
+    down = list(cfg.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]))
+    up = list(cfg.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3))
+    kinds = {"CrossAttnDownBlock2D": True, "DownBlock2D": False, "CrossAttnUpBlock2D": True, "UpBlock2D": False}
+    for t in down + up:
+        if t not in kinds:
+            raise CheckpointError(f"{where}: block type {t!r} is not supported; allowed: {sorted(kinds)}")
+    if len(down) != levels or len(up) != levels:
+        raise CheckpointError(f"{where}: {levels} block_out_channels but {len(down)} down and {len(up)} up blocks")
+    attention = [kinds[t] for t in down]
+    if [kinds[t] for t in reversed(up)] != attention:
         raise CheckpointError(f"{where}: up_block_types do not mirror down_block_types")
-    lpb = cfg.get("layers_per_block", 2)
-    if not isinstance(lpb, int):
-        raise CheckpointError(f"{where}: per-level layers_per_block {lpb} is not supported")
-    heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)  # diffusers: a head count
-    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * levels
-    per_head = [c // h for c, h in zip(channels, heads)]
-    if len(set(heads)) == 1:
-        num_heads, head_channels = heads[0], -1
-    elif len(set(per_head)) == 1:
-        num_heads, head_channels = UNetConfig.num_heads, per_head[0]  # count unused: canonical default
-    else:
-        num_heads, head_channels = tuple(heads), -1
-    depth = cfg.get("transformer_layers_per_block", 1)
-    depth = tuple(depth) if isinstance(depth, (list, tuple)) else depth
-    if isinstance(depth, tuple) and len(set(depth)) == 1:
-        depth = depth[0]
+    mid = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    if mid not in MID_BLOCKS:
+        raise CheckpointError(f"{where}: mid_block_type={mid!r} is not supported; allowed: {list(MID_BLOCKS)}")
+    context = cfg.get("cross_attention_dim", 1280)
+    if isinstance(context, (list, tuple)):
+        if len(set(context)) != 1:
+            raise CheckpointError(f"{where}: cross_attention_dim={context!r} per level is not supported")
+        context = context[0]
+    heads = _per_level(cfg, "attention_head_dim", 8, levels, where)  # diffusers: a head count
+    num_heads, head_channels = heads, -1
+    if (
+        isinstance(heads, tuple)
+        and len({c // h for c, h in zip(channels, heads)}) == 1
+        and all(c % h == 0 for c, h in zip(channels, heads))
+    ):
+        num_heads, head_channels = UNetConfig.num_heads, channels[0] // heads[0]  # SD 2: 64 per head
     num_classes, adm = cfg.get("num_class_embeds"), None
     if cfg.get("class_embed_type") == "projection":
         num_classes, adm = "sequential", cfg["projection_class_embeddings_input_dim"]
+    groups = cfg.get("norm_num_groups", 32)
+    if groups is None:
+        raise CheckpointError(f"{where}: norm_num_groups=None (no output norm) is not supported")
     return UNetConfig(
         in_channels=cfg.get("in_channels", 4),
         out_channels=cfg.get("out_channels", 4),
-        model_channels=channels[0],
-        channel_mult=tuple(c // channels[0] for c in channels),
-        num_res_blocks=lpb,
+        channels=channels,
+        num_res_blocks=_per_level(cfg, "layers_per_block", 2, levels, where),
         attention_resolutions=tuple(2**i for i, a in enumerate(attention) if a),
         num_heads=num_heads,
         num_head_channels=head_channels,
-        transformer_depth=depth,
-        context_dim=cfg.get("cross_attention_dim", 1280),
+        transformer_depth=_per_level(cfg, "transformer_layers_per_block", 1, levels, where),
+        context_dim=context,
         use_linear_in_transformer=bool(cfg.get("use_linear_projection")),
+        middle_block=MID_BLOCKS[mid],
         num_classes=num_classes,
         adm_in_channels=adm,
         time_cond_proj_dim=cfg.get("time_cond_proj_dim"),
-        norm_groups=cfg.get("norm_num_groups", 32),
+        norm_groups=groups,
+        norm_eps=float(cfg.get("norm_eps", 1e-5)),
+        conv_in_kernel=cfg.get("conv_in_kernel", 3),
+        conv_out_kernel=cfg.get("conv_out_kernel", 3),
+        upcast_attention=bool(cfg.get("upcast_attention", False)),
     )
 
 
 def unet_config_to_diffusers(c: UNetConfig, sample_size: int) -> dict:
-    levels = len(c.channel_mult)
-    channels = [c.model_channels * m for m in c.channel_mult]
+    levels = c.levels
     attn = [c.has_attention(i) for i in range(levels)]
     cfg = {
         "_class_name": "UNet2DConditionModel",
@@ -126,16 +178,20 @@ def unet_config_to_diffusers(c: UNetConfig, sample_size: int) -> dict:
         "sample_size": sample_size,
         "in_channels": c.in_channels,
         "out_channels": c.out_channels,
-        "block_out_channels": channels,
-        "layers_per_block": c.num_res_blocks,
+        "block_out_channels": list(c.channels),
+        "layers_per_block": c.num_res_blocks if isinstance(c.num_res_blocks, int) else list(c.num_res_blocks),
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-        "mid_block_type": "UNetMidBlock2DCrossAttn",
-        "attention_head_dim": [c.heads_at(i, ch)[0] for i, ch in enumerate(channels)],
+        "mid_block_type": {v: k for k, v in MID_BLOCKS.items()}[c.middle_block],
+        "attention_head_dim": [c.heads_at(i, ch)[0] for i, ch in enumerate(c.channels)],
         "cross_attention_dim": c.context_dim,
         "use_linear_projection": c.use_linear_in_transformer,
         "transformer_layers_per_block": [c.depth_at(i) for i in range(levels)],
         "norm_num_groups": c.norm_groups,
+        "norm_eps": c.norm_eps,
+        "conv_in_kernel": c.conv_in_kernel,
+        "conv_out_kernel": c.conv_out_kernel,
+        "upcast_attention": c.upcast_attention,
         "flip_sin_to_cos": True,
         "freq_shift": 0,
         "act_fn": "silu",
@@ -152,18 +208,29 @@ def unet_config_to_diffusers(c: UNetConfig, sample_size: int) -> dict:
 # --- VAE ----------------------------------------------------------------------------------------
 
 
+# As UNET_FIXED, for AutoencoderKL. force_upcast only tells fp16 pipelines to decode in fp32; ldmkit
+# decodes in fp32 or bf16, never fp16, so either value means the same here.
+VAE_FIXED = {
+    "act_fn": ["silu"],
+    "latents_mean": [None],
+    "latents_std": [None],
+    "force_upcast": [True, False],
+}
+
+
 def vae_config_from_diffusers(cfg: dict, where: str) -> AutoencoderConfig:
-    channels = list(cfg["block_out_channels"])
-    for t in cfg.get("down_block_types", []):
-        if t != "DownEncoderBlock2D":
-            raise CheckpointError(f"{where}: VAE down block {t!r} is not supported; allowed: DownEncoderBlock2D")
+    channels = tuple(cfg.get("block_out_channels", (64,)))
+    _refuse_unknown_values(cfg, VAE_FIXED, where)
+    for key, allowed in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        for t in cfg.get(key, []):
+            if t != allowed:
+                raise CheckpointError(f"{where}: VAE {key} {t!r} is not supported; allowed: {allowed}")
     if cfg.get("use_quant_conv", True) != cfg.get("use_post_quant_conv", True):
         raise CheckpointError(f"{where}: a VAE with only one of quant_conv/post_quant_conv is not supported")
     return AutoencoderConfig(
         in_channels=cfg.get("in_channels", 3),
         out_channels=cfg.get("out_channels", 3),
-        ch=channels[0],
-        ch_mult=tuple(c // channels[0] for c in channels),
+        channels=channels,
         num_res_blocks=cfg.get("layers_per_block", 1),
         z_channels=cfg.get("latent_channels", 4),
         embed_dim=cfg.get("latent_channels", 4),
@@ -171,27 +238,25 @@ def vae_config_from_diffusers(cfg: dict, where: str) -> AutoencoderConfig:
         shift_factor=cfg.get("shift_factor") or 0.0,
         use_quant_conv=cfg.get("use_quant_conv", True),
         norm_groups=cfg.get("norm_num_groups", 32),
+        mid_attention=cfg.get("mid_block_add_attention", True),
     )
 
 
 def vae_config_from_diffusers_weights(state: dict[str, torch.Tensor], where: str) -> AutoencoderConfig:
     """A lone diffusers-layout VAE file has no config.json beside it: read the shapes."""
     try:
-        ch = state["encoder.conv_in.weight"].shape[0]
         levels = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.down_blocks."))
         nrb = 1 + max(int(k.split(".")[4]) for k in state if k.startswith("encoder.down_blocks.0.resnets."))
         z = state["decoder.conv_in.weight"].shape[1]
         return AutoencoderConfig(
-            ch=ch,
-            ch_mult=tuple(
-                state[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] // ch for i in range(levels)
-            ),
+            channels=tuple(state[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels)),
             num_res_blocks=nrb,
             z_channels=z,
             embed_dim=z,
             use_quant_conv="quant_conv.weight" in state,
             in_channels=state["encoder.conv_in.weight"].shape[1],
             out_channels=state["decoder.conv_out.weight"].shape[0],
+            mid_attention=any(k.startswith("encoder.mid_block.attentions.0.") for k in state),
         )
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{where}: diffusers-layout VAE weights are incomplete (missing {e})") from None
@@ -202,13 +267,13 @@ def vae_config_to_diffusers(c: AutoencoderConfig, sample_size: int) -> dict:
         raise CheckpointError(
             f"diffusers' AutoencoderKL needs embed_dim == z_channels (got {c.embed_dim}, {c.z_channels})"
         )
-    n = len(c.ch_mult)
+    n = len(c.channels)
     cfg = {
         "_class_name": "AutoencoderKL",
         "_diffusers_version": DIFFUSERS_VERSION,
         "in_channels": c.in_channels,
         "out_channels": c.out_channels,
-        "block_out_channels": [c.ch * m for m in c.ch_mult],
+        "block_out_channels": list(c.channels),
         "down_block_types": ["DownEncoderBlock2D"] * n,
         "up_block_types": ["UpDecoderBlock2D"] * n,
         "layers_per_block": c.num_res_blocks,
@@ -219,6 +284,7 @@ def vae_config_to_diffusers(c: AutoencoderConfig, sample_size: int) -> dict:
         "scaling_factor": c.scale_factor,
         "use_quant_conv": c.use_quant_conv,
         "use_post_quant_conv": c.use_quant_conv,
+        "mid_block_add_attention": c.mid_attention,
     }
     if c.shift_factor:
         cfg["shift_factor"] = c.shift_factor
@@ -241,23 +307,36 @@ def load_diffusers_vae(folder: Path, dtype: torch.dtype | None = None) -> Autoen
 # --- text encoder and scheduler -----------------------------------------------------------------
 
 
+def _clip_kind(hf: dict, pad: str) -> str:
+    """SD 2's OpenCLIP tower is a CLIPTextModel in diffusers: what tells it from OpenAI's CLIP is what
+    OpenCLIP does differently, both together: gelu (not quick_gelu) and padding with "!" (not the
+    end-of-text token). The kind decides only the single-file layout it is written in."""
+    return "openclip" if hf.get("hidden_act") == "gelu" and pad == "!" else "clip"
+
+
 def _text_config(folder: Path, saved: TextEncoderConfig | None, extra: dict) -> TextEncoderConfig:
     hf = _read_json(folder / "text_encoder" / "config.json")
     if saved is not None:
         return saved
     if hf.get("model_type") == "bert":
         return text_config_from_hf(hf, "bert")
-    # OpenAI CLIP uses quick_gelu; OpenCLIP towers (SD 2.x) use gelu.
-    kind = "openclip" if hf.get("hidden_act") == "gelu" else "clip"
-    c = text_config_from_hf(hf, kind)
     tok = folder / "tokenizer" / "tokenizer_config.json"
-    pad = "<|endoftext|>"
+    pad, length = "<|endoftext|>", 77
     if tok.exists():
-        p = _read_json(tok).get("pad_token", pad)
+        tok_cfg = _read_json(tok)
+        p = tok_cfg.get("pad_token", pad)
         pad = p["content"] if isinstance(p, dict) else p
+        length = int(min(tok_cfg.get("model_max_length", length), 1 << 30))
+    c = text_config_from_hf(hf, _clip_kind(hf, pad))
     extra_layers = {k for k in extra if k.startswith("text_encoder.transformer.text_model.encoder.layers.")}
     carried = len({k.split(".")[5] for k in extra_layers})
-    return replace(c, pad_token=pad, num_layers=c.num_layers + carried, skip_last_layers=carried)
+    return replace(
+        c,
+        pad_token=pad,
+        max_length=min(length, c.max_position_embeddings),
+        num_layers=c.num_layers + carried,
+        skip_last_layers=carried,
+    )
 
 
 def schedule_from_diffusers(cfg: dict) -> ScheduleConfig:
@@ -298,16 +377,8 @@ def load_diffusers(path: str | Path, overrides: dict | None = None, dtype_rule=N
     if saved is not None:
         family, guessed = saved.family, dict(saved.guessed)
         guessed.pop("schedule.prediction_type", None)  # the scheduler config says it
-    elif text.kind == "clip":
-        family = "sd1-inpainting" if unet.in_channels == 9 else "sd1"
-    elif text.kind == "openclip":
-        family = (
-            "sd2-inpainting"
-            if unet.in_channels == 9
-            else ("sd2-v" if schedule.prediction_type == "v_prediction" else "sd2-eps")
-        )
     else:
-        family = "ldmkit"
+        family = sd_family(text.kind, unet.in_channels, schedule.prediction_type).name
     image_size = saved.image_size if saved else unet_json.get("sample_size", 64) * vae.downsample_factor
     config = ModelConfig(
         family=family, unet=unet, vae=vae, text=text, schedule=schedule, guessed=guessed, image_size=image_size
@@ -341,8 +412,12 @@ def load_diffusers(path: str | Path, overrides: dict | None = None, dtype_rule=N
         state["text_projection"] = torch.zeros(text.hidden_size, text.hidden_size)
         state["logit_scale"] = torch.zeros(())
     strict_load(model.text_encoder, state, "text encoder", f"{folder / 'text_encoder'}")
-    if text.kind == "bert" and (folder / "tokenizer").is_dir():
-        model.text_encoder.tokenizer_folder = folder / "tokenizer"
+    if (folder / "tokenizer").is_dir():
+        if text.kind == "bert":
+            model.text_encoder.tokenizer_folder = folder / "tokenizer"
+        else:
+            tokenizer = ClipTokenizer.from_folder(folder / "tokenizer", text.max_length)
+            model.text_encoder.use_tokenizer(tokenizer, f"{folder / 'tokenizer'}")
     if "alphas_cumprod" in extra:
         model.alphas_cumprod = extra["alphas_cumprod"].float()
     return model.eval()
@@ -415,7 +490,7 @@ def _write_diffusers(model: LatentDiffusion, out: Path, dtype) -> None:
         te.tokenizer.save(out / "tokenizer")
         tokenizer_class = "BertTokenizer"
     else:
-        _write_clip_tokenizer(out / "tokenizer", c.text)
+        _write_clip_tokenizer(out / "tokenizer", te.tokenizer)
         tokenizer_class = "CLIPTokenizer"
     scheduler = c.schedule.diffusers or {
         "_class_name": "PNDMScheduler",
@@ -459,9 +534,10 @@ def _write_diffusers(model: LatentDiffusion, out: Path, dtype) -> None:
     write_json(out / "ldmkit.json", c.to_dict())
 
 
-def _write_clip_tokenizer(folder: Path, text: TextEncoderConfig) -> None:
+def _write_clip_tokenizer(folder: Path, tokenizer: ClipTokenizer) -> None:
     """tokenizer.json for current transformers, vocab.json + merges.txt for older readers."""
-    ClipTokenizer(text.max_length, text.pad_token).save(folder)
-    vocab, merges = clip_vocab_and_merges()
-    write_json(folder / "vocab.json", vocab)
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    tokenizer.save(folder)
+    model = json.loads((folder / "tokenizer.json").read_text())["model"]
+    write_json(folder / "vocab.json", model["vocab"])
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")

@@ -42,28 +42,33 @@ def unet_to_diffusers(c: UNetConfig) -> PrefixMap:
         m.append(("label_emb", "class_embedding"))
     elif c.num_classes == "sequential":
         m += [("label_emb.0.0", "class_embedding.linear_1"), ("label_emb.0.2", "class_embedding.linear_2")]
-    n = c.num_res_blocks
-    levels = len(c.channel_mult)
+    levels = c.levels
     for level in range(levels):
+        n = c.res_blocks_at(level)
         for j in range(n):
-            i = 1 + level * (n + 1) + j
+            i = c.input_block_index(level, j)
             m += _sub(f"input_blocks.{i}.0", f"down_blocks.{level}.resnets.{j}", _UNET_RESNET)
             if c.has_attention(level):
                 m.append((f"input_blocks.{i}.1", f"down_blocks.{level}.attentions.{j}"))
         if level != levels - 1:
-            m.append((f"input_blocks.{1 + level * (n + 1) + n}.0.op", f"down_blocks.{level}.downsamplers.0.conv"))
-    m += _sub("middle_block.0", "mid_block.resnets.0", _UNET_RESNET)
-    m.append(("middle_block.1", "mid_block.attentions.0"))
-    m += _sub("middle_block.2", "mid_block.resnets.1", _UNET_RESNET)
+            m.append((f"input_blocks.{c.input_block_index(level, n)}.0.op", f"down_blocks.{level}.downsamplers.0.conv"))
+    if c.middle_block != "none":
+        m += _sub("middle_block.0", "mid_block.resnets.0", _UNET_RESNET)
+    if c.middle_block == "attention":
+        m.append(("middle_block.1", "mid_block.attentions.0"))
+        m += _sub("middle_block.2", "mid_block.resnets.1", _UNET_RESNET)
     for up, level in enumerate(reversed(range(levels))):
+        n = c.res_blocks_at(level)
         for j in range(n + 1):
-            i = up * (n + 1) + j
+            i = c.output_block_index(level, j)
             m += _sub(f"output_blocks.{i}.0", f"up_blocks.{up}.resnets.{j}", _UNET_RESNET)
             if c.has_attention(level):
                 m.append((f"output_blocks.{i}.1", f"up_blocks.{up}.attentions.{j}"))
         if level:
             idx = 2 if c.has_attention(level) else 1
-            m.append((f"output_blocks.{up * (n + 1) + n}.{idx}.conv", f"up_blocks.{up}.upsamplers.0.conv"))
+            m.append(
+                (f"output_blocks.{c.output_block_index(level, n)}.{idx}.conv", f"up_blocks.{up}.upsamplers.0.conv")
+            )
     return m
 
 
@@ -74,7 +79,7 @@ def controlnet_to_diffusers(c) -> PrefixMap:
     m.append(("input_hint_block.0", "controlnet_cond_embedding.conv_in"))
     m += [(f"input_hint_block.{2 + 2 * k}", f"controlnet_cond_embedding.blocks.{k}") for k in range(2 * stages)]
     m.append((f"input_hint_block.{2 + 4 * stages}", "controlnet_cond_embedding.conv_out"))
-    skips = 1 + len(c.unet.channel_mult) * (c.unet.num_res_blocks + 1) - 1
+    skips = c.unet.input_block_index(c.unet.levels - 1, c.unet.res_blocks_at(c.unet.levels - 1))
     m += [(f"zero_convs.{i}.0", f"controlnet_down_blocks.{i}") for i in range(skips)]
     m.append(("middle_block_out.0", "controlnet_mid_block"))
     return m
@@ -90,7 +95,7 @@ def vae_to_diffusers(c: AutoencoderConfig) -> PrefixMap:
     resolution level (0 = full size), diffusers' `up_blocks` by execution order: reversed."""
     attn = [("norm", "group_norm"), ("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")]
     m: PrefixMap = [("quant_conv", "quant_conv"), ("post_quant_conv", "post_quant_conv")]
-    levels = len(c.ch_mult)
+    levels = len(c.channels)
     for part in ("encoder", "decoder"):
         m += [
             (f"{part}.conv_in", f"{part}.conv_in"),
@@ -228,3 +233,17 @@ def hf_to_openclip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for (n, kind), parts in qkv.items():
         out[f"transformer.resblocks.{n}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
     return out
+
+
+# --- CLIP (SD 1.x) single files --------------------------------------------------------------------
+
+_CLIP_BARE = re.compile(r"^cond_stage_model\.transformer\.(embeddings|encoder|final_layer_norm)\.")
+
+
+def clip_with_text_model_level(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Older SD 1.x files, and files written with transformers releases whose CLIPTextModel has no
+    `text_model` level, name the CLIP tower `cond_stage_model.transformer.embeddings.*`: put the
+    level back, as the popular web UI does on load."""
+    if not any(_CLIP_BARE.match(k) for k in state):
+        return state
+    return {(_CLIP_BARE.sub(r"cond_stage_model.transformer.text_model.\1.", k)): v for k, v in state.items()}

@@ -17,8 +17,10 @@ from ldmkit.errors import CheckpointError
 from ldmkit.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldmkit.models.ldm import LatentDiffusion, ModelConfig
 from ldmkit.models.text import TextEncoder, package_folder
+from ldmkit.models.tokenizers import ClipTokenizer
 
 TEXT = "cond_stage_model."
+TOKENIZER_KEY = "ldmkit_tokenizer"
 
 
 def text_state_from_file(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
@@ -87,12 +89,18 @@ def load_single_file(path: str | Path, overrides: dict | None = None, dtype_rule
     """dtype_rule: the UNet's and autoencoder's dtype for the detected config (default fp32). Not fp32
     and a safetensors file: their tensors are converted as they are read (files.read_tensors)."""
     state, metadata = read_tensors(path)  # mapped, not read: detection needs only names and shapes
+    state = keymaps.clip_with_text_model_level(state)
     config = detect(state, metadata, str(path), overrides)
     dtype = dtype_rule(config) if dtype_rule else torch.float32
     if dtype != torch.float32 and sniff(path) == SAFETENSORS:
         del state
         state, _ = read_tensors(path, lambda k: dtype if k.startswith((UNET, VAE)) else None)
-    return build(config, state, str(path), dtype)
+        state = keymaps.clip_with_text_model_level(state)
+    model = build(config, state, str(path), dtype)
+    if TOKENIZER_KEY in metadata:
+        tokenizer = ClipTokenizer.from_header(metadata[TOKENIZER_KEY], config.text.max_length, str(path))
+        model.text_encoder.use_tokenizer(tokenizer, str(path))
+    return model
 
 
 def load_model(
@@ -187,7 +195,15 @@ def model_state(model: LatentDiffusion, dtype: torch.dtype | None = None) -> dic
 
 
 def save_single_file(model: LatentDiffusion, path: str | Path, dtype: torch.dtype | None = None) -> None:
-    metadata = {"format": "pt", METADATA_KEY: json.dumps(model.config.to_dict())}
+    config = model.config.to_dict()
+    tc = model.config.text
+    if tc.kind == "openclip" and tc.skip_last_layers == 0 and not tc.package:
+        # model_state writes the unread last block SD 2 files have (as zeros): the header says so.
+        config["text"].update(num_layers=tc.num_layers + 1, skip_last_layers=1)
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(config)}
+    tokenizer = model.text_encoder.tokenizer if model.config.text.kind != "bert" else None
+    if tokenizer is not None and not tokenizer.is_bundled():
+        metadata[TOKENIZER_KEY] = tokenizer.to_header()  # a folder's own vocabulary travels with the file
     write_safetensors(path, model_state(model, dtype), metadata)
 
 

@@ -2,7 +2,7 @@
 an image by a factor f = 2^(levels - 1) per side into a latent z with a diagonal Gaussian posterior.
 
 Names follow the original checkpoint (`encoder.down.0.block.1`, `mid.attn_1`, `quant_conv`), so
-`first_stage_model.*` loads by name. f = 4, 8, 16 is a change of `ch_mult` only."""
+`first_stage_model.*` loads by name. f = 4, 8, 16 is a change of the number of levels only."""
 
 from dataclasses import dataclass
 
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldmkit.config import widths_from_multipliers
 from ldmkit.nn.resnet import GroupNorm32
 
 
@@ -17,8 +18,8 @@ from ldmkit.nn.resnet import GroupNorm32
 class AutoencoderConfig:
     in_channels: int = 3
     out_channels: int = 3
-    ch: int = 128
-    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    # Width of each level, full resolution first (diffusers' `block_out_channels`).
+    channels: tuple[int, ...] = (128, 256, 512, 512)
     num_res_blocks: int = 2
     z_channels: int = 4
     embed_dim: int = 4
@@ -29,10 +30,17 @@ class AutoencoderConfig:
     use_quant_conv: bool = True
     dropout: float = 0.0
     norm_groups: int = 32
+    # Self-attention in the middle blocks (diffusers' `mid_block_add_attention`).
+    mid_attention: bool = True
+
+    @classmethod
+    def migrate(cls, d: dict) -> dict:
+        """Configs stored before widths were stored as widths: `ch` x `ch_mult`."""
+        return widths_from_multipliers(d, "ch", "ch_mult", 128)
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
+        return 2 ** (len(self.channels) - 1)
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -98,10 +106,10 @@ class Upsample(nn.Module):
 
 
 class _Mid(nn.Module):
-    def __init__(self, channels: int, dropout: float, groups: int):
+    def __init__(self, channels: int, dropout: float, groups: int, attention: bool = True):
         super().__init__()
         self.block_1 = ResnetBlock(channels, channels, dropout, groups)
-        self.attn_1 = AttnBlock(channels, groups)
+        self.attn_1 = AttnBlock(channels, groups) if attention else nn.Identity()
         self.block_2 = ResnetBlock(channels, channels, dropout, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,19 +120,19 @@ class Encoder(nn.Module):
     def __init__(self, c: AutoencoderConfig):
         super().__init__()
         g = c.norm_groups
-        self.conv_in = nn.Conv2d(c.in_channels, c.ch, 3, padding=1)
+        self.conv_in = nn.Conv2d(c.in_channels, c.channels[0], 3, padding=1)
         self.down = nn.ModuleList()
-        block_in = c.ch
-        for level, mult in enumerate(c.ch_mult):
+        block_in = c.channels[0]
+        for level, width in enumerate(c.channels):
             stage = nn.Module()
             stage.block = nn.ModuleList()
             for _ in range(c.num_res_blocks):
-                stage.block.append(ResnetBlock(block_in, c.ch * mult, c.dropout, g))
-                block_in = c.ch * mult
-            if level != len(c.ch_mult) - 1:
+                stage.block.append(ResnetBlock(block_in, width, c.dropout, g))
+                block_in = width
+            if level != len(c.channels) - 1:
                 stage.downsample = Downsample(block_in)
             self.down.append(stage)
-        self.mid = _Mid(block_in, c.dropout, g)
+        self.mid = _Mid(block_in, c.dropout, g, c.mid_attention)
         self.norm_out = _norm(block_in, g)
         self.conv_out = nn.Conv2d(block_in, 2 * c.z_channels, 3, padding=1)
 
@@ -143,17 +151,17 @@ class Decoder(nn.Module):
     def __init__(self, c: AutoencoderConfig):
         super().__init__()
         g = c.norm_groups
-        block_in = c.ch * c.ch_mult[-1]
+        block_in = c.channels[-1]
         self.conv_in = nn.Conv2d(c.z_channels, block_in, 3, padding=1)
-        self.mid = _Mid(block_in, c.dropout, g)
+        self.mid = _Mid(block_in, c.dropout, g, c.mid_attention)
         # `up` is indexed by level (0 = full resolution) but run from the deepest level up.
         up = []
-        for level in reversed(range(len(c.ch_mult))):
+        for level in reversed(range(len(c.channels))):
             stage = nn.Module()
             stage.block = nn.ModuleList()
             for _ in range(c.num_res_blocks + 1):
-                stage.block.append(ResnetBlock(block_in, c.ch * c.ch_mult[level], c.dropout, g))
-                block_in = c.ch * c.ch_mult[level]
+                stage.block.append(ResnetBlock(block_in, c.channels[level], c.dropout, g))
+                block_in = c.channels[level]
             if level != 0:
                 stage.upsample = Upsample(block_in)
             up.insert(0, stage)

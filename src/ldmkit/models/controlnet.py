@@ -71,10 +71,10 @@ class ControlNet(UNetModel):
     def check_base(self, unet_config: UNetConfig) -> None:
         """Refuse a base UNet whose skip connections this ControlNet does not fit."""
         a, b = self.config, unet_config
-        mine = (a.in_channels, a.model_channels, tuple(a.channel_mult), a.num_res_blocks, a.context_dim)
-        theirs = (b.in_channels, b.model_channels, tuple(b.channel_mult), b.num_res_blocks, b.context_dim)
+        mine = (a.in_channels, tuple(a.channels), a.num_res_blocks, a.middle_block, a.context_dim)
+        theirs = (b.in_channels, tuple(b.channels), b.num_res_blocks, b.middle_block, b.context_dim)
         if mine != theirs:
-            names = "(latent channels, model channels, channel mult, res blocks, context size)"
+            names = "(latent channels, level widths, res blocks, middle block, context size)"
             raise ConfigError(f"ControlNet does not fit this model: {names} {mine} vs the model's {theirs}")
 
     def forward(

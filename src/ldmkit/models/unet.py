@@ -11,21 +11,27 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ldmkit.config import widths_from_multipliers
 from ldmkit.errors import ConfigError
 from ldmkit.nn.attention import SpatialTransformer
 from ldmkit.nn.embedding import timestep_embedding
 from ldmkit.nn.resnet import Downsample, ResBlock, Upsample, normalization
+
+MIDDLE_BLOCKS = ("attention", "resnet", "none")
 
 
 @dataclass
 class UNetConfig:
     in_channels: int = 4
     out_channels: int = 4
-    model_channels: int = 320
-    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
+    # Width of each level, deepest last (diffusers' `block_out_channels`). The first is also the
+    # width of the stem and of the timestep's sinusoidal embedding. Widths, not multipliers: pruned
+    # and distilled models use widths that are no multiple of the first.
+    channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    # Residual blocks per level on the way down (one more on the way up); a tuple gives one per level.
+    num_res_blocks: int | tuple[int, ...] = 2
     # Downsampling factors (1, 2, 4, ...) of the levels that carry spatial transformers (the
-    # original yaml's convention); the middle block always has one.
+    # original yaml's convention).
     attention_resolutions: tuple[int, ...] = (4, 2, 1)
     # Heads are given either by count (SD 1.x: 8; a tuple gives one count per level) or by
     # channels per head (SD 2.x: 64), never both.
@@ -34,6 +40,9 @@ class UNetConfig:
     transformer_depth: int | tuple[int, ...] = 1
     context_dim: int = 768
     use_linear_in_transformer: bool = False
+    # The middle block: "attention" (ResBlock, transformer, ResBlock: SD), "resnet" (one ResBlock:
+    # diffusers' UNetMidBlock2D) or "none" (pruned models such as BK-SDM drop it).
+    middle_block: str = "attention"
     # Class conditioning: an int is a number of classes (an embedding table); "sequential"
     # takes a vector of `adm_in_channels` through an MLP (the original code's `label_emb`).
     num_classes: int | str | None = None
@@ -42,19 +51,38 @@ class UNetConfig:
     time_cond_proj_dim: int | None = None
     dropout: float = 0.0
     norm_groups: int = 32
+    # Epsilon of the residual blocks' and the output's GroupNorm (the transformers' is 1e-6 always).
+    norm_eps: float = 1e-5
+    conv_in_kernel: int = 3
+    conv_out_kernel: int = 3
+    # Kept so that a diffusers config reads back as it was written: attention here runs in the
+    # weights' dtype through scaled_dot_product_attention, which is what diffusers does too.
+    upcast_attention: bool = False
 
     def __post_init__(self):
-        levels = len(self.channel_mult)
-        for name in ("num_heads", "transformer_depth"):
+        levels = len(self.channels)
+        if not levels:
+            raise ConfigError("UNetConfig.channels: give at least one level's width")
+        for name in ("num_heads", "transformer_depth", "num_res_blocks"):
             v = getattr(self, name)
             if isinstance(v, tuple) and len(v) != levels:
                 raise ConfigError(f"UNetConfig.{name}: {len(v)} values given for {levels} levels")
         if self.num_head_channels <= 0 and not self.num_heads:
             raise ConfigError("UNetConfig: give num_heads (a count) or num_head_channels (channels per head)")
+        if self.middle_block not in MIDDLE_BLOCKS:
+            raise ConfigError(f"UNetConfig.middle_block: {self.middle_block!r}; allowed: {list(MIDDLE_BLOCKS)}")
+        for name in ("conv_in_kernel", "conv_out_kernel"):
+            if getattr(self, name) % 2 != 1:
+                raise ConfigError(f"UNetConfig.{name}: {getattr(self, name)}; allowed: an odd kernel size")
         if self.num_classes == "sequential" and not self.adm_in_channels:
             raise ConfigError("UNetConfig: num_classes='sequential' needs adm_in_channels")
         if self.num_classes is not None and not isinstance(self.num_classes, int) and self.num_classes != "sequential":
             raise ConfigError(f"UNetConfig.num_classes: {self.num_classes!r}; allowed: an int, 'sequential' or null")
+
+    @classmethod
+    def migrate(cls, d: dict) -> dict:
+        """Configs stored before widths were stored as widths: `model_channels` x `channel_mult`."""
+        return widths_from_multipliers(d, "model_channels", "channel_mult", 320)
 
     def heads_at(self, level: int, channels: int) -> tuple[int, int]:
         """(heads, channels per head) of the transformers at `level`."""
@@ -67,8 +95,20 @@ class UNetConfig:
         d = self.transformer_depth
         return d[level] if isinstance(d, tuple) else d
 
+    def res_blocks_at(self, level: int) -> int:
+        n = self.num_res_blocks
+        return n[level] if isinstance(n, tuple) else n
+
     def has_attention(self, level: int) -> bool:
         return 2**level in self.attention_resolutions
+
+    @property
+    def levels(self) -> int:
+        return len(self.channels)
+
+    @property
+    def model_channels(self) -> int:
+        return self.channels[0]
 
     @property
     def time_embed_dim(self) -> int:
@@ -76,7 +116,16 @@ class UNetConfig:
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.channel_mult) - 1)
+        return 2 ** (self.levels - 1)
+
+    def input_block_index(self, level: int, block: int) -> int:
+        """Index in `input_blocks` of residual block `block` of `level` (`block` = res blocks at that
+        level: its downsampler). Index 0 is the stem convolution."""
+        return 1 + sum(self.res_blocks_at(i) + 1 for i in range(level)) + block
+
+    def output_block_index(self, level: int, block: int) -> int:
+        """Index in `output_blocks` of up-path block `block` (0 .. res blocks) of `level`."""
+        return sum(self.res_blocks_at(i) + 1 for i in range(level + 1, self.levels)) + block
 
 
 class TimestepEmbedSequential(nn.Sequential):
@@ -153,44 +202,51 @@ class UNetModel(nn.Module):
                 groups,
             )
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(c.in_channels, ch, 3, padding=1))])
+        def res(channels: int, out: int) -> ResBlock:
+            return ResBlock(channels, emb_dim, out, c.dropout, groups, c.norm_eps)
+
+        stem = nn.Conv2d(c.in_channels, ch, c.conv_in_kernel, padding=c.conv_in_kernel // 2)
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(stem)])
         skip_channels = [ch]
-        levels = len(c.channel_mult)
-        for level, mult in enumerate(c.channel_mult):
-            for _ in range(c.num_res_blocks):
-                layers = [ResBlock(ch, emb_dim, mult * c.model_channels, c.dropout, groups)]
-                ch = mult * c.model_channels
+        for level, width in enumerate(c.channels):
+            for _ in range(c.res_blocks_at(level)):
+                layers = [res(ch, width)]
+                ch = width
                 if c.has_attention(level):
                     layers.append(transformer(level, ch))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
-            if level != levels - 1:
+            if level != c.levels - 1:
                 self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
                 skip_channels.append(ch)
 
-        self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, ch, c.dropout, groups),
-            transformer(levels - 1, ch),
-            ResBlock(ch, emb_dim, ch, c.dropout, groups),
-        )
+        middle = {
+            "attention": lambda: [res(ch, ch), transformer(c.levels - 1, ch), res(ch, ch)],
+            "resnet": lambda: [res(ch, ch)],
+            "none": lambda: [],
+        }[c.middle_block]()
+        self.middle_block = TimestepEmbedSequential(*middle)
         self.skip_channels = list(skip_channels)
         if encoder_only:
             return
 
         self.output_blocks = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(c.channel_mult))):
-            for i in range(c.num_res_blocks + 1):
+        for level, width in reversed(list(enumerate(c.channels))):
+            n = c.res_blocks_at(level)
+            for i in range(n + 1):
                 skip = skip_channels.pop()
-                layers = [ResBlock(ch + skip, emb_dim, mult * c.model_channels, c.dropout, groups)]
-                ch = mult * c.model_channels
+                layers = [res(ch + skip, width)]
+                ch = width
                 if c.has_attention(level):
                     layers.append(transformer(level, ch))
-                if level and i == c.num_res_blocks:
+                if level and i == n:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(
-            normalization(ch, groups), nn.SiLU(), nn.Conv2d(c.model_channels, c.out_channels, 3, padding=1)
+            normalization(ch, groups, c.norm_eps),
+            nn.SiLU(),
+            nn.Conv2d(ch, c.out_channels, c.conv_out_kernel, padding=c.conv_out_kernel // 2),
         )
 
     def embed(self, x, timesteps, y=None, timestep_cond=None) -> torch.Tensor:

@@ -31,14 +31,22 @@ def normalization(channels: int, groups: int = 32, eps: float = 1e-5) -> nn.Grou
 class ResBlock(nn.Module):
     """UNet residual block: the timestep embedding is added between the two convolutions."""
 
-    def __init__(self, channels: int, emb_channels: int, out_channels: int, dropout: float = 0.0, groups: int = 32):
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        out_channels: int,
+        dropout: float = 0.0,
+        groups: int = 32,
+        eps: float = 1e-5,
+    ):
         super().__init__()
         self.in_layers = nn.Sequential(
-            normalization(channels, groups), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            normalization(channels, groups, eps), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
-            normalization(out_channels, groups),
+            normalization(out_channels, groups, eps),
             nn.SiLU(),
             nn.Dropout(dropout),
             nn.Conv2d(out_channels, out_channels, 3, padding=1),

@@ -43,9 +43,7 @@ class LossConfig:
 class AutoencoderTrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    model: AutoencoderConfig = field(
-        default_factory=lambda: AutoencoderConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)
-    )
+    model: AutoencoderConfig = field(default_factory=lambda: AutoencoderConfig(channels=(32, 64, 64), num_res_blocks=1))
     loss: LossConfig = field(default_factory=LossConfig)
     val: DataConfig | None = None  # held-out images for PSNR/SSIM (default: the shapes "val" split)
     val_images: int = 64
