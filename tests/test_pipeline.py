@@ -41,7 +41,10 @@ def test_ldmkit_generate_png_equals_diffusers(sd_folder, tmp_path, capsys, sampl
 
     pipe, folder = sd_folder
     spec = get_sampler(sampler)
-    pipe.scheduler = getattr(diffusers, spec.diffusers_class)(**spec.diffusers_config)
+    # The documented way to switch samplers in diffusers: from_config of the folder's scheduler config,
+    # whose settings (here PNDM's leading spacing, steps_offset 1) ldmkit follows too.
+    saved = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    pipe.scheduler = getattr(diffusers, spec.diffusers_class).from_config(saved, **spec.identity)
     ref = pipe(
         "a red circle above a blue square",
         negative_prompt="blurry",

@@ -1,27 +1,53 @@
 """Seed-for-seed parity of every sampler with diffusers' own pipelines: a random-weight UNet in both
-implementations, the same prompt embeddings, seeds and steps; final latents compared in fp32."""
+implementations, the same prompt embeddings, seeds and steps; final latents compared in fp32. And a
+model folder's scheduler config deciding every sampler's sigma list exactly as diffusers'
+`<class>.from_config(folder_config)` does, over folder configs drawn at random."""
+
+import inspect
+import json
+import random
+import re
 
 import diffusers
 import pytest
 import torch
 
-from conftest import tiny_diffusers_unet, tiny_pipeline
+from conftest import randomize, tiny_diffusers_unet, tiny_pipeline
+from ldmkit.checkpoints.diffusers_folder import schedule_from_diffusers
 from ldmkit.checkpoints.single_file import load_model
 from ldmkit.diffusion.denoiser import Conditioning, Denoiser
-from ldmkit.diffusion.registry import SAMPLERS, get_sampler
+from ldmkit.diffusion.registry import DIFFUSERS_CLASSES, SAMPLERS, get_sampler
 from ldmkit.diffusion.sampling import generators_for, sample_latents
 from ldmkit.diffusion.schedule import NoiseSchedule
+from ldmkit.errors import ConfigError
+from ldmkit.models.ldm import ScheduleConfig
 from ldmkit.nn.embedding import guidance_scale_embedding
 
 STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def pipes(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sd")
+def sd_folders(tmp_path_factory):
+    return tmp_path_factory.mktemp("sd")
+
+
+@pytest.fixture(scope="module")
+def pipes(sd_folders):
+    folder = sd_folders
     pipe = tiny_pipeline(folder / "eps")
     vpipe = tiny_pipeline(folder / "v", prediction_type="v_prediction")
     return {"epsilon": (pipe, load_model(folder / "eps")), "v_prediction": (vpipe, load_model(folder / "v"))}
+
+
+@pytest.fixture(scope="module")
+def folder_pipe(pipes, sd_folders):
+    """The eps model's folder as a user has it (as written: tests swap `pipes`' schedulers later):
+    diffusers' pipeline loaded from disk, ours loaded from the same folder, and the loaded pipeline's
+    scheduler config -- the folder's JSON, unlike an in-memory pipeline's, which marks the fields it
+    left at their defaults for from_config to drop. Tests that swap this pipeline's scheduler start
+    from that config, not from `pipe.scheduler`."""
+    loaded = diffusers.StableDiffusionPipeline.from_pretrained(str(sd_folders / "eps"))
+    return loaded, load_model(sd_folders / "eps"), dict(loaded.scheduler.config)
 
 
 def embeds(batch, seed=0):
@@ -192,6 +218,50 @@ def test_lcm_parity_with_guidance_embedding(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "prediction,overrides",
+    [
+        # LCMScheduler's clip, its consistency boundary scaling and distillation grid from the folder
+        (
+            "epsilon",
+            {"clip_sample": True, "clip_sample_range": 0.5, "timestep_scaling": 5.0, "original_inference_steps": 40},
+        ),
+        # zero terminal SNR: LCMScheduler keeps ᾱ_T = 0, so the first step starts from pure noise
+        ("v_prediction", {"rescale_betas_zero_snr": True}),
+    ],
+)
+def test_lcm_follows_its_folder_config(tmp_path, prediction, overrides):
+    from diffusers import LatentConsistencyModelPipeline
+
+    base = tiny_pipeline(tmp_path / "lcm", unet=tiny_diffusers_unet(time_cond_proj_dim=32), prediction_type=prediction)
+    model = load_model(tmp_path / "lcm")
+    folder = {**model.config.schedule.diffusers, **overrides}
+    pipe = LatentConsistencyModelPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=base.unet,
+        scheduler=diffusers.LCMScheduler.from_config(folder),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    ctx, _ = embeds(2)
+    ref = pipe(
+        prompt_embeds=ctx,
+        guidance_scale=8.0,
+        num_inference_steps=4,
+        generator=generators_for(9, 2),
+        height=16,
+        width=16,
+        output_type="latent",
+    ).images
+    denoiser = Denoiser(model.unet, NoiseSchedule.from_config(schedule_from_diffusers(folder)), prediction)
+    cond = Conditioning(ctx, None, timestep_cond=guidance_scale_embedding(torch.full((2,), 8.0), 32))
+    z = sample_latents(denoiser, get_sampler("lcm"), 4, cond, generators_for(9, 2), (4, 8, 8), scheduler_config=folder)
+    assert ref.abs().mean() > 0.1 and (z - ref).abs().max() <= 1e-3, (z - ref).abs().max()
+
+
+@pytest.mark.parametrize(
     "name,spacing",
     [
         ("euler", "leading"),
@@ -317,3 +387,324 @@ def test_readme_shows_the_sampler_table():
     from ldmkit.diffusion.registry import markdown_table
 
     assert markdown_table() in (Path(__file__).parent.parent / "README.md").read_text()
+
+
+# --- a model folder's scheduler config decides every sampler's sigma list ------------------------
+
+FOLDER_CLASSES = (
+    "PNDMScheduler",
+    "DDIMScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "UniPCMultistepScheduler",
+)
+# Schedulers whose latents live in sigma space (scale_model_input divides by sqrt(sigma² + 1)): their
+# init_noise_sigma is a sigma-space scale; the others start from unit variance-preserving noise.
+SIGMA_SPACE = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler")
+
+
+def folder_config(rng: random.Random) -> dict:
+    """A scheduler_config.json as a diffusers model folder carries it: SD's betas, a class of those
+    SD folders ship, its spacing / offset / final-sigma / alpha settings at random, Karras sigmas
+    sometimes, zero terminal SNR sometimes for v-prediction, and sometimes the legacy keys SD 1.x
+    and SDXL folders still carry from their PNDM days."""
+    name = rng.choice(FOLDER_CLASSES)
+    cls = getattr(diffusers, name)
+    takes = inspect.signature(cls.__init__).parameters
+    v = rng.random() < 0.5
+    settings = {
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "prediction_type": "v_prediction" if v else "epsilon",
+        "timestep_spacing": rng.choice(["leading", "trailing", "linspace"]),
+        "steps_offset": rng.choice([0, 1]),
+    }
+    choices = {
+        "set_alpha_to_one": [True, False],
+        "final_sigmas_type": ["zero", "sigma_min"],
+        "use_karras_sigmas": [False, False, True],
+        "clip_sample": [False, True],  # DDIM's default is True
+        "skip_prk_steps": [True],
+        "rescale_betas_zero_snr": [False, True] if v else [False],
+    }
+    settings.update({key: rng.choice(values) for key, values in choices.items() if key in takes})
+    config = json.loads(cls(**settings).to_json_string())
+    if rng.random() < 0.3:
+        config = {"clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True, **config}
+    return config
+
+
+def diffusers_sigma_list(sched, n: int):
+    """What a diffusers scheduler walks for n steps, in sigma space: (sigmas, UNet timesteps, initial
+    noise scale in sigma space). Sigma-space schedulers list their sigmas (Heun twice each); the
+    variance-preserving ones list timesteps, each step going to ᾱ of the step's previous timestep:
+    DDIM and PNDM's t - T//n (below 0: final_alpha_cumprod), DDPM's previous_timestep, LCM's last step
+    to the clean latent."""
+    sched.set_timesteps(n)
+    name = type(sched).__name__
+    if hasattr(sched, "sigmas") and name != "LCMScheduler":
+        sigmas, t = sched.sigmas, sched.timesteps
+        if name == "HeunDiscreteScheduler":
+            sigmas, t = torch.cat([sigmas[:1], sigmas[1:-1:2], sigmas[-1:]]), torch.cat([t[:1], t[1::2]])
+        init = float(sched.init_noise_sigma) if name in SIGMA_SPACE else (float(sigmas[0]) ** 2 + 1) ** 0.5
+        return sigmas.float(), t.double(), init
+    ab, t = sched.alphas_cumprod, sched.timesteps
+    if name == "PNDMScheduler":  # PLMS evaluates its second timestep twice (the warm-up)
+        t = torch.tensor(sorted(set(t.tolist()), reverse=True))
+    if name == "DDPMScheduler":
+        prev = int(sched.previous_timestep(t[-1]))
+        final = ab[prev] if prev >= 0 else sched.one
+    elif name == "LCMScheduler":
+        final = torch.tensor(1.0)
+    else:
+        prev = int(t[-1]) - sched.config.num_train_timesteps // sched.num_inference_steps
+        final = ab[prev] if prev >= 0 else sched.final_alpha_cumprod
+    ab = torch.cat([ab[t], final.reshape(1)])
+    sigmas = ((1 - ab) / ab) ** 0.5  # ᾱ = 0 (zero terminal SNR): inf
+    return sigmas.float(), t.double(), (float(sigmas[0]) ** 2 + 1) ** 0.5
+
+
+def takes(sched, key: str) -> bool:
+    """Whether the scheduler's class has this setting. Not `key in sched.config`: from_config keeps a
+    folder's unknown keys on the config too."""
+    return key in inspect.signature(type(sched).__init__).parameters
+
+
+def expected_refusal(sched, folder: dict) -> str | None:
+    """The field we must refuse for this scheduler, or None: DDIM/PNDM step to t - T//n, which with
+    linspace is not the next timestep they evaluate; PNDM and Heun cannot take a zero-SNR model."""
+    if type(sched).__name__ in ("DDIMScheduler", "PNDMScheduler") and sched.config.timestep_spacing == "linspace":
+        return "timestep_spacing"
+    if folder.get("rescale_betas_zero_snr") and not takes(sched, "rescale_betas_zero_snr"):
+        return "rescale_betas_zero_snr"
+    return None
+
+
+def check_folder_draw(seed: int) -> None:
+    rng = random.Random(seed)
+    folder = folder_config(rng)
+    n = rng.randint(1, 30)
+    noise = NoiseSchedule.from_config(schedule_from_diffusers(folder))
+    for name, spec in SAMPLERS.items():
+        where = f"seed {seed}: {name} on {folder['_class_name']} {n} steps"
+        sched = getattr(diffusers, spec.diffusers_class).from_config(folder, **spec.identity)
+        refused = expected_refusal(sched, folder)
+        try:
+            ours = spec.build_schedule(noise, n, scheduler_config=folder)
+        except ConfigError as e:
+            assert refused and re.search(f"{refused}: .* with {name} ", str(e)), f"{where}: {e}"
+            continue
+        assert not refused, f"{where}: should refuse {refused}"
+        sigmas, timesteps, init = diffusers_sigma_list(sched, n)
+        # Equal floats: the same float32 operations in the same order (inf where ᾱ = 0).
+        assert torch.equal(ours.sigmas, sigmas), f"{where}: {ours.sigmas} != {sigmas}"
+        assert torch.equal(ours.timesteps.float(), timesteps.float()), f"{where}: {ours.timesteps} != {timesteps}"
+        assert ours.init_noise_sigma == pytest.approx(init, rel=1e-6), where
+        if takes(sched, "clip_sample"):
+            clip = sched.config.clip_sample_range if sched.config.clip_sample else None
+            assert ours.options["clip_sample_range"] == clip, where
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_folder_config_decides_every_sigma_list_as_diffusers(seed):
+    check_folder_draw(seed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(16, 1016))
+def test_folder_config_decides_every_sigma_list_as_diffusers_many(seed):
+    check_folder_draw(seed)
+
+
+def test_class_defaults_are_diffusers_own():
+    """The defaults a field takes when a folder does not give it: each class's __init__. sigma_min /
+    sigma_max are read by Heun's and DPM-Solver's Karras conversion without being __init__ fields."""
+    for name, cls in DIFFUSERS_CLASSES.items():
+        params = inspect.signature(getattr(diffusers, name).__init__).parameters
+        for key, default in cls.defaults.items():
+            if key not in params:
+                assert key in ("sigma_min", "sigma_max") and default is None, (name, key)
+                continue
+            assert params[key].default == default, (name, key)
+
+
+def ours_from_folder(model, name, folder: dict, steps=STEPS, seed=21, spacing=None):
+    """Our final latents with a folder's scheduler config, batch 2 (the noise schedule from the same
+    config, as loading the folder makes it)."""
+    noise = NoiseSchedule.from_config(schedule_from_diffusers(folder))
+    denoiser = Denoiser(model.unet, noise, model.config.schedule.prediction_type)
+    ctx, unc = embeds(2)
+    return sample_latents(
+        denoiser,
+        get_sampler(name),
+        steps,
+        Conditioning(ctx, unc, cfg_scale=5.0),
+        generators_for(seed, 2),
+        (4, 8, 8),
+        spacing=spacing,
+        scheduler_config=folder,
+    )
+
+
+def diffusers_from_folder(pipe, name, folder: dict, steps=STEPS, seed=21):
+    """diffusers' final latents with `<class>.from_config(folder, **identity)`, batch 2."""
+    spec = get_sampler(name)
+    pipe.scheduler = getattr(diffusers, spec.diffusers_class).from_config(folder, **spec.identity)
+    ctx, unc = embeds(2)
+    return pipe(
+        prompt_embeds=ctx,
+        negative_prompt_embeds=unc,
+        guidance_scale=5.0,
+        num_inference_steps=steps,
+        generator=generators_for(seed, 2),
+        height=16,
+        width=16,
+        output_type="latent",
+    ).images
+
+
+def test_euler_a_follows_a_leading_folder_config_as_diffusers(folder_pipe):
+    """The folder says "leading" (SD 1.x's PNDM config); euler_a on it walks leading timesteps, as
+    diffusers' documented EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config) does --
+    where the web UI's linspace list (a single file's) gives another picture."""
+    pipe, model, loaded = folder_pipe
+    folder = model.config.schedule.diffusers
+    assert folder["timestep_spacing"] == loaded["timestep_spacing"] == "leading"
+    ref = diffusers_from_folder(pipe, "euler_a", loaded)
+    z = ours_from_folder(model, "euler_a", folder)
+    assert ref.abs().mean() > 0.1
+    assert (z - ref).abs().max() <= 1e-3, (z - ref).abs().max()
+    without, _ = ours(model, "euler_a", 2, seed=21, cfg=5.0)  # no folder config: linspace
+    assert (without - ref).abs().max() > 1e-2
+
+
+# Folder settings that change more than the spacing, each proven on a whole loop. The base is the tiny
+# folder's PNDM config, which has no clip_sample: DDIM and DDPM then clip at their own default (True),
+# as from_config does. DDIM clips the x0 term only, DDPM steps from the clamped x0; DDPM takes
+# linspace; Heun's Karras sigmas and clip; DPM-Solver's final sigma_min (second order on the last
+# step from 15 steps on); Euler's exponential sigmas under a sigma_max; UniPC's Karras sigmas ending
+# at their own sigma_min.
+FOLDER_LOOPS = [
+    ("ddim", {"timestep_spacing": "trailing", "set_alpha_to_one": True}, 5),
+    ("ddim", {"clip_sample_range": 1.5, "steps_offset": 0}, 6),
+    ("ddpm", {"timestep_spacing": "linspace"}, 6),
+    ("heun", {"use_karras_sigmas": True, "clip_sample": True, "timestep_spacing": "trailing"}, 4),
+    ("dpmpp_2m", {"final_sigmas_type": "sigma_min"}, 6),
+    ("dpmpp_2m", {"final_sigmas_type": "sigma_min", "timestep_spacing": "trailing"}, 16),
+    ("euler", {"use_exponential_sigmas": True, "final_sigmas_type": "sigma_min", "sigma_max": 10.0}, 6),
+    ("unipc", {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min"}, 6),
+]
+
+
+@pytest.mark.parametrize("name,overrides,steps", FOLDER_LOOPS)
+def test_folder_settings_match_diffusers_whole_loop(folder_pipe, name, overrides, steps):
+    pipe, model, loaded = folder_pipe
+    folder = {**loaded, **overrides}
+    ref = diffusers_from_folder(pipe, name, folder, steps)
+    z = ours_from_folder(model, name, folder, steps)
+    assert ref.abs().mean() > 0.1
+    assert (z - ref).abs().max() <= 1e-3, (z - ref).abs().max()
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm"])
+def test_clip_sample_is_active_in_those_loops(folder_pipe, name):
+    """The clip runs in the loops above: without it the same folder gives other latents."""
+    _, model, loaded = folder_pipe
+    clipped = ours_from_folder(model, name, {**loaded, "clip_sample": True})
+    plain = ours_from_folder(model, name, {**loaded, "clip_sample": False})
+    assert (clipped - plain).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize(
+    "name,overrides,field",
+    [
+        ("ddim", {"thresholding": True}, "thresholding"),
+        ("dpmpp_2m", {"use_beta_sigmas": True}, "use_beta_sigmas"),
+        ("dpmpp_2m", {"lambda_min_clipped": -5.1}, "lambda_min_clipped"),
+        ("unipc", {"use_dynamic_shifting": True}, "use_dynamic_shifting"),
+        ("euler", {"timestep_type": "continuous"}, "timestep_type"),
+        ("euler", {"interpolation_type": "log_linear"}, "interpolation_type"),
+        ("ddpm", {"variance_type": "fixed_large"}, "variance_type"),
+        ("plms", {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+        ("ddim", {"timestep_spacing": "linspace"}, "timestep_spacing"),
+    ],
+)
+def test_folder_settings_we_cannot_follow_are_refused_by_name(name, overrides, field):
+    folder = {"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear", "steps_offset": 1, **overrides}
+    noise = NoiseSchedule.from_config(schedule_from_diffusers(folder))
+    with pytest.raises(ConfigError, match=f"scheduler config {field}: .* with {name} .*; allowed: "):
+        get_sampler(name).build_schedule(noise, 10, scheduler_config=folder)
+    # Only a sampler that cannot follow the setting refuses: euler_a's scheduler has none of these.
+    get_sampler("euler_a").build_schedule(noise, 10, scheduler_config=folder)
+
+
+def test_an_explicit_spacing_wins_over_the_folders():
+    folder = {"_class_name": "EulerDiscreteScheduler", "timestep_spacing": "trailing", "steps_offset": 1}
+    noise = NoiseSchedule.from_config(ScheduleConfig(diffusers=folder))
+    leading = get_sampler("euler").build_schedule(noise, 10, "leading", folder)
+    ref = diffusers.EulerDiscreteScheduler.from_config(
+        {**folder, **get_sampler("euler").diffusers_config}, timestep_spacing="leading"
+    )
+    assert torch.equal(leading.sigmas, diffusers_sigma_list(ref, 10)[0])
+    assert list(leading.timesteps[:2]) == [901, 801]  # leading, + the folder's steps_offset
+    with pytest.raises(ConfigError, match="timestep spacing 'leading' with dpmpp_2m_karras .*; allowed: none"):
+        get_sampler("dpmpp_2m_karras").build_schedule(noise, 10, "leading", folder)
+
+
+def test_zero_terminal_snr_comes_from_the_folder():
+    """rescale_betas_zero_snr in the folder config makes the noise schedule zero-SNR (ᾱ_T = 0), also
+    when the model file stores its own ᾱ; trained_betas replace the beta schedule, as in diffusers."""
+    sd = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+    folder = {**sd, "rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}
+    ref = diffusers.DDIMScheduler.from_config(folder).alphas_cumprod
+    zsnr = NoiseSchedule.from_config(schedule_from_diffusers(folder))
+    assert zsnr.terminal_is_pure_noise and torch.equal(zsnr.alphas_cumprod, ref)
+    stored = NoiseSchedule.from_config(ScheduleConfig(prediction_type="v_prediction")).alphas_cumprod
+    again = NoiseSchedule.from_config(schedule_from_diffusers(folder), stored)
+    # The stored ᾱ goes through Algorithm 1 directly, while diffusers takes the cumulative product of
+    # the rescaled betas again: float32 rounding apart, no more.
+    assert again.terminal_is_pure_noise and torch.allclose(again.alphas_cumprod, ref, rtol=1e-6, atol=0)
+    with pytest.raises(ConfigError, match="zero terminal SNR"):
+        NoiseSchedule.from_config(schedule_from_diffusers({**sd, "rescale_betas_zero_snr": True}))
+    betas = [0.0005 + 0.012 * i / 1000 for i in range(1000)]
+    trained = NoiseSchedule.from_config(schedule_from_diffusers({**sd, "trained_betas": betas}))
+    assert torch.equal(trained.alphas_cumprod, diffusers.DDIMScheduler(trained_betas=betas).alphas_cumprod)
+
+
+def test_pipeline_timestep_spacing_reaches_the_sampler_and_infotext():
+    """timestep_spacing= (the CLI's --timestep-spacing) changes the sigma list, so the picture, and
+    is recorded in the parameters and the infotext."""
+    from ldmkit.models.ldm import LatentDiffusion
+    from ldmkit.models.presets import tiny
+    from ldmkit.pipelines import Pipeline
+
+    torch.manual_seed(0)
+    pipe = Pipeline(randomize(LatentDiffusion(tiny()), std=0.05), "tiny")
+    common = dict(steps=3, cfg=3.0, sampler="euler", seed=8, width=32, height=32, prompt_mode="truncate")
+    leading = pipe("a red circle", timestep_spacing="leading", **common)
+    trailing = pipe("a red circle", timestep_spacing="trailing", **common)
+    assert (leading.latents - trailing.latents).abs().max() > 1e-3
+    assert leading.params.timestep_spacing == "leading"
+    assert "Timestep spacing: leading" in leading.infotexts[0]
+    assert "Timestep spacing: trailing" in trailing.infotexts[0]
+
+
+def test_pipeline_follows_the_model_folders_scheduler_config(folder_pipe):
+    """A folder's config (here "leading") reaches the sampler: the same model without one (as a
+    single file has none) walks the web UI's linspace list instead."""
+    from dataclasses import replace
+
+    from ldmkit.pipelines import Pipeline
+
+    _, model, _ = folder_pipe
+    common = dict(steps=3, cfg=3.0, sampler="euler_a", seed=8, width=16, height=16, prompt_mode="truncate")
+    with_folder = Pipeline(model, "folder")("a red circle", **common)
+    schedule = model.config.schedule
+    model.config.schedule = replace(schedule, diffusers={})
+    try:
+        without = Pipeline(model, "single")("a red circle", **common)
+    finally:
+        model.config.schedule = schedule
+    assert (with_folder.latents - without.latents).abs().max() > 1e-3

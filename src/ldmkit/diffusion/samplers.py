@@ -42,39 +42,62 @@ def sample_euler(model, x, sigmas, extra_args=None, callback: Callback = None, n
     return x
 
 
-def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback: Callback = None, noise=None, eta=1.0):
+def sample_euler_ancestral(
+    model, x, sigmas, extra_args=None, callback: Callback = None, noise=None, eta=1.0, clip_sample_range=None
+):
     """Euler down to sigma_down, then fresh noise of std sigma_up. With eta = 1 this is the DDPM
-    sampler (Ho et al. 2020); with 0 < eta < 1, DDIM with that eta (Song et al. 2021, eq. 16):
-    DDIM's update divided by sqrt(ᾱ_prev) is exactly this step. A first sigma of inf (ᾱ = 0) starts
-    from the variance-preserving latent x, which then is the noise estimate itself."""
+    sampler (Ho et al. 2020). A first sigma of inf (ᾱ = 0) starts from the variance-preserving
+    latent x, which then is the noise estimate itself. `clip_sample_range` is DDPM's clip_sample:
+    x0 clamped to ±range, and the step taken from the clamped x0 alone -- DDPM's posterior mean is a
+    mix of x0 and x_t, so its noise estimate follows the clamped x0."""
+    return _ancestral(model, x, sigmas, extra_args, callback, noise, eta, clip_sample_range, clip_eps=True)
+
+
+def sample_ddim(
+    model, x, sigmas, extra_args=None, callback: Callback = None, noise=None, eta=0.0, clip_sample_range=None
+):
+    """DDIM (Song et al. 2021, eq. 12): divided by sqrt(ᾱ_prev) its update is x0 + eps * sigma_down
+    (+ noise * sigma_up, eq. 16, when eta > 0) -- the ancestral step above; deterministic at eta = 0,
+    where it is Euler's method. `clip_sample_range` is DDIM's clip_sample: it clamps the x0 term
+    only, the direction pointing to x_t keeps the model's own noise estimate (diffusers'
+    DDIMScheduler.step, whose pipelines leave use_clipped_model_output off)."""
+    return _ancestral(model, x, sigmas, extra_args, callback, noise, eta, clip_sample_range, clip_eps=False)
+
+
+def _ancestral(model, x, sigmas, extra_args, callback, noise, eta, clip, clip_eps):
+    """x_next = x0 + eps * sigma_down + noise * sigma_up, x0 clamped to ±clip if given, and eps
+    taken from the clamped x0 (`clip_eps`) or the model's own."""
     for i, s, s_next in _steps(sigmas):
         x0 = model(x, s, **(extra_args or {}))
         down, up = ancestral_step(s, s_next, eta)
-        eps = x if math.isinf(s) else (x - x0) / s
-        x = x0 + eps * down
+        clipped = x0 if clip is None else x0.clamp(-clip, clip)
+        eps_x0 = clipped if clip_eps else x0
+        eps = x if math.isinf(s) else (x - eps_x0) / s
+        x = clipped + eps * down
         if up > 0:
             x = x + noise(x) * up
         if callback:
-            callback(i, x, x0)
+            callback(i, x, clipped)
     return x
 
 
-def sample_ddim(model, x, sigmas, extra_args=None, callback: Callback = None, noise=None, eta=0.0):
-    """DDIM (Song et al. 2021). Deterministic at eta = 0, where it is Euler's method in sigma space."""
-    return sample_euler_ancestral(model, x, sigmas, extra_args, callback, noise, eta=eta)
-
-
-def sample_heun(model, x, sigmas, extra_args=None, callback: Callback = None, noise=None):
-    """Heun's second-order method (Karras et al. 2022, Algorithm 1); the last step, to sigma 0, is Euler."""
+def sample_heun(model, x, sigmas, extra_args=None, callback: Callback = None, noise=None, clip_sample_range=None):
+    """Heun's second-order method (Karras et al. 2022, Algorithm 1); the last step, to sigma 0, is
+    Euler. `clip_sample_range`: both x0 predictions clamped to ±range (diffusers' clip_sample)."""
     args = extra_args or {}
-    for i, s, s_next in _steps(sigmas):
+
+    def denoise(x, s):
         x0 = model(x, s, **args)
+        return x0 if clip_sample_range is None else x0.clamp(-clip_sample_range, clip_sample_range)
+
+    for i, s, s_next in _steps(sigmas):
+        x0 = denoise(x, s)
         d = (x - x0) / s
         x_euler = x + d * (s_next - s)
         if s_next == 0:
             x = x_euler
         else:
-            d_next = (x_euler - model(x_euler, s_next, **args)) / s_next
+            d_next = (x_euler - denoise(x_euler, s_next)) / s_next
             x = x + (d + d_next) / 2 * (s_next - s)
         if callback:
             callback(i, x, x0)
@@ -112,14 +135,16 @@ def sample_plms(model, x, sigmas, extra_args=None, callback: Callback = None, no
     return x
 
 
-def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback: Callback = None, noise=None):
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback: Callback = None, noise=None, lower_order_final=True):
     """DPM-Solver++(2M) (Lu et al. 2022), multistep second order in t = -log sigma; first order on the
-    first step and on the last step to sigma 0 (diffusers' lower_order_final)."""
+    first step, and on the last step when `lower_order_final` -- always when it goes to sigma 0,
+    where the second-order term is undefined."""
     old_x0, h_last = None, None
+    last = len(sigmas) - 2
     for i, s, s_next in _steps(sigmas):
         x0 = model(x, s, **(extra_args or {}))
         h = math.log(s) - math.log(s_next) if s_next > 0 else math.inf
-        if old_x0 is None or s_next == 0:
+        if old_x0 is None or s_next == 0 or (lower_order_final and i == last):
             d = x0
         else:
             r = h_last / h
@@ -188,16 +213,21 @@ def sample_lcm(
     noise=None,
     timestep_scaling: float = 10.0,
     sigma_data: float = 0.5,
+    clip_sample_range: float | None = None,
 ):
     """Multi-step latent consistency sampling (Luo et al. 2023): at each step the consistency
     function f(x, t) = c_skip(t) x + c_out(t) x0 jumps to the clean latent, which is re-noised to
-    the next sigma with fresh noise. One UNet call per step; guidance is in the model's embedding."""
+    the next sigma with fresh noise. One UNet call per step; guidance is in the model's embedding.
+    `clip_sample_range`: x0 clamped to ±range first (diffusers' clip_sample). At sigma = inf
+    (ᾱ = 0) x is the variance-preserving latent."""
     for i, s, s_next in _steps(sigmas):
         x0 = model(x, s, **(extra_args or {}))
+        if clip_sample_range is not None:
+            x0 = x0.clamp(-clip_sample_range, clip_sample_range)
         t = model.timestep(s) * timestep_scaling
         c_skip = sigma_data**2 / (t**2 + sigma_data**2)
         c_out = t / (t**2 + sigma_data**2) ** 0.5
-        denoised = c_out * x0 + c_skip * x / (s**2 + 1) ** 0.5
+        denoised = c_out * x0 + c_skip * (x if math.isinf(s) else x / (s**2 + 1) ** 0.5)
         x = denoised + noise(x) * s_next if s_next > 0 else denoised
         if callback:
             callback(i, x, denoised)

@@ -43,12 +43,16 @@ def sample_latents(
     strength: float = 1.0,
     callback: Callable | None = None,
     spacing: str | None = None,
+    scheduler_config: dict | None = None,
     **options,
 ) -> torch.Tensor:
     """Clean latents [B, C, h, w] (variance-preserving, unscaled by the VAE factor). With
     `init_latents`, the run starts part-way (image-to-image): noise of the first kept sigma is added
-    to them, and only the remaining steps run."""
-    schedule = spec.build_schedule(denoiser.schedule, steps, spacing)
+    to them, and only the remaining steps run. `scheduler_config` is the model folder's diffusers
+    scheduler config and `spacing` an explicit timestep spacing (SamplerSpec.build_schedule); the
+    sampler options it implies (clip_sample, ...) come first, `options` over them."""
+    schedule = spec.build_schedule(denoiser.schedule, steps, spacing, scheduler_config)
+    options = {**schedule.options, **options}
     denoiser.use_timesteps(schedule.sigmas[:-1], schedule.timesteps)
     device = cond.context.device
     sigmas = schedule.sigmas
@@ -68,5 +72,6 @@ def sample_latents(
 
     denoiser.use_sigmas(sigmas)
     x = spec.fn(denoiser, x, sigmas, {"cond": cond}, callback, ancestral_noise, **options)
-    # Back to the variance-preserving latent of the last sigma (≠ x when it is not 0, as DDIM's).
-    return x / (float(sigmas[-1]) ** 2 + 1) ** 0.5
+    # Back to the variance-preserving latent of the last sigma (≠ x when it is not 0, as DDIM's) --
+    # unless the reference scheduler hands back its sigma-space latent (diffusers' Euler family).
+    return x if schedule.sigma_space_output else x / (float(sigmas[-1]) ** 2 + 1) ** 0.5

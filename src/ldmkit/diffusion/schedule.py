@@ -7,7 +7,7 @@ variance-preserving latent divided by sqrt(ᾱ_t). Computations follow diffusers
 schedule, log-linear sigma interpolation) so that sampling is seed-for-seed equal to it."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,13 +35,20 @@ def make_betas(kind: str, n: int = 1000, beta_start: float = 0.00085, beta_end: 
 
 
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
-    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(ᾱ) so the last step is pure noise (ᾱ_T = 0)."""
-    sqrt_ab = torch.cumprod(1.0 - betas, dim=0).sqrt()
-    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
-    sqrt_ab = (sqrt_ab - last) * first / (first - last)
-    ab = sqrt_ab**2
+    """Lin et al. 2023, Algorithm 1, on betas as diffusers does it (its numerics: the betas of the
+    rescaled ᾱ, whose cumulative product the scheduler then takes again)."""
+    ab = zero_terminal_snr_alphas_cumprod(torch.cumprod(1.0 - betas, dim=0))
     alphas = torch.cat([ab[0:1], ab[1:] / ab[:-1]])
     return 1 - alphas
+
+
+def zero_terminal_snr_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(ᾱ) so the last step is pure noise (ᾱ_T = 0)
+    and the first keeps its value."""
+    sqrt_ab = alphas_cumprod.sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * (first / (first - last))  # diffusers' order of operations, for equal floats
+    return sqrt_ab**2
 
 
 class NoiseSchedule:
@@ -52,14 +59,25 @@ class NoiseSchedule:
         """From a ScheduleConfig, or from the ᾱ stored in the checkpoint (the model's own schedule).
         Zero terminal SNR (Lin et al. 2023) makes ᾱ_T = 0: sigma_T is infinite. Sigma-space samplers
         use ᾱ_T = 2^-24 (sigma ≈ 4096), as diffusers' do; DDIM and DDPM start from ᾱ_T = 0 exactly
-        (`terminal_is_pure_noise`). It needs a model that does not predict eps."""
+        (`terminal_is_pure_noise`). It needs a model that does not predict eps.
+
+        A model folder's scheduler config (`schedule.diffusers`) is read as diffusers reads it:
+        `trained_betas` replace the beta schedule, and `rescale_betas_zero_snr: true` means zero
+        terminal SNR -- applied to a stored schedule too, which it leaves alone if already zero-SNR."""
+        folder = schedule.diffusers or {}
+        zero_terminal_snr = zero_terminal_snr or bool(folder.get("rescale_betas_zero_snr", False))
         if alphas_cumprod is None:
-            betas = make_betas(
-                schedule.beta_schedule, schedule.num_train_timesteps, schedule.beta_start, schedule.beta_end
-            )
+            if folder.get("trained_betas") is not None:
+                betas = torch.tensor(folder["trained_betas"], dtype=torch.float32)
+            else:
+                betas = make_betas(
+                    schedule.beta_schedule, schedule.num_train_timesteps, schedule.beta_start, schedule.beta_end
+                )
             if zero_terminal_snr:
                 betas = rescale_zero_terminal_snr(betas)
             alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        elif zero_terminal_snr and alphas_cumprod[-1] != 0:
+            alphas_cumprod = zero_terminal_snr_alphas_cumprod(alphas_cumprod.float())
         if zero_terminal_snr and schedule.prediction_type == "epsilon":
             raise ConfigError(
                 "zero terminal SNR needs a v- or x0-prediction model: at pure noise an "
@@ -105,24 +123,32 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
     return (hi + ramp * (lo - hi)) ** rho
 
 
+def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """n sigmas evenly spaced in log sigma (k-diffusion's get_sigmas_exponential)."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+
+
 def spaced_timesteps(spacing: str, n: int, T: int, steps_offset: int = 0, style: str = "float") -> np.ndarray:
     """The n timesteps (descending) of a sampling run, as diffusers spaces them (Lin et al. 2023,
-    table 2). diffusers' schedulers differ in one detail: the Euler family uses n points of
-    linspace as floats, the multistep solvers (DPM-Solver, UniPC) n of n + 1 points, rounded."""
+    table 2). diffusers' schedulers differ in one detail: the Euler family ("float") uses n points
+    of linspace as floats, DDIM/PNDM/DDPM ("int") the same points rounded to integers, the multistep
+    solvers (DPM-Solver, UniPC; "solver") n of n + 1 points, rounded."""
     if spacing not in SPACINGS:
         raise ConfigError(f"timestep spacing {spacing!r}; allowed: {list(SPACINGS)}")
-    if style == "float":  # DDIM/PNDM/DDPM/Euler family
+    if style == "solver":  # DPM-Solver and UniPC
         if spacing == "linspace":
-            return np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
+            return np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64)
         if spacing == "leading":
-            return (np.arange(0, n) * (T // n)).round()[::-1].astype(np.float32) + steps_offset
-        return (np.arange(T, 0, -T / n)).round().astype(np.float32) - 1
-    # "solver": DPM-Solver and UniPC
+            return (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1].astype(np.int64) + steps_offset
+        return np.arange(T, 0, -T / n).round().astype(np.int64) - 1
+    dtype = np.float32 if style == "float" else np.int64
     if spacing == "linspace":
-        return np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+        if style == "float":
+            return np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
+        return np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
     if spacing == "leading":
-        return (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1].astype(np.int64) + steps_offset
-    return np.arange(T, 0, -T / n).round().astype(np.int64) - 1
+        return (np.arange(0, n) * (T // n)).round()[::-1].astype(dtype) + steps_offset
+    return (np.arange(T, 0, -T / n)).round().astype(dtype) - 1
 
 
 def lcm_timesteps(n: int, T: int = 1000, original_steps: int = 50) -> np.ndarray:
@@ -137,8 +163,13 @@ def lcm_timesteps(n: int, T: int = 1000, original_steps: int = 50) -> np.ndarray
 @dataclass
 class SamplingSchedule:
     """What a sampler walks: sigmas (n + 1, descending, the last 0 or not), the UNet timestep of
-    each sigma the model is evaluated at, and the scale of the initial noise."""
+    each sigma the model is evaluated at, the scale of the initial noise, and the sampler's keyword
+    options that the scheduler config decides (DDIM's clip_sample, LCM's timestep_scaling, ...).
+    `sigma_space_output`: the result is the sigma-space latent at the last sigma, as diffusers' Euler
+    family returns it, not the variance-preserving one (they differ when the last sigma is not 0)."""
 
     sigmas: torch.Tensor
     timesteps: torch.Tensor
     init_noise_sigma: float
+    options: dict = field(default_factory=dict)
+    sigma_space_output: bool = False

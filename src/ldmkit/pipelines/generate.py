@@ -233,7 +233,8 @@ class Pipeline:
         cfg = self.defaults["cfg"] if cfg is None else cfg
         sampler = self.defaults["sampler"] if sampler is None else sampler
         spec = get_sampler(sampler)
-        spec.build_schedule(NoiseSchedule.from_config(c.schedule), 1, timestep_spacing)  # refuse bad spacing early
+        # refuse a bad spacing, or a scheduler config this sampler cannot follow, before any work
+        spec.build_schedule(NoiseSchedule.from_config(c.schedule), 1, timestep_spacing, c.schedule.diffusers)
         if not isinstance(steps, int) or steps <= 0:
             raise ConfigError(f"steps: {steps}; allowed: 1 or more")
         FeatureCache(feature_cache)  # refuse a bad interval before any work
@@ -294,6 +295,7 @@ class Pipeline:
             eta if sampler == "ddim" else None,
             guidance_rescale,
             prompt_mode,
+            timestep_spacing=timestep_spacing,
             control=list(control or []),
             feature_cache=feature_cache,
         )
@@ -393,6 +395,8 @@ class Pipeline:
             init_latents=init_latents,
             strength=strength,
             callback=on_step,
+            spacing=p.timestep_spacing,
+            scheduler_config=c.schedule.diffusers,
             **options,
         )
         if cond.blend is not None:
