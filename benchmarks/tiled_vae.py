@@ -1,6 +1,7 @@
-"""Tiled autoencoder decoding on a trained autoencoder (the bundled shapes model's): peak memory of a
-whole and a tiled decode, each in a fresh process, and how far the tiled image is from the whole one
-(the seams: each tile is normalised on its own) — README: Performance.
+"""Independent-tile autoencoder decoding (diffusers' enable_tiling; ldmkit's own large-image decode is
+banded and exact: benchmarks/banded_decode.py) on a trained autoencoder (the bundled shapes model's):
+peak memory of a whole and a tiled decode, each in a fresh process, and how far the tiled image is from
+the whole one (the seams: each tile is normalised on its own) — README: Performance.
 
     python benchmarks/tiled_vae.py [SIDE ...]      (image sides; default 512 1024 2048)
 
@@ -42,9 +43,15 @@ def latent(side: int):
 def decode(side: int, tiled: bool, loaded=None):
     vae, z, _ = loaded or latent(side)
     tile = 64 // vae.config.downsample_factor  # the model's own size, as --tiled-vae auto picks
+    from ldmkit.models.autoencoder import tiled as independent_tiles
+
     with torch.no_grad():
         t = time.perf_counter()
-        image = vae.decode(z, tile if tiled else None).clamp(-1, 1)
+        if tiled:  # independent tiles (diffusers' enable_tiling), each normalised on its own
+            f = vae.config.downsample_factor
+            image = independent_tiles(lambda x: vae.decode(x), z, tile, tile * f).clamp(-1, 1)
+        else:
+            image = vae.decode(z).clamp(-1, 1)
         return image, time.perf_counter() - t
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_diffusers_vae
+from conftest import randomize, tiny_diffusers_vae
 from ldmkit.checkpoints.diffusers_folder import load_diffusers_vae
 from ldmkit.models.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian
 
@@ -100,19 +100,43 @@ def test_measured_memory_format_keeps_outputs():
     assert (before - after).abs().max() <= 1e-5
 
 
-def test_tiled_encode_and_decode_equal_diffusers_tiling(tmp_path):
+def test_tiled_encode_equals_diffusers_tiling_and_banded_decode_equals_the_whole(tmp_path):
     ref = tiny_diffusers_vae(block_out_channels=(16, 32), sample_size=32)  # f = 2: 16-pixel latent tiles
     ref.save_pretrained(str(tmp_path / "vae"))
     ours = load_diffusers_vae(tmp_path / "vae")
     ref.enable_tiling()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 3, 88, 72, generator=g)  # tiles of 32 px every 24: ragged edges on both axes
-    z = torch.randn(1, 4, 44, 36, generator=g)
+    z = torch.randn(2, 4, 44, 36, generator=g)
     with torch.no_grad():
         a, b = ref.encode(x).latent_dist.mean, ours.encode(x, tile=16).mean
         assert a.shape == b.shape == (1, 4, 44, 36) and (a - b).abs().max() <= 1e-4
-        a, b = ref.decode(z).sample, ours.decode(z, tile=16)
-        assert a.shape == b.shape == (1, 3, 88, 72) and (a - b).abs().max() <= 1e-4
-    # (how much tiling changes a picture says something only for trained weights: README, #10)
-    # small inputs are not tiled at all
-    assert torch.equal(ours.decode(z[:, :, :16, :16], tile=16), ours.decode(z[:, :, :16, :16]))
+        whole = ours.decode(z)
+        for rows in (1, 5, 16):  # bands of one row upward: every margin is exercised
+            banded = ours.decode(z, tile=rows)
+            assert banded.shape == (2, 3, 88, 72) and (banded - whole).abs().max() <= 1e-5 * whole.abs().max()
+        # independent tiles (diffusers') normalise each tile alone: far from the whole decode
+        assert (ref.decode(z).sample - whole).abs().max() > 1e-2
+        # small inputs are not tiled at all
+        assert torch.equal(ours.decode(z[:, :, :16, :16], tile=16), ours.decode(z[:, :, :16, :16]))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_banded_decode_equals_the_whole_on_random_autoencoders(seed):
+    """Widths, depths, groups, middle attention and latent sizes drawn at random (seed printed)."""
+    import random
+
+    r = random.Random(seed)
+    groups = r.choice([4, 8])
+    config = AutoencoderConfig(
+        channels=tuple(groups * r.randint(1, 4) for _ in range(r.randint(1, 4))),
+        num_res_blocks=r.randint(1, 2),
+        norm_groups=groups,
+        mid_attention=r.random() < 0.5,
+    )
+    vae = randomize(AutoencoderKL(config), seed=seed)
+    z = torch.randn(1, 4, r.randint(3, 12), r.randint(3, 12), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        whole = vae.decode(z)
+        banded = vae.decode(z, tile=r.randint(1, 4))
+    assert (banded - whole).abs().max() <= 1e-5 * max(1.0, whole.abs().max()), f"seed {seed}: {config}"

@@ -673,7 +673,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tiled-vae",
         choices=["auto", "on", "off"],
         default="auto",
-        help="decode/encode in tiles: bounded memory for large images (auto: above 1.5x the model's size)",
+        help="decode in bands (same image, less memory), encode in tiles (auto: only when a whole pass would not "
+        "fit in free memory)",
     )
     p.add_argument("--fast", action="store_true", help="the bundled model's consistency-distilled version (4 steps)")
     p.add_argument("--from-png", help="reuse the settings stored in a PNG's parameters")

@@ -77,12 +77,22 @@ class AttnBlock(nn.Module):
         self.v = nn.Conv2d(channels, channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
+    # Queries per attention call: torch's CPU kernel holds the whole score matrix for this single-head
+    # shape at 65,536 pixels (a 2048² image's latent: 16 GB, killed here), so large maps attend in query
+    # blocks whose scores stay near 256 MB. Each query's softmax is over all keys either way: exact.
+    SCORE_BYTES = 1 << 28
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         y = self.norm(x)
         q, k, v = (m(y).flatten(2).transpose(1, 2)[:, None] for m in (self.q, self.k, self.v))
-        y = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(b, c, h, w)
-        return x + self.proj_out(y)
+        n = h * w
+        block = max(256, self.SCORE_BYTES // (4 * n * b))
+        if n <= block:
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            y = torch.cat([F.scaled_dot_product_attention(q[:, :, i : i + block], k, v) for i in range(0, n, block)], 2)
+        return x + self.proj_out(y[:, 0].transpose(1, 2).reshape(b, c, h, w))
 
 
 class Downsample(nn.Module):
@@ -218,7 +228,8 @@ def _blend(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> None:
 def tiled(fn, x: torch.Tensor, tile_in: int, tile_out: int, overlap: float = 0.25) -> torch.Tensor:
     """fn over overlapping tiles of x (tile_in pixels, a quarter overlapping), outputs cross-faded
     over the overlap -- diffusers' tiling, tile for tile, so that the two agree. Each tile is
-    normalised on its own (GroupNorm), so tiles can differ slightly: the cross-fade hides the seams."""
+    normalised on its own (GroupNorm), so tiles differ from the whole: the cross-fade hides the seams.
+    Encoding uses it; decoding has an exact banded form (banded_decoder)."""
     step = int(tile_in * (1 - overlap))
     extent = int(tile_out * overlap)
     keep = tile_out - extent
@@ -262,14 +273,14 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, z: torch.Tensor, tile: int | None = None) -> torch.Tensor:
         """Unscaled latent -> image in [-1, 1] (not clamped). With `tile` (latent pixels), latents larger
-        than that are decoded in overlapping tiles: memory stays bounded whatever the image size."""
+        than that are decoded in bands of `tile` rows with whole-image statistics (banded_decoder):
+        the same image within float rounding, with less memory."""
+        from ldmkit.models import banded_decoder
 
-        def run(z):
-            return self.decoder(self.post_quant_conv(z) if self.config.use_quant_conv else z)
-
+        h = self.post_quant_conv(z) if self.config.use_quant_conv else z
         if tile is not None and max(z.shape[-2:]) > tile:
-            return tiled(run, z, tile, tile * self.config.downsample_factor)
-        return run(z)
+            return banded_decoder.decode(self.decoder, h, rows=tile)
+        return self.decoder(h)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True):
         posterior = self.encode(x)
