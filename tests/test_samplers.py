@@ -708,3 +708,21 @@ def test_pipeline_follows_the_model_folders_scheduler_config(folder_pipe):
     finally:
         model.config.schedule = schedule
     assert (with_folder.latents - without.latents).abs().max() > 1e-3
+
+
+def test_infotext_names_the_schedule_a_folder_config_turned_on(folder_pipe):
+    """Euler is "Uniform" in the web UI's words, but a folder whose config says use_karras_sigmas walks
+    Karras sigmas with it: the image's parameters say so."""
+    from dataclasses import replace
+
+    from ldmkit.pipelines import Pipeline
+
+    _, model, _ = folder_pipe
+    common = dict(steps=2, cfg=3.0, sampler="euler", seed=8, width=16, height=16, prompt_mode="truncate")
+    assert "Schedule type: Uniform" in Pipeline(model, "folder")("a cat", **common).infotexts[0]
+    schedule = model.config.schedule
+    model.config.schedule = replace(schedule, diffusers={**schedule.diffusers, "use_karras_sigmas": True})
+    try:
+        assert "Schedule type: Karras" in Pipeline(model, "karras")("a cat", **common).infotexts[0]
+    finally:
+        model.config.schedule = schedule

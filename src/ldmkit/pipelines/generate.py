@@ -496,12 +496,22 @@ class Pipeline:
     def _merged(self) -> list[Lora]:
         return [self._lora_files[Path(path)] for path, _ in self.loras.applied]
 
+    def schedule_type(self, spec, p: GenerationParams) -> str:
+        """The web UI's schedule type of the sigmas this run walked: a folder's scheduler config can turn
+        on Karras or exponential sigmas for samplers that are uniform otherwise."""
+        settings = spec.scheduler_settings(self.model.config.schedule.diffusers, p.timestep_spacing)
+        if settings.get("use_karras_sigmas"):
+            return "Karras"
+        if settings.get("use_exponential_sigmas"):
+            return "Exponential"
+        return spec.webui_schedule
+
     def infotext(self, p: GenerationParams, seed: int, index: int = 0) -> str:
         spec = SAMPLERS[p.sampler]
         fields = {
             "Steps": p.steps,
             "Sampler": spec.webui_name,
-            "Schedule type": spec.webui_schedule,
+            "Schedule type": self.schedule_type(spec, p),
             "CFG scale": p.cfg,
             "Seed": seed,
             "Size": f"{p.width}x{p.height}",
