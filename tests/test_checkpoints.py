@@ -509,3 +509,31 @@ def test_a_gelu_clip_folder_survives_diffusers_to_single_file_to_diffusers(tmp_p
     ids = pipe.tokenizer(["a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
         assert (back.text_encoder(["a cat"]) - pipe.text_encoder(ids)[0]).abs().max() <= 1e-5
+
+
+def test_a_file_without_our_header_is_read_off_its_weights_even_without_attention(tmp_path):
+    """A pruned UNet with no attention and no middle block, written by another tool (no ldmkit header):
+    widths, blocks and kernels come from the tensors; the context width, which no weight holds, from the
+    text encoder."""
+    from conftest import tiny_clip, tiny_diffusers_unet, tiny_diffusers_vae
+
+    unet = tiny_diffusers_unet(
+        block_out_channels=(32, 96),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=(1, 2),
+        mid_block_type=None,
+        conv_in_kernel=5,
+        norm_num_groups=32,  # what SD files use, and what a file without a header is read with
+    )
+    vae = tiny_diffusers_vae(block_out_channels=(32, 64), norm_num_groups=32)
+    pipe = tiny_pipeline(tmp_path / "p", unet=unet, vae=vae, text_encoder=tiny_clip(hidden=64, heads=1))
+    save_single_file(load_model(tmp_path / "p"), tmp_path / "ours.safetensors")
+    with safe_open(str(tmp_path / "ours.safetensors"), "pt") as f:
+        save_file({k: f.get_tensor(k) for k in f.keys()}, str(tmp_path / "foreign.safetensors"))
+    model = load_model(tmp_path / "foreign.safetensors")
+    c = model.config.unet
+    assert (c.channels, c.num_res_blocks, c.middle_block, c.conv_in_kernel) == ((32, 96), (1, 2), "none", 5)
+    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 3, 64)
+    with torch.no_grad():
+        assert (model.unet(x, torch.tensor([10]), ctx) - pipe.unet(x, 10, ctx).sample).abs().max() <= 1e-5

@@ -247,8 +247,10 @@ def check_architecture_from_weights(model, path, where: str) -> None:
 
     state, _ = read_tensors(path)
     unet, want = unet_config_from_weights(strip_prefix(state, UNET), where), model.config.unet
-    fields = ("channels", "num_res_blocks", "attention_resolutions", "middle_block", "context_dim")
-    fields += ("use_linear_in_transformer", "conv_in_kernel", "conv_out_kernel", "in_channels", "out_channels")
+    fields = ("channels", "num_res_blocks", "attention_resolutions", "middle_block", "conv_in_kernel")
+    fields += ("conv_out_kernel", "in_channels", "out_channels")
+    if want.attention_resolutions or want.middle_block == "attention":  # else no weight says these
+        fields += ("context_dim", "use_linear_in_transformer")
     for name in fields:
         assert getattr(unet, name) == getattr(want, name), f"{where}: UNet {name} read off the weights"
     if want.attention_resolutions or want.middle_block == "attention":

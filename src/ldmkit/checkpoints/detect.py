@@ -48,6 +48,12 @@ def _count(keys, pattern: str) -> int:
     return max(found) + 1 if found else 0
 
 
+def groups_for(widths) -> int:
+    """GroupNorm groups, which no weight shape reveals: SD's 32, or the most that divide every width
+    (a rule; files with ldmkit's header or a diffusers config say it)."""
+    return next(g for g in (32, 16, 8, 4, 2, 1) if all(w % g == 0 for w in widths))
+
+
 def unet_config_from_weights(state: dict[str, torch.Tensor], where: str = "checkpoint") -> UNetConfig:
     """UNet architecture from `model.diffusion_model.*` (prefix stripped): every level's width,
     residual blocks and transformer depth, whether it attends, and the middle block, read off the
@@ -84,8 +90,10 @@ def unet_config_from_weights(state: dict[str, torch.Tensor], where: str = "check
             depth[-1] = mid_depth
         else:
             middle = "resnet" if "middle_block.0.in_layers.0.weight" in keys else "none"
-        ctx_key = next(k for k in sorted(keys) if k.endswith("attn2.to_k.weight"))
-        proj_in = next(k for k in sorted(keys) if k.endswith(".proj_in.weight"))
+        # A UNet without any attention (pruned models can be) has no context width in its weights:
+        # the caller takes the text encoder's.
+        ctx_key = next((k for k in sorted(keys) if k.endswith("attn2.to_k.weight")), None)
+        proj_in = next((k for k in sorted(keys) if k.endswith(".proj_in.weight")), None)
         num_classes, adm = None, None
         if "label_emb.weight" in keys:
             num_classes = state["label_emb.weight"].shape[0]
@@ -98,14 +106,15 @@ def unet_config_from_weights(state: dict[str, torch.Tensor], where: str = "check
             num_res_blocks=res_blocks[0] if len(set(res_blocks)) == 1 else tuple(res_blocks),
             attention_resolutions=tuple(attn),
             transformer_depth=depth[0] if len(set(depth)) == 1 else tuple(depth),
-            context_dim=state[ctx_key].shape[1],
-            use_linear_in_transformer=state[proj_in].ndim == 2,
+            context_dim=state[ctx_key].shape[1] if ctx_key else UNetConfig.context_dim,
+            use_linear_in_transformer=proj_in is not None and state[proj_in].ndim == 2,
             middle_block=middle,
             num_classes=num_classes,
             adm_in_channels=adm,
             time_cond_proj_dim=state["time_cond_proj.weight"].shape[1] if "time_cond_proj.weight" in keys else None,
             conv_in_kernel=conv_in.shape[-1],
             conv_out_kernel=state["out.2.weight"].shape[-1],
+            norm_groups=groups_for(widths),
         )
     except (KeyError, StopIteration, IndexError, ZeroDivisionError) as e:
         what = repr(e.args[0]) if isinstance(e, KeyError) else "its cross-attention and projection weights"
@@ -118,10 +127,12 @@ def vae_config_from_weights(state: dict[str, torch.Tensor], where: str = "checkp
     keys = set(state)
     try:
         levels = _count(keys, r"encoder\.down\.(\d+)\.")
+        widths = tuple(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels))
         return AutoencoderConfig(
             in_channels=state["encoder.conv_in.weight"].shape[1],
             out_channels=state["decoder.conv_out.weight"].shape[0],
-            channels=tuple(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)),
+            channels=widths,
+            norm_groups=groups_for(widths),
             num_res_blocks=_count(keys, r"encoder\.down\.0\.block\.(\d+)\."),
             z_channels=state["decoder.conv_in.weight"].shape[1],
             embed_dim=state["quant_conv.weight"].shape[0] // 2
@@ -215,6 +226,8 @@ def _config_from_sd_weights(state, metadata, where) -> ModelConfig:
         )
     guessed["text.num_heads"] = text.num_heads
     guessed["text.hidden_act"] = text.hidden_act
+    if not any(k.endswith("attn2.to_k.weight") for k in state if k.startswith(UNET)):
+        unet = replace(unet, context_dim=text.hidden_size)  # no cross-attention: nothing to match
     if unet.context_dim != text.hidden_size:
         raise CheckpointError(
             f"{where}: UNet cross-attention expects context {unet.context_dim} but the text "

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldmkit.config import widths_from_multipliers
+from ldmkit.errors import ConfigError
 from ldmkit.nn.resnet import GroupNorm32
 
 
@@ -32,6 +33,12 @@ class AutoencoderConfig:
     norm_groups: int = 32
     # Self-attention in the middle blocks (diffusers' `mid_block_add_attention`).
     mid_attention: bool = True
+
+    def __post_init__(self):
+        if not self.channels or any(w % self.norm_groups for w in self.channels):
+            raise ConfigError(
+                f"AutoencoderConfig: widths {self.channels} not all divisible by norm_groups {self.norm_groups}"
+            )
 
     @classmethod
     def migrate(cls, d: dict) -> dict:

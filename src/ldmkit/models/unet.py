@@ -69,6 +69,10 @@ class UNetConfig:
                 raise ConfigError(f"UNetConfig.{name}: {len(v)} values given for {levels} levels")
         if self.num_head_channels <= 0 and not self.num_heads:
             raise ConfigError("UNetConfig: give num_heads (a count) or num_head_channels (channels per head)")
+        if any(w % self.norm_groups for w in self.channels):
+            raise ConfigError(
+                f"UNetConfig: widths {self.channels} are not all divisible by {self.norm_groups} norm groups"
+            )
         if self.middle_block not in MIDDLE_BLOCKS:
             raise ConfigError(f"UNetConfig.middle_block: {self.middle_block!r}; allowed: {list(MIDDLE_BLOCKS)}")
         for name in ("conv_in_kernel", "conv_out_kernel"):
