@@ -96,6 +96,10 @@ def draw(seed: int, prediction: str | None = None) -> dict:
             ("DPMSolverMultistepScheduler", dict(timestep_spacing="linspace")),
         ]
     )
+    # Drawn last, so that the draws above stay what they were for every seed.
+    if r.random() < 0.25:  # the first attention attends to the context (original: disable_self_attn)
+        unet["only_cross_attention"] = [r.random() < 0.5 for _ in widths] if r.random() < 0.5 else True
+    unet["timestep_post_act"] = r.choice([None, None, None, "silu", "mish"])
     return dict(unet=unet, vae=vae, clip=clip, tokenizer=tokenizer, prediction=prediction, scheduler=scheduler)
 
 
@@ -248,6 +252,10 @@ def check_architecture_from_weights(model, path, where: str) -> None:
     state, _ = read_tensors(path)
     unet, want = unet_config_from_weights(strip_prefix(state, UNET), where), model.config.unet
     fields = ("channels", "num_res_blocks", "attention_resolutions", "middle_block", "conv_in_kernel")
+    cross_only = [want.has_attention(i) and want.self_attention_disabled_at(i) for i in range(want.levels)]
+    if any(cross_only) and want.context_dim not in want.channels:  # else undecidable from shapes
+        read = [unet.has_attention(i) and unet.self_attention_disabled_at(i) for i in range(unet.levels)]
+        assert read == cross_only, f"{where}: only-cross-attention levels read off the weights"
     fields += ("conv_out_kernel", "in_channels", "out_channels")
     if want.attention_resolutions or want.middle_block == "attention":  # else no weight says these
         fields += ("context_dim", "use_linear_in_transformer")

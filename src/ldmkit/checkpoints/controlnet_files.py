@@ -210,6 +210,7 @@ def save_controlnet_diffusers(net: ControlNet, folder: str | Path, dtype: torch.
         "time_cond_proj_dim",
         "conv_in_kernel",
         "conv_out_kernel",
+        "timestep_post_act",
     ):
         cfg.pop(key, None)
     cfg.update(

@@ -72,10 +72,14 @@ def unet_config_from_weights(state: dict[str, torch.Tensor], where: str = "check
             last += 1
         ends = [*ops, last]
         res_blocks = [end - start for start, end in zip(starts, ends)]
-        widths, attn, depth = [], [], []
+        widths, attn, depth, cross_only = [], [], [], []
         for level, first in enumerate(starts):
             widths.append(state[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0])
             has = f"input_blocks.{first}.1.norm.weight" in keys
+            # A first attention whose keys come from the context, not the pixels: only cross-attention.
+            # (Undecidable where the context is as wide as the level; read as self-attention then.)
+            k1 = state.get(f"input_blocks.{first}.1.transformer_blocks.0.attn1.to_k.weight")
+            cross_only.append(k1 is not None and k1.shape[1] != k1.shape[0])
             if has:
                 attn.append(2**level)
             depth.append(_count(keys, rf"input_blocks\.{first}\.1\.transformer_blocks\.(\d+)\.") if has else 1)
@@ -115,6 +119,8 @@ def unet_config_from_weights(state: dict[str, torch.Tensor], where: str = "check
             conv_in_kernel=conv_in.shape[-1],
             conv_out_kernel=state["out.2.weight"].shape[-1],
             norm_groups=groups_for(widths),
+            disable_self_attention=cross_only[0] if len(set(cross_only)) == 1 else tuple(cross_only),
+            time_embed_post_act=None,  # an activation has no weights: a rule (SD has none)
         )
     except (KeyError, StopIteration, IndexError, ZeroDivisionError) as e:
         what = repr(e.args[0]) if isinstance(e, KeyError) else "its cross-attention and projection weights"

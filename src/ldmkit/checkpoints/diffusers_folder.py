@@ -24,7 +24,7 @@ from ldmkit.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldmkit.models.ldm import LatentDiffusion, ModelConfig, ScheduleConfig
 from ldmkit.models.text import TextEncoderConfig, text_config_from_hf
 from ldmkit.models.tokenizers import ClipTokenizer
-from ldmkit.models.unet import UNetConfig
+from ldmkit.models.unet import TIME_ACTIVATIONS, UNetConfig
 
 DIFFUSERS_VERSION = "0.42.1"
 EXTRA = "ldmkit_extra.safetensors"
@@ -70,13 +70,12 @@ UNET_FIXED = {
     "time_embedding_type": ["positional"],
     "time_embedding_dim": [None],
     "time_embedding_act_fn": [None],
-    "timestep_post_act": [None],
     "addition_embed_type": [None],
     "encoder_hid_dim": [None],
     "encoder_hid_dim_type": [None],
     "dual_cross_attention": [False],
-    "only_cross_attention": [False, None],
-    "mid_block_only_cross_attention": [None, False],
+    # Only UNetMidBlock2DSimpleCrossAttn reads it, a middle block SD families do not use.
+    "mid_block_only_cross_attention": [None, False, True],
     "class_embed_type": [None, "projection"],
     "class_embeddings_concat": [False],
     "attention_type": ["default"],
@@ -91,8 +90,6 @@ MID_BLOCKS = {"UNetMidBlock2DCrossAttn": "attention", "UNetMidBlock2D": "resnet"
 def _refuse_unknown_values(cfg: dict, fixed: dict, where: str) -> None:
     for key, allowed in fixed.items():
         value = cfg.get(key, allowed[0])
-        if isinstance(value, list) and key == "only_cross_attention" and not any(value):
-            continue  # per level, all False
         if value not in allowed:
             raise CheckpointError(f"{where}: {key}={value!r} is not supported; allowed: {allowed}")
 
@@ -143,6 +140,18 @@ def unet_config_from_diffusers(cfg: dict, where: str) -> UNetConfig:
     num_classes, adm = cfg.get("num_class_embeds"), None
     if cfg.get("class_embed_type") == "projection":
         num_classes, adm = "sequential", cfg["projection_class_embeddings_input_dim"]
+    only_cross = cfg.get("only_cross_attention", False)
+    if isinstance(only_cross, (list, tuple)):
+        if len(only_cross) != levels or not all(isinstance(v, bool) for v in only_cross):
+            raise CheckpointError(f"{where}: only_cross_attention={only_cross!r}: expected a bool or one per level")
+        only_cross = only_cross[0] if len(set(only_cross)) == 1 else tuple(only_cross)
+    elif not isinstance(only_cross, bool):
+        raise CheckpointError(f"{where}: only_cross_attention={only_cross!r}: expected a bool or one per level")
+    post_act = cfg.get("timestep_post_act")
+    if post_act is not None and post_act not in TIME_ACTIVATIONS:
+        raise CheckpointError(
+            f"{where}: timestep_post_act={post_act!r} is not supported; allowed: {[None, *TIME_ACTIVATIONS]}"
+        )
     groups = cfg.get("norm_num_groups", 32)
     if groups is None:
         raise CheckpointError(f"{where}: norm_num_groups=None (no output norm) is not supported")
@@ -166,6 +175,8 @@ def unet_config_from_diffusers(cfg: dict, where: str) -> UNetConfig:
         conv_in_kernel=cfg.get("conv_in_kernel", 3),
         conv_out_kernel=cfg.get("conv_out_kernel", 3),
         upcast_attention=bool(cfg.get("upcast_attention", False)),
+        disable_self_attention=only_cross,
+        time_embed_post_act=post_act,
     )
 
 
@@ -192,6 +203,8 @@ def unet_config_to_diffusers(c: UNetConfig, sample_size: int) -> dict:
         "conv_in_kernel": c.conv_in_kernel,
         "conv_out_kernel": c.conv_out_kernel,
         "upcast_attention": c.upcast_attention,
+        "only_cross_attention": [c.self_attention_disabled_at(i) for i in range(levels)],
+        "timestep_post_act": c.time_embed_post_act,
         "flip_sin_to_cos": True,
         "freq_shift": 0,
         "act_fn": "silu",

@@ -18,6 +18,7 @@ from ldmkit.nn.embedding import timestep_embedding
 from ldmkit.nn.resnet import Downsample, ResBlock, Upsample, normalization
 
 MIDDLE_BLOCKS = ("attention", "resnet", "none")
+TIME_ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "relu": nn.ReLU}
 
 
 @dataclass
@@ -55,6 +56,13 @@ class UNetConfig:
     norm_eps: float = 1e-5
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
+    # Per level (or one for all): the transformers' first attention attends to the context instead of
+    # the pixels (the original code's `disable_self_attentions`, diffusers' `only_cross_attention`).
+    # The middle block's never does, in either.
+    disable_self_attention: bool | tuple[bool, ...] = False
+    # An activation after the timestep embedding's MLP (diffusers' `timestep_post_act`): None, or
+    # one of TIME_ACTIVATIONS.
+    time_embed_post_act: str | None = None
     # Kept so that a diffusers config reads back as it was written: attention here runs in the
     # weights' dtype through scaled_dot_product_attention, which is what diffusers does too.
     upcast_attention: bool = False
@@ -63,7 +71,11 @@ class UNetConfig:
         levels = len(self.channels)
         if not levels:
             raise ConfigError("UNetConfig.channels: give at least one level's width")
-        for name in ("num_heads", "transformer_depth", "num_res_blocks"):
+        if self.time_embed_post_act is not None and self.time_embed_post_act not in TIME_ACTIVATIONS:
+            raise ConfigError(
+                f"UNetConfig.time_embed_post_act: {self.time_embed_post_act!r}; allowed: {[None, *TIME_ACTIVATIONS]}"
+            )
+        for name in ("num_heads", "transformer_depth", "num_res_blocks", "disable_self_attention"):
             v = getattr(self, name)
             if isinstance(v, tuple) and len(v) != levels:
                 raise ConfigError(f"UNetConfig.{name}: {len(v)} values given for {levels} levels")
@@ -102,6 +114,10 @@ class UNetConfig:
     def res_blocks_at(self, level: int) -> int:
         n = self.num_res_blocks
         return n[level] if isinstance(n, tuple) else n
+
+    def self_attention_disabled_at(self, level: int) -> bool:
+        d = self.disable_self_attention
+        return d[level] if isinstance(d, tuple) else d
 
     def has_attention(self, level: int) -> bool:
         return 2**level in self.attention_resolutions
@@ -183,7 +199,8 @@ class UNetModel(nn.Module):
         ch = c.model_channels
         groups = c.norm_groups
         emb_dim = c.time_embed_dim
-        self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        post = [TIME_ACTIVATIONS[c.time_embed_post_act]()] if c.time_embed_post_act else []
+        self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim), *post)
         if c.time_cond_proj_dim:
             self.time_cond_proj = nn.Linear(c.time_cond_proj_dim, ch, bias=False)
         if isinstance(c.num_classes, int):
@@ -193,7 +210,7 @@ class UNetModel(nn.Module):
                 nn.Sequential(nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
             )
 
-        def transformer(level: int, channels: int) -> SpatialTransformer:
+        def transformer(level: int, channels: int, middle: bool = False) -> SpatialTransformer:
             heads, dim_head = c.heads_at(level, channels)
             return SpatialTransformer(
                 channels,
@@ -204,6 +221,7 @@ class UNetModel(nn.Module):
                 c.use_linear_in_transformer,
                 c.dropout,
                 groups,
+                c.self_attention_disabled_at(level) and not middle,
             )
 
         def res(channels: int, out: int) -> ResBlock:
@@ -225,7 +243,7 @@ class UNetModel(nn.Module):
                 skip_channels.append(ch)
 
         middle = {
-            "attention": lambda: [res(ch, ch), transformer(c.levels - 1, ch), res(ch, ch)],
+            "attention": lambda: [res(ch, ch), transformer(c.levels - 1, ch, middle=True), res(ch, ch)],
             "resnet": lambda: [res(ch, ch)],
             "none": lambda: [],
         }[c.middle_block]()

@@ -53,11 +53,22 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-norm self-attention, cross-attention to the text context, then GEGLU feed-forward."""
+    """Pre-norm self-attention, cross-attention to the text context, then GEGLU feed-forward.
+    disable_self_attn: the first attention attends to the context too (the original code's
+    `disable_self_attn`, diffusers' `only_cross_attention`)."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None, dropout: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        dim_head: int,
+        context_dim: int | None,
+        dropout: float = 0.0,
+        disable_self_attn: bool = False,
+    ):
         super().__init__()
-        self.attn1 = CrossAttention(dim, None, heads, dim_head, dropout)
+        self.disable_self_attn = disable_self_attn
+        self.attn1 = CrossAttention(dim, context_dim if disable_self_attn else None, heads, dim_head, dropout)
         self.ff = FeedForward(dim, dropout=dropout)
         self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, dropout)
         self.norm1 = nn.LayerNorm(dim)
@@ -65,7 +76,7 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn1(self.norm1(x), context if self.disable_self_attn else None)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -84,6 +95,7 @@ class SpatialTransformer(nn.Module):
         use_linear: bool,
         dropout: float = 0.0,
         groups: int = 32,
+        disable_self_attn: bool = False,
     ):
         super().__init__()
         inner = heads * dim_head
@@ -91,7 +103,7 @@ class SpatialTransformer(nn.Module):
         self.norm = GroupNorm32(groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout) for _ in range(depth)
+            BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout, disable_self_attn) for _ in range(depth)
         )
         self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
 
