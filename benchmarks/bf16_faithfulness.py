@@ -14,8 +14,8 @@ import numpy as np
 from ldmkit.data.shapes import sample_scene
 from ldmkit.evaluation.judge import judge
 from ldmkit.evaluation.metrics import psnr
+from ldmkit.images import pil_to_tensor
 from ldmkit.pipelines import Pipeline
-from ldmkit.pipelines.images import pil_to_tensor
 
 
 def run(pipe, scenes) -> tuple[list, list, float]:

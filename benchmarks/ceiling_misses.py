@@ -12,8 +12,8 @@ import sys
 from ldmkit.data.shapes import render, sample_scene
 from ldmkit.evaluation.judge import judge
 from ldmkit.evaluation.shapes_eval import reconstruct
+from ldmkit.images import tensor_to_pil
 from ldmkit.pipelines import Pipeline
-from ldmkit.pipelines.images import tensor_to_pil
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ldmkit.checkpoints.single_file import load_vae_file
 from ldmkit.evaluation.emoji_eval import load_set
 from ldmkit.evaluation.metrics import psnr, ssim
-from ldmkit.pipelines.images import tensor_to_pil
+from ldmkit.images import tensor_to_pil
 from ldmkit.training.loop import image_grid
 
 

@@ -31,8 +31,8 @@ def mosaic(side: int):
 
 
 def latent(side: int):
+    from ldmkit.images import pil_to_tensor
     from ldmkit.pipelines import Pipeline
-    from ldmkit.pipelines.images import pil_to_tensor
 
     vae = Pipeline.load(None).model.vae
     x = pil_to_tensor(mosaic(side), side, side)

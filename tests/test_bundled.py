@@ -12,7 +12,7 @@ from ldmkit.cli import main
 from ldmkit.data.shapes import Intent, Item
 from ldmkit.errors import LdmkitError
 from ldmkit.evaluation.judge import judge
-from ldmkit.infotext import parse_infotext, read_png_parameters
+from ldmkit.images import parse_infotext, read_png_parameters
 from ldmkit.pipelines import Pipeline
 
 SIZE_BUDGET_MB = 95  # everything the package ships, under PyPI's default 100 MB per file (README: "The bundled model")

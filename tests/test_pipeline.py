@@ -12,7 +12,7 @@ from conftest import randomize, tiny_pipeline
 from ldmkit.cli import main
 from ldmkit.diffusion.registry import get_sampler
 from ldmkit.diffusion.sampling import generators_for
-from ldmkit.infotext import format_infotext, parse_infotext, write_png
+from ldmkit.images import format_infotext, parse_infotext, write_png
 from ldmkit.models.ldm import LatentDiffusion
 from ldmkit.models.presets import tiny
 from ldmkit.pipelines import Pipeline
@@ -102,7 +102,7 @@ def test_img2img_strength_zero_returns_the_vae_round_trip(tiny_pipe):
     src = tiny_pipe("a cat", steps=4, seed=1, width=32, height=32).images[0]
     out = tiny_pipe("a dog", init_image=src, strength=0.0, seed=9, steps=4)
     vae = tiny_pipe.model.vae
-    from ldmkit.pipelines.images import pil_to_tensor, tensor_to_pil
+    from ldmkit.images import pil_to_tensor, tensor_to_pil
 
     with torch.no_grad():
         z = vae.scale(vae.encode(pil_to_tensor(src, 32, 32)).sample(generators_for(9, 1)[0]))
@@ -125,7 +125,7 @@ def test_latent_blend_inpainting_keeps_unmasked_latents_and_pixels(tiny_pipe):
     mask.paste(255, (8, 8, 24, 24))
     for sampler in ("euler_a", "ddim"):  # ddim ends at sigma 0.029, not 0: the final blend still holds
         out = tiny_pipe("a dog", init_image=src, mask=mask, mask_blur=0, strength=1.0, seed=3, steps=6, sampler=sampler)
-        from ldmkit.pipelines.images import pil_to_tensor
+        from ldmkit.images import pil_to_tensor
 
         vae = tiny_pipe.model.vae
         with torch.no_grad():
@@ -334,8 +334,8 @@ def test_bad_requests(tiny_file, tmp_path, capsys):
 def test_large_images_decode_whole_unless_memory_requires_bands(tiny_pipe, monkeypatch):
     """Whole, as the reference decodes, at any size the machine can hold; in bands (the same image
     within float rounding) when asked, or when a whole pass would not fit in free memory."""
+    from ldmkit.images import tensor_to_pil
     from ldmkit.pipelines import generate
-    from ldmkit.pipelines.images import tensor_to_pil
 
     pipe = tiny_pipe
     vae = pipe.model.vae

@@ -225,7 +225,7 @@ def test_ldm_run_and_its_model(tmp_path, autoencoder, capsys):
 def test_ldm_bf16_loss_follows_fp32_and_validates_on_a_held_out_folder(tmp_path, autoencoder):
     from ldmkit.config import from_dict
     from ldmkit.data.images import DataConfig, ShapesData, load_batch
-    from ldmkit.pipelines.images import tensor_to_pil
+    from ldmkit.images import tensor_to_pil
     from ldmkit.training.ldm import LDMTask, LDMTrainConfig
 
     held = ShapesData(DataConfig(split="val", n=8, size=32))
@@ -425,7 +425,7 @@ def test_shards_and_folders_give_the_same_samples(tmp_path):
 def test_fitted_latent_preview_looks_like_the_decoded_image(autoencoder, tmp_path):
     from ldmkit.config import from_dict
     from ldmkit.data.shapes import render, sample_scene
-    from ldmkit.pipelines.images import latent_preview, pil_to_tensor
+    from ldmkit.images import latent_preview, pil_to_tensor
     from ldmkit.training.ldm import LDMTask, LDMTrainConfig
 
     data = yaml.safe_load((ROOT / "configs" / "test-ldm.yaml").read_text())

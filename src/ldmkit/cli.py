@@ -119,7 +119,7 @@ def _from_png(path: str) -> dict:
     """Generation settings from a PNG's parameters: exact for ldmkit's own, best effort otherwise."""
     from ldmkit.diffusion.registry import from_webui
     from ldmkit.errors import ConfigError
-    from ldmkit.infotext import parse_infotext, read_png_parameters
+    from ldmkit.images import parse_infotext, read_png_parameters
 
     prompt, negative, f = parse_infotext(read_png_parameters(path))
     ours = f.get("Version", "").startswith("ldmkit")
@@ -232,9 +232,8 @@ def cmd_generate(args) -> int:
     from tqdm import tqdm
 
     from ldmkit.diffusion.registry import get_sampler
-    from ldmkit.infotext import write_png
+    from ldmkit.images import load_image, write_png
     from ldmkit.pipelines import Pipeline
-    from ldmkit.pipelines.images import load_image
 
     settings = dict(GENERATE_DEFAULTS)
     if args.from_png:

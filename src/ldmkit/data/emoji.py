@@ -103,7 +103,7 @@ def prepare(
 ) -> dict:
     """Write out/train and out/heldout (NAME.png + NAME.txt), out/NOTICE.txt and out/manifest.json,
     atomically: into a temporary folder renamed into place at the end."""
-    from ldmkit.pipelines.images import to_rgb
+    from ldmkit.images import to_rgb
 
     if out.exists():
         raise LdmkitError(f"{out}: already exists; choose a new --out (or remove it)")

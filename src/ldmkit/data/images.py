@@ -24,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from ldmkit.data.shapes import render as render_scene
 from ldmkit.data.shapes import sample_scene
 from ldmkit.errors import ConfigError
-from ldmkit.pipelines.images import to_rgb
+from ldmkit.images import to_rgb
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}

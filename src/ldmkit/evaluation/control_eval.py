@@ -10,8 +10,8 @@ from ldmkit.data.shapes import render, sample_scene
 from ldmkit.evaluation.judge import judge
 from ldmkit.evaluation.metrics import edge_fscore
 from ldmkit.evaluation.shapes_eval import _accuracies, _by_kind, prompt_kind, reconstruct
+from ldmkit.images import tensor_to_pil
 from ldmkit.pipelines.control import ControlInput, canny
-from ldmkit.pipelines.images import tensor_to_pil
 
 
 def edges(image) -> np.ndarray:

@@ -31,7 +31,7 @@ from ldmkit.evaluation.features import (
     recall_at,
     train_classifier,
 )
-from ldmkit.pipelines.images import load_image, pil_to_tensor
+from ldmkit.images import load_image, pil_to_tensor
 
 CHUNK = 32
 

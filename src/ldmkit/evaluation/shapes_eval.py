@@ -12,7 +12,7 @@ from ldmkit.data.shapes import render, sample_scene
 from ldmkit.errors import ConfigError
 from ldmkit.evaluation.judge import ATTRIBUTES, judge
 from ldmkit.evaluation.metrics import psnr, ssim
-from ldmkit.pipelines.images import pil_to_tensor, tensor_to_pil
+from ldmkit.images import pil_to_tensor, tensor_to_pil
 
 
 def _accuracies(verdicts) -> dict:

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from ldmkit.errors import ConfigError
+from ldmkit.images import to_rgb
 from ldmkit.models.controlnet import ControlNet
-from ldmkit.pipelines.images import to_rgb
 
 
 def canny(image: Image.Image, low: int = 100, high: int = 200) -> Image.Image:

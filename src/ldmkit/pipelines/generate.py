@@ -27,12 +27,11 @@ from ldmkit.diffusion.sampling import generators_for, sample_latents
 from ldmkit.diffusion.schedule import NoiseSchedule
 from ldmkit.embeddings import Embeddings
 from ldmkit.errors import ConfigError
-from ldmkit.infotext import format_infotext
+from ldmkit.images import format_infotext, latent_preview, mask_to_tensor, pil_to_tensor, tensor_to_pil
 from ldmkit.lora import Lora, LoraSet, find_lora, parse_lora_tags, read_lora
 from ldmkit.models.ldm import LatentDiffusion
 from ldmkit.models.unet import FeatureCache, UNetModel
 from ldmkit.nn.embedding import guidance_scale_embedding
-from ldmkit.pipelines.images import latent_preview, mask_to_tensor, pil_to_tensor, tensor_to_pil
 from ldmkit.prompts import encode_prompts
 
 log = logging.getLogger(__name__)

@@ -170,7 +170,7 @@ class Outputs:
         self._count = len(list(self.root.glob("*-images/*/*.png"))) if self.root.exists() else 0
 
     def save(self, kind: str, image, seed: int, parameters: str) -> Path:
-        from ldmkit.infotext import write_png
+        from ldmkit.images import write_png
 
         with self._lock:
             self._count += 1
@@ -505,7 +505,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.post("/sdapi/v1/png-info")
     def png_info(req: PngInfoRequest) -> dict:
-        from ldmkit.infotext import parse_infotext
+        from ldmkit.images import parse_infotext
 
         image = decode_image(req.image, "image")
         text = image.info.get("parameters", "")

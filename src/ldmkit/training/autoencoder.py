@@ -16,8 +16,8 @@ from ldmkit.config import to_dict
 from ldmkit.data.images import DataConfig, Order, load_batch, open_dataset, sample_generator
 from ldmkit.errors import ConfigError
 from ldmkit.evaluation.metrics import psnr, ssim
+from ldmkit.images import tensor_to_pil
 from ldmkit.models.autoencoder import AutoencoderConfig, AutoencoderKL, DiagonalGaussian
-from ldmkit.pipelines.images import tensor_to_pil
 from ldmkit.training import distributed as dist
 from ldmkit.training.loop import RunConfig, image_grid
 

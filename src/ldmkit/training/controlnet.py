@@ -114,9 +114,9 @@ class ControlNetTask(LDMTask):
         """Columns: one scene each. Rows: the hint, the base model without control, with control."""
         from PIL import Image
 
+        from ldmkit.images import tensor_to_pil
         from ldmkit.pipelines import Pipeline
         from ldmkit.pipelines.control import ControlInput
-        from ldmkit.pipelines.images import tensor_to_pil
 
         s = self.config.sample
         pipe = Pipeline(self.model, name="base")
