@@ -1,11 +1,11 @@
 """Whole images, each in a fresh process, alternated and repeated: ldmkit against diffusers, and what
-ldmkit's malloc settings (ldmkit.allocator) do for each. The machine's noise on one whole image is
+ldmkit's malloc settings (ldmkit.pipelines.allocator) do for each. The machine's noise on one whole image is
 several per cent, so single runs do not settle a ratio near a target; medians of alternated runs do.
 
     python benchmarks/allocator.py FOLDER [bf16|fp32] [ROUNDS]   (defaults: bf16, 3)
 
 FOLDER: the SD 1.5 random-weight diffusers folder `ldmkit bench` builds (python -c "from pathlib import
-Path; from ldmkit import bench; bench._build('sd15', Path('/tmp/sd15/model'))"). Each round runs four
+Path; from ldmkit.evaluation import bench; bench._build('sd15', Path('/tmp/sd15/model'))"). Each round runs four
 children (bench.child, whole image only: a warm-up image, then the timed one): ldmkit as it runs and
 with LDMKIT_MALLOC=default; diffusers as it runs and with the same settings through glibc's environment
 variables. Prints JSON: per variant the seconds of each round and their median, the ratios of medians,
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ldmkit import allocator
-from ldmkit.bench import measure
+from ldmkit.evaluation.bench import measure
+from ldmkit.pipelines import allocator
 
 GLIBC_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(allocator.MMAP_THRESHOLD),

@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from ldmkit.bench import median_seconds
+from ldmkit.evaluation.bench import median_seconds
 from ldmkit.models.unet import UNetConfig, UNetModel
 
 VARIANTS = [

@@ -14,7 +14,7 @@ import sys
 
 CHILD = """
 import time, torch, torch.nn.functional as F
-from ldmkit.bench import peak_rss_mb
+from ldmkit.evaluation.bench import peak_rss_mb
 n = {n}
 q, k, v = (torch.randn(2, 8, n, 40).bfloat16() for _ in range(3))
 before = peak_rss_mb()

@@ -24,7 +24,7 @@ TILE = 64  # latent pixels: SD's own size (512 px), diffusers' default tile
 
 
 def child(side: int, mode: str, out: str) -> None:
-    from ldmkit.bench import peak_rss_mb
+    from ldmkit.evaluation.bench import peak_rss_mb
     from ldmkit.models.autoencoder import AutoencoderConfig, AutoencoderKL, tiled
 
     torch.manual_seed(0)

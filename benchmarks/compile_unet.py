@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from ldmkit.bench import give_work, median_seconds
+from ldmkit.evaluation.bench import give_work, median_seconds
 from ldmkit.models.presets import preset
 from ldmkit.models.unet import UNetModel
 

@@ -11,7 +11,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from ldmkit.bench import median_seconds
+from ldmkit.evaluation.bench import median_seconds
 
 
 def main():

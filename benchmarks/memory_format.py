@@ -10,7 +10,7 @@ import json
 
 import torch
 
-from ldmkit.bench import median_seconds
+from ldmkit.evaluation.bench import median_seconds
 from ldmkit.models.autoencoder import AutoencoderKL
 from ldmkit.models.presets import preset
 from ldmkit.models.unet import UNetModel

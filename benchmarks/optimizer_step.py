@@ -12,7 +12,7 @@ import json
 import torch
 import yaml
 
-from ldmkit.bench import median_seconds
+from ldmkit.evaluation.bench import median_seconds
 from ldmkit.models.unet import UNetConfig, UNetModel
 
 

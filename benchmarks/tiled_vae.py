@@ -56,7 +56,7 @@ def decode(side: int, tiled: bool, loaded=None):
 
 
 def child(side: int, tiled: bool) -> None:
-    from ldmkit.bench import peak_rss_mb
+    from ldmkit.evaluation.bench import peak_rss_mb
 
     loaded = latent(side)
     before = peak_rss_mb()

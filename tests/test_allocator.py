@@ -1,4 +1,4 @@
-"""The malloc settings for CPU inference (ldmkit.allocator): applied once per process by
+"""The malloc settings for CPU inference (ldmkit.pipelines.allocator): applied once per process by
 Pipeline.load, turned off by LDMKIT_MALLOC=default, and with no effect on results. Process-wide, so
 each case runs in its own interpreter."""
 
@@ -12,7 +12,7 @@ import pytest
 SCRIPT = """
 import json, hashlib, sys
 import numpy as np
-from ldmkit import allocator
+from ldmkit.pipelines import allocator
 from ldmkit.pipelines import Pipeline
 before = allocator._applied
 pipe = Pipeline.load("shapes")

@@ -7,11 +7,11 @@ import torch
 from safetensors.torch import save_file
 
 from ldmkit.cli import main
-from ldmkit.embeddings import Embeddings, read_embedding, token_embedding
 from ldmkit.errors import CheckpointError, ConfigError
+from ldmkit.models.embeddings import Embeddings, read_embedding, token_embedding
 from ldmkit.models.ldm import LatentDiffusion
 from ldmkit.models.presets import tiny
-from ldmkit.prompts import encode_prompts
+from ldmkit.models.prompts import encode_prompts
 
 
 @pytest.fixture(scope="module")

@@ -81,7 +81,7 @@ def test_eval_measures_with_a_lora_and_an_embedding(tmp_path, base_model, capsys
 
     from conftest import ROOT
     from ldmkit.config import from_dict
-    from ldmkit.embeddings import token_embedding
+    from ldmkit.models.embeddings import token_embedding
     from ldmkit.training.lora import LoraTask, LoraTrainConfig
 
     data = yaml.safe_load((ROOT / "configs" / "test-lora.yaml").read_text())

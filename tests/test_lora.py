@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from conftest import tiny_pipeline
 from ldmkit.cli import main
 from ldmkit.errors import CheckpointError, ConfigError
-from ldmkit.lora import LoraSet, parse_lora_tags, read_lora
+from ldmkit.models.lora import LoraSet, parse_lora_tags, read_lora
 from ldmkit.pipelines import Pipeline
 
 RANK = 4

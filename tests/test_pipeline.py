@@ -15,8 +15,8 @@ from ldmkit.diffusion.sampling import generators_for
 from ldmkit.images import format_infotext, parse_infotext, write_png
 from ldmkit.models.ldm import LatentDiffusion
 from ldmkit.models.presets import tiny
+from ldmkit.models.prompts import encode_prompts, parse_emphasis
 from ldmkit.pipelines import Pipeline
-from ldmkit.prompts import encode_prompts, parse_emphasis
 
 
 @pytest.fixture(scope="module")

@@ -256,7 +256,7 @@ def test_ldm_bf16_loss_follows_fp32_and_validates_on_a_held_out_folder(tmp_path,
 
 def test_frozen_text_states_are_encoded_once_and_kept_within_a_bound(autoencoder, monkeypatch):
     from ldmkit.config import from_dict
-    from ldmkit.prompts import encode_prompts
+    from ldmkit.models.prompts import encode_prompts
     from ldmkit.training import ldm
     from ldmkit.training.ldm import LDMTask, LDMTrainConfig
 

@@ -409,7 +409,7 @@ def _eval_control(args, pipe, cfg: float, steps: int, sampler: str) -> dict:
 
 
 def cmd_bench(args) -> int:
-    from ldmkit.bench import run
+    from ldmkit.evaluation.bench import run
 
     precisions = ("fp32", "bf16") if args.precision == "both" else (args.precision,)
     report = run(

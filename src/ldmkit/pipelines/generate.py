@@ -25,14 +25,14 @@ from ldmkit.diffusion.denoiser import Conditioning, Control, Denoiser
 from ldmkit.diffusion.registry import SAMPLERS, get_sampler
 from ldmkit.diffusion.sampling import generators_for, sample_latents
 from ldmkit.diffusion.schedule import NoiseSchedule
-from ldmkit.embeddings import Embeddings
 from ldmkit.errors import ConfigError
 from ldmkit.images import format_infotext, latent_preview, mask_to_tensor, pil_to_tensor, tensor_to_pil
-from ldmkit.lora import Lora, LoraSet, find_lora, parse_lora_tags, read_lora
+from ldmkit.models.embeddings import Embeddings
 from ldmkit.models.ldm import LatentDiffusion
+from ldmkit.models.lora import Lora, LoraSet, find_lora, parse_lora_tags, read_lora
+from ldmkit.models.prompts import encode_prompts
 from ldmkit.models.unet import FeatureCache, UNetModel
 from ldmkit.nn.embedding import guidance_scale_embedding
-from ldmkit.prompts import encode_prompts
 
 log = logging.getLogger(__name__)
 MAX_SIDE = 4096
@@ -175,9 +175,9 @@ class Pipeline:
     ) -> "Pipeline":
         """A model file or folder, or a bundled model by name ("shapes"; the default when no path is
         given), computing in `precision` (see set_precision)."""
-        from ldmkit.allocator import tune_allocator
         from ldmkit.bundled import resolve
         from ldmkit.checkpoints.single_file import load_model
+        from ldmkit.pipelines.allocator import tune_allocator
 
         tune_allocator()  # process-wide malloc settings for CPU inference (see allocator.py)
         resolve_precision(precision, 0)  # refuse a bad name before reading anything

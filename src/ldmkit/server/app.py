@@ -526,7 +526,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.get("/sdapi/v1/loras")
     def loras() -> list[dict]:
-        from ldmkit.lora import find_lora, list_loras
+        from ldmkit.models.lora import find_lora, list_loras
 
         return [
             {"name": n, "alias": n, "path": str(find_lora(n, config.lora_dir)), "metadata": {}}

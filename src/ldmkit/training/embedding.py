@@ -45,7 +45,7 @@ class EmbeddingTask(LDMTask):
 
     def __init__(self, config: EmbeddingTrainConfig):
         from ldmkit.checkpoints.single_file import load_model
-        from ldmkit.embeddings import Embeddings, token_embedding
+        from ldmkit.models.embeddings import Embeddings, token_embedding
 
         self.model = load_model(config.base)
         self.model.requires_grad_(False)
@@ -69,8 +69,8 @@ class EmbeddingTask(LDMTask):
 
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         """With gradients into the new vectors (the base class encodes without any)."""
-        from ldmkit.embeddings import token_embedding
-        from ldmkit.prompts import encode_prompts
+        from ldmkit.models.embeddings import token_embedding
+        from ldmkit.models.prompts import encode_prompts
 
         # a differentiable view of the Parameter (assigning the Parameter itself would make it the text tower's)
         token_embedding(self.model.text_encoder).extra = self.vectors["vectors"] * 1.0
@@ -84,7 +84,7 @@ class EmbeddingTask(LDMTask):
         return super().loss(images, items, captions, gs, extra, reduce) + 0.0 * self.vectors["vectors"].sum()
 
     def sample(self, step: int, folder: Path) -> None:
-        from ldmkit.embeddings import token_embedding
+        from ldmkit.models.embeddings import token_embedding
         from ldmkit.pipelines import Pipeline
 
         with self.ema_weights():

@@ -184,7 +184,7 @@ class LDMTask:
         """The frozen text tower's states for the captions, each caption encoded once per run and kept
         (up to TEXT_CACHE_MB). Profiled on the emoji UNet (1 thread), encoding 32 captions was 9 % of a
         step; at 2 threads the run's rate did not measurably change (1.08 vs 1.09 s per step)."""
-        from ldmkit.prompts import encode_prompts
+        from ldmkit.models.prompts import encode_prompts
 
         memo = self.text_memo
         missing = [c for c in dict.fromkeys(captions) if c not in memo]

@@ -1,5 +1,5 @@
 """`ldmkit train-lora`: a LoRA for a frozen model's UNet, trained with the shared loop (resume, sample
-grids, latent cache) and saved in the kohya layout and the diffusers/PEFT layout (lora.py reads both).
+grids, latent cache) and saved in the kohya layout and the diffusers/PEFT layout (models/lora.py reads both).
 
 The adapters are PEFT's (`inject_adapter_in_model`), which fit our modules as they are: attention
 projections by default, convolutions too when listed (LoCon), and the text tower's layers when
@@ -94,7 +94,7 @@ class LoraTask(LDMTask):
         empty prompt for condition dropout is encoded once, at the start."""
         if not self.config.text_target_modules:
             return super().encode_text(captions)
-        from ldmkit.prompts import encode_prompts
+        from ldmkit.models.prompts import encode_prompts
 
         with torch.enable_grad():
             return encode_prompts(self.model.text_encoder, captions, None, mode="truncate")[0]

@@ -125,7 +125,7 @@ def encode_prompts(
     text_encoder, prompts: list[str], negatives: list[str] | None = None, mode: str = "webui", embeddings=None
 ):
     """(context, uncond) [B, 77*k, D] for the prompts and (if given) their negative prompts, both
-    padded to the same number of chunks k. `embeddings` (ldmkit.embeddings.Embeddings): textual
+    padded to the same number of chunks k. `embeddings` (ldmkit.models.embeddings.Embeddings): textual
     inversion names in the prompts become their vectors (web UI mode)."""
     if mode not in ("webui", "truncate"):
         raise ConfigError(f"prompt mode {mode!r}; allowed: webui, truncate")

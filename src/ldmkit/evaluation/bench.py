@@ -200,7 +200,7 @@ def measure(impl: str, folder: Path, mode: str, precision: str, env: dict | None
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.pt"
         done = subprocess.run(
-            [sys.executable, "-m", "ldmkit.bench", impl, str(folder), mode, precision, str(out), what],
+            [sys.executable, "-m", "ldmkit.evaluation.bench", impl, str(folder), mode, precision, str(out), what],
             capture_output=True,
             text=True,
             env={**os.environ, **(env or {})},
