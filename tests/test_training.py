@@ -314,7 +314,8 @@ def test_ema_follows_its_equation_and_fused_adamw_the_reference_update(autoencod
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
-    from ldmkit.training.loop import RunConfig, Trainer, TrainingError
+    from ldmkit.errors import TrainingError
+    from ldmkit.training.loop import RunConfig, Trainer
 
     class Exploding:
         def __init__(self):

@@ -16,3 +16,11 @@ class UnsupportedModelError(CheckpointError):
 
 class ConfigError(LdmkitError):
     """A configuration value is missing, of the wrong type, or outside what is allowed."""
+
+
+class RequestError(LdmkitError):
+    """An HTTP request the server understands but refuses: answered 422 with this message."""
+
+
+class TrainingError(LdmkitError):
+    """A training run cannot go on (a non-finite loss); the last good checkpoint is left as it was."""

@@ -15,11 +15,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
-from ldmkit.errors import LdmkitError
-
-
-class RequestError(LdmkitError):
-    """A request we understand but refuse: answered 422 with this message."""
+from ldmkit.errors import RequestError
 
 
 class GenerationRequest(BaseModel):

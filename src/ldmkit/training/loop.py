@@ -18,14 +18,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from ldmkit.checkpoints.files import atomic_write, write_json
-from ldmkit.errors import ConfigError, LdmkitError
+from ldmkit.errors import ConfigError, TrainingError
 from ldmkit.training import distributed as dist
 
 log = logging.getLogger(__name__)
-
-
-class TrainingError(LdmkitError):
-    """The run cannot go on (a non-finite loss); the last good checkpoint is left as it was."""
 
 
 @dataclass
