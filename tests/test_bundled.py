@@ -15,7 +15,7 @@ from ldmkit.evaluation.judge import judge
 from ldmkit.images import parse_infotext, read_png_parameters
 from ldmkit.pipelines import Pipeline
 
-SIZE_BUDGET_MB = 95  # everything the package ships, under PyPI's default 100 MB per file (README: "The bundled model")
+SIZE_BUDGET_MB = 95  # everything the package ships, under PyPI's default 100 MB per file (docs/models.md)
 EDGE_F_GAIN = 0.4  # with control minus without; measured 0.951 - 0.280 over 100 held-out prompts
 
 
@@ -50,7 +50,7 @@ def test_bundled_model_draws_the_colour_and_shape_asked_for():
     for colour, shape in asked:
         for image in pipe(f"a {colour} {shape}", seed=0, batch=2).images:
             hits += judge(image, Intent([Item(shape, colour)])).correct
-    # measured at the chosen settings: README's table gives single-shape accuracy on 200 val prompts
+    # measured at the chosen settings: docs/models.md's table gives single-shape accuracy on 200 val prompts
     assert hits >= 6, f"{hits}/8 images fully correct"
 
 
@@ -84,7 +84,7 @@ def test_bundled_controlnet_puts_the_shapes_where_the_edges_are(tmp_path, capsys
     net = load_controlnet(bundled.bundled_controlnet(pipe.path), base=pipe.model.unet.config)
     report, _ = evaluate_control(pipe, net, "heldout", n=4, cfg=2.0, steps=20, sampler="euler_a")
     edge_f = report["edge_f"]
-    # measured over 100 held-out prompts in README ("The bundled model": ControlNet)
+    # measured over 100 held-out prompts in docs/controlnet.md ("The bundled ControlNet")
     assert edge_f["with"]["f"] > edge_f["without"]["f"] + EDGE_F_GAIN, edge_f
     hint = tmp_path / "truth.png"
     render(sample_scene("heldout", 0)).save(hint)
@@ -108,7 +108,7 @@ def test_fast_uses_the_distilled_model_in_four_steps(tmp_path, capsys):
         for colour, shape in asked
         for image in pipe(f"a {colour} {shape}", seed=0, batch=2).images
     )
-    assert hits >= 6, f"{hits}/8 images fully correct"  # README: the few-step table
+    assert hits >= 6, f"{hits}/8 images fully correct"  # docs/few-step.md: the few-step table
 
 
 def test_emoji_model_draws_from_words_out_of_the_box(tmp_path, capsys):

@@ -73,8 +73,8 @@ def test_shapes_command_writes_a_folder(tmp_path, capsys):
 
 
 def test_eval_measures_with_a_lora_and_an_embedding(tmp_path, base_model, capsys):
-    """The personalisation numbers in README come from `eval --lora` / `--embedding`: the images
-    measured must be the adapted model's (weight 0 is the base model, weight 1 is not)."""
+    """The personalisation numbers in docs/personalisation.md come from `eval --lora` / `--embedding`: the
+    images measured must be the adapted model's (weight 0 is the base model, weight 1 is not)."""
     import torch
     import yaml
     from safetensors.torch import save_file
