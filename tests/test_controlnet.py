@@ -269,7 +269,7 @@ def test_controlled_generation_equals_diffusers_pipeline(controlled_folders):
 
 def test_guess_mode_follows_its_formula():
     from ldmkit.diffusion.denoiser import Conditioning, Control, Denoiser
-    from ldmkit.diffusion.schedule import NoiseSchedule
+    from ldmkit.diffusion.schedule import NoiseSchedule, SamplingSchedule
     from ldmkit.models.ldm import ScheduleConfig
 
     torch.manual_seed(0)
@@ -278,9 +278,9 @@ def test_guess_mode_follows_its_formula():
     x, _, ctx, hint = inputs(2, batch=1)
     uncond = torch.randn_like(ctx)
     schedule = NoiseSchedule.from_config(ScheduleConfig())
-    denoiser = Denoiser(unet, schedule, "epsilon")
     sigma = 3.0
-    denoiser.use_sigmas(torch.tensor([sigma, 1.0, 0.0]))
+    walk = SamplingSchedule(torch.tensor([sigma, 1.0, 0.0]), torch.tensor([]), 1.0)  # timesteps from the sigmas
+    denoiser = Denoiser(unet, schedule, "epsilon", walk)
     cond = Conditioning(ctx, uncond, cfg_scale=4.0, control=[Control(net, hint, 0.7, guess_mode=True)])
     x0 = denoiser(x, sigma, cond)
     with torch.no_grad():
@@ -468,7 +468,7 @@ def test_eval_control_reports_with_without_and_ceiling(controlled_folders, tmp_p
 
 def test_several_controlnets_are_summed_each_with_its_strength():
     from ldmkit.diffusion.denoiser import Conditioning, Control, Denoiser
-    from ldmkit.diffusion.schedule import NoiseSchedule
+    from ldmkit.diffusion.schedule import NoiseSchedule, SamplingSchedule
     from ldmkit.models.ldm import ScheduleConfig
 
     torch.manual_seed(0)
@@ -476,9 +476,9 @@ def test_several_controlnets_are_summed_each_with_its_strength():
     nets = [randomize(ControlNet.from_unet(unet, hint_block_channels=(8, 16)), seed=s, std=0.05) for s in (3, 4)]
     x, _, ctx, hint = inputs(2, batch=1)
     hint2 = hint.flip(-1)
-    denoiser = Denoiser(unet, NoiseSchedule.from_config(ScheduleConfig()), "epsilon")
     sigma = 2.0
-    denoiser.use_sigmas(torch.tensor([sigma, 0.0]))
+    walk = SamplingSchedule(torch.tensor([sigma, 0.0]), torch.tensor([]), 1.0)  # timesteps from the sigmas
+    denoiser = Denoiser(unet, NoiseSchedule.from_config(ScheduleConfig()), "epsilon", walk)
     cond = Conditioning(ctx, None, cfg_scale=1.0, control=[Control(nets[0], hint, 0.5), Control(nets[1], hint2, 1.5)])
     with torch.no_grad():
         x0 = denoiser(x, sigma, cond)

@@ -9,6 +9,7 @@ from PIL import Image
 from conftest import ROOT, config_file, losses
 from ldmkit.cli import main
 from ldmkit.diffusion.denoiser import Conditioning, Denoiser
+from ldmkit.diffusion.schedule import SamplingSchedule
 from ldmkit.nn.embedding import guidance_scale_embedding
 from ldmkit.training.lcm import DistillConfig, DistillTask, boundary_scalings
 
@@ -63,11 +64,11 @@ def test_student_starts_as_the_teacher_and_both_sides_use_the_same_w(tmp_path, b
     z_, t_, c_, u_ = seen["teacher"]
     with torch.no_grad():
         x0, _ = guided(z_, t_, c_, u_, w)
-        denoiser = Denoiser(task.unet, task.schedule, "epsilon")
         for i in range(2):
             ab = task.schedule.alphas_cumprod[t_[i]]
             sigma = float(((1 - ab) / ab).sqrt())
-            denoiser.use_timesteps(torch.tensor([sigma]), torch.tensor([float(t_[i])]))
+            walk = SamplingSchedule(torch.tensor([sigma, 0.0]), torch.tensor([float(t_[i])]), 1.0)
+            denoiser = Denoiser(task.unet, task.schedule, "epsilon", walk)
             cond = Conditioning(c_[i : i + 1], u_[i : i + 1], cfg_scale=float(w[i]))
             want = denoiser(z_[i : i + 1] / ab.sqrt(), sigma, cond)
             assert (want - x0[i : i + 1]).abs().max() <= 1e-4

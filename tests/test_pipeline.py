@@ -335,7 +335,7 @@ def test_large_images_decode_whole_unless_memory_requires_bands(tiny_pipe, monke
     """Whole, as the reference decodes, at any size the machine can hold; in bands (the same image
     within float rounding) when asked, or when a whole pass would not fit in free memory."""
     from ldmkit.images import tensor_to_pil
-    from ldmkit.pipelines import generate
+    from ldmkit.pipelines import codec
 
     pipe = tiny_pipe
     vae = pipe.model.vae
@@ -346,9 +346,9 @@ def test_large_images_decode_whole_unless_memory_requires_bands(tiny_pipe, monke
         banded = vae.decode(vae.unscale(big.latents), 32)
     assert pixels(big.images[0]).tolist() == pixels(tensor_to_pil(whole)[0]).tolist()
     assert (banded - whole).abs().max() <= 1e-5
-    need = generate.estimate_vae_bytes(vae, big.latents)
+    need = codec.estimate_vae_bytes(vae, big.latents)
     assert need == 4 * 32 * 128 * 128 * 4  # the tiny model's widest map: 32 channels upsampled to full size, fp32
-    monkeypatch.setattr(generate, "available_memory", lambda: need - 1)
+    monkeypatch.setattr(codec, "available_memory", lambda: need - 1)
     assert pipe.vae_tile(big.latents) == 32
     again = pipe("a red circle", steps=2, seed=1, width=128, height=128).images[0]
     assert pixels(again).tolist() == pixels(tensor_to_pil(banded)[0]).tolist()
@@ -366,7 +366,7 @@ def test_large_images_decode_whole_unless_memory_requires_bands(tiny_pipe, monke
 
 
 def test_bf16_path_stays_close_to_fp32_and_leaves_global_state_alone(tmp_path):
-    from ldmkit.pipelines.generate import bf16_supported
+    from ldmkit.models.precision import bf16_supported
 
     assert main(["init-model", str(tmp_path / "m.safetensors")]) == 0
     precision = torch.get_float32_matmul_precision()

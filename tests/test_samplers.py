@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from conftest import randomize, tiny_diffusers_unet, tiny_pipeline
-from ldmkit.checkpoints.diffusers_folder import schedule_from_diffusers
+from ldmkit.checkpoints.diffusers_configs import schedule_from_diffusers
 from ldmkit.checkpoints.single_file import load_model
 from ldmkit.diffusion.denoiser import Conditioning, Denoiser
 from ldmkit.diffusion.registry import DIFFUSERS_CLASSES, SAMPLERS, get_sampler
-from ldmkit.diffusion.sampling import generators_for, sample_latents
+from ldmkit.diffusion.sampling import generators_for, sample_latents, sampling_schedule
 from ldmkit.diffusion.schedule import NoiseSchedule
 from ldmkit.errors import ConfigError
 from ldmkit.models.ldm import ScheduleConfig
@@ -58,10 +58,11 @@ def embeds(batch, seed=0):
 def ours(model, name, batch, seed, cfg=5.0, steps=STEPS, **options):
     spec = get_sampler(name)
     schedule = NoiseSchedule.from_config(model.config.schedule)
-    denoiser = Denoiser(model.unet, schedule, model.config.schedule.prediction_type)
+    walk = sampling_schedule(spec, schedule, steps)
+    denoiser = Denoiser(model.unet, schedule, model.config.schedule.prediction_type, walk)
     ctx, unc = embeds(batch)
     cond = Conditioning(ctx, unc, cfg_scale=cfg)
-    z = sample_latents(denoiser, spec, steps, cond, generators_for(seed, batch), (4, 8, 8), **options)
+    z = sample_latents(denoiser, spec, cond, generators_for(seed, batch), (4, 8, 8), **options)
     return z, denoiser.calls
 
 
@@ -119,12 +120,12 @@ def test_ddim_with_eta_is_ancestral_and_matches(pipes):
 def test_guidance_rescale_matches(pipes):
     pipe, model = pipes["v_prediction"]
     spec = get_sampler("euler")
-    denoiser = Denoiser(model.unet, NoiseSchedule.from_config(model.config.schedule), "v_prediction")
+    noise = NoiseSchedule.from_config(model.config.schedule)
+    denoiser = Denoiser(model.unet, noise, "v_prediction", sampling_schedule(spec, noise, STEPS))
     ctx, unc = embeds(2)
     z = sample_latents(
         denoiser,
         spec,
-        STEPS,
         Conditioning(ctx, unc, cfg_scale=6.0, guidance_rescale=0.7),
         generators_for(5, 2),
         (4, 8, 8),
@@ -139,9 +140,10 @@ def test_a_seed_reproduces_its_image_at_any_batch_size(pipes):
         batch3, _ = ours(model, name, 3, seed=100)  # image 1 of the batch has seed 101
         ctx, unc = embeds(3)
         spec = get_sampler(name)
-        denoiser = Denoiser(model.unet, NoiseSchedule.from_config(model.config.schedule), "epsilon")
+        noise = NoiseSchedule.from_config(model.config.schedule)
+        denoiser = Denoiser(model.unet, noise, "epsilon", sampling_schedule(spec, noise, STEPS))
         alone = sample_latents(
-            denoiser, spec, STEPS, Conditioning(ctx[1:2], unc[1:2], cfg_scale=5.0), generators_for(101, 1), (4, 8, 8)
+            denoiser, spec, Conditioning(ctx[1:2], unc[1:2], cfg_scale=5.0), generators_for(101, 1), (4, 8, 8)
         )
         assert (batch3[1:2] - alone).abs().max() <= 1e-3  # batch size only changes float rounding
 
@@ -210,9 +212,10 @@ def test_lcm_parity_with_guidance_embedding(tmp_path):
             width=16,
             output_type="latent",
         ).images
-        denoiser = Denoiser(model.unet, NoiseSchedule.from_config(model.config.schedule), "epsilon")
+        noise = NoiseSchedule.from_config(model.config.schedule)
+        denoiser = Denoiser(model.unet, noise, "epsilon", sampling_schedule(spec, noise, steps))
         cond = Conditioning(ctx, None, timestep_cond=guidance_scale_embedding(torch.full((3,), 8.0), 32))
-        z = sample_latents(denoiser, spec, steps, cond, generators_for(9, 3), (4, 8, 8))
+        z = sample_latents(denoiser, spec, cond, generators_for(9, 3), (4, 8, 8))
         assert denoiser.calls == steps
         assert ref.abs().mean() > 0.1 and (z - ref).abs().max() <= 1e-3
 
@@ -255,9 +258,11 @@ def test_lcm_follows_its_folder_config(tmp_path, prediction, overrides):
         width=16,
         output_type="latent",
     ).images
-    denoiser = Denoiser(model.unet, NoiseSchedule.from_config(schedule_from_diffusers(folder)), prediction)
+    noise = NoiseSchedule.from_config(schedule_from_diffusers(folder))
+    walk = sampling_schedule(get_sampler("lcm"), noise, 4, scheduler_config=folder)
+    denoiser = Denoiser(model.unet, noise, prediction, walk)
     cond = Conditioning(ctx, None, timestep_cond=guidance_scale_embedding(torch.full((2,), 8.0), 32))
-    z = sample_latents(denoiser, get_sampler("lcm"), 4, cond, generators_for(9, 2), (4, 8, 8), scheduler_config=folder)
+    z = sample_latents(denoiser, get_sampler("lcm"), cond, generators_for(9, 2), (4, 8, 8))
     assert ref.abs().mean() > 0.1 and (z - ref).abs().max() <= 1e-3, (z - ref).abs().max()
 
 
@@ -295,10 +300,9 @@ def test_timestep_spacings_match_diffusers(pipes, name, spacing):
         width=16,
         output_type="latent",
     ).images
-    denoiser = Denoiser(model.unet, NoiseSchedule.from_config(model.config.schedule), "epsilon")
-    z = sample_latents(
-        denoiser, spec, 5, Conditioning(ctx, unc, cfg_scale=5.0), generators_for(11, 2), (4, 8, 8), spacing=spacing
-    )
+    noise = NoiseSchedule.from_config(model.config.schedule)
+    denoiser = Denoiser(model.unet, noise, "epsilon", sampling_schedule(spec, noise, 5, spacing))
+    z = sample_latents(denoiser, spec, Conditioning(ctx, unc, cfg_scale=5.0), generators_for(11, 2), (4, 8, 8))
     assert (z - ref).abs().max() <= 1e-3
 
 
@@ -357,10 +361,8 @@ def test_zero_terminal_snr_matches_diffusers(pipes, name, spacing):
         output_type="latent",
     ).images
     noise = NoiseSchedule.from_config(model.config.schedule, zero_terminal_snr=True)
-    denoiser = Denoiser(model.unet, noise, "v_prediction")
-    z = sample_latents(
-        denoiser, spec, 5, Conditioning(ctx, unc, cfg_scale=5.0), generators_for(12, 2), (4, 8, 8), spacing=spacing
-    )
+    denoiser = Denoiser(model.unet, noise, "v_prediction", sampling_schedule(spec, noise, 5, spacing))
+    z = sample_latents(denoiser, spec, Conditioning(ctx, unc, cfg_scale=5.0), generators_for(12, 2), (4, 8, 8))
     assert (z - ref).abs().max() <= 1e-3, (z - ref).abs().max()
 
 
@@ -386,7 +388,7 @@ def test_readme_shows_the_sampler_table():
 
     from ldmkit.diffusion.registry import markdown_table
 
-    assert markdown_table() in (Path(__file__).parent.parent / "README.md").read_text()
+    assert markdown_table() in (Path(__file__).parent.parent / "docs/samplers.md").read_text()
 
 
 # --- a model folder's scheduler config decides every sampler's sigma list ------------------------
@@ -534,17 +536,11 @@ def ours_from_folder(model, name, folder: dict, steps=STEPS, seed=21, spacing=No
     """Our final latents with a folder's scheduler config, batch 2 (the noise schedule from the same
     config, as loading the folder makes it)."""
     noise = NoiseSchedule.from_config(schedule_from_diffusers(folder))
-    denoiser = Denoiser(model.unet, noise, model.config.schedule.prediction_type)
+    walk = sampling_schedule(get_sampler(name), noise, steps, spacing, folder)
+    denoiser = Denoiser(model.unet, noise, model.config.schedule.prediction_type, walk)
     ctx, unc = embeds(2)
     return sample_latents(
-        denoiser,
-        get_sampler(name),
-        steps,
-        Conditioning(ctx, unc, cfg_scale=5.0),
-        generators_for(seed, 2),
-        (4, 8, 8),
-        spacing=spacing,
-        scheduler_config=folder,
+        denoiser, get_sampler(name), Conditioning(ctx, unc, cfg_scale=5.0), generators_for(seed, 2), (4, 8, 8)
     )
 
 

@@ -5,6 +5,7 @@ on a pickle is still read as a pickle -- and a pickle is only ever read by
 `torch.load(weights_only=True)` with the small allow-list of inert classes below, so pickled code
 never runs whatever the file is called."""
 
+import hashlib
 import json
 import os
 import pickle
@@ -190,6 +191,15 @@ def safetensors_dtypes(path: str | Path) -> set[str]:
         for d in stored
         if d in SAFETENSORS_TORCH and SAFETENSORS_TORCH[d].is_floating_point
     }
+
+
+def sha256_file(path: str | Path) -> str:
+    """The sha256 of a file's bytes as 64 hex digits, read in 16 MiB blocks (never the whole file at once)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:

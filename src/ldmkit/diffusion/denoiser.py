@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ldmkit.diffusion.schedule import NoiseSchedule
+from ldmkit.diffusion.schedule import NoiseSchedule, SamplingSchedule
 from ldmkit.errors import ConfigError
 from ldmkit.models.controlnet import ControlNet, guess_mode_scales
 from ldmkit.models.unet import FeatureCache, UNetModel
@@ -79,28 +79,33 @@ def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> to
 
 
 class Denoiser:
+    """D(x, sigma) for one sampling run. `walk` is the schedule the run's sampler walks: the UNet is
+    evaluated at its exact timesteps (schedulers that step on integer timesteps, or round them, as
+    diffusers' DPM-Solver does with Karras sigmas; other sigmas map through the noise schedule), and
+    its sigmas say which step a call belongs to (ControlNet start/end). `cache`: DeepCache's kept
+    features for this run, or None."""
+
     def __init__(
-        self, unet: UNetModel, schedule: NoiseSchedule, prediction_type: str, cache: FeatureCache | None = None
+        self,
+        unet: UNetModel,
+        schedule: NoiseSchedule,
+        prediction_type: str,
+        walk: SamplingSchedule | None = None,
+        cache: FeatureCache | None = None,
     ):
         self.unet = unet
-        self.cache = cache  # DeepCache's kept features for this generation, or None
         self.schedule = schedule
         self.prediction_type = prediction_type
-        self._timesteps: dict[float, float] = {}
-        self._sigmas: list[float] = []
+        self.walk = walk
+        self.cache = cache
+        sigmas = [] if walk is None else [float(s) for s in walk.sigmas]
+        self._timesteps = {} if walk is None else dict(zip(sigmas[:-1], (float(t) for t in walk.timesteps)))
+        self._sigmas = sigmas
         self.calls = 0  # UNet evaluations (a guidance pair counts once)
 
-    def use_timesteps(self, sigmas: torch.Tensor, timesteps: torch.Tensor) -> None:
-        """Evaluate the UNet at exactly these timesteps for these sigmas (schedulers that step on
-        integer timesteps, or round them, as diffusers' DPM-Solver does with Karras sigmas)."""
-        self._timesteps = {float(s): float(t) for s, t in zip(sigmas, timesteps)}
-
-    def use_sigmas(self, sigmas: torch.Tensor) -> None:
-        """The sampler's sigma list, so that a call knows which step it belongs to (ControlNet start/end)."""
-        self._sigmas = [float(s) for s in sigmas]
-
     def step_of(self, sigma: float) -> tuple[int, int]:
-        """(index of the step whose interval holds sigma, number of steps)."""
+        """(index of the step whose interval of the walk holds sigma, number of steps). Samplers that
+        evaluate between the walk's sigmas (Heun, DPM2, SDE) get the step of the interval."""
         steps = max(1, len(self._sigmas) - 1)
         return min(steps - 1, sum(1 for s in self._sigmas[:-1] if s > sigma * (1 + 1e-6))), steps
 

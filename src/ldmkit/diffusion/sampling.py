@@ -7,11 +7,13 @@ size and on any device."""
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
 from ldmkit.diffusion.denoiser import Conditioning, Denoiser
 from ldmkit.diffusion.registry import SamplerSpec
+from ldmkit.diffusion.schedule import NoiseSchedule, SamplingSchedule
 from ldmkit.errors import ConfigError
 
 
@@ -32,28 +34,40 @@ def img2img_start(steps: int, strength: float) -> int:
     return steps - min(int(steps * strength), steps)
 
 
+def sampling_schedule(
+    spec: SamplerSpec,
+    noise: NoiseSchedule,
+    steps: int,
+    spacing: str | None = None,
+    scheduler_config: dict | None = None,
+    strength: float | None = None,
+) -> SamplingSchedule:
+    """The schedule one run walks: the sampler's (SamplerSpec.build_schedule: `scheduler_config` is the
+    model folder's diffusers scheduler config, `spacing` an explicit timestep spacing), and when
+    starting from an image at `strength`, only its last int(steps * strength) steps."""
+    schedule = spec.build_schedule(noise, steps, spacing, scheduler_config)
+    if strength is None:
+        return schedule
+    start = img2img_start(steps, strength)
+    return replace(schedule, sigmas=schedule.sigmas[start:], timesteps=schedule.timesteps[start:])
+
+
 def sample_latents(
     denoiser: Denoiser,
     spec: SamplerSpec,
-    steps: int,
     cond: Conditioning,
     generators: list[torch.Generator],
     latent_shape: tuple[int, int, int],
     init_latents: torch.Tensor | None = None,
-    strength: float = 1.0,
     callback: Callable | None = None,
-    spacing: str | None = None,
-    scheduler_config: dict | None = None,
     **options,
 ) -> torch.Tensor:
-    """Clean latents [B, C, h, w] (variance-preserving, unscaled by the VAE factor). With
-    `init_latents`, the run starts part-way (image-to-image): noise of the first kept sigma is added
-    to them, and only the remaining steps run. `scheduler_config` is the model folder's diffusers
-    scheduler config and `spacing` an explicit timestep spacing (SamplerSpec.build_schedule); the
-    sampler options it implies (clip_sample, ...) come first, `options` over them."""
-    schedule = spec.build_schedule(denoiser.schedule, steps, spacing, scheduler_config)
+    """Clean latents [B, C, h, w] (variance-preserving, unscaled by the VAE factor) from walking the
+    denoiser's schedule (sampling_schedule). With `init_latents` (image-to-image, the schedule cut to
+    the steps that run) noise of the first sigma is added to them. The sampler options the schedule
+    implies (clip_sample, ...) come first, `options` over them."""
+    schedule = denoiser.walk
     options = {**schedule.options, **options}
-    denoiser.use_timesteps(schedule.sigmas[:-1], schedule.timesteps)
     device = cond.context.device
     sigmas = schedule.sigmas
     noise = per_image_noise(generators, latent_shape).to(device)
@@ -61,8 +75,6 @@ def sample_latents(
         # At sigma = inf (ᾱ = 0, zero terminal SNR) samplers hold the variance-preserving latent.
         x = noise if math.isinf(schedule.init_noise_sigma) else noise * schedule.init_noise_sigma
     else:
-        start = img2img_start(steps, strength)
-        sigmas = sigmas[start:]
         if len(sigmas) == 1:  # strength 0: nothing to do
             return init_latents
         x = init_latents.to(device) + noise * float(sigmas[0])
@@ -70,7 +82,6 @@ def sample_latents(
     def ancestral_noise(like: torch.Tensor) -> torch.Tensor:
         return per_image_noise(generators, tuple(like.shape[1:])).to(like)
 
-    denoiser.use_sigmas(sigmas)
     x = spec.fn(denoiser, x, sigmas, {"cond": cond}, callback, ancestral_noise, **options)
     # Back to the variance-preserving latent of the last sigma (≠ x when it is not 0, as DDIM's) --
     # unless the reference scheduler hands back its sigma-space latent (diffusers' Euler family).

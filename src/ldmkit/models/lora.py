@@ -215,10 +215,6 @@ def list_loras(folder: str | Path | None) -> list[str]:
 
 def lora_hash(path: Path) -> str:
     """The first 12 hex digits of the file's sha256 (how the popular UI's infotexts name LoRAs)."""
-    import hashlib
+    from ldmkit.checkpoints.files import sha256_file
 
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()[:12]
+    return sha256_file(path)[:12]

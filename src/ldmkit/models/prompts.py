@@ -15,6 +15,7 @@ syntax, one chunk, truncated at 77 tokens."""
 import logging
 import re
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -121,15 +122,30 @@ def tokenize_weighted(prompt: str, tokenize, size: int, comma_id: int | None) ->
     return Chunks(ids, weights)
 
 
+PROMPT_MODES = ("webui", "truncate")
+
+
+def check_prompt_mode(mode: str) -> None:
+    """webui: the popular web UI's emphasis syntax and 75-token chunks; truncate: as diffusers."""
+    if mode not in PROMPT_MODES:
+        raise ConfigError(f"prompt mode {mode!r}; allowed: {', '.join(PROMPT_MODES)}")
+
+
 def encode_prompts(
-    text_encoder, prompts: list[str], negatives: list[str] | None = None, mode: str = "webui", embeddings=None
+    text_encoder,
+    prompts: list[str],
+    negatives: list[str] | None = None,
+    mode: str = "webui",
+    embeddings=None,
+    clip_skip: int | None = None,
 ):
     """(context, uncond) [B, 77*k, D] for the prompts and (if given) their negative prompts, both
     padded to the same number of chunks k. `embeddings` (ldmkit.models.embeddings.Embeddings): textual
-    inversion names in the prompts become their vectors (web UI mode)."""
-    if mode not in ("webui", "truncate"):
-        raise ConfigError(f"prompt mode {mode!r}; allowed: webui, truncate")
+    inversion names in the prompts become their vectors (web UI mode). `clip_skip`: the layer read
+    (None: the model's own)."""
+    check_prompt_mode(mode)
     device = next(text_encoder.parameters()).device
+    encode_ids = text_encoder.encode_ids if clip_skip is None else partial(text_encoder.encode_ids, clip_skip=clip_skip)
     if mode == "truncate":
         used = [n for t in prompts + (negatives or []) for n in (embeddings.used_in(t) if embeddings else [])]
         if used:
@@ -137,7 +153,7 @@ def encode_prompts(
 
         def plain(texts):
             t = text_encoder.tokenizer(texts)
-            return text_encoder.encode_ids(t["input_ids"].to(device), t["attention_mask"].to(device))
+            return encode_ids(t["input_ids"].to(device), t["attention_mask"].to(device))
 
         return plain(prompts), (plain(negatives) if negatives is not None else None)
 
@@ -162,7 +178,7 @@ def encode_prompts(
             ids = torch.tensor([[bos] + toks + [eos] + [pad] * (size - len(toks))], device=device)
             mask = torch.tensor([[1] * (len(toks) + 2) + [0] * (size - len(toks))], device=device)
             w = torch.tensor([1.0] + ws + [1.0] * (size + 1 - len(ws)), device=device)
-            z = text_encoder.encode_ids(ids, mask)[0]
+            z = encode_ids(ids, mask)[0]
             per_chunk.append((z, w))
         z = torch.cat([c[0] for c in per_chunk])
         w = torch.cat([c[1] for c in per_chunk])

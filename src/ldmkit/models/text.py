@@ -56,12 +56,17 @@ class TextEncoderConfig:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ConfigError(f"TextEncoderConfig.kind: {self.kind!r}; allowed: {list(KINDS)}")
-        if self.clip_skip < 1:
-            raise ConfigError(f"clip_skip: {self.clip_skip}; allowed: 1 (last layer) or more (earlier layers)")
-        if self.clip_skip > 1 and self.kind == "bert":
-            raise ConfigError("clip_skip applies to CLIP text encoders only; this model uses a BERT encoder")
-        if self.num_layers - self.skip_last_layers - (self.clip_skip - 1) < 1:
-            raise ConfigError(f"clip_skip {self.clip_skip} is larger than the encoder's {self.num_layers} layers")
+        check_clip_skip(self, self.clip_skip)
+
+
+def check_clip_skip(config: TextEncoderConfig, clip_skip: int) -> None:
+    """A clip skip this encoder can give: 1 is its own layer, each more one layer earlier."""
+    if not isinstance(clip_skip, int) or clip_skip < 1:
+        raise ConfigError(f"clip_skip: {clip_skip}; allowed: 1 (last layer) or more (earlier layers)")
+    if clip_skip > 1 and config.kind == "bert":
+        raise ConfigError("clip_skip applies to CLIP text encoders only; this model uses a BERT encoder")
+    if config.num_layers - config.skip_last_layers - (clip_skip - 1) < 1:
+        raise ConfigError(f"clip_skip {clip_skip} is larger than the encoder's {config.num_layers} layers")
 
 
 def package_folder(package: str) -> Path:
@@ -149,22 +154,25 @@ class TextEncoder(nn.Module):
                 self._tokenizer = ClipTokenizer(c.max_length, c.pad_token)
         return self._tokenizer
 
-    @property
-    def layer(self) -> int:
-        """Index into the hidden-state list (0 = embeddings) that the model reads."""
+    def layer(self, clip_skip: int | None = None) -> int:
+        """Index into the hidden-state list (0 = embeddings) read at this clip skip (None: the model's)."""
         c = self.config
-        return c.num_layers - c.skip_last_layers - (c.clip_skip - 1)
+        return c.num_layers - c.skip_last_layers - ((c.clip_skip if clip_skip is None else clip_skip) - 1)
 
-    def encode_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_ids(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, clip_skip: int | None = None
+    ) -> torch.Tensor:
+        """Hidden states [B, T, D] of the layer the model reads, or `clip_skip`'s (checked by the caller)."""
         c = self.config
         if c.kind == "bert":
             return self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         # CLIP attends over padding too (causal mask only): SD was trained that way.
         clip = self.transformer.text_model
-        out = clip(input_ids=input_ids, output_hidden_states=self.layer != c.num_layers)
-        if self.layer == c.num_layers:
+        layer = self.layer(clip_skip)
+        out = clip(input_ids=input_ids, output_hidden_states=layer != c.num_layers)
+        if layer == c.num_layers:
             return out.last_hidden_state
-        return clip.final_layer_norm(out.hidden_states[self.layer])
+        return clip.final_layer_norm(out.hidden_states[layer])
 
     @property
     def hf_model(self) -> nn.Module:

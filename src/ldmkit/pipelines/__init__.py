@@ -1,5 +1,6 @@
-"""Generation pipelines: thin compositions of the text encoder, the sampler and the autoencoder."""
+"""Generation: parameters (params.py) and the pipeline that runs them (generate.py)."""
 
-from ldmkit.pipelines.generate import GenerationParams, Interrupted, Pipeline, Result, StepInfo
+from ldmkit.pipelines.generate import Interrupted, Pipeline, Result, StepInfo
+from ldmkit.pipelines.params import GenerationParams
 
 __all__ = ["GenerationParams", "Interrupted", "Pipeline", "Result", "StepInfo"]

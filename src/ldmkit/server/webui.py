@@ -59,6 +59,12 @@ class GenerationRequest(BaseModel):
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
     force_task_id: str | None = None
     infotext: str | None = None
+    # ldmkit's own generation parameters, under their GenerationParams names (the web UI has none of
+    # them; None: ldmkit's default).
+    guidance_rescale: float | None = None
+    prompt_mode: str | None = None
+    timestep_spacing: str | None = None
+    feature_cache: int | None = None
 
 
 class Txt2ImgRequest(GenerationRequest):
@@ -74,10 +80,6 @@ class Img2ImgRequest(GenerationRequest):
     inpaint_full_res: bool = True
     inpainting_mask_invert: int = 0
     include_init_images: bool = False
-
-
-class OptionsUpdate(BaseModel):
-    model_config = ConfigDict(extra="allow")
 
 
 class PngInfoRequest(BaseModel):

@@ -1,0 +1,103 @@
+"""The generate command's options, in the order `ldmkit generate --help` lists them."""
+
+import argparse
+
+from ldmkit.cli.common import DEFAULT_NOTE, MODEL_HELP, _add_model_options
+
+
+def _sampler_names() -> list[str]:
+    from ldmkit.diffusion.registry import SAMPLERS
+
+    return list(SAMPLERS)
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    _add_sampling_options(p)
+    _add_control_options(p)
+    _add_run_options(p)
+    _add_model_options(p)
+
+
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """What to draw and how to sample it."""
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt (the web UI's emphasis syntax works)")
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--negative-prompt")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--cfg", type=float, help=f"classifier-free guidance scale (1 = none); default: {DEFAULT_NOTE}")
+    p.add_argument("--sampler", help="one of: " + ", ".join(_sampler_names()) + f"; default: {DEFAULT_NOTE}")
+    p.add_argument("--seed", type=int, help="image i of a batch uses seed + i (default: random)")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--init-image", help="start from this image (image-to-image)")
+    p.add_argument("--strength", type=float, help="how much of the init image to repaint, 0 to 1 (default 0.75)")
+    p.add_argument("--mask", help="inpainting mask, the init image's size: white is repainted")
+    p.add_argument("--mask-blur", type=float)
+    p.add_argument("--eta", type=float, help="DDIM's eta (0 = deterministic)")
+    p.add_argument("--guidance-rescale", type=float)
+    p.add_argument(
+        "--prompt-mode",
+        choices=["webui", "truncate"],
+        help="webui: emphasis syntax and 75-token chunks (default); truncate: as diffusers",
+    )
+    p.add_argument(
+        "--timestep-spacing",
+        choices=["leading", "trailing", "linspace"],
+        help="override the sampler's timestep spacing (as diffusers' scheduler option)",
+    )
+
+
+def _add_control_options(p: argparse.ArgumentParser) -> None:
+    """ControlNets, then the other additions to the model: LoRAs and embeddings."""
+    p.add_argument(
+        "--control",
+        action="append",
+        metavar="TYPE:IMAGE[:STRENGTH]",
+        help="a control image for a ControlNet; TYPE is a preprocessor: canny, scribble, threshold, or none / depth /"
+        " seg / normal / edges for maps used as given (repeatable)",
+    )
+    p.add_argument(
+        "--controlnet",
+        action="append",
+        metavar="FILE",
+        help="ControlNet file or diffusers folder: one for all --control images or one each (default: the bundled"
+        " model's own)",
+    )
+    p.add_argument("--control-start", type=float, default=0.0, help="fraction of the steps where control starts")
+    p.add_argument("--control-end", type=float, default=1.0, help="fraction of the steps where control ends")
+    p.add_argument("--guess-mode", action="store_true", help="control on the prompt branch only, scaled by depth")
+    p.add_argument(
+        "--lora", dest="loras", action="append", metavar="FILE[:WEIGHT]", help="merge a LoRA for this run (repeatable)"
+    )
+    p.add_argument("--lora-dir", help="where <lora:NAME:WEIGHT> tags in the prompt look for NAME")
+    p.add_argument("--embeddings-dir", help="textual-inversion embeddings, used by file name in prompts")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Speed, memory, and where the settings come from and the images go."""
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "auto"],
+        default="auto",
+        help="bf16: UNet and autoencoder in bf16 (fast on CPUs with bf16 units); auto (default): bf16 for"
+        " UNets of 100M parameters or more on such CPUs, fp32 otherwise",
+    )
+    p.add_argument(
+        "--feature-cache",
+        type=int,
+        metavar="N",
+        help="DeepCache: a full UNet call every N steps, the steps between reuse its deep features (1 = off)",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first call; faster steps)")
+    p.add_argument(
+        "--tiled-vae",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="decode in bands (same image, less memory), encode in tiles (auto: only when a whole pass would not "
+        "fit in free memory)",
+    )
+    p.add_argument("--fast", action="store_true", help="the bundled model's consistency-distilled version (4 steps)")
+    p.add_argument("--from-png", help="reuse the settings stored in a PNG's parameters")
+    p.add_argument("-o", "--output", help="output .png (with --batch N: one file per seed)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

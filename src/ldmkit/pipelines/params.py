@@ -1,0 +1,244 @@
+"""Generation parameters: every default and every check, once. The CLI, the Python API, the HTTP API
+and the infotext a PNG carries are views of `GenerationParams`, so a parameter added here reaches all
+of them (tests/test_params.py fails for one that does not).
+
+Checks that need no model run when the parameters are built (before any model is loaded); the ones
+that depend on the model (sizes, the sampler's schedule, clip skip, inpainting, ControlNets) run in
+`for_model`, which also fills in what the user left to the model (size, steps, guidance, sampler)
+and draws a random seed. The infotext written into every PNG and read back by `--from-png` lives
+here too: one table says which field is which entry."""
+
+import secrets
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from PIL import Image
+
+from ldmkit.diffusion.registry import SAMPLERS, from_webui, get_sampler
+from ldmkit.diffusion.schedule import NoiseSchedule
+from ldmkit.errors import ConfigError
+from ldmkit.images import format_infotext, parse_infotext
+from ldmkit.models.prompts import check_prompt_mode
+from ldmkit.models.text import check_clip_skip
+from ldmkit.models.unet import FeatureCache
+
+MAX_SIDE = 4096
+MAX_BATCH = 64
+# What a call leaves out when the model does not say (bundled models carry their own choice).
+CALL_DEFAULTS = {"steps": 20, "cfg": 7.0, "sampler": "dpmpp_2m_karras"}
+LCM_DEFAULTS = {"steps": 4, "cfg": 8.5, "sampler": "lcm"}  # diffusers' LCM pipeline's
+CONTROL_MODES = {False: "Balanced", True: "ControlNet is more important"}  # the popular UI's names
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationParams:
+    prompt: str | tuple[str, ...] = ""  # a list or tuple: one prompt per image of the batch
+    negative_prompt: str = ""
+    steps: int | None = None  # steps, cfg, sampler: None is the model's own choice (Pipeline.defaults)
+    cfg: float | None = None
+    sampler: str | None = None
+    seed: int = -1  # below 0: drawn at random when the run starts; image i of a batch uses seed + i
+    width: int | None = None  # None: the init image's size (down to a multiple of 8), else the model's
+    height: int | None = None
+    batch: int = 1
+    clip_skip: int | None = None  # None: the model's own layer
+    init_image: Image.Image | None = field(default=None, repr=False)  # image-to-image
+    strength: float = 0.75  # with an init image: how much of it is repainted
+    mask: Image.Image | None = field(default=None, repr=False)  # inpainting: white is repainted
+    mask_blur: float = 4.0
+    eta: float = 0.0  # DDIM's
+    guidance_rescale: float = 0.0
+    prompt_mode: str = "webui"  # webui: emphasis syntax, 75-token chunks; truncate: as diffusers
+    timestep_spacing: str | None = None  # None: the sampler's (or the model folder's scheduler config)
+    loras: tuple[tuple[Path, float], ...] = ()  # (file, strength) merged for this call, besides <lora:> tags
+    control: tuple = ()  # ControlInput (pipelines/control.py), one per ControlNet
+    feature_cache: int = 1  # DeepCache interval (models/unet.FeatureCache); 1 = off
+
+    def __post_init__(self):
+        set_ = object.__setattr__.__get__(self)  # normalising a frozen instance, once, here
+        prompt = self.prompt
+        if not isinstance(prompt, str):
+            if not isinstance(prompt, (list, tuple)) or not prompt or not all(isinstance(x, str) for x in prompt):
+                raise ConfigError("prompt: a string, or a non-empty list of strings (one image each)")
+            prompt = tuple(prompt)
+            if self.batch not in (1, len(prompt)):
+                raise ConfigError(f"batch {self.batch} with {len(prompt)} prompts; a list of prompts is one image each")
+            set_("prompt", prompt)
+            set_("batch", len(prompt))
+        if not isinstance(self.negative_prompt, str):
+            raise ConfigError("negative_prompt: a string")
+        if self.steps is not None and (not _is_int(self.steps) or self.steps <= 0):
+            raise ConfigError(f"steps: {self.steps}; allowed: 1 or more")
+        if self.sampler is not None:
+            get_sampler(self.sampler)
+        if self.seed is None:
+            set_("seed", -1)
+        if not _is_int(self.seed):
+            raise ConfigError(f"seed: {self.seed!r}; allowed: an integer (below 0: random)")
+        if not _is_int(self.batch) or not 1 <= self.batch <= MAX_BATCH:
+            raise ConfigError(f"batch: {self.batch}; allowed: 1 to {MAX_BATCH}")
+        self._check_images()
+        check_prompt_mode(self.prompt_mode)
+        FeatureCache(self.feature_cache)  # refuses a bad interval
+        set_("loras", tuple((Path(f), float(w)) for f, w in self.loras or ()))
+        set_("control", tuple(self.control or ()))
+
+    def _check_images(self) -> None:
+        if self.mask is not None and self.init_image is None:
+            raise ConfigError("a mask needs an init image (the image to repaint)")
+        if self.init_image is not None and not 0.0 <= self.strength <= 1.0:
+            raise ConfigError(f"strength: {self.strength}; allowed: 0 to 1")
+        if self.mask is not None and self.mask.size != self.init_image.size:
+            raise ConfigError(
+                f"mask is {self.mask.size[0]}x{self.mask.size[1]} but the init image is "
+                f"{self.init_image.size[0]}x{self.init_image.size[1]}; they must be the same size"
+            )
+
+    @property
+    def prompts(self) -> list[str]:
+        """One prompt per image."""
+        return list(self.prompt) if isinstance(self.prompt, tuple) else [self.prompt] * self.batch
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.batch)]
+
+    @property
+    def denoising_strength(self) -> float | None:
+        """The strength a run used: None without an init image (text-to-image)."""
+        return self.strength if self.init_image is not None else None
+
+    def for_model(self, model, defaults: dict, name: str = "model") -> "GenerationParams":
+        """These parameters made concrete for `model` (a LatentDiffusion): what was left out filled
+        from `defaults` and the model, the random seed drawn, and every model-dependent check run."""
+        c = model.config
+        p = replace(
+            self,
+            steps=defaults["steps"] if self.steps is None else self.steps,
+            cfg=defaults["cfg"] if self.cfg is None else self.cfg,
+            sampler=defaults["sampler"] if self.sampler is None else self.sampler,
+        )
+        spec = get_sampler(p.sampler)
+        # a bad spacing, or a scheduler config this sampler cannot follow, is refused before any work
+        spec.build_schedule(NoiseSchedule.from_config(c.schedule), 1, p.timestep_spacing, c.schedule.diffusers)
+        if c.unet.in_channels == 9 and p.mask is None:
+            raise ConfigError(f"{name} is an inpainting model: give an init image and a mask")
+        multiple = max(8, c.vae.downsample_factor)
+        width, height = p.width, p.height
+        if width is None:
+            width = (p.init_image.width // multiple * multiple) if p.init_image is not None else c.image_size
+        if height is None:
+            height = (p.init_image.height // multiple * multiple) if p.init_image is not None else c.image_size
+        _check_size("width", width, multiple)
+        _check_size("height", height, multiple)
+        clip_skip = c.text.clip_skip if p.clip_skip is None else p.clip_skip
+        check_clip_skip(c.text, clip_skip)
+        for ci in p.control:
+            ci.check()
+            ci.net.check_base(c.unet)
+            if ci.net.control_config.downsample_factor != c.vae.downsample_factor:
+                raise ConfigError(
+                    f"ControlNet {ci.name}: its hint encoder downsamples by {ci.net.control_config.downsample_factor}"
+                    f" but this model's autoencoder by {c.vae.downsample_factor}"
+                )
+        seed = secrets.randbelow(2**32) if p.seed < 0 else p.seed
+        return replace(p, width=width, height=height, clip_skip=clip_skip, seed=seed)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_size(name: str, value: int, multiple: int) -> None:
+    if not _is_int(value) or value <= 0 or value % multiple or value > MAX_SIDE:
+        raise ConfigError(f"{name}: {value}; allowed: a multiple of {multiple} from {multiple} to {MAX_SIDE}")
+
+
+# --- infotext: the popular web UI's parameters text, written into every PNG and read back ---------
+# (entry, field, type): the entries a run's parameters are read back from. The web UI writes "Clip
+# skip" only when it is not 1, "Denoising strength" only for image-to-image, and so do we.
+INFOTEXT_FIELDS = (
+    ("Steps", "steps", int),
+    ("CFG scale", "cfg", float),
+    ("Seed", "seed", int),
+    ("Denoising strength", "strength", float),
+    ("Mask blur", "mask_blur", float),
+    ("Clip skip", "clip_skip", int),
+    ("Eta DDIM", "eta", float),
+    ("Guidance rescale", "guidance_rescale", float),
+    ("Prompt mode", "prompt_mode", str),
+    ("Timestep spacing", "timestep_spacing", str),
+    ("Feature cache", "feature_cache", int),
+)
+# Parameters an infotext does not carry: the images and files a run was given (ControlNets and
+# LoRAs are recorded by name and hash, for people, not read back).
+NOT_IN_INFOTEXT = {"prompt", "negative_prompt", "width", "height", "batch", "init_image", "mask", "loras", "control"}
+
+
+@dataclass
+class RunFacts:
+    """What an infotext says about the run besides its parameters: the model and how it computed."""
+
+    model_name: str
+    model_hash: str = ""
+    schedule_type: str = ""  # the web UI's name for the sigmas walked (Karras, Uniform, ...)
+    precision: str = "fp32"
+    lora_hashes: str = ""  # "name: hash, ..." of the LoRAs merged
+
+
+def to_infotext(p: GenerationParams, index: int, run: RunFacts, version: str) -> str:
+    """Image `index`'s infotext, in the web UI's field order, for concrete parameters (for_model)."""
+    spec = SAMPLERS[p.sampler]
+    fields_ = {
+        "Steps": p.steps,
+        "Sampler": spec.webui_name,
+        "Schedule type": run.schedule_type,
+        "CFG scale": p.cfg,
+        "Seed": p.seed + index,
+        "Size": f"{p.width}x{p.height}",
+        "Model hash": run.model_hash or None,
+        "Model": run.model_name,
+        "Denoising strength": p.denoising_strength,
+        "Mask blur": p.mask_blur if p.mask is not None else None,
+        "Clip skip": p.clip_skip if p.clip_skip and p.clip_skip != 1 else None,
+        "Eta DDIM": p.eta if p.sampler == "ddim" and p.eta else None,
+        "Guidance rescale": p.guidance_rescale or None,
+        "Prompt mode": p.prompt_mode if p.prompt_mode != "webui" else None,
+        "Timestep spacing": p.timestep_spacing,
+        "Precision": run.precision if run.precision != "fp32" else None,
+        "Feature cache": p.feature_cache if p.feature_cache > 1 else None,
+        "Lora hashes": run.lora_hashes or None,
+        **{
+            f"ControlNet {i}": (
+                f"Module: {ci.kind}, Model: {ci.name}, Weight: {ci.strength:g}, Guidance Start: {ci.start:g}, "
+                f"Guidance End: {ci.end:g}, Control Mode: {CONTROL_MODES[ci.guess_mode]}"
+            )
+            for i, ci in enumerate(p.control)
+        },
+        "ldmkit sampler": p.sampler,
+        "Version": version,
+    }
+    return format_infotext(p.prompts[index], p.negative_prompt, fields_)
+
+
+def from_infotext(text: str) -> tuple[dict, bool]:
+    """(GenerationParams keyword arguments, written by ldmkit) from an infotext: exact for ldmkit's
+    own, best effort for the web UI's (its sampler named by its title and schedule type)."""
+    prompt, negative, f = parse_infotext(text)
+    out: dict = {"prompt": prompt, "negative_prompt": negative}
+    if "ldmkit sampler" in f:
+        out["sampler"] = f["ldmkit sampler"]
+    elif "Sampler" in f:
+        out["sampler"] = from_webui(f["Sampler"], f.get("Schedule type"))
+    try:
+        for entry, name, kind in INFOTEXT_FIELDS:
+            if entry in f:
+                out[name] = kind(f[entry])
+        if "Size" in f:
+            out["width"], out["height"] = (int(v) for v in f["Size"].lower().split("x"))
+    except ValueError as e:
+        raise ConfigError(f"unreadable generation parameters ({e})") from None
+    return out, f.get("Version", "").startswith("ldmkit")
+
+
+PARAM_NAMES = tuple(f.name for f in fields(GenerationParams))

@@ -1,0 +1,233 @@
+"""From a web-UI generation request (txt2img, img2img) to pipeline calls on the worker, and back to
+the web UI's answer: checked against the server's limits, the sampler looked up by its web UI name,
+ControlNet units read from `alwayson_scripts`, n_iter batches run as one job, the images saved unless
+the request says not to."""
+
+import secrets
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from PIL import Image
+
+from ldmkit import __version__
+from ldmkit.errors import RequestError
+from ldmkit.pipelines.params import GenerationParams
+from ldmkit.server.webui import (
+    GenerationRequest,
+    Img2ImgRequest,
+    decode_image,
+    encode_png,
+    info_json,
+    refuse_unsupported,
+)
+from ldmkit.server.worker import Worker
+
+if TYPE_CHECKING:
+    from ldmkit.server.app import Limits
+    from ldmkit.server.registry import Models
+    from ldmkit.server.state import ServerState
+
+
+@dataclass
+class Plan:
+    """What a request comes to before it reaches the worker."""
+
+    model: str  # a name in Models.paths
+    params: GenerationParams  # the first batch's; ControlNet units are read once the model is loaded
+    clip_skip: int  # the web UI's setting (1 = the model's own layer)
+
+
+# GenerationParams field <- the request field it is read from, and its type (None in the request:
+# GenerationParams' default). The sampler, clip skip, images and ControlNets are read apart (resolve);
+# LoRAs only through the prompt's <lora:NAME:WEIGHT> tags, looked up in the server's --lora-dir (a
+# client never names a file).
+FROM_REQUEST = {
+    "prompt": ("prompt", str),
+    "negative_prompt": ("negative_prompt", str),
+    "steps": ("steps", int),
+    "cfg": ("cfg_scale", float),
+    "width": ("width", int),
+    "height": ("height", int),
+    "batch": ("batch_size", int),
+    "strength": ("denoising_strength", float),
+    "mask_blur": ("mask_blur", float),
+    "eta": ("eta", float),
+    "guidance_rescale": ("guidance_rescale", float),
+    "prompt_mode": ("prompt_mode", str),
+    "timestep_spacing": ("timestep_spacing", str),
+    "feature_cache": ("feature_cache", int),
+}
+NOT_FROM_REQUEST = {"loras": "the prompt's <lora:NAME:WEIGHT> tags, in the server's --lora-dir"}
+
+
+def validate(req: GenerationRequest, lim: "Limits") -> None:
+    refuse_unsupported(req)
+    for name in ("width", "height"):
+        v = getattr(req, name)
+        if v <= 0 or v % 8:
+            raise RequestError(f"{name}: {v}; allowed: a positive multiple of 8")
+    if req.width * req.height > lim.max_pixels:
+        raise RequestError(f"width x height: {req.width}x{req.height}; allowed: at most {lim.max_pixels} pixels")
+    if not 1 <= req.steps <= lim.max_steps:
+        raise RequestError(f"steps: {req.steps}; allowed: 1 to {lim.max_steps}")
+    if req.batch_size < 1 or req.n_iter < 1 or req.batch_size * req.n_iter > lim.max_images:
+        raise RequestError(f"batch_size x n_iter: {req.batch_size}x{req.n_iter}; allowed: 1 to {lim.max_images} images")
+    for name in ("prompt", "negative_prompt"):
+        if len(getattr(req, name)) > lim.max_prompt_chars:
+            raise RequestError(f"{name}: {len(getattr(req, name))} characters; allowed: {lim.max_prompt_chars}")
+
+
+def sampler_of(req: GenerationRequest) -> str | None:
+    from ldmkit.diffusion.registry import from_webui
+
+    name = req.sampler_name or req.sampler_index
+    return from_webui(name, req.scheduler) if name else None
+
+
+def init_and_mask(req: GenerationRequest) -> tuple[Image.Image | None, Image.Image | None]:
+    """img2img's base image and inpainting mask (inverted when asked), decoded; (None, None) for txt2img."""
+    if not isinstance(req, Img2ImgRequest):
+        return None, None
+    if not req.init_images:
+        raise RequestError("init_images: give one base64 image")
+    init = decode_image(req.init_images[0], "init_images[0]")
+    mask = None
+    if req.mask:
+        mask = decode_image(req.mask, "mask")
+        if req.inpainting_mask_invert:
+            from PIL import ImageOps
+
+            mask = ImageOps.invert(mask.convert("L"))
+    return init, mask
+
+
+def resolve(req: GenerationRequest, server: "ServerState") -> Plan:
+    """The request checked and resolved on the request thread: a 4xx here never queues a job."""
+    validate(req, server.config.limits)
+    init, mask = init_and_mask(req)
+    overrides = req.override_settings or {}
+    wanted = overrides.get("sd_model_checkpoint") or server.options["sd_model_checkpoint"]
+    name = server.models.find(wanted)
+    clip_skip = int(overrides.get("CLIP_stop_at_last_layers", server.options["CLIP_stop_at_last_layers"]))
+    read = {field: (getattr(req, attr, None), kind) for field, (attr, kind) in FROM_REQUEST.items()}
+    params = GenerationParams(
+        **{field: kind(value) for field, (value, kind) in read.items() if value is not None},
+        sampler=sampler_of(req),
+        seed=req.seed if req.seed >= 0 else secrets.randbelow(2**32),  # n_iter batches follow on from it
+        clip_skip=clip_skip if clip_skip > 1 else None,
+        init_image=init,
+        mask=mask,
+    )
+    return Plan(name, params, clip_skip)
+
+
+def control_inputs(req: GenerationRequest, pipe, models: "Models") -> list:
+    """The enabled ControlNet units of `alwayson_scripts`, each with its model read and checked."""
+    from ldmkit.pipelines.control import ControlInput
+
+    found = [v for k, v in (req.alwayson_scripts or {}).items() if k.lower() == "controlnet"]
+    units = found[0].get("args", []) if found and isinstance(found[0], dict) else []
+    out = []
+    for i, u in enumerate(units):
+        if not isinstance(u, dict) or not u.get("enabled", True):
+            continue
+        where = f"alwayson_scripts.ControlNet.args[{i}]"
+        image = u.get("image") or u.get("input_image")
+        if isinstance(image, dict):
+            image = image.get("image")
+        if not image:
+            raise RequestError(f"{where}: no image")
+        module = str(u.get("module", "none"))
+        module = {"invert (from white bg & black line)": "scribble", "depth": "depth"}.get(module, module)
+        mode = u.get("control_mode", 0)
+        if mode in (1, "My prompt is more important"):
+            raise RequestError(f"{where}.control_mode: 'My prompt is more important' is not supported")
+        resize = u.get("resize_mode", 1)
+        img = decode_image(image, f"{where}.image")
+        same_aspect = img.width * req.height == img.height * req.width
+        if resize not in (0, "Just Resize") and not same_aspect:
+            raise RequestError(f"{where}.resize_mode: only 'Just Resize' for images of another aspect ratio")
+        net = models.controlnet(str(u.get("model", "")), pipe.model.unet.config)
+        out.append(
+            ControlInput(
+                net,
+                img,
+                module,
+                float(u.get("weight", 1.0)),
+                float(u.get("guidance_start", 0.0)),
+                float(u.get("guidance_end", 1.0)),
+                mode in (2, "ControlNet is more important"),
+                name=str(u.get("model")),
+            )
+        )
+    return out
+
+
+def run(server: "ServerState", req: GenerationRequest, plan: Plan, w: Worker) -> tuple[list, bool]:
+    """The job, on the worker thread: the request's n_iter batches, reporting progress, stopping between
+    batches (and at the next step) when interrupted. Returns (results, interrupted)."""
+    from ldmkit.pipelines import Interrupted
+
+    pipe = server.load(plan.model)
+    control = control_inputs(req, pipe, server.models)
+    w.progress.job_count = req.n_iter
+    results = []
+
+    def on_step(info):
+        w.progress.sampling_step, w.progress.sampling_steps = info.step, info.steps
+        w.progress.step_info = info
+        if w.progress.interrupted:
+            raise Interrupted(info.x0)
+
+    for i in range(req.n_iter):
+        if w.progress.interrupted:
+            break
+        batch = replace(plan.params, seed=plan.params.seed + i * plan.params.batch, control=control)
+        result = pipe(batch, callback=on_step)
+        results.append(result)
+        w.progress.job_no = i + 1
+    return results, w.progress.interrupted
+
+
+def response(
+    server: "ServerState", req: GenerationRequest, kind: str, plan: Plan, results: list, interrupted: bool
+) -> dict:
+    """The web UI's answer to a generation request; every image is saved first unless the request says not to."""
+    from ldmkit.diffusion.registry import SAMPLERS
+
+    images, seeds, infotexts = [], [], []
+    for r in results:
+        images += r.images
+        seeds += r.seeds
+        infotexts += r.infotexts
+    if not req.do_not_save_samples or req.save_images:
+        for image, s, text in zip(images, seeds, infotexts):
+            server.outputs.save(kind, image, s, text)
+    spec = SAMPLERS[results[0].params.sampler] if results else None
+    title = (spec.webui_name + (" Karras" if spec.webui_schedule == "Karras" else "")) if spec else ""
+    strength = results[0].params.denoising_strength if results else None
+    info = info_json(
+        req,
+        seeds=seeds,
+        infotexts=infotexts,
+        sampler_title=title,
+        model_name=plan.model,
+        model_hash=(server.models.short_hash(plan.model) or "")[:10],
+        clip_skip=plan.clip_skip,
+        strength=strength,
+        version=f"ldmkit {__version__}",
+    )
+    return {
+        "images": [encode_png(im, t) for im, t in zip(images, infotexts)] if req.send_images else [],
+        "parameters": req.model_dump(),
+        "info": info,
+        **({"interrupted": True} if interrupted else {}),
+    }
+
+
+def generate(server: "ServerState", req: GenerationRequest, kind: str) -> dict:
+    """txt2img or img2img: checked here, run as one job on the worker, answered once it is done."""
+    p = resolve(req, server)
+    job = server.worker.submit(kind, lambda w: run(server, req, p, w), req.force_task_id)
+    results, interrupted = job.future.result()
+    return response(server, req, kind, p, results, interrupted)

@@ -1,0 +1,115 @@
+"""The checkpoints `ldmkit serve` offers, titled as the web UI titles them, the one loaded, and the
+ControlNets offered by name."""
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import HTTPException
+
+from ldmkit.errors import LdmkitError, RequestError
+
+if TYPE_CHECKING:
+    from ldmkit.server.app import ServeConfig
+
+
+class Models:
+    """The checkpoints on offer (titled as the web UI titles them) and the one loaded."""
+
+    def __init__(self, config: "ServeConfig"):
+        from ldmkit.bundled import BUNDLED, HERE, resolve
+
+        self.paths: dict[str, Path] = {}  # model_name -> path
+        for name, entry in BUNDLED.items():
+            if (HERE / entry.file).is_file():
+                self.paths[name] = HERE / entry.file
+        if config.models_dir:
+            for p in sorted(Path(config.models_dir).expanduser().glob("*")):
+                if p.suffix in (".safetensors", ".ckpt") or (p / "model_index.json").is_file():
+                    self.paths.setdefault(p.stem if p.is_file() else p.name, p)
+        first, _ = resolve(config.model)
+        self.default = next((n for n, p in self.paths.items() if p == first), None)
+        if self.default is None:
+            self.default = first.stem if first.is_file() else first.name
+            self.paths[self.default] = first
+        self._hashes: dict[str, str] = {}
+        self.pipe = None
+        self.loaded: str | None = None
+        self.controlnets: dict[str, Path] = {Path(p).stem: Path(p) for p in config.controlnets}
+        self.lora_dir = config.lora_dir
+        self._controlnet_files: dict[Path, Any] = {}
+        self.embeddings_dir = config.embeddings_dir
+
+    def short_hash(self, name: str) -> str | None:
+        """The file's full sha256 hex digest (titles show its first 10 digits), read once; None for a folder
+        and for a file of 256 MiB or more."""
+        from ldmkit.checkpoints.files import sha256_file
+
+        path = self.paths[name]
+        if name not in self._hashes and path.is_file() and path.stat().st_size < 2**28:
+            self._hashes[name] = sha256_file(path)
+        return self._hashes.get(name)
+
+    def title(self, name: str) -> str:
+        h = self.short_hash(name)
+        filename = self.paths[name].name
+        return f"{filename} [{h[:10]}]" if h else filename
+
+    def find(self, wanted: str) -> str:
+        """A model by title, file name, name, or title without its hash."""
+        for name in self.paths:
+            if wanted in (name, self.paths[name].name, str(self.paths[name])) or wanted == self.title(name):
+                return name
+            if wanted.split(" [")[0] in (self.paths[name].name, name):
+                return name
+        raise HTTPException(404, f"model {wanted!r} not found; available: {', '.join(self.titles())}")
+
+    def titles(self) -> list[str]:
+        return [self.title(n) for n in self.paths]
+
+    def load(self, name: str):
+        """On the worker thread only."""
+        if self.loaded != name:
+            from ldmkit.bundled import BUNDLED
+            from ldmkit.pipelines import Pipeline
+
+            self.pipe, self.loaded = None, None  # free the old model first; a failed load leaves none
+            self.pipe = Pipeline.load(name if name in BUNDLED else self.paths[name])
+            self.pipe.lora_dir = self.lora_dir
+            if self.embeddings_dir:
+                self.pipe.embeddings.load_folder(self.embeddings_dir)
+            self.loaded = name
+        return self.pipe
+
+    def controlnet_path(self, name: str) -> Path:
+        from ldmkit.bundled import bundled_controlnet
+
+        if name in self.controlnets:
+            return self.controlnets[name]
+        stem = name.split(" [")[0]
+        if stem in self.controlnets:
+            return self.controlnets[stem]
+        try:
+            path = bundled_controlnet(self.pipe.path if self.pipe else None)
+        except LdmkitError:
+            path = None
+        if path is not None and stem in (path.stem, path.name):
+            return path
+        raise RequestError(f"ControlNet model {name!r} not found; available: {', '.join(self.controlnet_names())}")
+
+    def controlnet(self, name: str, base):
+        """A ControlNet by name, read once and checked against the loaded model's UNet."""
+        from ldmkit.checkpoints.controlnet_files import load_controlnet
+
+        path = self.controlnet_path(name)
+        if path not in self._controlnet_files:
+            self._controlnet_files[path] = load_controlnet(path, base=base)
+        net = self._controlnet_files[path]
+        net.check_base(base)
+        return net
+
+    def controlnet_names(self) -> list[str]:
+        from ldmkit.bundled import BUNDLED, HERE
+
+        names = list(self.controlnets)
+        names += [Path(e.controlnet).stem for e in BUNDLED.values() if e.controlnet and (HERE / e.controlnet).is_file()]
+        return names

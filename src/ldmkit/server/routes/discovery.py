@@ -1,0 +1,117 @@
+"""Routes clients call at start-up to learn what we have: models, samplers, schedulers, LoRAs, embeddings,
+ControlNets; and the web UI's other lists, answered empty or fixed because we have none of their kind."""
+
+from fastapi import FastAPI
+
+from ldmkit.server.state import ServerState
+
+SCHEDULERS = [
+    {"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False},
+    {"name": "uniform", "label": "Uniform", "aliases": None, "default_rho": -1, "need_inner_model": True},
+    {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False},
+]
+EMPTY_LISTS = (
+    "sd-vae",
+    "hypernetworks",
+    "face-restorers",
+    "realesrgan-models",
+    "prompt-styles",
+    "latent-upscale-modes",
+)
+
+
+def add_routes(app: FastAPI, server: ServerState) -> None:
+    _add_what_we_have(app, server)
+    _add_fixed(app)
+
+
+def _add_what_we_have(app: FastAPI, server: ServerState) -> None:
+    models = server.models
+
+    @app.get("/sdapi/v1/sd-models")
+    def sd_models() -> list[dict]:
+        return [
+            {
+                "title": models.title(n),
+                "model_name": n,
+                "hash": (models.short_hash(n) or "")[:10] or None,
+                "sha256": models.short_hash(n),
+                "filename": str(models.paths[n]),
+                "config": None,
+            }
+            for n in models.paths
+        ]
+
+    @app.get("/sdapi/v1/samplers")
+    def samplers() -> list[dict]:
+        from ldmkit.diffusion.registry import SAMPLERS
+
+        out: dict[str, dict] = {}
+        for s in SAMPLERS.values():
+            entry = out.setdefault(s.webui_name, {"name": s.webui_name, "aliases": [], "options": {}})
+            entry["aliases"].append(s.name)
+        return list(out.values())
+
+    @app.get("/sdapi/v1/schedulers")
+    def schedulers() -> list[dict]:
+        return [dict(s) for s in SCHEDULERS]
+
+    @app.get("/sdapi/v1/loras")
+    def loras() -> list[dict]:
+        from ldmkit.models.lora import find_lora, list_loras
+
+        lora_dir = server.config.lora_dir
+        return [
+            {"name": n, "alias": n, "path": str(find_lora(n, lora_dir)), "metadata": {}} for n in list_loras(lora_dir)
+        ]
+
+    @app.get("/sdapi/v1/embeddings")
+    def embeddings() -> dict:
+        vectors = models.pipe.embeddings.vectors if models.pipe else {}
+        loaded = {
+            n: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": v.shape[1], "vectors": len(v)}
+            for n, v in vectors.items()
+        }
+        return {"loaded": loaded, "skipped": {}}
+
+    @app.get("/controlnet/model_list")
+    def controlnet_models() -> dict:
+        return {"model_list": models.controlnet_names()}
+
+    @app.get("/controlnet/module_list")
+    def controlnet_modules() -> dict:
+        from ldmkit.pipelines.control import PREPROCESSORS
+
+        return {"module_list": list(PREPROCESSORS)}
+
+
+def _add_fixed(app: FastAPI) -> None:
+    @app.get("/sdapi/v1/scripts")
+    def scripts() -> dict:
+        return {"txt2img": [], "img2img": []}
+
+    @app.get("/sdapi/v1/script-info")
+    def script_info() -> list:
+        return []
+
+    @app.get("/sdapi/v1/upscalers")
+    def upscalers() -> list[dict]:
+        return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
+
+    for route in EMPTY_LISTS:
+        app.add_api_route(f"/sdapi/v1/{route}", lambda: [], methods=["GET"])
+
+    @app.get("/sdapi/v1/cmd-flags")
+    def cmd_flags() -> dict:
+        return {"api": True, "listen": False}
+
+    @app.get("/sdapi/v1/memory")
+    def memory() -> dict:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {"ram": {"used": rss}, "cuda": {"error": "no CUDA device"}}
+
+    @app.post("/sdapi/v1/refresh-checkpoints")
+    def refresh() -> dict:
+        return {}

@@ -1,0 +1,89 @@
+"""Routes on the running state: progress of the running job, interrupting it, and the options the web UI
+reads and sets (the model among them)."""
+
+import time
+from typing import Any
+
+from fastapi import FastAPI
+
+from ldmkit.errors import RequestError
+from ldmkit.server.state import ServerState
+from ldmkit.server.webui import encode_png
+from ldmkit.server.worker import Worker
+
+
+def progress_json(worker: Worker, skip_current_image: bool, id_task: str | None) -> dict:
+    """GET /sdapi/v1/progress: the running job's state, with a preview of its current image unless skipped."""
+    p = worker.progress
+    running = worker.current is not None
+    elapsed = time.time() - p.started if running else 0.0
+    frac = p.fraction if running else 0.0
+    image = None
+    if running and not skip_current_image and p.step_info is not None:
+        image = encode_png(p.step_info.preview()[0])
+    out = {
+        "progress": frac,
+        "eta_relative": (elapsed / frac - elapsed) if frac > 0 else 0.0,
+        "state": {
+            "skipped": False,
+            "interrupted": p.interrupted,
+            "job": p.job if running else "",
+            "job_count": p.job_count if running else 0,
+            "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(p.started or time.time())),
+            "job_no": p.job_no,
+            "sampling_step": p.sampling_step,
+            "sampling_steps": p.sampling_steps,
+        },
+        "current_image": image,
+        "textinfo": None,
+        "queue_pending": worker.pending,
+    }
+    if id_task is not None:
+        out["queue_position"] = worker.position(id_task)
+    return out
+
+
+def set_option(server: ServerState, key: str, value: Any) -> None:
+    """One setting of POST /sdapi/v1/options; a new sd_model_checkpoint is loaded (as a job) before it is set."""
+    if key == "sd_model_checkpoint":
+        name = server.models.find(str(value))
+
+        def switch(w: Worker) -> None:
+            server.load(name)
+
+        server.worker.submit("load model", switch).future.result()
+        server.options[key] = server.models.title(name)
+    elif key == "CLIP_stop_at_last_layers":
+        if not isinstance(value, int) or not 1 <= value <= 12:
+            raise RequestError(f"CLIP_stop_at_last_layers: {value!r}; allowed: 1 to 12")
+        server.options[key] = value
+    else:
+        server.options[key] = value  # kept and echoed; nothing of ours reads it
+
+
+def add_routes(app: FastAPI, server: ServerState) -> None:
+    worker = server.worker
+
+    @app.get("/sdapi/v1/progress")
+    def progress(skip_current_image: bool = False, id_task: str | None = None) -> dict:
+        return progress_json(worker, skip_current_image, id_task)
+
+    @app.post("/sdapi/v1/interrupt")
+    def interrupt() -> dict:
+        worker.interrupt()
+        return {}
+
+    @app.post("/sdapi/v1/skip")
+    def skip() -> dict:
+        worker.interrupt()  # one image per job at most in flight: skipping it is interrupting it
+        return {}
+
+    @app.get("/sdapi/v1/options")
+    def get_options() -> dict:
+        return dict(server.options)
+
+    @app.post("/sdapi/v1/options")
+    def set_options(update: dict[str, Any]) -> dict:
+        for key, value in update.items():
+            set_option(server, key, value)
+        return {}

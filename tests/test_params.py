@@ -1,0 +1,197 @@
+"""Generation parameters have one owner (pipelines/params.py): every field reaches the CLI, the Python
+API and the HTTP API (or is listed as deliberately not), an infotext reads back into the parameters
+that wrote it, and the same seed through all three interfaces gives byte-identical PNGs."""
+
+import base64
+import io
+from dataclasses import fields
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from ldmkit.cli import build_parser, main
+from ldmkit.cli.generate import _params
+from ldmkit.errors import ConfigError
+from ldmkit.pipelines import GenerationParams, Pipeline
+from ldmkit.pipelines.params import (
+    INFOTEXT_FIELDS,
+    NOT_IN_INFOTEXT,
+    PARAM_NAMES,
+    RunFacts,
+    from_infotext,
+    to_infotext,
+)
+from ldmkit.server.app import Limits, ServeConfig, create_app
+from ldmkit.server.generation import FROM_REQUEST, NOT_FROM_REQUEST, resolve
+from ldmkit.server.webui import Img2ImgRequest
+
+IMAGE = Image.new("RGB", (48, 40), (200, 30, 30))
+MASK = Image.new("L", (48, 40), 255)
+# One value per field, none of them the default: a field added to GenerationParams without a value
+# here fails test_every_field_has_a_probe, and one an interface drops fails the test of that interface.
+PROBE = {
+    "prompt": "a red circle",
+    "negative_prompt": "blue",
+    "steps": 3,
+    "cfg": 4.5,
+    "sampler": "euler",
+    "seed": 11,
+    "width": 40,
+    "height": 48,
+    "batch": 2,
+    "clip_skip": 2,
+    "init_image": IMAGE,
+    "strength": 0.5,
+    "mask": MASK,
+    "mask_blur": 2.0,
+    "eta": 0.25,
+    "guidance_rescale": 0.7,
+    "prompt_mode": "truncate",
+    "timestep_spacing": "trailing",
+    "loras": ((Path("style.safetensors"), 0.5),),
+    "control": "set once a model is loaded",  # ControlInputs hold a loaded ControlNet: checked apart
+    "feature_cache": 2,
+}
+
+
+def same(field: str, got, want) -> bool:
+    if isinstance(want, Image.Image):
+        return isinstance(got, Image.Image) and got.tobytes() == want.convert(got.mode).tobytes()
+    return got == want
+
+
+def test_every_field_has_a_probe():
+    assert set(PROBE) == set(PARAM_NAMES)
+    assert all(PROBE[f.name] != f.default for f in fields(GenerationParams))
+
+
+def test_every_field_reaches_the_cli(tmp_path):
+    IMAGE.save(tmp_path / "init.png")
+    MASK.save(tmp_path / "mask.png")
+    argv = [
+        "generate",
+        PROBE["prompt"],
+        "--init-image",
+        str(tmp_path / "init.png"),
+        "--mask",
+        str(tmp_path / "mask.png"),
+    ]
+    argv += ["--lora", "style.safetensors:0.5", "--control", f"canny:{tmp_path / 'init.png'}"]
+    for name in PARAM_NAMES:
+        if name not in ("prompt", "init_image", "mask", "loras", "control"):
+            argv += ["--" + name.replace("_", "-"), str(PROBE[name])]
+    args = build_parser().parse_args(argv)
+    assert {a.dest for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions} >= set(
+        PARAM_NAMES
+    )
+    params = _params(args)
+    for name in PARAM_NAMES:
+        if name != "control":
+            assert same(name, getattr(params, name), PROBE[name]), name
+    assert args.control == [f"canny:{tmp_path / 'init.png'}"]  # made ControlInputs once the model is loaded
+
+
+def test_every_field_reaches_the_http_api():
+    b64 = {}
+    for key, image in (("init", IMAGE), ("mask", MASK)):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        b64[key] = base64.b64encode(buf.getvalue()).decode()
+    body = {attr: PROBE[field] for field, (attr, _) in FROM_REQUEST.items()}
+    body.update(
+        seed=PROBE["seed"], sampler_name="Euler", init_images=[b64["init"]], mask=b64["mask"], inpainting_fill=1
+    )
+    body.update(inpaint_full_res=False, override_settings={"CLIP_stop_at_last_layers": PROBE["clip_skip"]})
+    server = SimpleNamespace(
+        config=SimpleNamespace(limits=Limits()),
+        options={"sd_model_checkpoint": "m", "CLIP_stop_at_last_layers": 1},
+        models=SimpleNamespace(find=lambda wanted: wanted),
+    )
+    params = resolve(Img2ImgRequest(**body), server).params
+    reached = set(FROM_REQUEST) | {"sampler", "clip_skip", "init_image", "mask", "seed"}
+    for name in reached:
+        assert same(name, getattr(params, name), PROBE[name]), name
+    # ControlNet units (alwayson_scripts) become ControlInputs on the worker, once the model is loaded:
+    # tests/test_controlnet.py sends them. LoRAs come from prompt tags only.
+    assert set(PARAM_NAMES) - reached == {"control"} | set(NOT_FROM_REQUEST)
+
+
+def test_every_field_reaches_the_python_api(monkeypatch):
+    pipe = Pipeline.load(None)
+    seen = {}
+
+    def capture(p, callback):
+        seen["params"] = p
+        raise KeyboardInterrupt  # stop before any work: only the parameters are under test
+
+    monkeypatch.setattr(pipe, "_use_loras", lambda p: None)
+    monkeypatch.setattr(pipe, "_generate", capture)
+    monkeypatch.setattr("ldmkit.pipelines.params.check_clip_skip", lambda config, clip_skip: None)
+    probe = {k: v for k, v in PROBE.items() if k != "control"}
+    with pytest.raises(KeyboardInterrupt):
+        pipe(**probe)
+    for name, value in probe.items():
+        assert same(name, getattr(seen["params"], name), value), name
+
+
+def test_infotext_reads_back_what_it_wrote():
+    kept = {k: v for k, v in PROBE.items() if k not in ("control", "loras", "batch")}
+    params = GenerationParams(**{**kept, "sampler": "ddim"})  # DDIM: its eta is written too
+    text = to_infotext(params, 0, RunFacts("model"), "ldmkit test")
+    read, ours = from_infotext(text)
+    assert ours
+    for entry, name, _ in INFOTEXT_FIELDS:
+        assert read[name] == getattr(params, name), entry
+    carried = {name for _, name, _ in INFOTEXT_FIELDS} | {"sampler", "prompt", "negative_prompt", "width", "height"}
+    assert set(PARAM_NAMES) - carried <= NOT_IN_INFOTEXT
+
+
+def test_checks_run_when_the_parameters_are_built():
+    for bad, needle in [
+        ({"steps": 0}, "steps"),
+        ({"sampler": "nope"}, "nope"),
+        ({"batch": 65}, "batch"),
+        ({"prompt_mode": "loud"}, "prompt mode"),
+        ({"feature_cache": 0}, "feature cache"),
+        ({"mask": MASK}, "needs an init image"),
+        ({"init_image": IMAGE, "strength": 1.5}, "strength"),
+        ({"prompt": ["a", "b"], "batch": 3}, "batch 3 with 2 prompts"),
+    ]:
+        with pytest.raises(ConfigError, match=needle):
+            GenerationParams(prompt="x", **bad) if "prompt" not in bad else GenerationParams(**bad)
+
+
+def test_the_same_seed_through_cli_python_and_http_gives_the_same_png(tmp_path):
+    """Byte-identical PNG files (pixels and parameters text) from the three interfaces."""
+    model = tmp_path / "tiny.safetensors"
+    assert main(["init-model", str(model), "--seed", "0"]) == 0
+    settings = dict(prompt="a (red:1.2) circle", negative_prompt="blue", steps=3, cfg=4.0, sampler="euler", seed=7)
+    settings.update(width=32, height=48, guidance_rescale=0.5, timestep_spacing="trailing")
+    argv = ["generate", settings["prompt"], "--model", str(model), "-o", str(tmp_path / "cli.png"), "-q"]
+    for name, value in settings.items():
+        if name != "prompt":
+            argv += ["--" + name.replace("_", "-"), str(value)]
+    assert main(argv) == 0
+
+    from ldmkit.images import write_png
+
+    result = Pipeline.load(model)(**settings)
+    write_png(tmp_path / "python.png", result.images[0], result.infotexts[0])
+
+    body = {attr: settings[field] for field, (attr, _) in FROM_REQUEST.items() if field in settings}
+    body["sampler_name"] = "Euler"
+    app = create_app(ServeConfig(str(model), outputs=str(tmp_path / "outputs")))
+    app.state.ready.result()
+    with TestClient(app) as client:
+        answer = client.post("/sdapi/v1/txt2img", json={**body, "seed": settings["seed"]})
+    assert answer.status_code == 200, answer.text
+    (saved,) = (tmp_path / "outputs").glob("txt2img-images/*/*.png")
+
+    cli, python, http = (tmp_path / "cli.png").read_bytes(), (tmp_path / "python.png").read_bytes(), saved.read_bytes()
+    assert cli == python == http
+    sent = Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0])))
+    assert sent.info["parameters"] == result.infotexts[0] == Image.open(saved).info["parameters"]
+    assert sent.tobytes() == result.images[0].tobytes()
