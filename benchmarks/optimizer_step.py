@@ -5,7 +5,7 @@ parameters in 624 tensors), against the forward and backward they follow.
 
 Prints JSON, milliseconds (median of 6 after a warm-up): forward + backward at batch 32; AdamW's step
 with torch's default for-loop implementation, foreach and fused; the EMA update as a loop of
-mul_/add_ per tensor and as one fused lerp (what LDMTask.update_ema does)."""
+mul_/add_ per tensor and as one fused lerp (what EMA.update in training/ema.py does)."""
 
 import json
 

@@ -257,7 +257,7 @@ def test_ldm_bf16_loss_follows_fp32_and_validates_on_a_held_out_folder(tmp_path,
 def test_frozen_text_states_are_encoded_once_and_kept_within_a_bound(autoencoder, monkeypatch):
     from ldmkit.config import from_dict
     from ldmkit.models.prompts import encode_prompts
-    from ldmkit.training import ldm
+    from ldmkit.training import latent_task as ldm
     from ldmkit.training.ldm import LDMTask, LDMTrainConfig
 
     data = yaml.safe_load((ROOT / "configs" / "test-ldm.yaml").read_text())
@@ -503,7 +503,7 @@ PAPER_TARGETS = {
 
 def test_each_prediction_type_has_the_target_inverse_and_weight_of_its_equations():
     from ldmkit.models.ldm import PREDICTION_TYPES
-    from ldmkit.training.ldm import PREDICTIONS
+    from ldmkit.training.latent_task import PREDICTIONS
 
     assert set(PREDICTIONS) == set(PREDICTION_TYPES) == set(PAPER_TARGETS)
     # by hand: x0 = 1, ε = 2, ᾱ = 0.36 (a = 0.6, s = 0.8): v = 0.6·2 - 0.8·1 = 0.4

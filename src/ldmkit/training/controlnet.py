@@ -11,11 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldmkit.checkpoints.files import atomic_write
-from ldmkit.data.images import DataConfig, open_dataset
+from ldmkit.data.images import open_dataset
 from ldmkit.errors import ConfigError
-from ldmkit.training.ldm import LDMTask, check_cond_dropout
-from ldmkit.training.loop import RunConfig, image_grid
+from ldmkit.training.latent_task import DenoisingTrainConfig, LatentTask, load_frozen
 
 
 @dataclass
@@ -28,29 +26,22 @@ class ControlSampleConfig:
 
 
 @dataclass
-class ControlNetTrainConfig:
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+class ControlNetTrainConfig(DenoisingTrainConfig):
     base: str = ""  # the frozen model to control (ours, an SD file, a diffusers folder)
     hint: str = "canny"  # the preprocessor that makes a hint from each training image
     init_from: str | None = None  # continue from an existing ControlNet
     hint_block_channels: tuple[int, ...] | None = None  # default: (16, 32, 96, 256) cut to the base's factor
     cond_dropout: float = 0.5
-    min_snr_gamma: float | None = None
-    ema_decay: float = 0.999
-    latent_cache: bool = True
     sample: ControlSampleConfig = field(default_factory=ControlSampleConfig)
-    val_batches: int = 2
 
-    def __post_init__(self):
+    frozen_model = ("base", "the model to control")
+
+    def check(self) -> None:
         from ldmkit.pipelines.control import PREPROCESSORS
 
-        if not self.base:
-            raise ConfigError("base: the model to control is required")
-        self.base = str(Path(self.base).expanduser())
         if self.hint not in PREPROCESSORS:
             raise ConfigError(f"hint: {self.hint!r}; allowed: {', '.join(PREPROCESSORS)}")
-        check_cond_dropout(self.cond_dropout)
+        super().check()
 
 
 def hints_from(images: torch.Tensor, kind: str) -> torch.Tensor:
@@ -67,33 +58,31 @@ def hints_from(images: torch.Tensor, kind: str) -> torch.Tensor:
     return torch.stack(out)
 
 
-class ControlNetTask(LDMTask):
+class ControlNetTask(LatentTask):
     name = "controlnet"
     needs_images = True  # the hints come from the images
 
     def __init__(self, config: ControlNetTrainConfig):
         from ldmkit.checkpoints.controlnet_files import load_controlnet
-        from ldmkit.checkpoints.single_file import load_model
         from ldmkit.models.controlnet import ControlNet
 
-        self.model = load_model(config.base)
-        self.model.unet.requires_grad_(False).eval()
-        f = self.model.vae.config.downsample_factor
+        model = load_frozen(config.base)
+        model.unet.eval()
+        f = model.vae.config.downsample_factor
         if config.init_from:
-            net = load_controlnet(config.init_from, base=self.model.unet.config)
+            net = load_controlnet(config.init_from, base=model.unet.config)
         else:
             stages = int(np.log2(f)) + 1
             chs = config.hint_block_channels or (16, 32, 96, 256)[:stages]
             torch.manual_seed(config.run.seed)
-            net = ControlNet.from_unet(self.model.unet, hint_block_channels=tuple(chs))
+            net = ControlNet.from_unet(model.unet, hint_block_channels=tuple(chs))
         if net.control_config.downsample_factor != f:
             raise ConfigError(
                 f"hint_block_channels: {net.control_config.hint_block_channels} downsample by "
                 f"{net.control_config.downsample_factor}, the base's autoencoder by {f}"
             )
         self.net = net
-        self.setup(config, net)
-        self.scale_measured = True  # the base model's scale factor
+        super().__init__(config, model, net)
 
     def extra_for(self, images):
         return None if images is None else hints_from(images, self.config.hint)
@@ -121,7 +110,7 @@ class ControlNetTask(LDMTask):
         s = self.config.sample
         pipe = Pipeline(self.model, name="base")
         rows = [[], [], []]
-        with self.ema_weights():
+        with self.ema.applied():
             for image, caption in self._sample_scenes():
                 source = tensor_to_pil(image[None])[0]
                 hint = hints_from(image[None], self.config.hint)[0]
@@ -131,12 +120,10 @@ class ControlNetTask(LDMTask):
                 rows[0].append(hint_image)
                 rows[1].append(pipe(caption, **settings).images[0])
                 rows[2].append(pipe(caption, control=control, **settings).images[0])
-        folder.mkdir(parents=True, exist_ok=True)
-        grid = image_grid(rows)
-        atomic_write(folder / f"samples-{step:08d}.png", lambda tmp: grid.save(tmp, format="PNG"))
+        self.save_grid(rows, step, folder)
 
     def finish(self, folder: Path) -> None:
         from ldmkit.checkpoints.controlnet_files import save_controlnet
 
-        with self.ema_weights():
+        with self.ema.applied():
             save_controlnet(self.net, folder / "controlnet.safetensors")

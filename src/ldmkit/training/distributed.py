@@ -9,6 +9,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from ldmkit.errors import ConfigError
+
 
 def init_from_env() -> tuple[int, int]:
     """(rank, world size); joins the process group when launched by torchrun."""
@@ -40,7 +42,9 @@ def local_slice(indices: range) -> range:
     n, r = size(), rank()
     per = len(indices) // n
     if per * n != len(indices):
-        raise ValueError(f"global batch {len(indices)} does not split evenly over {n} processes")
+        raise ConfigError(
+            f"run.batch_size: {len(indices)} does not split evenly over {n} processes; allowed: a multiple of {n}"
+        )
     return range(indices.start + r * per, indices.start + (r + 1) * per)
 
 

@@ -12,44 +12,30 @@ import torch
 import torch.nn as nn
 
 from ldmkit.checkpoints.files import write_safetensors
-from ldmkit.data.images import DataConfig
 from ldmkit.errors import ConfigError
-from ldmkit.training.ldm import LDMTask, SampleConfig, check_cond_dropout
-from ldmkit.training.loop import RunConfig
+from ldmkit.training.latent_task import DenoisingTrainConfig, LatentTask, SampleConfig, load_frozen
 
 
 @dataclass
-class EmbeddingTrainConfig:
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+class EmbeddingTrainConfig(DenoisingTrainConfig):
     base: str = ""  # the frozen model
     word: str = "newword"  # the name prompts will use (and the saved file's name)
     init_words: str = "*"  # the vectors start as these words' token vectors (one vector per token)
     replace: str | None = None  # in each caption, this text becomes `word`
-    cond_dropout: float = 0.0
-    min_snr_gamma: float | None = None
     ema_decay: float = 0.0
-    latent_cache: bool = True
     sample: SampleConfig = field(default_factory=SampleConfig)
-    val_batches: int = 2
 
-    def __post_init__(self):
-        if not self.base:
-            raise ConfigError("base: the model to teach is required")
-        self.base = str(Path(self.base).expanduser())
-        check_cond_dropout(self.cond_dropout)
+    frozen_model = ("base", "the model to teach")
 
 
-class EmbeddingTask(LDMTask):
+class EmbeddingTask(LatentTask):
     name = "embedding"
 
     def __init__(self, config: EmbeddingTrainConfig):
-        from ldmkit.checkpoints.single_file import load_model
         from ldmkit.models.embeddings import Embeddings, token_embedding
 
-        self.model = load_model(config.base)
-        self.model.requires_grad_(False)
-        te = self.model.text_encoder
+        model = load_frozen(config.base)
+        te = model.text_encoder
         ids = te.tokenizer.content_ids(config.init_words)
         if not ids:
             raise ConfigError(f"init_words {config.init_words!r}: no tokens")
@@ -57,9 +43,8 @@ class EmbeddingTask(LDMTask):
         table = token_embedding(te)
         self.embeddings.add(config.word, table.weight[ids].detach().clone(), "train-embedding")
         self.vectors = nn.ParameterDict({"vectors": nn.Parameter(table.extra.clone())})
-        self.setup(config, self.vectors)
+        super().__init__(config, model, self.vectors)
         self.model.unet.eval()
-        self.scale_measured = True
 
     def _caption(self, caption: str) -> str:
         c = self.config
@@ -87,7 +72,7 @@ class EmbeddingTask(LDMTask):
         from ldmkit.models.embeddings import token_embedding
         from ldmkit.pipelines import Pipeline
 
-        with self.ema_weights():
+        with self.ema.applied():
             pipe = Pipeline(self.model, name=f"step-{step}")
             pipe.embeddings = self.embeddings
             token_embedding(self.model.text_encoder).extra = self.vectors["vectors"].detach().clone()
@@ -95,6 +80,6 @@ class EmbeddingTask(LDMTask):
 
     def finish(self, folder: Path) -> None:
         """The popular UI's .safetensors layout: {"emb_params": [n, d]}, named after the word."""
-        with self.ema_weights():
+        with self.ema.applied():
             vectors = self.vectors["vectors"].detach().clone()
         write_safetensors(folder / f"{self.config.word}.safetensors", {"emb_params": vectors})

@@ -22,14 +22,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ldmkit.checkpoints.files import atomic_write
-from ldmkit.data.images import DataConfig, sample_generator
 from ldmkit.errors import ConfigError
 from ldmkit.models.ldm import LatentDiffusion
 from ldmkit.models.unet import UNetModel
 from ldmkit.nn.embedding import guidance_scale_embedding
-from ldmkit.training.ldm import PREDICTIONS, LDMTask
-from ldmkit.training.loop import RunConfig, image_grid
+from ldmkit.training.ema import EMA
+from ldmkit.training.latent_task import PREDICTIONS, LatentTask, LatentTrainConfig, load_frozen
 
 SIGMA_DATA = 0.5
 
@@ -43,9 +41,7 @@ class LCMSampleConfig:
 
 
 @dataclass
-class DistillConfig:
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+class DistillConfig(LatentTrainConfig):
     teacher: str = ""  # the model to distil (ours, an SD file, a diffusers folder); frozen
     w_min: float = 2.0  # guidance scales drawn uniformly from [w_min, w_max]
     w_max: float = 8.0
@@ -55,13 +51,11 @@ class DistillConfig:
     loss: str = "huber"  # huber (pseudo-Huber, c = huber_c) | l2
     huber_c: float = 0.001
     ema_decay: float = 0.95  # the target network
-    latent_cache: bool = True
     sample: LCMSampleConfig = field(default_factory=LCMSampleConfig)
 
-    def __post_init__(self):
-        if not self.teacher:
-            raise ConfigError("teacher: the model to distil is required")
-        self.teacher = str(Path(self.teacher).expanduser())
+    frozen_model = ("teacher", "the model to distil")
+
+    def check(self) -> None:
         if self.loss not in ("huber", "l2"):
             raise ConfigError(f"loss: {self.loss!r}; allowed: huber, l2")
         if not 1.0 <= self.w_min <= self.w_max:
@@ -91,31 +85,23 @@ def student_from(teacher: UNetModel, proj_dim: int) -> UNetModel:
     return student
 
 
-class DistillTask(LDMTask):
+class DistillTask(LatentTask):
     name = "student"
 
     def __init__(self, config: DistillConfig):
-        from ldmkit.checkpoints.single_file import load_model
-
-        self.model = load_model(config.teacher)
-        teacher = self.model.unet
-        teacher.requires_grad_(False).eval()
+        model = load_frozen(config.teacher)
+        teacher = model.unet.eval()
         if teacher.config.time_cond_proj_dim:
             raise ConfigError(f"{config.teacher}: already has a guidance embedding (a distilled model)")
         self.student = student_from(teacher, config.time_cond_proj_dim)
-        self.setup(config, self.student)
+        super().__init__(config, model, self.student)
+        # the target network runs on the student's EMA weights: its own tensors are the averages
         self.target = copy.deepcopy(self.student).requires_grad_(False).eval()
-        self.ema = self.target.state_dict()  # updated in place by the loop: the target network's weights
-        self.scale_measured = True  # the teacher's scale factor
+        self.ema = EMA(self.student, config.ema_decay, into=self.target)
         T = self.schedule.num_train_timesteps
         k = T // config.num_ddim_timesteps
         self.k = k
         self.ddim_timesteps = torch.arange(1, config.num_ddim_timesteps + 1) * k - 1  # 19, 39, ..., 999
-
-    def load_state_dict(self, d: dict) -> None:
-        super().load_state_dict(d)
-        self.target.load_state_dict(d["ema"])
-        self.ema = self.target.state_dict()
 
     def guided_teacher(self, z, t, context, uncond, w):
         """The teacher's (x0, eps) with classifier-free guidance of scale w, in its native output
@@ -136,13 +122,8 @@ class DistillTask(LDMTask):
 
     def loss(self, images, items, captions, gs, extra=None, reduce: bool = True):
         c = self.config
-        mean, std = self.posterior(items, images)
-        gens = [sample_generator(c.run.seed, g) for g in gs]
-        z_noise = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g) for g in gens])
-        index = torch.cat([torch.randint(0, c.num_ddim_timesteps, (1,), generator=g) for g in gens])
-        eps = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g) for g in gens])
-        w = torch.cat([torch.rand((1,), generator=g) for g in gens]) * (c.w_max - c.w_min) + c.w_min
-        z0 = self.model.vae.scale(mean + std * z_noise)
+        z0, index, eps, u = self.draw(items, images, gs, c.num_ddim_timesteps)
+        w = u * (c.w_max - c.w_min) + c.w_min
         context = self.encode_text(captions)
         uncond = self.empty.expand_as(context)
         w_emb = guidance_scale_embedding(w, c.time_cond_proj_dim)
@@ -179,9 +160,7 @@ class DistillTask(LDMTask):
         s = self.config.sample
         pipe = Pipeline(self.distilled_model(), name=f"step-{step}")
         rows = [[pipe(p, steps=n, cfg=s.cfg, sampler="lcm", seed=s.seed).images[0] for n in s.steps] for p in s.prompts]
-        folder.mkdir(parents=True, exist_ok=True)
-        grid = image_grid(rows)
-        atomic_write(folder / f"samples-{step:08d}.png", lambda tmp: grid.save(tmp, format="PNG"))
+        self.save_grid(rows, step, folder)
 
     def finish(self, folder: Path) -> None:
         from ldmkit.checkpoints.single_file import save_single_file

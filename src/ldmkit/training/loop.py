@@ -1,5 +1,7 @@
 """The one training loop: steps, logging, checkpoints, resume, NaN guard. What is trained lives in
-a Task (training/autoencoder.py, training/ldm.py).
+a Task (training/autoencoder.py, and the latent tasks on training/latent_task.py), which the loop calls
+through train_step(step, indices, lr) -> logged values, evaluate, sample, finish, state_dict and
+load_state_dict.
 
 A run is a pure function of its config: global batch b holds global samples b*B .. (b+1)*B - 1 and
 every random draw of sample g comes from its own generator (data/images.py), so a resumed run

@@ -15,14 +15,11 @@ import torch.nn as nn
 from ldmkit.checkpoints.files import write_safetensors
 from ldmkit.data.images import DataConfig, MixedOrder, PriorMix, open_dataset
 from ldmkit.errors import ConfigError
-from ldmkit.training.ldm import LDMTask, SampleConfig, check_cond_dropout
-from ldmkit.training.loop import RunConfig
+from ldmkit.training.latent_task import DenoisingTrainConfig, LatentTask, SampleConfig, load_frozen
 
 
 @dataclass
-class LoraTrainConfig:
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+class LoraTrainConfig(DenoisingTrainConfig):
     # Regularisation images from what the base already draws, half of every batch, so that a few dozen
     # new images do not overwrite it (prior preservation); none: the instance images only.
     prior: DataConfig | None = None
@@ -35,40 +32,32 @@ class LoraTrainConfig:
     # The text tower's layers to adapt too (empty: UNet only), e.g. q_proj, k_proj, v_proj, out_proj for
     # CLIP, or query, key, value for BERT-style towers such as MiniLM.
     text_target_modules: tuple[str, ...] = ()
-    cond_dropout: float = 0.0
-    min_snr_gamma: float | None = None
     ema_decay: float = 0.0  # 0: the live weights are the result
-    latent_cache: bool = True
     name: str = "lora"  # the saved files: NAME.safetensors (kohya) and NAME-diffusers.safetensors
     sample: SampleConfig = field(default_factory=SampleConfig)
-    val_batches: int = 2
 
-    def __post_init__(self):
-        if not self.base:
-            raise ConfigError("base: the model to adapt is required")
-        self.base = str(Path(self.base).expanduser())
+    frozen_model = ("base", "the model to adapt")
+
+    def check(self) -> None:
         if self.rank <= 0 or self.alpha <= 0:
             raise ConfigError(f"rank {self.rank}, alpha {self.alpha}; allowed: positive")
-        check_cond_dropout(self.cond_dropout)
+        super().check()
 
 
-class LoraTask(LDMTask):
+class LoraTask(LatentTask):
     name = "lora"
 
     def __init__(self, config: LoraTrainConfig):
         from peft import LoraConfig, inject_adapter_in_model
         from peft.tuners.lora import LoraLayer
 
-        from ldmkit.checkpoints.single_file import load_model
-
-        self.model = load_model(config.base)
-        self.model.requires_grad_(False)
+        model = load_frozen(config.base)
         torch.manual_seed(config.run.seed)
         self.layers: dict[tuple[str, str], nn.Module] = {}
         for net, targets in (("unet", config.target_modules), ("text", config.text_target_modules)):
             if not targets:
                 continue
-            module = self.model.unet if net == "unet" else self.model.text_encoder
+            module = model.unet if net == "unet" else model.text_encoder
             peft_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(targets))
             try:
                 inject_adapter_in_model(peft_config, module)
@@ -81,13 +70,12 @@ class LoraTask(LDMTask):
             adapters[key + "__down"] = m.lora_A["default"]
             adapters[key + "__up"] = m.lora_B["default"]
         self.adapters = adapters
-        self.setup(config, adapters)
+        super().__init__(config, model, adapters)
         if config.prior is not None:
             self.data = PriorMix(self.data, open_dataset(config.prior))
             self.order = MixedOrder(self.data, config.run.seed)
-        adapters.requires_grad_(True)  # after setup, which freezes the text tower
+        adapters.requires_grad_(True)  # after the base class, which freezes the text tower
         self.model.unet.eval()  # dropout-free base; the adapters train
-        self.scale_measured = True
 
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         """With gradients when the text tower has adapters (the base class encodes without any). The
@@ -102,7 +90,7 @@ class LoraTask(LDMTask):
     def sample(self, step: int, folder: Path) -> None:
         from ldmkit.pipelines import Pipeline
 
-        with self.ema_weights():
+        with self.ema.applied():
             self.prompt_grid(Pipeline(self.model, name=f"step-{step}"), step, folder)
 
     def lora_files(self) -> tuple[dict, dict]:
@@ -131,7 +119,7 @@ class LoraTask(LDMTask):
     def finish(self, folder: Path) -> None:
         import json
 
-        with self.ema_weights():
+        with self.ema.applied():
             kohya, diffusers = self.lora_files()
         c = self.config
         meta = {"lora_adapter_metadata": json.dumps({"r": c.rank, "lora_alpha": c.alpha})}
