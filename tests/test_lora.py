@@ -9,9 +9,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_pipeline
+from ldmkit.checkpoints.lora_files import read_lora
 from ldmkit.cli import main
 from ldmkit.errors import CheckpointError, ConfigError
-from ldmkit.models.lora import LoraSet, parse_lora_tags, read_lora
+from ldmkit.models.lora import LoraSet, parse_lora_tags
 from ldmkit.pipelines import Pipeline
 
 RANK = 4

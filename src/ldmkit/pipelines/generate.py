@@ -20,6 +20,7 @@ from PIL import Image
 
 from ldmkit import __version__
 from ldmkit.checkpoints.files import sha256_file
+from ldmkit.checkpoints.lora_files import find_lora, read_lora
 from ldmkit.diffusion.denoiser import Conditioning, Control, Denoiser
 from ldmkit.diffusion.registry import SAMPLERS
 from ldmkit.diffusion.sampling import generators_for, sample_latents, sampling_schedule
@@ -28,7 +29,7 @@ from ldmkit.errors import ConfigError
 from ldmkit.images import latent_preview, mask_to_tensor, pil_to_tensor, tensor_to_pil
 from ldmkit.models.embeddings import Embeddings
 from ldmkit.models.ldm import LatentDiffusion
-from ldmkit.models.lora import Lora, LoraSet, find_lora, parse_lora_tags, read_lora
+from ldmkit.models.lora import Lora, LoraSet, parse_lora_tags
 from ldmkit.models.precision import resolve_precision
 from ldmkit.models.prompts import encode_prompts
 from ldmkit.models.unet import FeatureCache, UNetModel

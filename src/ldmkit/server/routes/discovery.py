@@ -58,7 +58,7 @@ def _add_what_we_have(app: FastAPI, server: ServerState) -> None:
 
     @app.get("/sdapi/v1/loras")
     def loras() -> list[dict]:
-        from ldmkit.models.lora import find_lora, list_loras
+        from ldmkit.checkpoints.lora_files import find_lora, list_loras
 
         lora_dir = server.config.lora_dir
         return [

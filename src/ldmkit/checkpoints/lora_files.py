@@ -1,0 +1,122 @@
+"""LoRA files as they circulate (models/lora.py says what a LoRA is and how it is merged): read in the
+kohya / popular web UI layout and the diffusers / PEFT layout, checked against the model, found by
+name in a folder, and hashed as the web UI's infotexts name them."""
+
+import json
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ldmkit.checkpoints.files import read_tensors, sha256_file
+from ldmkit.checkpoints.keymaps import rename, unet_to_diffusers
+from ldmkit.errors import CheckpointError, ConfigError
+from ldmkit.models.lora import Lora, Patch
+
+FILE_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+UNSUPPORTED_KINDS = {
+    "lora_mid": "LoCon with a Tucker-decomposed middle (lora_mid)",
+    "hada_w1_a": "LoHa",
+    "lokr_w1": "LoKr",
+    "dora_scale": "DoRA",
+}
+
+
+def module_names(model) -> dict[str, tuple[str, str]]:
+    """Every name a LoRA file may use for one of the model's layers -> (network, our module path)."""
+    names: dict[str, tuple[str, str]] = {}
+    layers = (nn.Linear, nn.Conv2d)
+    ours = [n for n, m in model.unet.named_modules() if isinstance(m, layers)]
+    theirs = rename({n + ".weight": None for n in ours}, unet_to_diffusers(model.config.unet))
+    for n, d in zip(ours, (k[: -len(".weight")] for k in theirs)):
+        for alias in ("lora_unet_" + d.replace(".", "_"), "lora_unet_" + n.replace(".", "_"), "unet." + d):
+            names[alias] = ("unet", n)
+    for n, m in model.text_encoder.named_modules():
+        if isinstance(m, layers) and n.startswith("transformer."):
+            hf = n[len("transformer.") :]  # text_model.encoder...: transformers 5 drops the text_model level
+            for path in (hf, hf.removeprefix("text_model.")):
+                for alias in ("lora_te_" + path.replace(".", "_"), "text_encoder." + path):
+                    names[alias] = ("text", n)
+    return names
+
+
+_KOHYA = re.compile(r"^(lora_(?:unet|te\d?)_.+?)\.(lora_down|lora_up)\.weight$")
+_PEFT = re.compile(r"^((?:unet|text_encoder|text_encoder_2)\..+?)\.(lora_A|lora_B)(?:\.default)?\.weight$")
+
+
+def read_lora(path: str | Path, model, name: str | None = None) -> Lora:
+    """A LoRA file in any supported layout, checked against the model: every layer must exist and
+    fit, or the file is refused with one line naming it."""
+    path = Path(path)
+    where = str(path)
+    if not path.is_file():
+        raise CheckpointError(f"{where}: no such LoRA file")
+    state, metadata = read_tensors(path)
+    for marker, kind in UNSUPPORTED_KINDS.items():
+        if any(marker in k for k in state):
+            raise CheckpointError(f"{where}: a {kind} file; ldmkit reads LoRA and LoCon")
+    alpha_meta = None
+    if "lora_adapter_metadata" in metadata:  # diffusers' record of the PEFT config
+        try:
+            cfg = json.loads(metadata["lora_adapter_metadata"])
+            alpha_meta = cfg.get("lora_alpha") or next(iter(cfg.values()), {}).get("lora_alpha")
+        except (ValueError, AttributeError, StopIteration):
+            alpha_meta = None
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        m = _KOHYA.match(key) or _PEFT.match(key)
+        if m:
+            role = {"lora_down": "down", "lora_A": "down", "lora_up": "up", "lora_B": "up"}[m.group(2)]
+            pairs.setdefault(m.group(1), {})[role] = value
+    if not pairs:
+        raise CheckpointError(f"{where}: not a LoRA file (no lora_down/lora_up or lora_A/lora_B weights)")
+    names = module_names(model)
+    unet_modules = dict(model.unet.named_modules())
+    text_modules = dict(model.text_encoder.named_modules())
+    patches, unknown, misfit = [], [], []
+    for prefix, p in sorted(pairs.items()):
+        if set(p) != {"down", "up"}:
+            raise CheckpointError(f"{where}: {prefix} has only lora_{next(iter(p))}")
+        if prefix not in names:
+            unknown.append(prefix)
+            continue
+        target, module = names[prefix]
+        alpha = state.get(prefix + ".alpha")
+        alpha = float(alpha) if alpha is not None else alpha_meta
+        patch = Patch(target, module, p["down"], p["up"], alpha)
+        weight = (unet_modules if target == "unet" else text_modules)[module].weight
+        try:
+            patch.delta(weight.shape)
+        except ValueError as e:
+            misfit.append(f"{prefix} ({e})")
+            continue
+        patches.append(patch)
+    if unknown or misfit:
+        what = f"{len(unknown)} of its layers match nothing in this model (e.g. {unknown[0]})" if unknown else ""
+        what += ("; " if what else "") + (f"wrong shapes: {misfit[0]}" if misfit else "")
+        raise CheckpointError(f"{where}: a LoRA for another architecture: {what}")
+    return Lora(name or path.stem, path, patches, lora_hash(path))
+
+
+def find_lora(name: str, folder: str | Path | None) -> Path:
+    """NAME in a LoRA folder (any supported suffix), or one clear line listing what is there."""
+    if folder is not None:
+        for suffix in FILE_SUFFIXES:
+            path = Path(folder).expanduser() / f"{name}{suffix}"
+            if path.is_file():
+                return path
+    available = ", ".join(list_loras(folder)) or "none"
+    where = f"in {folder}" if folder else "(no LoRA folder given: --lora-dir)"
+    raise ConfigError(f"unknown LoRA {name!r} {where}; available: {available}")
+
+
+def list_loras(folder: str | Path | None) -> list[str]:
+    if folder is None or not Path(folder).expanduser().is_dir():
+        return []
+    return sorted(p.stem for p in Path(folder).expanduser().iterdir() if p.suffix in FILE_SUFFIXES)
+
+
+def lora_hash(path: Path) -> str:
+    """The first 12 hex digits of the file's sha256 (how the popular UI's infotexts name LoRAs)."""
+    return sha256_file(path)[:12]
