@@ -145,15 +145,11 @@ def caption_for(intent: Intent, rng: np.random.Generator) -> str:
     return text if rng.random() < 0.85 else text.removeprefix("a ").removeprefix("an ")
 
 
-def _allowed(split: str, colour: str, shape: str) -> bool:
-    return (colour, shape) not in HELDOUT if split != "heldout" else True
-
-
 def _pick_kind(rng, split: str) -> tuple[str, str]:
     while True:
         colour = split if split in NOVEL_COLOURS and rng.random() < 0.5 else str(rng.choice(list(COLOURS)))
         shape = split if split in NOVEL_SHAPES and rng.random() < 0.5 else str(rng.choice(SHAPES))
-        if _allowed(split, colour, shape):
+        if split == "heldout" or (colour, shape) not in HELDOUT:  # held-out pairs only where held out
             return colour, shape
 
 
@@ -202,84 +198,100 @@ def sample_scene(split: str, index: int, seed: int = 0, size: int = 64) -> Scene
 def _try_scene(rng, split: str, side: int) -> Scene | None:
     kind = rng.choice(["single", "relation", "pair", "count"], p=[0.35, 0.35, 0.1, 0.2])
     margin = 0.04 * side
-    shapes: list[Shape] = []
     if kind == "single":
-        colour, shape = _pick_kind(rng, split)
-        size = _size_for(rng, shape)
-        position = str(rng.choice(list(POSITIONS))) if rng.random() < 0.6 else None
-        r = _radius(rng, size, side)
-        if position:
-            cx, cy = POSITIONS[position]
-            x, y = (cx + rng.uniform(-0.05, 0.05)) * side, (cy + rng.uniform(-0.05, 0.05)) * side
-        else:
-            x, y = rng.uniform(r + margin, side - r - margin, size=2)
-        if not (r + margin <= x <= side - r - margin and r + margin <= y <= side - r - margin):
-            return None
-        shapes.append(Shape(shape, colour, size, float(x), float(y), r))
-        intent = Intent([Item(shape, colour, 1, size if rng.random() < 0.5 else None, position)])
+        drawn = _try_single(rng, split, side, margin)
     elif kind in ("relation", "pair"):
-        (c1, s1), (c2, s2) = _pick_kind(rng, split), _pick_kind(rng, split)
-        if (c1, s1) == (c2, s2):
-            return None
-        sizes = [_size_for(rng, s1), _size_for(rng, s2)]
-        radii = [_radius(rng, sz, side) for sz in sizes]
-        rel = str(rng.choice(RELATIONS)) if kind == "relation" else None
-        # Relations are unambiguous: the stated axis differs by >= 0.25 side, the other by < 0.08.
-        for _ in range(50):
-            along = rng.uniform(0.25, 0.6) * side
-            across = rng.uniform(-0.08, 0.08) * side
-            if rel in ("above", "below") or (rel is None and rng.random() < 0.5):
-                dx, dy = across, along if rel != "above" else -along
-                if rel is None:
-                    dy = along * rng.choice([-1, 1])
-            else:
-                dx, dy = (-along if rel == "left of" else along) if rel else along * rng.choice([-1, 1]), across
-            x1 = rng.uniform(radii[0] + margin, side - radii[0] - margin)
-            y1 = rng.uniform(radii[0] + margin, side - radii[0] - margin)
-            x2, y2 = x1 - dx, y1 - dy  # the first shape is `rel` of the second: a - b = (dx, dy)
-            if not (
-                radii[1] + margin <= x2 <= side - radii[1] - margin
-                and radii[1] + margin <= y2 <= side - radii[1] - margin
-            ):
-                continue
-            # Judged by centroids: the stated axis must differ by >= 0.22 side, the other by <= 0.06.
-            cdx = x1 - x2
-            cdy = (y1 + CENTROID_DY[s1] * radii[0]) - (y2 + CENTROID_DY[s2] * radii[1])
-            vertical = abs(dy) > abs(dx)
-            along_c, across_c = (abs(cdy), abs(cdx)) if vertical else (abs(cdx), abs(cdy))
-            if rel is not None and (along_c < 0.22 * side or across_c > 0.06 * side):
-                continue
-            if math.hypot(x1 - x2, y1 - y2) > EXTENT[s1] * radii[0] + EXTENT[s2] * radii[1] + margin:
-                shapes = [
-                    Shape(s1, c1, sizes[0], float(x1), float(y1), radii[0]),
-                    Shape(s2, c2, sizes[1], float(x2), float(y2), radii[1]),
-                ]
-                break
-        if not shapes:
-            return None
-        keep_size = rng.random() < 0.3
-        items = [Item(s1, c1, 1, sizes[0] if keep_size else None), Item(s2, c2, 1, sizes[1] if keep_size else None)]
-        intent = Intent(items, (0, rel, 1) if rel else None)
+        drawn = _try_two(rng, split, side, margin, kind == "relation")
     else:
-        colour, shape = _pick_kind(rng, split)
-        count = int(rng.choice([2, 3]))
-        size = "small" if count == 3 and shape not in NOVEL_SHAPES else _size_for(rng, shape)
-        for _ in range(200):
-            r = _radius(rng, size, side)
-            x, y = rng.uniform(r + margin, side - r - margin, size=2)
-            if _separated(shapes, x, y, r, shape, margin):
-                shapes.append(Shape(shape, colour, size, float(x), float(y), r))
-                if len(shapes) == count:
-                    break
-        if len(shapes) < count:
-            return None
-        intent = Intent([Item(shape, colour, count)])
+        drawn = _try_count(rng, split, side, margin)
+    if drawn is None:
+        return None
+    shapes, intent = drawn
     background = {
         "grey": int(rng.integers(170, 236)),
         "texture": str(rng.choice(["plain", "noise", "gradient"])),
         "seed": int(rng.integers(0, 2**31)),
     }
     return Scene(shapes, background, caption_for(intent, rng), intent, side)
+
+
+def _try_single(rng, split: str, side: int, margin: float) -> tuple[list[Shape], Intent] | None:
+    colour, shape = _pick_kind(rng, split)
+    size = _size_for(rng, shape)
+    position = str(rng.choice(list(POSITIONS))) if rng.random() < 0.6 else None
+    r = _radius(rng, size, side)
+    if position:
+        cx, cy = POSITIONS[position]
+        x, y = (cx + rng.uniform(-0.05, 0.05)) * side, (cy + rng.uniform(-0.05, 0.05)) * side
+    else:
+        x, y = rng.uniform(r + margin, side - r - margin, size=2)
+    if not (r + margin <= x <= side - r - margin and r + margin <= y <= side - r - margin):
+        return None
+    intent = Intent([Item(shape, colour, 1, size if rng.random() < 0.5 else None, position)])
+    return [Shape(shape, colour, size, float(x), float(y), r)], intent
+
+
+def _try_two(rng, split: str, side: int, margin: float, related: bool) -> tuple[list[Shape], Intent] | None:
+    """Two different kinds of shape, the first in a stated relation to the second if `related`."""
+    (c1, s1), (c2, s2) = _pick_kind(rng, split), _pick_kind(rng, split)
+    if (c1, s1) == (c2, s2):
+        return None
+    sizes = [_size_for(rng, s1), _size_for(rng, s2)]
+    radii = [_radius(rng, sz, side) for sz in sizes]
+    rel = str(rng.choice(RELATIONS)) if related else None
+    shapes: list[Shape] = []
+    # Relations are unambiguous: the stated axis differs by >= 0.25 side, the other by < 0.08.
+    for _ in range(50):
+        along = rng.uniform(0.25, 0.6) * side
+        across = rng.uniform(-0.08, 0.08) * side
+        if rel in ("above", "below") or (rel is None and rng.random() < 0.5):
+            dx, dy = across, along if rel != "above" else -along
+            if rel is None:
+                dy = along * rng.choice([-1, 1])
+        else:
+            dx, dy = (-along if rel == "left of" else along) if rel else along * rng.choice([-1, 1]), across
+        x1 = rng.uniform(radii[0] + margin, side - radii[0] - margin)
+        y1 = rng.uniform(radii[0] + margin, side - radii[0] - margin)
+        x2, y2 = x1 - dx, y1 - dy  # the first shape is `rel` of the second: a - b = (dx, dy)
+        lo, hi = radii[1] + margin, side - radii[1] - margin
+        if not (lo <= x2 <= hi and lo <= y2 <= hi):
+            continue
+        # Judged by centroids: the stated axis must differ by >= 0.22 side, the other by <= 0.06.
+        cdx = x1 - x2
+        cdy = (y1 + CENTROID_DY[s1] * radii[0]) - (y2 + CENTROID_DY[s2] * radii[1])
+        vertical = abs(dy) > abs(dx)
+        along_c, across_c = (abs(cdy), abs(cdx)) if vertical else (abs(cdx), abs(cdy))
+        if rel is not None and (along_c < 0.22 * side or across_c > 0.06 * side):
+            continue
+        if math.hypot(x1 - x2, y1 - y2) > EXTENT[s1] * radii[0] + EXTENT[s2] * radii[1] + margin:
+            shapes = [
+                Shape(s1, c1, sizes[0], float(x1), float(y1), radii[0]),
+                Shape(s2, c2, sizes[1], float(x2), float(y2), radii[1]),
+            ]
+            break
+    if not shapes:
+        return None
+    keep_size = rng.random() < 0.3
+    items = [Item(s1, c1, 1, sizes[0] if keep_size else None), Item(s2, c2, 1, sizes[1] if keep_size else None)]
+    return shapes, Intent(items, (0, rel, 1) if rel else None)
+
+
+def _try_count(rng, split: str, side: int, margin: float) -> tuple[list[Shape], Intent] | None:
+    """Two or three shapes of one kind, apart from each other."""
+    colour, shape = _pick_kind(rng, split)
+    count = int(rng.choice([2, 3]))
+    size = "small" if count == 3 and shape not in NOVEL_SHAPES else _size_for(rng, shape)
+    shapes: list[Shape] = []
+    for _ in range(200):
+        r = _radius(rng, size, side)
+        x, y = rng.uniform(r + margin, side - r - margin, size=2)
+        if _separated(shapes, x, y, r, shape, margin):
+            shapes.append(Shape(shape, colour, size, float(x), float(y), r))
+            if len(shapes) == count:
+                break
+    if len(shapes) < count:
+        return None
+    return shapes, Intent([Item(shape, colour, count)])
 
 
 # --- rendering -----------------------------------------------------------------------------------
@@ -309,31 +321,16 @@ def render(scene: Scene, with_masks: bool = False):
     """RGB image (and, with_masks, one boolean mask per shape), anti-aliased by supersampling."""
     side, ss = scene.size, SUPERSAMPLE
     big = Image.new("RGB", (side * ss, side * ss), (0, 0, 0))
-    draw = ImageDraw.Draw(big)
+    cover = Image.new("L", big.size, 0)  # where any shape is: the alpha of the shapes over the background
+    draw, cover_draw = ImageDraw.Draw(big), ImageDraw.Draw(cover)
     masks = []
     for s in scene.shapes:
-        x, y, r = s.x * ss, s.y * ss, s.r * ss
-        colour = PALETTE[s.colour]
-        if s.shape == "circle":
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
-        else:
-            draw.polygon(_polygon(s.shape, x, y, r), fill=colour)
+        _draw_shape(draw, s, ss, PALETTE[s.colour])
+        _draw_shape(cover_draw, s, ss, 255)
         if with_masks:
             m = Image.new("L", big.size, 0)
-            md = ImageDraw.Draw(m)
-            if s.shape == "circle":
-                md.ellipse([x - r, y - r, x + r, y + r], fill=255)
-            else:
-                md.polygon(_polygon(s.shape, x, y, r), fill=255)
+            _draw_shape(ImageDraw.Draw(m), s, ss, 255)
             masks.append(np.asarray(m.resize((side, side), Image.BOX)) >= 128)
-    cover = Image.new("L", big.size, 0)
-    cd = ImageDraw.Draw(cover)
-    for s in scene.shapes:
-        x, y, r = s.x * ss, s.y * ss, s.r * ss
-        if s.shape == "circle":
-            cd.ellipse([x - r, y - r, x + r, y + r], fill=255)
-        else:
-            cd.polygon(_polygon(s.shape, x, y, r), fill=255)
     fg = np.asarray(big.resize((side, side), Image.BOX), dtype=np.float32)
     alpha = np.asarray(cover.resize((side, side), Image.BOX), dtype=np.float32)[..., None] / 255.0
     bg = _background(scene.background, side)
@@ -342,6 +339,14 @@ def render(scene: Scene, with_masks: bool = False):
     out = alpha * colour_part + (1 - alpha) * bg
     image = Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
     return (image, masks) if with_masks else image
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, s: Shape, scale: int, fill) -> None:
+    x, y, r = s.x * scale, s.y * scale, s.r * scale
+    if s.shape == "circle":
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+    else:
+        draw.polygon(_polygon(s.shape, x, y, r), fill=fill)
 
 
 def _background(bg: dict, side: int) -> np.ndarray:
@@ -438,12 +443,5 @@ def export(
         if meta is not None:
             meta.close()
             (out / "metadata.jsonl.tmp").rename(out / "metadata.jsonl")
-    return {
-        "out": str(out),
-        "split": split,
-        "n": n,
-        "seed": seed,
-        "size": size,
-        "format": fmt,
-        "shards": [str(f) for f in files],
-    }
+    shards = [str(f) for f in files]
+    return {"out": str(out), "split": split, "n": n, "seed": seed, "size": size, "format": fmt, "shards": shards}

@@ -13,27 +13,15 @@ never ignored. A single file carries no scheduler config: it gets `diffusers_con
 the popular web UI's sampler of the same name uses (SD's steps_offset 1, linspace for the Euler and
 solver families, leading for DDIM/PLMS/DDPM)."""
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
-
-import numpy as np
-import torch
 
 from ldmkit.diffusion import samplers
-from ldmkit.diffusion.schedule import (
-    SPACINGS,
-    NoiseSchedule,
-    SamplingSchedule,
-    exponential_sigmas,
-    karras_sigmas,
-    lcm_timesteps,
-    spaced_timesteps,
-)
+from ldmkit.diffusion.diffusers_schedulers import DIFFUSERS_CLASSES, SchedulerClass, sampler_options
+from ldmkit.diffusion.schedule import SPACINGS, NoiseSchedule, SamplingSchedule, diffusers_schedule, sigma_conversion
 from ldmkit.errors import ConfigError
 
-# How each family of diffusers schedulers turns a step count into sigmas (the README's names):
+# How each family of diffusers schedulers turns a step count into sigmas (docs/samplers.md's names):
 #   "vp-leading":  DDIM/PNDM with SD's config: integer timesteps T//n apart from 0, + steps_offset 1;
 #                  the last step goes to ᾱ_0 (set_alpha_to_one=False) -- sigma ≈ 0.029, not 0.
 #   "vp-leading-to-zero": DDPM, the same ending at ᾱ = 1 (sigma 0).
@@ -43,245 +31,13 @@ from ldmkit.errors import ConfigError
 #   "karras":      Karras sigmas between the training min and max; the UNet runs at their timesteps
 #                  rounded to integers (diffusers' DPM-Solver does this), the sigmas stay exact.
 #   "lcm":         the consistency model's skipping-step grid.
-# A model folder's scheduler config can change any of these (see DIFFUSERS_CLASSES).
+# A model folder's scheduler config can change any of these (see diffusers_schedulers.py).
 SCHEDULE_KINDS = ("vp-leading", "vp-leading-to-zero", "ve-linspace", "solver", "karras", "lcm")
-
-
-# --- diffusers' scheduler classes, as far as sigma lists and steps go ----------------------------
-
-
-def _vp(cfg: dict, noise: NoiseSchedule, n: int):
-    """DDIM, PNDM: integer timesteps. Each step goes to t - T//n (their prev_timestep): the next
-    timestep of the list, except with "trailing" when n does not divide T (a divergence we do not
-    copy: we step to the timestep evaluated next). The last step goes there too -- to ᾱ_0 when that
-    lands on t = 0, as "trailing" can -- and below 0 to the final ᾱ: 1 with set_alpha_to_one, else ᾱ_0."""
-    T, train = noise.num_train_timesteps, noise.sigmas.numpy()
-    t = spaced_timesteps(cfg["timestep_spacing"], n, T, cfg["steps_offset"], style="int")
-    prev = int(t[-1]) - T // n
-    last = train[prev] if prev >= 0 else (0.0 if cfg["set_alpha_to_one"] else train[0])
-    return t, train[t], float(last)
-
-
-def _ddpm(cfg: dict, noise: NoiseSchedule, n: int):
-    """DDPM: integer timesteps, each step to the next one of the list, the last to ᾱ = 1."""
-    t = spaced_timesteps(cfg["timestep_spacing"], n, noise.num_train_timesteps, cfg["steps_offset"], style="int")
-    return t, noise.sigmas.numpy()[t], 0.0
-
-
-def _sigma_spacing(cfg: dict) -> Callable | None:
-    """Karras or exponential sigmas instead of the timesteps' own, when the config asks."""
-    kinds = {"use_karras_sigmas": karras_sigmas, "use_exponential_sigmas": exponential_sigmas}
-    return next((fn for key, fn in kinds.items() if cfg.get(key)), None)
-
-
-def _or(value, default):
-    return default if value is None else value
-
-
-def _ve(cfg: dict, noise: NoiseSchedule, n: int):
-    """Euler, Euler ancestral, Heun: float timesteps, sigmas interpolated between training steps;
-    Karras / exponential sigmas span those sigmas' own ends (so the spacing moves them) unless
-    sigma_min / sigma_max are given, the UNet then runs at their fractional timesteps."""
-    t = spaced_timesteps(cfg["timestep_spacing"], n, noise.num_train_timesteps, cfg["steps_offset"])
-    sigmas = noise.sigma_at(t)
-    convert = _sigma_spacing(cfg)
-    if convert is not None:
-        lo, hi = _or(cfg.get("sigma_min"), float(sigmas[-1])), _or(cfg.get("sigma_max"), float(sigmas[0]))
-        sigmas = convert(lo, hi, n)
-        t = noise.sigma_to_t(sigmas)
-    last = float(noise.sigmas[0]) if cfg.get("final_sigmas_type") == "sigma_min" else 0.0
-    return t, sigmas, last
-
-
-def _solver(cfg: dict, noise: NoiseSchedule, n: int, unipc: bool):
-    """DPM-Solver, UniPC: n of n + 1 integer timesteps. Karras / exponential sigmas span the whole
-    training range whatever the spacing; the UNet runs at integer timesteps: Karras' rounded (not
-    DPM-Solver's under the cosine schedule), exponential's truncated, as diffusers casts them.
-    UniPC's "sigma_min" final sigma is then the list's own last sigma (a step of length 0),
-    DPM-Solver's the training sigma_min."""
-    train = noise.sigmas.numpy()
-    convert = _sigma_spacing(cfg)
-    if convert is None:
-        t = spaced_timesteps(cfg["timestep_spacing"], n, len(train), cfg["steps_offset"], style="solver")
-        sigmas, end = train[t], float(train[0])
-    else:
-        lo, hi = _or(cfg.get("sigma_min"), float(train[0])), _or(cfg.get("sigma_max"), float(train[-1]))
-        sigmas = convert(lo, hi, n)
-        t = noise.sigma_to_t(sigmas)
-        if convert is karras_sigmas and (unipc or cfg["beta_schedule"] != "squaredcos_cap_v2"):
-            t = t.round()
-        t = t.astype(np.int64)
-        end = float(sigmas[-1]) if unipc else float(train[0])
-    return t, sigmas, end if cfg["final_sigmas_type"] == "sigma_min" else 0.0
-
-
-def _lcm(cfg: dict, noise: NoiseSchedule, n: int):
-    t = lcm_timesteps(n, noise.num_train_timesteps, cfg["original_inference_steps"])
-    return t, noise.sigmas.numpy()[t], 0.0
-
-
-FAMILIES: dict[str, Callable] = {
-    "vp": _vp,
-    "ddpm": _ddpm,
-    "ve": _ve,
-    "dpm": partial(_solver, unipc=False),
-    "unipc": partial(_solver, unipc=True),
-    "lcm": _lcm,
-}
-
-
-@dataclass(frozen=True)
-class SchedulerClass:
-    """One diffusers scheduler class: its family of sigma lists (FAMILIES), the defaults of the config
-    fields that decide its sigma list and steps (its __init__ in diffusers 0.42; a field it lacks is
-    absent, as from_config drops it), the values our samplers implement where not every value is,
-    and whether it keeps ᾱ_T = 0 under zero terminal SNR instead of clamping it to 2^-24."""
-
-    family: str
-    defaults: dict
-    only: dict = field(default_factory=dict)
-    exact_terminal: bool = False
-
-
-_SPACED = {"steps_offset": 0}
-_CLIP = {"clip_sample": True, "clip_sample_range": 1.0, "thresholding": False}
-# Karras / exponential sigmas span [sigma_min, sigma_max] when the config gives them -- also in Heun
-# and DPM-Solver, whose __init__ lacks them: from_config keeps a folder's unknown keys on the config,
-# and their conversion looks these two up there.
-_SIGMA_KINDS = {
-    "use_karras_sigmas": False,
-    "use_exponential_sigmas": False,
-    "use_beta_sigmas": False,
-    "sigma_min": None,
-    "sigma_max": None,
-}
-_ZSNR = {"rescale_betas_zero_snr": False}
-_FINAL = {"final_sigmas_type": "zero"}
-_MULTISTEP = {"solver_order": 2, "thresholding": False, "lower_order_final": True, "use_flow_sigmas": False}
-_NOT_IMPLEMENTED = {
-    "thresholding": (False,),  # dynamic thresholding (Saharia et al. 2022)
-    "use_beta_sigmas": (False,),  # beta sigmas (Lee et al. 2024) need scipy's beta quantiles
-    "use_flow_sigmas": (False,),
-    "use_dynamic_shifting": (False,),
-    "final_sigmas_type": ("zero", "sigma_min"),
-}
-
-DIFFUSERS_CLASSES: dict[str, SchedulerClass] = {
-    "DDPMScheduler": SchedulerClass(
-        "ddpm",
-        {"timestep_spacing": "leading", **_SPACED, **_CLIP, "variance_type": "fixed_small", **_ZSNR},
-        # fixed_small_log and None draw the same noise as fixed_small
-        {**_NOT_IMPLEMENTED, "variance_type": (None, "fixed_small", "fixed_small_log")},
-        exact_terminal=True,
-    ),
-    "DDIMScheduler": SchedulerClass(
-        "vp",
-        {"timestep_spacing": "leading", **_SPACED, "set_alpha_to_one": True, **_CLIP, **_ZSNR},
-        {**_NOT_IMPLEMENTED, "timestep_spacing": ("leading", "trailing")},
-        exact_terminal=True,
-    ),
-    "PNDMScheduler": SchedulerClass(
-        "vp",
-        {"timestep_spacing": "leading", **_SPACED, "set_alpha_to_one": False, "skip_prk_steps": False},
-        {"timestep_spacing": ("leading", "trailing")},
-    ),
-    "EulerDiscreteScheduler": SchedulerClass(
-        "ve",
-        {
-            "timestep_spacing": "linspace",
-            **_SPACED,
-            "interpolation_type": "linear",
-            **_SIGMA_KINDS,
-            "timestep_type": "discrete",
-            **_ZSNR,
-            **_FINAL,
-        },
-        # log_linear walks sigmas unrelated to its timesteps; continuous timesteps are EDM's
-        {**_NOT_IMPLEMENTED, "interpolation_type": ("linear",), "timestep_type": ("discrete",)},
-    ),
-    "EulerAncestralDiscreteScheduler": SchedulerClass("ve", {"timestep_spacing": "linspace", **_SPACED, **_ZSNR}),
-    "HeunDiscreteScheduler": SchedulerClass(
-        "ve",
-        {"timestep_spacing": "linspace", **_SPACED, **_SIGMA_KINDS, "clip_sample": False, "clip_sample_range": 1.0},
-        _NOT_IMPLEMENTED,
-    ),
-    "DPMSolverMultistepScheduler": SchedulerClass(
-        "dpm",
-        {
-            "timestep_spacing": "linspace",
-            **_SPACED,
-            "beta_schedule": "linear",  # Karras timesteps are not rounded under the cosine schedule
-            **_MULTISTEP,
-            "algorithm_type": "dpmsolver++",
-            "solver_type": "midpoint",
-            "euler_at_final": False,
-            **_SIGMA_KINDS,
-            "use_lu_lambdas": False,
-            **_FINAL,
-            "lambda_min_clipped": -math.inf,
-            "variance_type": None,
-            **_ZSNR,
-            "use_dynamic_shifting": False,
-        },
-        {
-            **_NOT_IMPLEMENTED,
-            "use_lu_lambdas": (False,),
-            "lambda_min_clipped": (-math.inf,),
-            "variance_type": (None,),  # a learned variance: a UNet with twice the output channels
-        },
-    ),
-    "UniPCMultistepScheduler": SchedulerClass(
-        "unipc",
-        {
-            "timestep_spacing": "linspace",
-            **_SPACED,
-            **_MULTISTEP,
-            "predict_x0": True,
-            "solver_type": "bh2",
-            "disable_corrector": [],
-            **_SIGMA_KINDS,
-            **_FINAL,
-            **_ZSNR,
-            "use_dynamic_shifting": False,
-        },
-        {**_NOT_IMPLEMENTED, "lower_order_final": (True,), "disable_corrector": ([],)},
-    ),
-    "LCMScheduler": SchedulerClass(
-        "lcm",
-        {
-            "original_inference_steps": 50,
-            "clip_sample": False,
-            "clip_sample_range": 1.0,
-            "thresholding": False,
-            "timestep_scaling": 10.0,
-            **_ZSNR,
-        },
-        _NOT_IMPLEMENTED,
-        exact_terminal=True,
-    ),
-}
-
-
-def _clip(cfg: dict, n: int) -> float | None:
-    return cfg["clip_sample_range"] if cfg["clip_sample"] else None
-
-
-def _dpm_lower_order_final(cfg: dict, n: int) -> bool:
-    # DPMSolverMultistepScheduler.step: the last step is first order with euler_at_final, with a final
-    # sigma of 0, or with lower_order_final below 15 steps.
-    return cfg["euler_at_final"] or cfg["final_sigmas_type"] == "zero" or (cfg["lower_order_final"] and n < 15)
 
 
 _WHY = {
     "timestep_spacing": "it steps to t - T//n, which with linspace is not the next timestep it evaluates",
     "rescale_betas_zero_snr": "its scheduler has no zero terminal SNR",
-}
-
-# Sampler keyword options a scheduler config decides: option -> (the field a class must have, value).
-OPTIONS: dict[str, tuple[str, Callable]] = {
-    "clip_sample_range": ("clip_sample", _clip),
-    "timestep_scaling": ("timestep_scaling", lambda cfg, n: cfg["timestep_scaling"]),
-    "lower_order_final": ("euler_at_final", _dpm_lower_order_final),  # DPM-Solver's rule, not UniPC's
 }
 
 # What a single file -- no scheduler config -- adds to the web UI settings: SD's own steps_offset,
@@ -291,6 +47,10 @@ SINGLE_FILE = {"steps_offset": 1}
 
 @dataclass(frozen=True)
 class SamplerSpec:
+    """One row of the table: our name, the sampler function (samplers.py), the kind of sigma list
+    (SCHEDULE_KINDS), the diffusers scheduler class that computes the same (DIFFUSERS_CLASSES) with
+    the settings a single file runs it with, and the web UI's sampler and schedule type."""
+
     name: str
     fn: Callable
     schedule: str
@@ -298,8 +58,6 @@ class SamplerSpec:
     diffusers_config: dict
     webui_name: str
     webui_schedule: str
-    ancestral: bool = False
-    options: dict = field(default_factory=dict)
     # The from_config overrides that make this sampler what it is, whatever the folder says.
     identity: dict = field(default_factory=dict)
 
@@ -308,10 +66,8 @@ class SamplerSpec:
         what `<diffusers_class>.from_config(scheduler_config, **identity)` reads -- the fields the
         class has, from the folder where it gives them, else the class's defaults. Without one
         (single files): `diffusers_config`, the popular web UI's choice. `spacing` wins over both."""
-        cls = DIFFUSERS_CLASSES[self.diffusers_class]
         source = scheduler_config if scheduler_config else {**SINGLE_FILE, **self.diffusers_config}
-        cfg = {key: source.get(key, default) for key, default in cls.defaults.items()}
-        cfg.update({key: value for key, value in self.identity.items() if key in cls.defaults})
+        cfg = DIFFUSERS_CLASSES[self.diffusers_class].settings(source, self.identity)
         if spacing is not None:
             cfg["timestep_spacing"] = spacing
         return cfg
@@ -339,29 +95,15 @@ class SamplerSpec:
         cls = DIFFUSERS_CLASSES[self.diffusers_class]
         cfg = self.scheduler_settings(scheduler_config, spacing)
         self._refuse_what_we_cannot_do(cls, cfg, scheduler_config or {}, spacing)
-        t, sigmas, last = FAMILIES[cls.family](cfg, noise, steps)
-        sigmas = torch.tensor(np.append(np.asarray(sigmas, dtype=np.float32), np.float32(last)))
-        if cls.exact_terminal and noise.terminal_is_pure_noise and t[0] == T - 1:
-            sigmas[0] = math.inf
-        # Variance-preserving schedulers start from unit-variance noise: sqrt(sigma² + 1) in sigma
-        # space. diffusers' Euler family starts at sigma_max instead -- except with "leading" spacing.
-        s0 = float(sigmas[0])
-        ve_start = cls.family == "ve" and cfg["timestep_spacing"] != "leading"
-        init = s0 if ve_start else (s0**2 + 1) ** 0.5  # inf: the sampler starts from the VP latent
-        options = {name: value(cfg, len(t)) for name, (needs, value) in OPTIONS.items() if needs in cfg}
-        return SamplingSchedule(
-            sigmas=sigmas,
-            timesteps=torch.tensor(np.asarray(t, dtype=np.float64)),
-            init_noise_sigma=init,
-            options=options,
-            sigma_space_output=cls.family == "ve",
-        )
+        schedule = diffusers_schedule(cls.family, cfg, noise, steps, cls.exact_terminal)
+        schedule.options = sampler_options(cfg, len(schedule.timesteps))
+        return schedule
 
     def _refuse_what_we_cannot_do(self, cls: SchedulerClass, cfg: dict, folder: dict, spacing: str | None) -> None:
         where = f"with {self.name} ({self.diffusers_class})"
         if spacing is not None:
             # Karras / exponential sigmas of the multistep solvers, and LCM's grid, ignore any spacing.
-            spaced = "timestep_spacing" in cfg and not (cls.family in ("dpm", "unipc") and _sigma_spacing(cfg))
+            spaced = "timestep_spacing" in cfg and not (cls.family in ("dpm", "unipc") and sigma_conversion(cfg))
             allowed = cls.only.get("timestep_spacing", SPACINGS) if spaced else ()
             if spacing not in allowed:
                 if not spaced:
@@ -411,7 +153,6 @@ SAMPLERS: dict[str, SamplerSpec] = {
             {**_SD, **_LEADING, "variance_type": "fixed_small"},
             "DDPM",
             "Automatic",
-            ancestral=True,
         ),
         SamplerSpec(
             "ddim",
@@ -454,7 +195,6 @@ SAMPLERS: dict[str, SamplerSpec] = {
             {**{k: v for k, v in _SD.items() if k != "clip_sample"}, "timestep_spacing": "linspace"},
             "Euler a",
             "Uniform",
-            ancestral=True,
         ),
         SamplerSpec(
             "heun",
@@ -522,7 +262,6 @@ SAMPLERS: dict[str, SamplerSpec] = {
             {**_SD, "original_inference_steps": 50, "timestep_scaling": 10.0, "set_alpha_to_one": True},
             "LCM",
             "Automatic",
-            ancestral=True,
         ),
     ]
 }

@@ -1,5 +1,6 @@
 """Noise schedules (Ho et al. 2020; Nichol & Dhariwal 2021; Lin et al. 2023) and the sigma lists
-samplers walk down.
+samplers walk down: Karras, exponential, the timestep spacings, and the lists each family of
+diffusers' schedulers computes from its settings.
 
 The training schedule is a list of alphas_cumprod (ᾱ_t, t = 0..T-1). Samplers work in sigma space
 (Karras et al. 2022): sigma_t = sqrt((1 - ᾱ_t) / ᾱ_t), and a latent x in sigma space is the
@@ -7,7 +8,9 @@ variance-preserving latent divided by sqrt(ᾱ_t). Computations follow diffusers
 schedule, log-linear sigma interpolation) so that sampling is seed-for-seed equal to it."""
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -112,9 +115,6 @@ class NoiseSchedule:
         """Sigma at (fractional) timesteps, interpolated linearly in sigma as diffusers does."""
         return np.interp(t, np.arange(len(self.sigmas)), self.sigmas.numpy())
 
-    def sigma_of_alpha_cumprod(self, alpha_cumprod: float) -> float:
-        return float(((1 - alpha_cumprod) / alpha_cumprod) ** 0.5)
-
 
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
     """Karras et al. 2022, eq. 5: n sigmas evenly spaced in sigma^(1/rho)."""
@@ -173,3 +173,112 @@ class SamplingSchedule:
     init_noise_sigma: float
     options: dict = field(default_factory=dict)
     sigma_space_output: bool = False
+
+
+# --- diffusers' scheduler families, as far as sigma lists and steps go ---------------------------
+# Each takes the settings a scheduler class reads (diffusion/diffusers_schedulers.py), the training
+# schedule and a step count, and returns (UNet timesteps, their sigmas, the sigma the last step goes to).
+
+
+def _vp(cfg: dict, noise: NoiseSchedule, n: int):
+    """DDIM, PNDM: integer timesteps. Each step goes to t - T//n (their prev_timestep): the next
+    timestep of the list, except with "trailing" when n does not divide T (a divergence we do not
+    copy: we step to the timestep evaluated next). The last step goes there too -- to ᾱ_0 when that
+    lands on t = 0, as "trailing" can -- and below 0 to the final ᾱ: 1 with set_alpha_to_one, else ᾱ_0."""
+    T, train = noise.num_train_timesteps, noise.sigmas.numpy()
+    t = spaced_timesteps(cfg["timestep_spacing"], n, T, cfg["steps_offset"], style="int")
+    prev = int(t[-1]) - T // n
+    last = train[prev] if prev >= 0 else (0.0 if cfg["set_alpha_to_one"] else train[0])
+    return t, train[t], float(last)
+
+
+def _ddpm(cfg: dict, noise: NoiseSchedule, n: int):
+    """DDPM: integer timesteps, each step to the next one of the list, the last to ᾱ = 1."""
+    t = spaced_timesteps(cfg["timestep_spacing"], n, noise.num_train_timesteps, cfg["steps_offset"], style="int")
+    return t, noise.sigmas.numpy()[t], 0.0
+
+
+def sigma_conversion(cfg: dict) -> Callable | None:
+    """Karras or exponential sigmas instead of the timesteps' own, when the settings ask."""
+    kinds = {"use_karras_sigmas": karras_sigmas, "use_exponential_sigmas": exponential_sigmas}
+    return next((fn for key, fn in kinds.items() if cfg.get(key)), None)
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def _ve(cfg: dict, noise: NoiseSchedule, n: int):
+    """Euler, Euler ancestral, Heun: float timesteps, sigmas interpolated between training steps;
+    Karras / exponential sigmas span those sigmas' own ends (so the spacing moves them) unless
+    sigma_min / sigma_max are given, the UNet then runs at their fractional timesteps."""
+    t = spaced_timesteps(cfg["timestep_spacing"], n, noise.num_train_timesteps, cfg["steps_offset"])
+    sigmas = noise.sigma_at(t)
+    convert = sigma_conversion(cfg)
+    if convert is not None:
+        lo, hi = _or(cfg.get("sigma_min"), float(sigmas[-1])), _or(cfg.get("sigma_max"), float(sigmas[0]))
+        sigmas = convert(lo, hi, n)
+        t = noise.sigma_to_t(sigmas)
+    last = float(noise.sigmas[0]) if cfg.get("final_sigmas_type") == "sigma_min" else 0.0
+    return t, sigmas, last
+
+
+def _solver(cfg: dict, noise: NoiseSchedule, n: int, unipc: bool):
+    """DPM-Solver, UniPC: n of n + 1 integer timesteps. Karras / exponential sigmas span the whole
+    training range whatever the spacing; the UNet runs at integer timesteps: Karras' rounded (not
+    DPM-Solver's under the cosine schedule), exponential's truncated, as diffusers casts them.
+    UniPC's "sigma_min" final sigma is then the list's own last sigma (a step of length 0),
+    DPM-Solver's the training sigma_min."""
+    train = noise.sigmas.numpy()
+    convert = sigma_conversion(cfg)
+    if convert is None:
+        t = spaced_timesteps(cfg["timestep_spacing"], n, len(train), cfg["steps_offset"], style="solver")
+        sigmas, end = train[t], float(train[0])
+    else:
+        lo, hi = _or(cfg.get("sigma_min"), float(train[0])), _or(cfg.get("sigma_max"), float(train[-1]))
+        sigmas = convert(lo, hi, n)
+        t = noise.sigma_to_t(sigmas)
+        if convert is karras_sigmas and (unipc or cfg["beta_schedule"] != "squaredcos_cap_v2"):
+            t = t.round()
+        t = t.astype(np.int64)
+        end = float(sigmas[-1]) if unipc else float(train[0])
+    return t, sigmas, end if cfg["final_sigmas_type"] == "sigma_min" else 0.0
+
+
+def _lcm(cfg: dict, noise: NoiseSchedule, n: int):
+    t = lcm_timesteps(n, noise.num_train_timesteps, cfg["original_inference_steps"])
+    return t, noise.sigmas.numpy()[t], 0.0
+
+
+FAMILIES: dict[str, Callable] = {
+    "vp": _vp,
+    "ddpm": _ddpm,
+    "ve": _ve,
+    "dpm": partial(_solver, unipc=False),
+    "unipc": partial(_solver, unipc=True),
+    "lcm": _lcm,
+}
+
+
+def diffusers_schedule(
+    family: str, cfg: dict, noise: NoiseSchedule, steps: int, exact_terminal: bool = False
+) -> SamplingSchedule:
+    """The sigma list a diffusers scheduler of `family` (FAMILIES) walks for `steps` steps under the
+    settings `cfg`, with the UNet's timesteps and the initial noise scale; no sampler options.
+    `exact_terminal`: the class keeps ᾱ_T = 0 under zero terminal SNR (a first sigma of inf)
+    instead of clamping it to 2^-24."""
+    t, sigmas, last = FAMILIES[family](cfg, noise, steps)
+    sigmas = torch.tensor(np.append(np.asarray(sigmas, dtype=np.float32), np.float32(last)))
+    if exact_terminal and noise.terminal_is_pure_noise and t[0] == noise.num_train_timesteps - 1:
+        sigmas[0] = math.inf
+    # Variance-preserving schedulers start from unit-variance noise: sqrt(sigma² + 1) in sigma
+    # space. diffusers' Euler family starts at sigma_max instead -- except with "leading" spacing.
+    s0 = float(sigmas[0])
+    ve_start = family == "ve" and cfg["timestep_spacing"] != "leading"
+    init = s0 if ve_start else (s0**2 + 1) ** 0.5  # inf: the sampler starts from the VP latent
+    return SamplingSchedule(
+        sigmas=sigmas,
+        timesteps=torch.tensor(np.asarray(t, dtype=np.float64)),
+        init_noise_sigma=init,
+        sigma_space_output=family == "ve",
+    )

@@ -146,9 +146,21 @@ def judge(image: Image.Image, intent: Intent, shapes=None) -> Verdict:
         shapes = (*SHAPES, *sorted({item.shape for item in intent.items} - set(SHAPES)))
     found = detect(image, shapes)
     v = Verdict(detections=found)
+    # One entry per asked-for object: (index of its item in the intent, the item).
     wanted = [(i, item) for i, item in enumerate(intent.items) for _ in range(item.count)]
+    assigned = _best_assignment(wanted, found)
+    _check_objects(v, intent, wanted, assigned, side)
+    _check_count(v, intent, found)
+    _check_positions(v, wanted, assigned, side)
+    if intent.relation is not None:
+        _check_relation(v, intent, wanted, assigned, side)
+    return v
 
-    # Best assignment of asked-for objects to found ones: most exact matches, then colour, then shape.
+
+def _best_assignment(wanted: list, found: list[Detection]) -> list[Detection | None]:
+    """The found object (or None) for each asked-for one: the assignment with the most exact
+    matches, then colour matches, then shape matches."""
+
     def score(assign):
         s = 0
         for (_, item), d in zip(wanted, assign):
@@ -166,8 +178,11 @@ def judge(image: Image.Image, intent: Intent, shapes=None) -> Verdict:
         key=lambda p: score([options[j] for j in p]),
         default=(),
     )
-    assigned = [options[j] for j in best]
+    return [options[j] for j in best]
 
+
+def _check_objects(v: Verdict, intent: Intent, wanted: list, assigned: list, side: int) -> None:
+    """Colour, shape and (if asked) size of each asked-for object against the one assigned to it."""
     colour_ok = shape_ok = size_ok = True
     for (_, item), d in zip(wanted, assigned):
         name = f"{item.colour} {item.shape}"
@@ -188,6 +203,9 @@ def judge(image: Image.Image, intent: Intent, shapes=None) -> Verdict:
     v.checks["colour"], v.checks["shape"] = colour_ok, shape_ok
     if any(item.size for item in intent.items):
         v.checks["size"] = size_ok
+
+
+def _check_count(v: Verdict, intent: Intent, found: list[Detection]) -> None:
     total = sum(item.count for item in intent.items)
     v.checks["count"] = len(found) == total
     if len(found) != total:
@@ -198,30 +216,37 @@ def judge(image: Image.Image, intent: Intent, shapes=None) -> Verdict:
         v.misses.append(
             f"count: wanted {total} shape(s) ({kinds}), found {len(found)}: " + "; ".join(d.describe() for d in found)
         )
+
+
+def _check_positions(v: Verdict, wanted: list, assigned: list, side: int) -> None:
+    """Named positions, checked only when the intent names one."""
     positioned = [(item, d) for (_, item), d in zip(wanted, assigned) if item.position]
-    if positioned:
-        ok = True
-        for item, d in positioned:
-            if d is None or not _position_ok(d, item.position, side):
-                ok = False
-                where = d.describe() if d else "nothing"
-                v.misses.append(f"position: wanted the {item.colour} {item.shape} {item.position}, found {where}")
-        v.checks["position"] = ok
-    if intent.relation is not None:
-        a, rel, b = intent.relation
-        first: dict[int, Detection | None] = {}
-        for (i, _), d in zip(wanted, assigned):
-            first.setdefault(i, d)
-        da, db = first.get(a), first.get(b)
-        ok = da is not None and db is not None and _relation_ok(da, rel, db, side)
-        v.checks["relation"] = ok
-        if not ok:
-            ia, ib = intent.items[a], intent.items[b]
-            v.misses.append(
-                f"relation: wanted the {ia.colour} {ia.shape} {rel} the {ib.colour} {ib.shape}; found "
-                f"{da.describe() if da else 'nothing'} and {db.describe() if db else 'nothing'}"
-            )
-    return v
+    if not positioned:
+        return
+    ok = True
+    for item, d in positioned:
+        if d is None or not _position_ok(d, item.position, side):
+            ok = False
+            where = d.describe() if d else "nothing"
+            v.misses.append(f"position: wanted the {item.colour} {item.shape} {item.position}, found {where}")
+    v.checks["position"] = ok
+
+
+def _check_relation(v: Verdict, intent: Intent, wanted: list, assigned: list, side: int) -> None:
+    """The stated relation between the first objects assigned to its two items."""
+    a, rel, b = intent.relation
+    first: dict[int, Detection | None] = {}
+    for (i, _), d in zip(wanted, assigned):
+        first.setdefault(i, d)
+    da, db = first.get(a), first.get(b)
+    ok = da is not None and db is not None and _relation_ok(da, rel, db, side)
+    v.checks["relation"] = ok
+    if not ok:
+        ia, ib = intent.items[a], intent.items[b]
+        v.misses.append(
+            f"relation: wanted the {ia.colour} {ia.shape} {rel} the {ib.colour} {ib.shape}; found "
+            f"{da.describe() if da else 'nothing'} and {db.describe() if db else 'nothing'}"
+        )
 
 
 def corrupt(intent: Intent, kind: str, rng: np.random.Generator) -> Intent | None:
