@@ -123,7 +123,7 @@ def test_every_field_reaches_the_python_api(monkeypatch):
     pipe = Pipeline.load(None)
     seen = {}
 
-    def capture(p, callback):
+    def capture(p, walk, callback):
         seen["params"] = p
         raise KeyboardInterrupt  # stop before any work: only the parameters are under test
 

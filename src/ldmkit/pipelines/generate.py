@@ -24,7 +24,7 @@ from ldmkit.checkpoints.lora_files import find_lora, read_lora
 from ldmkit.diffusion.denoiser import Conditioning, Control, Denoiser
 from ldmkit.diffusion.registry import SAMPLERS
 from ldmkit.diffusion.sampling import generators_for, sample_latents, sampling_schedule
-from ldmkit.diffusion.schedule import NoiseSchedule
+from ldmkit.diffusion.schedule import NoiseSchedule, SamplingSchedule
 from ldmkit.errors import ConfigError
 from ldmkit.images import latent_preview, mask_to_tensor, pil_to_tensor, tensor_to_pil
 from ldmkit.models.embeddings import Embeddings
@@ -147,13 +147,14 @@ class Pipeline:
         else:
             p = GenerationParams(prompt=prompt, **params)
         p = p.for_model(self.model, self.defaults, self.name)
+        walk = self._walk(p)  # a spacing or scheduler config the sampler cannot follow: refused before any work
         self._use_loras(p)
         for ci in p.control:
             ci.net.to(next(self.model.unet.parameters()).dtype)  # residuals join the UNet in its dtype
         interrupted, control_images = False, []
         try:
             with torch.no_grad():
-                z, images, control_images = self._generate(p, callback)
+                z, images, control_images = self._generate(p, walk, callback)
         except Interrupted as stop:
             if stop.x0 is None:
                 raise
@@ -162,6 +163,16 @@ class Pipeline:
                 images = self.decode(z)
         infotexts = [self.infotext(p, i) for i in range(p.batch)]
         return Result(tensor_to_pil(images), p, p.seeds, infotexts, z, control_images, interrupted)
+
+    def _walk(self, p: GenerationParams) -> SamplingSchedule:
+        """The sigmas this run walks: all the sampler's steps, or the last ones when starting from an
+        image (an inpainting model at full strength starts from noise, as diffusers does)."""
+        c = self.model.config
+        noise = NoiseSchedule.from_config(c.schedule, self.model.alphas_cumprod)
+        from_image = p.init_image is not None and not (c.unet.in_channels == 9 and p.strength >= 1.0)
+        strength = p.strength if from_image else None
+        spec = SAMPLERS[p.sampler]
+        return sampling_schedule(spec, noise, p.steps, p.timestep_spacing, c.schedule.diffusers, strength)
 
     def _use_loras(self, p: GenerationParams) -> None:
         """Merge this call's LoRAs (given, and named by the prompts' tags), each file read once."""
@@ -224,7 +235,7 @@ class Pipeline:
             init_latents = None  # from pure noise, as diffusers does at full strength
         return init_latents, pixels, pixel_mask
 
-    def _generate(self, p: GenerationParams, callback):
+    def _generate(self, p: GenerationParams, walk: SamplingSchedule, callback):
         m, c = self.model, self.model.config
         spec = SAMPLERS[p.sampler]
         device = next(m.unet.parameters()).device
@@ -234,8 +245,6 @@ class Pipeline:
         latent_shape = (4 if c.unet.in_channels == 9 else c.unet.in_channels, p.height // f, p.width // f)
         init_latents, pixels, pixel_mask = self._start(p, cond, generators, latent_shape, device)
         noise = NoiseSchedule.from_config(c.schedule, m.alphas_cumprod)
-        strength = p.strength if init_latents is not None else None
-        walk = sampling_schedule(spec, noise, p.steps, p.timestep_spacing, c.schedule.diffusers, strength)
         cache = FeatureCache(p.feature_cache) if p.feature_cache > 1 else None
         denoiser = Denoiser(m.unet, noise, c.schedule.prediction_type, walk, cache)
 

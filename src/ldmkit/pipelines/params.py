@@ -15,7 +15,6 @@ from pathlib import Path
 from PIL import Image
 
 from ldmkit.diffusion.registry import SAMPLERS, from_webui, get_sampler
-from ldmkit.diffusion.schedule import NoiseSchedule
 from ldmkit.errors import ConfigError
 from ldmkit.images import format_infotext, parse_infotext
 from ldmkit.models.prompts import check_prompt_mode
@@ -110,7 +109,8 @@ class GenerationParams:
 
     def for_model(self, model, defaults: dict, name: str = "model") -> "GenerationParams":
         """These parameters made concrete for `model` (a LatentDiffusion): what was left out filled
-        from `defaults` and the model, the random seed drawn, and every model-dependent check run."""
+        from `defaults` and the model, the random seed drawn, and the model-dependent checks run (the
+        sampler's schedule is checked where it is built: diffusion/sampling.sampling_schedule)."""
         c = model.config
         p = replace(
             self,
@@ -118,9 +118,6 @@ class GenerationParams:
             cfg=defaults["cfg"] if self.cfg is None else self.cfg,
             sampler=defaults["sampler"] if self.sampler is None else self.sampler,
         )
-        spec = get_sampler(p.sampler)
-        # a bad spacing, or a scheduler config this sampler cannot follow, is refused before any work
-        spec.build_schedule(NoiseSchedule.from_config(c.schedule), 1, p.timestep_spacing, c.schedule.diffusers)
         if c.unet.in_channels == 9 and p.mask is None:
             raise ConfigError(f"{name} is an inpainting model: give an init image and a mask")
         multiple = max(8, c.vae.downsample_factor)
