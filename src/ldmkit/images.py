@@ -6,7 +6,9 @@ web UI's generation parameters text ("infotext") in their `parameters` chunk. In
     Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1234, Size: 512x512, ..."""
 
 import re
+import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -22,15 +24,34 @@ SD_LATENT_RGB = torch.tensor(
 )
 
 
-def load_image(path: str | Path, what: str = "image") -> Image.Image:
+# A small file can declare a huge image (a decompression bomb: a 657 KB PNG of 13000² pixels decodes to
+# 676 MB). Sizes are read from the header and refused before anything is decoded.
+MAX_PIXELS = 8192 * 8192
+
+
+def open_image(source: str | Path | BinaryIO, what: str = "image", max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """A decoded image from a file or a binary stream, or one ConfigError line naming `what`: not
+    readable, or declaring more than `max_pixels` pixels (refused before decoding)."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as im:
+                if im.width * im.height > max_pixels:
+                    raise ConfigError(f"{what}: {im.width}x{im.height} pixels; allowed: at most {max_pixels} pixels")
+                im.load()
+                return im.copy()
     except FileNotFoundError:
-        raise ConfigError(f"{what} {path}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ConfigError(f"{what} {path}: not a readable image ({str(e).splitlines()[0][:100]})") from None
+        raise ConfigError(f"{what}: no such file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's own guard, before ours, for sizes far beyond any limit ldmkit sets
+        raise ConfigError(f"{what}: declares more than {max_pixels} pixels; allowed: at most {max_pixels}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
+        raise ConfigError(f"{what}: not a readable image ({str(e).splitlines()[0][:100]})") from None
+
+
+def load_image(path: str | Path, what: str = "image", max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An image file, read by open_image; messages name the option and the path."""
+    return open_image(path, f"{what} {path}", max_pixels)
 
 
 def to_rgb(im: Image.Image, background=(255, 255, 255)) -> Image.Image:
