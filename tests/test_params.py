@@ -25,7 +25,7 @@ from ldmkit.pipelines.params import (
     to_infotext,
 )
 from ldmkit.server.app import Limits, ServeConfig, create_app
-from ldmkit.server.generation import FROM_REQUEST, NOT_FROM_REQUEST, resolve
+from ldmkit.server.generation import FROM_REQUEST, NOT_FROM_REQUEST, decode_uploads, resolve
 from ldmkit.server.webui import Img2ImgRequest
 
 IMAGE = Image.new("RGB", (48, 40), (200, 30, 30))
@@ -110,7 +110,8 @@ def test_every_field_reaches_the_http_api():
         options={"sd_model_checkpoint": "m", "CLIP_stop_at_last_layers": 1},
         models=SimpleNamespace(find=lambda wanted: wanted),
     )
-    params = resolve(Img2ImgRequest(**body), server).params
+    req = Img2ImgRequest(**body)
+    params = decode_uploads(req, resolve(req, server), Limits().max_input_pixels)  # the images: on the worker
     reached = set(FROM_REQUEST) | {"sampler", "clip_skip", "init_image", "mask", "seed"}
     for name in reached:
         assert same(name, getattr(params, name), PROBE[name]), name

@@ -24,3 +24,11 @@ class RequestError(LdmkitError):
 
 class TrainingError(LdmkitError):
     """A training run cannot go on (a non-finite loss); the last good checkpoint is left as it was."""
+
+
+class NotFoundError(LdmkitError):
+    """A model, ControlNet or other named thing a request asks for is not offered: answered 404."""
+
+
+class BusyError(LdmkitError):
+    """The server's queue is full: answered 503 with Retry-After."""

@@ -52,11 +52,14 @@ EXTRA = "ldmkit_extra.safetensors"
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return data
 
 
 def _weights(folder: Path, names: tuple[str, ...], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -140,11 +143,16 @@ def load_diffusers(path: str | Path, overrides: dict | None = None, dtype_rule=N
     if (folder / EXTRA).exists():
         extra, _ = read_tensors(folder / EXTRA)
     unet_json = _read_json(folder / "unet" / "config.json")
-    unet = unet_config_from_diffusers(unet_json, f"{folder / 'unet'}")
-    vae = vae_config_from_diffusers(_read_json(folder / "vae" / "config.json"), f"{folder / 'vae'}")
-    text = _text_config(folder, saved.text if saved else None, extra)
-    sched_file = folder / "scheduler" / "scheduler_config.json"
-    schedule = schedule_from_diffusers(_read_json(sched_file)) if sched_file.exists() else ScheduleConfig()
+    try:  # configs are files from anywhere: a value of the wrong type is a refused file, not a crash
+        unet = unet_config_from_diffusers(unet_json, f"{folder / 'unet'}")
+        vae = vae_config_from_diffusers(_read_json(folder / "vae" / "config.json"), f"{folder / 'vae'}")
+        text = _text_config(folder, saved.text if saved else None, extra)
+        sched_file = folder / "scheduler" / "scheduler_config.json"
+        schedule = schedule_from_diffusers(_read_json(sched_file)) if sched_file.exists() else ScheduleConfig()
+    except KeyError as e:
+        raise CheckpointError(f"{where}: a config lacks {str(e)[:100]}, which a diffusers config has") from None
+    except (TypeError, ValueError, AttributeError, IndexError) as e:
+        raise CheckpointError(f"{where}: a config value of the wrong kind ({str(e)[:200]})") from None
     guessed = {}
     if saved is not None:
         family, guessed = saved.family, dict(saved.guessed)

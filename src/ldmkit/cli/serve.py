@@ -18,10 +18,15 @@ def cmd_serve(args) -> int:
             f"--host {args.host}: binding beyond this machine needs --api-key KEY or --api-auth USER:PASS "
             "(or --insecure to serve without credentials)"
         )
-    for name in ("max_pixels", "max_steps", "max_images", "max_prompt_chars"):
+    bounds = ("max_pixels", "max_steps", "max_images", "max_prompt_chars", "max_input_pixels", "max_prompt_chunks")
+    for name in (*bounds, "max_queue", "max_body_mb"):
         if getattr(args, name) <= 0:
             raise LdmkitError(f"--{name.replace('_', '-')}: allowed: 1 or more")
-    limits = Limits(args.max_pixels, args.max_steps, args.max_images, args.max_prompt_chars)
+    limits = Limits(
+        **{name: getattr(args, name) for name in bounds},
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body_mb * 2**20,
+    )
     config = ServeConfig(
         args.model,
         args.models_dir,
@@ -59,4 +64,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-steps", type=int, default=150)
     p.add_argument("--max-images", type=int, default=16, help="largest batch_size x n_iter")
     p.add_argument("--max-prompt-chars", type=int, default=4000)
+    p.add_argument(
+        "--max-input-pixels", type=int, default=4 * 1024 * 1024, help="largest width x height of an uploaded image"
+    )
+    p.add_argument("--max-prompt-chunks", type=int, default=8, help="75-token chunks a prompt may take (BREAK: one)")
+    p.add_argument("--max-queue", type=int, default=32, help="jobs waiting; more are answered 503 with Retry-After")
+    p.add_argument("--max-body-mb", type=int, default=32, help="largest request body, base64 images included")
     p.set_defaults(func=cmd_serve)

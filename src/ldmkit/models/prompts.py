@@ -138,11 +138,13 @@ def encode_prompts(
     mode: str = "webui",
     embeddings=None,
     clip_skip: int | None = None,
+    max_chunks: int | None = None,
 ):
     """(context, uncond) [B, 77*k, D] for the prompts and (if given) their negative prompts, both
     padded to the same number of chunks k. `embeddings` (ldmkit.models.embeddings.Embeddings): textual
     inversion names in the prompts become their vectors (web UI mode). `clip_skip`: the layer read
-    (None: the model's own)."""
+    (None: the model's own). `max_chunks`: prompts of more 75-token chunks are refused before any is
+    encoded (each chunk lengthens every cross-attention of every step)."""
     check_prompt_mode(mode)
     device = next(text_encoder.parameters()).device
     encode_ids = text_encoder.encode_ids if clip_skip is None else partial(text_encoder.encode_ids, clip_skip=clip_skip)
@@ -169,6 +171,10 @@ def encode_prompts(
 
     everything = split(prompts) + (split(negatives) if negatives is not None else [])
     k = max(len(c.ids) for c in everything)
+    if max_chunks is not None and k > max_chunks:
+        raise ConfigError(
+            f"prompt: {k} chunks of {size} tokens (BREAK starts a new one); allowed: at most {max_chunks}"
+        )
     encoded = []
     for chunks in everything:
         per_chunk = []

@@ -86,6 +86,7 @@ class Pipeline:
         self.embeddings = Embeddings(model.text_encoder)  # textual inversion, used by name in prompts
         self.codec = LatentCodec(model.vae, model.config.image_size)
         self.precision = "fp32"  # set_precision
+        self.max_prompt_chunks: int | None = None  # 75-token chunks a prompt may take (a server's bound)
         self._lora_files: dict[Path, Lora] = {}
 
     @classmethod
@@ -198,6 +199,7 @@ class Pipeline:
             p.prompt_mode,
             self.embeddings,
             clip_skip=p.clip_skip,
+            max_chunks=self.max_prompt_chunks,
         )
         cond = Conditioning(context, uncond, cfg_scale=p.cfg, guidance_rescale=p.guidance_rescale)
         if embedded_guidance:

@@ -23,6 +23,7 @@ from ldmkit.models.unet import FeatureCache
 
 MAX_SIDE = 4096
 MAX_BATCH = 64
+MAX_MASK_BLUR = 64  # pixels: the popular web UI's largest
 # What a call leaves out when the model does not say (bundled models carry their own choice).
 CALL_DEFAULTS = {"steps": 20, "cfg": 7.0, "sampler": "dpmpp_2m_karras"}
 LCM_DEFAULTS = {"steps": 4, "cfg": 8.5, "sampler": "lcm"}  # diffusers' LCM pipeline's
@@ -72,10 +73,14 @@ class GenerationParams:
             get_sampler(self.sampler)
         if self.seed is None:
             set_("seed", -1)
-        if not _is_int(self.seed):
-            raise ConfigError(f"seed: {self.seed!r}; allowed: an integer (below 0: random)")
         if not _is_int(self.batch) or not 1 <= self.batch <= MAX_BATCH:
             raise ConfigError(f"batch: {self.batch}; allowed: 1 to {MAX_BATCH}")
+        if not _is_int(self.seed) or self.seed + self.batch > 2**64:  # image i's generator takes seed + i
+            raise ConfigError(
+                f"seed: {self.seed!r}; allowed: an integer below {2**64 - self.batch + 1} (below 0: random)"
+            )
+        if not 0 <= self.mask_blur <= MAX_MASK_BLUR:
+            raise ConfigError(f"mask_blur: {self.mask_blur}; allowed: 0 to {MAX_MASK_BLUR} pixels")
         self._check_images()
         check_prompt_mode(self.prompt_mode)
         FeatureCache(self.feature_cache)  # refuses a bad interval

@@ -16,9 +16,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from ldmkit import __version__
-from ldmkit.errors import CheckpointError, LdmkitError
+from ldmkit.errors import BusyError, CheckpointError, LdmkitError, NotFoundError
+from ldmkit.server.errors import RETRY_AFTER, DeclaredBodyLimit, body_limit_detail, document_errors, error_body
 from ldmkit.server.outputs import Outputs
 from ldmkit.server.registry import Models
 from ldmkit.server.routes import discovery, generation, page, status
@@ -28,10 +31,18 @@ from ldmkit.server.worker import Worker
 
 @dataclass
 class Limits:
-    max_pixels: int = 1024 * 1024  # width x height
+    """What one request may ask for: every resource it can make the server spend is bounded here."""
+
+    max_pixels: int = 1024 * 1024  # width x height of the images made
     max_steps: int = 150
     max_images: int = 16  # batch_size x n_iter
     max_prompt_chars: int = 4000
+    # width x height an uploaded image may declare (read from its header before decoding); 4 MP takes
+    # photos up to 2560x1600 while one decoded upload stays under 16 MB
+    max_input_pixels: int = 4 * 1024 * 1024
+    max_prompt_chunks: int = 8  # 75-token chunks (the web UI's, BREAK starts one): each lengthens every step
+    max_queue: int = 32  # jobs waiting for the worker; beyond, 503 with Retry-After
+    max_body_bytes: int = 32 * 2**20  # a request body (base64 images included)
 
 
 @dataclass
@@ -69,13 +80,24 @@ def _answer_errors(app: FastAPI, config: ServeConfig) -> None:
     async def auth(request: Request, call_next):
         if (config.api_key or config.api_auth) and not _check_auth(config, request):
             headers = {"WWW-Authenticate": 'Basic realm="ldmkit"'} if config.api_auth else {}
-            return JSONResponse({"detail": "Not authenticated"}, status_code=401, headers=headers)
+            return JSONResponse(error_body("NotAuthenticated", "Not authenticated"), status_code=401, headers=headers)
         return await call_next(request)
 
     @app.exception_handler(LdmkitError)
     async def user_error(request: Request, exc: LdmkitError):
-        status = 404 if isinstance(exc, CheckpointError) and "no such file" in str(exc) else 422
-        return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=status)
+        missing = isinstance(exc, NotFoundError) or (isinstance(exc, CheckpointError) and "no such file" in str(exc))
+        status, headers = (404 if missing else 422), {}
+        if isinstance(exc, BusyError):
+            status, headers = 503, {"Retry-After": str(RETRY_AFTER)}
+        return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=status, headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        kind = {413: "RequestTooLarge", 404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "HTTPError")
+        detail = str(exc.detail)
+        if exc.status_code == 413:
+            detail = body_limit_detail(config.limits.max_body_bytes)
+        return JSONResponse(error_body(kind, detail), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def bad_fields(request: Request, exc: RequestValidationError):
@@ -84,7 +106,7 @@ def _answer_errors(app: FastAPI, config: ServeConfig) -> None:
 
 
 def create_app(config: ServeConfig) -> FastAPI:
-    worker = Worker()
+    worker = Worker(config.limits.max_queue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -116,6 +138,11 @@ def create_app(config: ServeConfig) -> FastAPI:
     _answer_errors(app, config)
     for routes in (generation, status, discovery, page):
         routes.add_routes(app, server)
+    document_errors(app)
+    # A body is refused by its declared length before it is read (DeclaredBodyLimit, outermost), or as
+    # soon as the bytes that arrive pass the limit (Starlette's, answered in the error shape).
+    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=config.limits.max_body_bytes)
+    app.add_middleware(DeclaredBodyLimit, limit=config.limits.max_body_bytes)
 
     def load_default(w: Worker) -> None:  # None: a future holding the pipeline would keep it alive
         server.load(models.default)

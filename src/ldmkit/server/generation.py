@@ -3,11 +3,13 @@ the web UI's answer: checked against the server's limits, the sampler looked up 
 ControlNet units read from `alwayson_scripts`, n_iter batches run as one job, the images saved unless
 the request says not to."""
 
+import asyncio
+import math
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from PIL import Image
+from fastapi.concurrency import run_in_threadpool
 
 from ldmkit import __version__
 from ldmkit.errors import RequestError
@@ -16,8 +18,10 @@ from ldmkit.server.webui import (
     GenerationRequest,
     Img2ImgRequest,
     decode_image,
+    decode_upload,
     encode_png,
     info_json,
+    read_upload,
     refuse_unsupported,
 )
 from ldmkit.server.worker import Worker
@@ -33,8 +37,9 @@ class Plan:
     """What a request comes to before it reaches the worker."""
 
     model: str  # a name in Models.paths
-    params: GenerationParams  # the first batch's; ControlNet units are read once the model is loaded
+    params: GenerationParams  # the first batch's; images and ControlNet units are added on the worker
     clip_skip: int  # the web UI's setting (1 = the model's own layer)
+    uploads: dict[str, bytes] = field(default_factory=dict)  # init_images[0], mask: checked, not decoded
 
 
 # GenerationParams field <- the request field it is read from, and its type (None in the request:
@@ -77,56 +82,98 @@ def validate(req: GenerationRequest, lim: "Limits") -> None:
             raise RequestError(f"{name}: {len(getattr(req, name))} characters; allowed: {lim.max_prompt_chars}")
 
 
+SCHEDULE_TYPES = ("automatic", "uniform", "karras", "exponential")  # the web UI's, lower-case
+
+
 def sampler_of(req: GenerationRequest) -> str | None:
     from ldmkit.diffusion.registry import from_webui
 
+    if req.scheduler is not None and req.scheduler.strip().lower() not in SCHEDULE_TYPES:
+        raise RequestError(f"scheduler: {req.scheduler!r}; allowed: {', '.join(SCHEDULE_TYPES)}")
     name = req.sampler_name or req.sampler_index
+    if not name and (req.scheduler or "automatic").strip().lower() != "automatic":
+        raise RequestError(f"scheduler {req.scheduler!r} without sampler_name: give the sampler too")
     return from_webui(name, req.scheduler) if name else None
 
 
-def init_and_mask(req: GenerationRequest) -> tuple[Image.Image | None, Image.Image | None]:
-    """img2img's base image and inpainting mask (inverted when asked), decoded; (None, None) for txt2img."""
+def read_uploads(req: GenerationRequest, max_pixels: int) -> dict[str, bytes]:
+    """img2img's base image and mask, their sizes checked from their headers (not yet decoded)."""
     if not isinstance(req, Img2ImgRequest):
-        return None, None
+        return {}
     if not req.init_images:
         raise RequestError("init_images: give one base64 image")
-    init = decode_image(req.init_images[0], "init_images[0]")
-    mask = None
+    uploads = {"init_images[0]": read_upload(req.init_images[0], "init_images[0]", max_pixels)}
     if req.mask:
-        mask = decode_image(req.mask, "mask")
+        uploads["mask"] = read_upload(req.mask, "mask", max_pixels)
+    return uploads
+
+
+def decode_uploads(req: GenerationRequest, plan: Plan, max_pixels: int) -> GenerationParams:
+    """The plan's parameters with its images decoded (on the worker: one request's images at a time)."""
+    if not plan.uploads:
+        return plan.params
+    init = decode_upload(plan.uploads["init_images[0]"], "init_images[0]", max_pixels)
+    mask = None
+    if "mask" in plan.uploads:
+        mask = decode_upload(plan.uploads["mask"], "mask", max_pixels)
         if req.inpainting_mask_invert:
             from PIL import ImageOps
 
             mask = ImageOps.invert(mask.convert("L"))
-    return init, mask
+    return replace(plan.params, init_image=init, mask=mask)
+
+
+def setting(overrides: dict, options: dict, key: str, kind: type):
+    """A web UI setting: the request's override, else the server's option; of the type it must have."""
+    value = overrides.get(key)
+    if value is None or value == "":
+        value = options[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise RequestError(f"override_settings.{key}: {value!r}; expected a {kind.__name__}")
+    return value
 
 
 def resolve(req: GenerationRequest, server: "ServerState") -> Plan:
-    """The request checked and resolved on the request thread: a 4xx here never queues a job."""
-    validate(req, server.config.limits)
-    init, mask = init_and_mask(req)
+    """The request checked and resolved on the request thread, cheaply (no image is decoded here): a 4xx
+    here never queues a job."""
+    limits = server.config.limits
+    validate(req, limits)
+    uploads = read_uploads(req, limits.max_input_pixels)
     overrides = req.override_settings or {}
-    wanted = overrides.get("sd_model_checkpoint") or server.options["sd_model_checkpoint"]
-    name = server.models.find(wanted)
-    clip_skip = int(overrides.get("CLIP_stop_at_last_layers", server.options["CLIP_stop_at_last_layers"]))
+    name = server.models.find(setting(overrides, server.options, "sd_model_checkpoint", str))
+    clip_skip = setting(overrides, server.options, "CLIP_stop_at_last_layers", int)
+    if not 1 <= clip_skip <= 12:
+        raise RequestError(f"CLIP_stop_at_last_layers: {clip_skip}; allowed: 1 to 12")
     read = {field: (getattr(req, attr, None), kind) for field, (attr, kind) in FROM_REQUEST.items()}
     params = GenerationParams(
         **{field: kind(value) for field, (value, kind) in read.items() if value is not None},
         sampler=sampler_of(req),
         seed=req.seed if req.seed >= 0 else secrets.randbelow(2**32),  # n_iter batches follow on from it
         clip_skip=clip_skip if clip_skip > 1 else None,
-        init_image=init,
-        mask=mask,
     )
-    return Plan(name, params, clip_skip)
+    return Plan(name, params, clip_skip, uploads)
 
 
-def control_inputs(req: GenerationRequest, pipe, models: "Models") -> list:
-    """The enabled ControlNet units of `alwayson_scripts`, each with its model read and checked."""
+def number(unit: dict, key: str, default: float, where: str) -> float:
+    value = unit.get(key, default)
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        x = float(value)
+    except (TypeError, ValueError):
+        raise RequestError(f"{where}.{key}: {value!r}; expected a number") from None
+    if not math.isfinite(x):
+        raise RequestError(f"{where}.{key}: {value!r}; expected a finite number")
+    return x
+
+
+def control_inputs(req: GenerationRequest, pipe, models: "Models", max_pixels: int) -> list:
+    """The enabled ControlNet units of `alwayson_scripts`, each with its image decoded and its model read
+    and checked (on the worker)."""
     from ldmkit.pipelines.control import ControlInput
 
     found = [v for k, v in (req.alwayson_scripts or {}).items() if k.lower() == "controlnet"]
-    units = found[0].get("args", []) if found and isinstance(found[0], dict) else []
+    units = (found[0].get("args") or []) if found and isinstance(found[0], dict) else []
     out = []
     for i, u in enumerate(units):
         if not isinstance(u, dict) or not u.get("enabled", True):
@@ -143,33 +190,30 @@ def control_inputs(req: GenerationRequest, pipe, models: "Models") -> list:
         if mode in (1, "My prompt is more important"):
             raise RequestError(f"{where}.control_mode: 'My prompt is more important' is not supported")
         resize = u.get("resize_mode", 1)
-        img = decode_image(image, f"{where}.image")
+        weight, start, end = (
+            number(u, k, d, where) for k, d in (("weight", 1), ("guidance_start", 0), ("guidance_end", 1))
+        )
+        img = decode_image(image, f"{where}.image", max_pixels)
         same_aspect = img.width * req.height == img.height * req.width
         if resize not in (0, "Just Resize") and not same_aspect:
             raise RequestError(f"{where}.resize_mode: only 'Just Resize' for images of another aspect ratio")
         net = models.controlnet(str(u.get("model", "")), pipe.model.unet.config)
-        out.append(
-            ControlInput(
-                net,
-                img,
-                module,
-                float(u.get("weight", 1.0)),
-                float(u.get("guidance_start", 0.0)),
-                float(u.get("guidance_end", 1.0)),
-                mode in (2, "ControlNet is more important"),
-                name=str(u.get("model")),
-            )
-        )
+        guess = mode in (2, "ControlNet is more important")
+        out.append(ControlInput(net, img, module, weight, start, end, guess, name=str(u.get("model"))))
     return out
 
 
 def run(server: "ServerState", req: GenerationRequest, plan: Plan, w: Worker) -> tuple[list, bool]:
-    """The job, on the worker thread: the request's n_iter batches, reporting progress, stopping between
-    batches (and at the next step) when interrupted. Returns (results, interrupted)."""
+    """The job, on the worker thread: the request's images decoded, then its n_iter batches, reporting
+    progress, stopping between batches (and at the next step) when interrupted. Returns (results,
+    interrupted)."""
     from ldmkit.pipelines import Interrupted
 
+    max_pixels = server.config.limits.max_input_pixels
+    params = decode_uploads(req, plan, max_pixels)
     pipe = server.load(plan.model)
-    control = control_inputs(req, pipe, server.models)
+    pipe.max_prompt_chunks = server.config.limits.max_prompt_chunks
+    control = control_inputs(req, pipe, server.models, max_pixels)
     w.progress.job_count = req.n_iter
     results = []
 
@@ -182,10 +226,9 @@ def run(server: "ServerState", req: GenerationRequest, plan: Plan, w: Worker) ->
     for i in range(req.n_iter):
         if w.progress.interrupted:
             break
-        batch = replace(plan.params, seed=plan.params.seed + i * plan.params.batch, control=control)
-        result = pipe(batch, callback=on_step)
-        results.append(result)
-        w.progress.job_no = i + 1
+        batch = replace(params, seed=params.seed + i * params.batch, control=control)
+        results.append(pipe(batch, callback=on_step))
+        w.progress.job_no, w.progress.sampling_step = i + 1, 0  # together: the fraction never goes back
     return results, w.progress.interrupted
 
 
@@ -225,9 +268,10 @@ def response(
     }
 
 
-def generate(server: "ServerState", req: GenerationRequest, kind: str) -> dict:
-    """txt2img or img2img: checked here, run as one job on the worker, answered once it is done."""
-    p = resolve(req, server)
-    job = server.worker.submit(kind, lambda w: run(server, req, p, w), req.force_task_id)
-    results, interrupted = job.future.result()
-    return response(server, req, kind, p, results, interrupted)
+async def generate(server: "ServerState", req: GenerationRequest, kind: str) -> dict:
+    """txt2img or img2img: checked, run as one job on the worker, answered once it is done. The request
+    holds no thread while it waits, so status routes answer however many jobs are queued."""
+    plan = await run_in_threadpool(resolve, req, server)
+    job = server.worker.submit(kind, lambda w: run(server, req, plan, w), req.force_task_id)
+    results, interrupted = await asyncio.wrap_future(job.future)
+    return await run_in_threadpool(response, server, req, kind, plan, results, interrupted)

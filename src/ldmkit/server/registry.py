@@ -4,9 +4,7 @@ ControlNets offered by name."""
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastapi import HTTPException
-
-from ldmkit.errors import LdmkitError, RequestError
+from ldmkit.errors import LdmkitError, NotFoundError, RequestError
 
 if TYPE_CHECKING:
     from ldmkit.server.app import ServeConfig
@@ -61,7 +59,7 @@ class Models:
                 return name
             if wanted.split(" [")[0] in (self.paths[name].name, name):
                 return name
-        raise HTTPException(404, f"model {wanted!r} not found; available: {', '.join(self.titles())}")
+        raise NotFoundError(f"model {wanted!r} not found; available: {', '.join(self.titles())}")
 
     def titles(self) -> list[str]:
         return [self.title(n) for n in self.paths]

@@ -15,7 +15,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
-from ldmkit.errors import RequestError
+from ldmkit.errors import ConfigError, RequestError
 
 
 class GenerationRequest(BaseModel):
@@ -91,8 +91,9 @@ class PngInfoRequest(BaseModel):
 INERT_OVERRIDES = {"sd_vae": {"Automatic", "None", None}, "samples_format": {"png"}}
 
 
-def decode_image(data: str, what: str) -> Image.Image:
-    """A base64 image (with or without a data: URL prefix), or a 422 naming the field."""
+def read_upload(data: str, what: str, max_pixels: int) -> bytes:
+    """A base64 image's bytes (with or without a data: URL prefix), its header read and its declared size
+    checked, nothing decoded: cheap enough for a request thread. A 422 names the field."""
     if not isinstance(data, str) or not data:
         raise RequestError(f"{what}: expected a base64-encoded image")
     if data.startswith("data:"):
@@ -103,10 +104,29 @@ def decode_image(data: str, what: str) -> Image.Image:
         raise RequestError(f"{what}: not valid base64") from None
     try:
         with Image.open(io.BytesIO(raw)) as im:
-            im.load()
-            return im.copy()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+            size = im.size
+    except Image.DecompressionBombError:  # Pillow's own guard, for sizes far beyond ours
+        raise RequestError(f"{what}: declares more than {max_pixels} pixels; allowed: at most {max_pixels}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
         raise RequestError(f"{what}: base64 data is not a readable image") from None
+    if size[0] * size[1] > max_pixels:
+        raise RequestError(f"{what}: {size[0]}x{size[1]} pixels; allowed: at most {max_pixels}")
+    return raw
+
+
+def decode_upload(raw: bytes, what: str, max_pixels: int) -> Image.Image:
+    """The image of read_upload's bytes, decoded (on the worker, one at a time: memory stays bounded)."""
+    from ldmkit.images import open_image
+
+    try:
+        return open_image(io.BytesIO(raw), what, max_pixels)
+    except ConfigError as e:
+        raise RequestError(str(e)) from None
+
+
+def decode_image(data: str, what: str, max_pixels: int) -> Image.Image:
+    """read_upload then decode_upload."""
+    return decode_upload(read_upload(data, what, max_pixels), what, max_pixels)
 
 
 def encode_png(image: Image.Image, parameters: str | None = None) -> str:
@@ -141,14 +161,19 @@ def refuse_unsupported(req: GenerationRequest, controlnet_ok: bool = True) -> No
         problems.append(f"script_name {req.script_name!r} (unknown script; available: none)")
     for name, value in (req.override_settings or {}).items():
         if name in ("sd_model_checkpoint", "CLIP_stop_at_last_layers"):
-            continue
-        if name in INERT_OVERRIDES and value in INERT_OVERRIDES[name]:
+            continue  # checked where they are read (server/generation.py)
+        if name in INERT_OVERRIDES and isinstance(value, str | None) and value in INERT_OVERRIDES[name]:
             continue
         problems.append(f"override_settings.{name} (not supported)")
     for name, script in (req.alwayson_scripts or {}).items():
+        args = script.get("args", []) if isinstance(script, dict) else script
+        if args is None:
+            continue
+        if not isinstance(args, list):
+            problems.append(f"alwayson_scripts.{name}.args (expected a list)")
+            continue
         if name.lower() == "controlnet" and controlnet_ok:
             continue
-        args = script.get("args", []) if isinstance(script, dict) else []
         if any(a is True or (isinstance(a, dict) and a.get("enabled", True)) for a in args):
             problems.append(f"alwayson_scripts.{name} (unknown script; available: ControlNet)")
     if isinstance(req, Img2ImgRequest):

@@ -11,6 +11,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from ldmkit.errors import BusyError
+
 
 @dataclass
 class Progress:
@@ -41,7 +43,8 @@ class Job:
 
 
 class Worker:
-    def __init__(self):
+    def __init__(self, max_queue: int = 32):
+        self.max_queue = max_queue  # jobs waiting; submitting beyond raises BusyError
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
@@ -55,6 +58,8 @@ class Worker:
     def submit(self, kind: str, run: Callable[["Worker"], Any], job_id: str | None = None) -> Job:
         job = Job(job_id or f"task({next(self._ids)})", kind, run)
         with self._cond:
+            if len(self._queue) >= self.max_queue:
+                raise BusyError(f"the server is busy: {len(self._queue)} jobs are waiting; try again later")
             self._queue.append(job)
             self._cond.notify()
         return job

@@ -1,6 +1,7 @@
 """Routes on the running state: progress of the running job, interrupting it, and the options the web UI
 reads and sets (the model among them)."""
 
+import asyncio
 import time
 from typing import Any
 
@@ -43,22 +44,46 @@ def progress_json(worker: Worker, skip_current_image: bool, id_task: str | None)
     return out
 
 
-def set_option(server: ServerState, key: str, value: Any) -> None:
-    """One setting of POST /sdapi/v1/options; a new sd_model_checkpoint is loaded (as a job) before it is set."""
+def check_option(server: ServerState, key: str, value: Any) -> None:
+    """A setting POST /sdapi/v1/options may change, with a value of its type: the ones this server acts
+    on, and the web UI's inert ones at their inert values. Anything else is refused, so that the
+    options stay the few small values they are."""
+    from ldmkit.server.webui import INERT_OVERRIDES
+
     if key == "sd_model_checkpoint":
-        name = server.models.find(str(value))
-
-        def switch(w: Worker) -> None:
-            server.load(name)
-
-        server.worker.submit("load model", switch).future.result()
-        server.options[key] = server.models.title(name)
+        if not isinstance(value, str):
+            raise RequestError(f"sd_model_checkpoint: {value!r}; expected a model title")
+        server.models.find(value)
     elif key == "CLIP_stop_at_last_layers":
-        if not isinstance(value, int) or not 1 <= value <= 12:
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 12:
             raise RequestError(f"CLIP_stop_at_last_layers: {value!r}; allowed: 1 to 12")
-        server.options[key] = value
+    elif key in INERT_OVERRIDES:
+        if not isinstance(value, str | None) or value not in INERT_OVERRIDES[key]:
+            allowed = ", ".join(sorted(str(v) for v in INERT_OVERRIDES[key] if v is not None))
+            raise RequestError(f"{key}: {value!r}; allowed: {allowed}")
+    elif key == "outdir_samples":
+        if value != server.options[key]:
+            raise RequestError("outdir_samples: set by `ldmkit serve --outputs` when the server starts")
     else:
-        server.options[key] = value  # kept and echoed; nothing of ours reads it
+        known = ", ".join(server.options)
+        raise RequestError(f"options: {str(key)[:80]!r} is not a setting of this server; allowed: {known}")
+
+
+async def apply_options(server: ServerState, update: dict[str, Any]) -> None:
+    """POST /sdapi/v1/options: every setting checked before any is set; a new sd_model_checkpoint is
+    loaded (as a job, waited for without holding a thread) before it is set."""
+    for key, value in update.items():
+        check_option(server, key, value)
+    for key, value in update.items():
+        if key == "sd_model_checkpoint":
+            name = server.models.find(value)
+
+            def switch(w: Worker, name=name) -> None:
+                server.load(name)
+
+            await asyncio.wrap_future(server.worker.submit("load model", switch).future)
+            value = server.models.title(name)
+        server.options[key] = value
 
 
 def add_routes(app: FastAPI, server: ServerState) -> None:
@@ -83,7 +108,6 @@ def add_routes(app: FastAPI, server: ServerState) -> None:
         return dict(server.options)
 
     @app.post("/sdapi/v1/options")
-    def set_options(update: dict[str, Any]) -> dict:
-        for key, value in update.items():
-            set_option(server, key, value)
+    async def set_options(update: dict[str, Any]) -> dict:
+        await apply_options(server, update)
         return {}
