@@ -151,3 +151,37 @@ def test_console_script_exit_code_and_stderr(tmp_path):
         proc.stderr.strip()
         == f"error: {tmp_path / 'x.ckpt'}: not a checkpoint (neither safetensors nor a PyTorch zip/pickle file)"
     )
+
+
+def png_declaring(width, height):
+    """A PNG of a few dozen bytes whose header declares width x height RGB pixels (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+def test_cli_images_declaring_huge_sizes_give_one_line(tmp_path, capsys):
+    from PIL import Image
+
+    bomb, big, good = tmp_path / "bomb.png", tmp_path / "big.png", tmp_path / "good.png"
+    bomb.write_bytes(png_declaring(100_000, 100_000))
+    big.write_bytes(png_declaring(9000, 9000))  # under Pillow's own guard, over ldmkit's limit
+    Image.new("RGB", (8, 8)).save(good)
+    out = tmp_path / "out.png"
+    for image in (bomb, big):
+        for options, option in [
+            (["--init-image", image], "--init-image"),
+            (["--init-image", good, "--mask", image], "--mask"),
+            (["--control", f"canny:{image}"], "--control"),
+            (["--from-png", image], "--from-png"),
+        ]:
+            code, stdout, err = run_cli(capsys, "generate", "a cat", *options, "-o", out)
+            assert_one_line_error(code, err, option, str(image), "pixels")
+            assert stdout == "" and not out.exists()

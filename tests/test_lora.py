@@ -3,6 +3,7 @@ and by us, give the same UNet and text-encoder outputs; merging then removing re
 bit for bit; prompt tags and bad files fail with one line."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -184,6 +185,43 @@ def test_a_lora_for_another_architecture_is_refused(folders, tmp_path):
     with pytest.raises(CheckpointError, match="LoHa"):
         read_lora(tmp_path / "loha.safetensors", pipe.model)
     assert LoraSet(pipe.model).applied == []
+
+
+def test_prompt_tags_name_only_files_inside_the_lora_folder(folders, tmp_path, monkeypatch):
+    """A tag cannot reach a LoRA outside the folder (by ../, an absolute path or a symlink): it is refused
+    as a missing one is, and the file is neither read nor hashed; a path given by the caller still is."""
+    from ldmkit.checkpoints import lora_files
+
+    _, root = folders
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    (loras / "style.safetensors").write_bytes((root / "peft.safetensors").read_bytes())
+    (loras / "link.safetensors").symlink_to(root / "kohya.safetensors")
+    (loras / "dangling.safetensors").symlink_to(root / "nosuch.safetensors")
+    secret = root / "kohya.safetensors"
+    read = []
+    real_read, real_hash = lora_files.read_tensors, lora_files.sha256_file
+    monkeypatch.setattr(lora_files, "read_tensors", lambda p, *a, **k: read.append(p) or real_read(p, *a, **k))
+    monkeypatch.setattr(lora_files, "sha256_file", lambda p, *a, **k: read.append(p) or real_hash(p, *a, **k))
+    pipe = Pipeline.load(root / "pipe")
+    pipe.lora_dir = str(loras)
+    run = dict(steps=1, seed=1, width=16, height=16)
+    rel = os.path.relpath(root, loras)
+    for exists, absent in [
+        (f"{rel}/kohya", f"{rel}/nosuch"),
+        (str(root / "kohya"), str(root / "nosuch")),
+        ("link", "dangling"),
+    ]:
+        messages = []
+        for name in (exists, absent, "nosuch"):
+            with pytest.raises(ConfigError) as e:
+                pipe(f"a cat <lora:{name}:1>", **run)
+            messages.append(str(e.value).replace(repr(name), "NAME"))
+        assert messages[0] == messages[1] == messages[2], messages
+        assert "available: style" in messages[0] and str(root) not in messages[0]
+    assert read == []
+    result = pipe("a cat", loras=[(secret, 1.0)], **run)  # the caller's own path: not confined
+    assert "Lora hashes" in result.infotexts[0] and read
 
 
 def test_trained_lora_files_reproduce_the_trained_adapters(tmp_path, base_model, capsys):

@@ -21,7 +21,11 @@ def _from_png(path: str) -> dict:
     from ldmkit.pipelines.params import from_infotext
 
     try:
-        settings, ours = from_infotext(read_png_parameters(path))
+        text = read_png_parameters(path)  # its messages name the file already
+    except ConfigError as e:
+        raise LdmkitError(f"--from-png: {e}") from None
+    try:
+        settings, ours = from_infotext(text)
     except ConfigError as e:
         raise LdmkitError(f"{path}: {e}") from None
     if not ours:
