@@ -1,6 +1,6 @@
 """What the autoencoder's reconstructions lose, by the judge: reconstruct N true renders of a split
 with the bundled model's autoencoder, judge each against its prompt, and count the misses by kind and
-by the shape asked for (README: "The bundled model").
+by the shape asked for (docs/models.md).
 
     python benchmarks/ceiling_misses.py [N] [SPLIT]
 """

@@ -3,7 +3,7 @@
     python benchmarks/feature_cache.py FOLDER [bf16|fp32] [N,N,...]   (defaults: bf16, 1,2,3)
 
 FOLDER: the SD 1.5 random-weight diffusers folder `ldmkit bench` builds. Random weights say nothing
-about quality (the shapes judge does: README), only about time. Prints JSON: seconds per image (one
+about quality (the shapes judge does: docs/data.md), only about time. Prints JSON: seconds per image (one
 timed image after a warm-up one, per N) and the speed-up over N = 1."""
 
 import json

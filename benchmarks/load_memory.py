@@ -1,4 +1,4 @@
-"""Seconds and peak resident memory of loading one model in this fresh process (README: Performance).
+"""Seconds and peak resident memory of loading one model in this fresh process (docs/performance.md).
 
     python benchmarks/load_memory.py MODEL [fp32|bf16]
 

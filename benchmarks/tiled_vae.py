@@ -1,7 +1,7 @@
 """Independent-tile autoencoder decoding (diffusers' enable_tiling; ldmkit's own large-image decode is
 banded and exact: benchmarks/banded_decode.py) on a trained autoencoder (the bundled shapes model's):
 peak memory of a whole and a tiled decode, each in a fresh process, and how far the tiled image is from
-the whole one (the seams: each tile is normalised on its own) — README: Performance.
+the whole one (the seams: each tile is normalised on its own) — docs/performance.md.
 
     python benchmarks/tiled_vae.py [SIDE ...]      (image sides; default 512 1024 2048)
 

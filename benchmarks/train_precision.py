@@ -1,5 +1,5 @@
 """One training step (forward, backward, optimiser) of the emoji networks in fp32, under bf16 autocast,
-and under bf16 autocast with channels-last: the numbers behind `run.precision` (README: Training).
+and under bf16 autocast with channels-last: the numbers behind `run.precision` (docs/training.md).
 
     python benchmarks/train_precision.py [--threads N]
 

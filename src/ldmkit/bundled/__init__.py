@@ -1,6 +1,6 @@
 """Models shipped inside the package, trained by our own recipes (recipes/), so that a fresh install
 generates with no download. Each entry names its weights file, its recipe and the settings chosen for it
-(README: "The bundled model", "The emoji model")."""
+(docs/models.md)."""
 
 from dataclasses import dataclass, field
 from pathlib import Path

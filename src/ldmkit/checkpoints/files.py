@@ -135,7 +135,7 @@ def _read_safetensors_as(f, header: dict, base: int, dtype_for) -> dict[str, tor
     stored), so converting never holds the file's pages and the converted copies together: mapping
     the file (safetensors' loader) keeps every page read in this process until the last tensor goes.
     Loading SD 1.5 in bf16 (python benchmarks/load_memory.py FOLDER bf16): peak 6.2 GB mapped, 3.5 GB
-    this way (README: Performance)."""
+    this way (docs/performance.md)."""
     size = os.fstat(f.fileno()).st_size
     state = {}
     for name, info in header.items():

@@ -297,7 +297,7 @@ def from_webui(name: str, schedule: str | None = None) -> str:
 
 
 def markdown_table() -> str:
-    """The sampler table as README shows it (`python -m ldmkit.diffusion.registry`)."""
+    """The sampler table as docs/samplers.md shows it (`python -m ldmkit.diffusion.registry`)."""
     rows = [
         "| ldmkit | sigma list | diffusers scheduler (settings) | web UI sampler | web UI schedule type |",
         "|---|---|---|---|---|",
