@@ -1,7 +1,7 @@
 """What the GAN term buys the emoji autoencoder: reconstruct every held-out emoji image with each
 autoencoder given and report PSNR, SSIM and the edge-energy ratio (mean Sobel gradient magnitude of the
 reconstructions over that of the originals: 1 is as sharp as the art, below 1 is blurred), and write a
-grid (originals, then one row per autoencoder) of the first 12 images (docs/models.md, "The emoji model").
+grid (originals, then one row per autoencoder) of the first 12 images (docs/models.md, `emoji`).
 
     python benchmarks/emoji_autoencoders.py DATA OUT.png NAME=AUTOENCODER.safetensors ...
 """

@@ -155,7 +155,7 @@ def _pick_kind(rng, split: str) -> tuple[str, str]:
 
 def _size_for(rng, shape: str) -> str:
     # Novel shapes are always large: the bundled f=4 autoencoder keeps a large diamond's corners but
-    # rounds a small one into a circle or a triangle (9 of 81 small vs 62 of 63 large survive; docs/models.md),
+    # rounds a small one into a circle or a triangle (9 of 81 small vs 62 of 63 large survive; docs/data.md),
     # and a UNet adapter cannot teach what the frozen decoder cannot draw.
     return "large" if shape in NOVEL_SHAPES else str(rng.choice(list(SIZES)))
 
