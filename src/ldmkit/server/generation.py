@@ -65,16 +65,20 @@ FROM_REQUEST = {
 NOT_FROM_REQUEST = {"loras": "the prompt's <lora:NAME:WEIGHT> tags, in the server's --lora-dir"}
 
 
+def within_limits(width: int | None, height: int | None, steps: int | None, lim: "Limits") -> None:
+    """The size and steps a run may have; None: not yet known (the model's own, checked once resolved)."""
+    for name, v in (("width", width), ("height", height)):
+        if v is not None and (v <= 0 or v % 8):
+            raise RequestError(f"{name}: {v}; allowed: a positive multiple of 8")
+    if width is not None and height is not None and width * height > lim.max_pixels:
+        raise RequestError(f"width x height: {width}x{height}; allowed: at most {lim.max_pixels} pixels")
+    if steps is not None and not 1 <= steps <= lim.max_steps:
+        raise RequestError(f"steps: {steps}; allowed: 1 to {lim.max_steps}")
+
+
 def validate(req: GenerationRequest, lim: "Limits") -> None:
     refuse_unsupported(req)
-    for name in ("width", "height"):
-        v = getattr(req, name)
-        if v <= 0 or v % 8:
-            raise RequestError(f"{name}: {v}; allowed: a positive multiple of 8")
-    if req.width * req.height > lim.max_pixels:
-        raise RequestError(f"width x height: {req.width}x{req.height}; allowed: at most {lim.max_pixels} pixels")
-    if not 1 <= req.steps <= lim.max_steps:
-        raise RequestError(f"steps: {req.steps}; allowed: 1 to {lim.max_steps}")
+    within_limits(req.width, req.height, req.steps, lim)
     if req.batch_size < 1 or req.n_iter < 1 or req.batch_size * req.n_iter > lim.max_images:
         raise RequestError(f"batch_size x n_iter: {req.batch_size}x{req.n_iter}; allowed: 1 to {lim.max_images} images")
     for name in ("prompt", "negative_prompt"):
@@ -167,7 +171,7 @@ def number(unit: dict, key: str, default: float, where: str) -> float:
     return x
 
 
-def control_inputs(req: GenerationRequest, pipe, models: "Models", max_pixels: int) -> list:
+def control_inputs(req: GenerationRequest, pipe, models: "Models", max_pixels: int, size: tuple[int, int]) -> list:
     """The enabled ControlNet units of `alwayson_scripts`, each with its image decoded and its model read
     and checked (on the worker)."""
     from ldmkit.pipelines.control import ControlInput
@@ -194,7 +198,7 @@ def control_inputs(req: GenerationRequest, pipe, models: "Models", max_pixels: i
             number(u, k, d, where) for k, d in (("weight", 1), ("guidance_start", 0), ("guidance_end", 1))
         )
         img = decode_image(image, f"{where}.image", max_pixels)
-        same_aspect = img.width * req.height == img.height * req.width
+        same_aspect = img.width * size[1] == img.height * size[0]
         if resize not in (0, "Just Resize") and not same_aspect:
             raise RequestError(f"{where}.resize_mode: only 'Just Resize' for images of another aspect ratio")
         net = models.controlnet(str(u.get("model", "")), pipe.model.unet.config)
@@ -209,11 +213,13 @@ def run(server: "ServerState", req: GenerationRequest, plan: Plan, w: Worker) ->
     interrupted)."""
     from ldmkit.pipelines import Interrupted
 
-    max_pixels = server.config.limits.max_input_pixels
-    params = decode_uploads(req, plan, max_pixels)
+    limits = server.config.limits
+    max_pixels = limits.max_input_pixels
     pipe = server.load(plan.model)
-    pipe.max_prompt_chunks = server.config.limits.max_prompt_chunks
-    control = control_inputs(req, pipe, server.models, max_pixels)
+    pipe.max_prompt_chunks = limits.max_prompt_chunks
+    params = decode_uploads(req, plan, max_pixels).for_model(pipe.model, pipe.defaults, pipe.name)
+    within_limits(params.width, params.height, params.steps, limits)  # the model's own size and steps too
+    control = control_inputs(req, pipe, server.models, max_pixels, (params.width, params.height))
     w.progress.job_count = req.n_iter
     results = []
 
@@ -249,6 +255,13 @@ def response(
     spec = SAMPLERS[results[0].params.sampler] if results else None
     title = (spec.webui_name + (" Karras" if spec.webui_schedule == "Karras" else "")) if spec else ""
     strength = results[0].params.denoising_strength if results else None
+    p = results[0].params if results else None
+    ran = {
+        "width": p.width if p else req.width,
+        "height": p.height if p else req.height,
+        "cfg_scale": p.cfg if p else req.cfg_scale,
+        "steps": p.steps if p else req.steps,
+    }
     info = info_json(
         req,
         seeds=seeds,
@@ -259,10 +272,11 @@ def response(
         clip_skip=plan.clip_skip,
         strength=strength,
         version=f"ldmkit {__version__}",
+        ran=ran,
     )
     return {
         "images": [encode_png(im, t) for im, t in zip(images, infotexts)] if req.send_images else [],
-        "parameters": req.model_dump(),
+        "parameters": {**req.model_dump(), **ran},
         "info": info,
         **({"interrupted": True} if interrupted else {}),
     }

@@ -36,10 +36,12 @@ class GenerationRequest(BaseModel):
     sampler_index: str | None = None
     batch_size: int = 1
     n_iter: int = 1
-    steps: int = 50
-    cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
+    # None: the model's own (its chosen steps, guidance and size); the web UI's 50, 7, 512x512 would
+    # overrule what a model was made for
+    steps: int | None = None
+    cfg_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
     restore_faces: bool | None = None
     tiling: bool | None = None
     do_not_save_samples: bool = False
@@ -198,8 +200,10 @@ def info_json(
     clip_skip: int,
     strength: float | None,
     version: str,
+    ran: dict,
 ) -> str:
-    """The response's `info`: a JSON string, as clients json.loads it."""
+    """The response's `info`: a JSON string, as clients json.loads it. `ran`: width, height, cfg_scale and
+    steps as the run used them (the model's own where the request left them out)."""
     n = len(seeds)
     return json.dumps(
         {
@@ -212,11 +216,11 @@ def info_json(
             "subseed": -1,
             "all_subseeds": [-1] * n,
             "subseed_strength": 0,
-            "width": req.width,
-            "height": req.height,
+            "width": ran["width"],
+            "height": ran["height"],
             "sampler_name": sampler_title,
-            "cfg_scale": req.cfg_scale,
-            "steps": req.steps,
+            "cfg_scale": ran["cfg_scale"],
+            "steps": ran["steps"],
             "batch_size": req.batch_size,
             "restore_faces": False,
             "face_restoration_model": None,

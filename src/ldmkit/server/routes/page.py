@@ -17,7 +17,33 @@ def add_routes(app: FastAPI, server: ServerState) -> None:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     @app.get("/ldmkit/info", include_in_schema=False)
-    def ldmkit_info() -> dict:
-        """What the page needs besides the web UI's API: the loaded model's own image size."""
-        pipe = server.models.pipe
-        return {"version": __version__, "image_size": pipe.model.config.image_size if pipe else None}
+    def ldmkit_info(model: str | None = None) -> dict:
+        """What the page needs besides the web UI's API: a model's own settings (the loaded one's unless
+        `model` names another), so that the page starts from what the model was made for."""
+        return {"version": __version__, **model_settings(server, model)}
+
+
+def model_settings(server: ServerState, title: str | None) -> dict:
+    """A model's image size, steps, guidance and sampler (by its web UI name and schedule type): exact
+    for the loaded model, its chosen settings for a bundled one, ldmkit's defaults otherwise (the size
+    is known once it is loaded)."""
+    from ldmkit.bundled import BUNDLED
+    from ldmkit.diffusion.registry import SAMPLERS
+    from ldmkit.pipelines.params import CALL_DEFAULTS
+
+    models = server.models
+    name = models.find(title) if title else (models.loaded or models.default)
+    pipe = models.pipe if models.loaded == name else None
+    if pipe is not None:
+        defaults, size = pipe.defaults, pipe.model.config.image_size
+    else:
+        defaults, size = {**CALL_DEFAULTS, **(BUNDLED[name].defaults if name in BUNDLED else {})}, None
+    spec = SAMPLERS[defaults["sampler"]]
+    return {
+        "model": models.title(name),
+        "image_size": size,
+        "steps": defaults["steps"],
+        "cfg_scale": defaults["cfg"],
+        "sampler_name": spec.webui_name,
+        "scheduler": spec.webui_schedule,
+    }
