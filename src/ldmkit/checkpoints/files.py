@@ -202,12 +202,33 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def check_writable(path: str | Path) -> None:
+    """Refuse, before any work, a file path that atomic_write could not write: a folder, under a file,
+    or in a folder this process may not write to."""
+    p = Path(path)
+    if p.is_dir():
+        raise CheckpointError(f"{p}: is a folder; give a file path")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CheckpointError(f"{p}: cannot be written ({parent} is a file, not a folder)")
+    try:  # a real probe: permissions alone do not say (root in /proc, read-only mounts)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot be written in {parent} ({e.strerror or e})") from None
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call write(tmp) on a temporary file beside `path`, then rename it into place: a crash leaves
     either the old file or the new one, never half of one."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot be written ({e.strerror or e})") from None
     os.close(fd)
     try:
         write(Path(tmp))

@@ -118,6 +118,7 @@ def cmd_generate(args) -> int:
 
     from tqdm import tqdm
 
+    from ldmkit.checkpoints.files import check_writable
     from ldmkit.images import load_image, write_png
     from ldmkit.pipelines import Pipeline
 
@@ -133,6 +134,8 @@ def cmd_generate(args) -> int:
             )
         args.model = FAST[name]
     params = _params(args)  # every check that needs no model runs here, before one is loaded
+    for path in _output_paths(args.output, [0]):
+        check_writable(path)
     controls = [_parse_control(c) for c in args.control or []]
     control_images = [load_image(path, "--control image") for _, path, _ in controls]
     if args.controlnet and not controls:

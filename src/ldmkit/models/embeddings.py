@@ -6,13 +6,16 @@ Files read: the web UI's `.pt` ({"string_to_param": {"*": [n, d]}, ...}, through
 get token ids past the vocabulary; the text tower's token embedding looks those up in an extra table
 instead of its own, so nothing else in the encoder changes."""
 
+import logging
 import re
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from ldmkit.errors import CheckpointError, ConfigError
+from ldmkit.errors import CheckpointError, ConfigError, LdmkitError
+
+log = logging.getLogger(__name__)
 
 FILE_SUFFIXES = (".pt", ".safetensors", ".bin")
 
@@ -109,7 +112,15 @@ class Embeddings:
         folder = Path(folder).expanduser()
         if not folder.is_dir():
             raise ConfigError(f"{folder}: no such embeddings folder")
-        return [self.load(p) for p in sorted(folder.iterdir()) if p.suffix in FILE_SUFFIXES]
+        loaded = []
+        for p in sorted(folder.iterdir()):
+            if p.suffix not in FILE_SUFFIXES:
+                continue
+            try:
+                loaded.append(self.load(p))
+            except LdmkitError as e:  # a folder may hold other files of these suffixes (a run's cache)
+                log.warning("%s: skipped, not an embedding (%s)", p, str(e).splitlines()[0][:200])
+        return loaded
 
     def _pattern(self) -> re.Pattern:
         names = "|".join(map(re.escape, sorted(self.ids, key=len, reverse=True)))

@@ -69,6 +69,10 @@ class GenerationParams:
             raise ConfigError("negative_prompt: a string")
         if self.steps is not None and (not _is_int(self.steps) or self.steps <= 0):
             raise ConfigError(f"steps: {self.steps}; allowed: 1 or more")
+        if self.cfg is not None and (isinstance(self.cfg, bool) or not isinstance(self.cfg, int | float)):
+            raise ConfigError(f"cfg: {self.cfg!r}; allowed: a number of 0 or more")
+        if self.cfg is not None and not 0 <= self.cfg < float("inf"):  # negative: steering away from the prompt
+            raise ConfigError(f"cfg: {self.cfg}; allowed: 0 or more (1: no guidance)")
         if self.sampler is not None:
             get_sampler(self.sampler)
         if self.seed is None:

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 
 from ldmkit import __version__
 from ldmkit.server.state import ServerState
@@ -15,6 +15,10 @@ def add_routes(app: FastAPI, server: ServerState) -> None:
     @app.get("/", include_in_schema=False)
     def page():
         return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon():
+        return Response(status_code=204)  # no icon: an empty answer, not a 404 in the browser's console
 
     @app.get("/ldmkit/info", include_in_schema=False)
     def ldmkit_info(model: str | None = None) -> dict:
