@@ -138,6 +138,14 @@ def test_resume_after_sigkill_is_exact(tmp_path, autoencoder, stage):
     a, b = losses(tmp_path / "whole"), losses(tmp_path / "killed")
     assert len(a) == len(b) == steps
     assert np.allclose(a, b, rtol=1e-6, atol=0), np.abs(np.array(a) - np.array(b)).max()
+    # the same files, line ends and all: no \r\n rows after the resume, no evaluation row written twice
+    for run in ("whole", "killed"):
+        assert b"\r" not in (tmp_path / run / "loss.csv").read_bytes(), run
+    evaluated = [
+        [yaml.safe_load(line)["step"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("whole", "killed")
+    ]
+    assert evaluated[0] == evaluated[1] == [steps]
 
 
 def test_controlnet_run_trains_only_the_controlnet(tmp_path, base_model, capsys):

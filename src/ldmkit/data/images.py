@@ -10,7 +10,8 @@ training exact.
 - ShapesData: the shapes world, rendered on the fly.
 Images are composited onto a background if they have alpha, resized (shorter side) and
 centre-cropped; horizontal flips are off unless asked (a flip breaks "left"/"right" captions).
-Unreadable images are skipped with a warning and counted."""
+Unreadable images, and images whose header declares more than TRAINING_MAX_PIXELS pixels (refused
+before they are decoded), are skipped with a warning and counted."""
 
 import json
 import logging
@@ -19,15 +20,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ldmkit.data.shapes import render as render_scene
 from ldmkit.data.shapes import sample_scene
 from ldmkit.errors import ConfigError
-from ldmkit.images import to_rgb
+from ldmkit.images import MAX_PIXELS, open_image, to_rgb
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+# The most pixels a training image may declare. Every image is scaled down to data.size (at most a
+# thousand or so pixels a side) at once, so more pixels only cost memory: 64 MP is above a full-frame
+# camera's photo (24-61 MP) and decodes to at most 256 MB (RGBA), one image at a time. A larger header
+# is far more likely a decompression bomb (a few hundred bytes declaring gigapixels) than training data.
+TRAINING_MAX_PIXELS = MAX_PIXELS
 
 
 @dataclass
@@ -66,16 +72,16 @@ def prepare(image: Image.Image, size: int, background=(255, 255, 255)) -> torch.
 
 
 def _decode(dataset, source, where: str, caption: str) -> tuple[torch.Tensor, str] | None:
-    """Open source() as an image and prepare it; an unreadable one is skipped, warned and counted."""
+    """Open source() as an image and prepare it; an unreadable one, or one declaring more than
+    TRAINING_MAX_PIXELS pixels (refused from its header, before decoding), is skipped, warned and counted."""
     try:
-        with Image.open(source()) as im:
-            im.load()
-            return prepare(im, dataset.config.size, dataset.config.background), caption
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+        image = open_image(source(), where, TRAINING_MAX_PIXELS)
+        return prepare(image, dataset.config.size, dataset.config.background), caption
+    # OSError: source() itself (a shard that went away); ValueError: a mode that does not convert to RGB
+    except (ConfigError, OSError, ValueError) as e:
         dataset.skipped += 1
-        log.warning(
-            "skipping unreadable image %s (%s); %d skipped so far", where, str(e).splitlines()[0][:80], dataset.skipped
-        )
+        reason = str(e).removeprefix(f"{where}: ").splitlines()[0][:120]
+        log.warning("skipping unreadable image %s (%s); %d skipped so far", where, reason, dataset.skipped)
         return None
 
 

@@ -259,10 +259,10 @@ class LatentTask:
         return per_sample.mean() if reduce else per_sample
 
     def batch(self, indices: range):
-        """(images or None, items, captions, global indices) of this process's samples: with the
-        latents cached, only the captions are read (unless the task needs the images themselves)."""
+        """(images or None, items, captions, global indices) of this process's readable samples: with
+        the latents cached, only the captions are read (unless the task needs the images themselves)."""
         if self.cache is not None and not self.needs_images:
-            gs = list(indices)
+            gs = [g for g in indices if latent_cache.readable(self.cache, self.order.item(g))]
             items = [self.order.item(g) for g in gs]
             return None, items, [self.data.caption(i) for i in items], gs
         batch = load_batch(self.data, self.order, indices, self.config.data.flip, self.config.run.seed)
@@ -271,7 +271,8 @@ class LatentTask:
 
     def train_step(self, step: int, indices: range, lr: float) -> dict:
         """One optimiser step over the global batch (this process's share in grad_accum micro-batches,
-        gradients summed over processes), then the EMA update."""
+        gradients summed over processes), then the EMA update. Logged: the loss, the learning rate and
+        how many of the global batch's samples were left out as unreadable (as the autoencoder logs)."""
         c = self.config
         if c.latent_cache and self.cache is None:
             self.build_cache(Path(c.run.dir).expanduser())
@@ -300,7 +301,7 @@ class LatentTask:
         self.opt.step()
         total = dist.sum_values({"loss": total})["loss"]
         self.ema.update(step)
-        return {"loss": total, "lr": lr}
+        return {"loss": total, "lr": lr, "skipped": float(len(indices) * dist.size() - n_global)}
 
     # evaluation and samples -------------------------------------------------------------------------
     @torch.no_grad()
@@ -319,13 +320,17 @@ class LatentTask:
             with self.ema.applied():
                 bs = c.run.batch_size
                 for start in range(0, min(len(val), c.val_batches * bs), bs):
-                    idx = range(start, min(len(val), start + bs))
-                    items = [val.load(i) for i in idx]
-                    images = torch.stack([it[0] for it in items])
-                    captions, gs = [it[1] for it in items], [10**9 + i for i in idx]
-                    losses.append(self.loss(images, list(idx), captions, gs, self.extra_for(images)).item())
+                    loaded = {i: val.load(i) for i in range(start, min(len(val), start + bs))}
+                    idx = [i for i, item in loaded.items() if item is not None]  # None: skipped, counted
+                    if not idx:
+                        continue
+                    images = torch.stack([loaded[i][0] for i in idx])
+                    captions, gs = [loaded[i][1] for i in idx], [10**9 + i for i in idx]
+                    losses.append(self.loss(images, idx, captions, gs, self.extra_for(images)).item())
         finally:
             self.cache = saved_cache
+        if not losses:
+            return {}
         value = sum(losses) / len(losses)
         return {"val_loss": round(value, 6), "score": -value}
 

@@ -89,6 +89,11 @@ class LDMTask(LatentTask):
             x, _, kept = batch
             post = self.model.vae.encode(x)
             zs.append(post.mean + post.std * torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(b)))
+        if not zs:
+            raise ConfigError(
+                f"data: no readable image in the first {c.scale_batches} batches (scale_batches), "
+                "so the latent scale cannot be measured"
+            )
         std = torch.cat(zs).std().item()
         self.model.vae.config.scale_factor = 1.0 / std
         self.model.config.vae = self.model.vae.config

@@ -10,6 +10,7 @@ they are written atomically, the last K and the best are kept, and they load wit
 torch.load(weights_only=True)."""
 
 import csv
+import json
 import logging
 import math
 import time
@@ -21,9 +22,11 @@ from PIL import Image, ImageDraw
 
 from ldmkit.checkpoints.files import atomic_write, write_json
 from ldmkit.errors import ConfigError, TrainingError
+from ldmkit.images import image_grid as image_grid  # the training tasks take it from here
 from ldmkit.training import distributed as dist
 
 log = logging.getLogger(__name__)
+LINE_END = "\n"  # the csv module's default is \r\n; every file a run writes ends its lines with \n
 
 
 @dataclass
@@ -96,8 +99,9 @@ class Trainer:
         self.ckpt_dir.mkdir(exist_ok=True)
         if config_record is not None and self.main:
             write_json(self.dir / "config.json", config_record)
+        self._columns: list[str] | None = None  # loss.csv's header, once read or written
         if self.main:
-            self._trim_log()
+            self._trim_logs()
 
     # --- checkpoints -------------------------------------------------------------------------------
     def _load(self, path: Path) -> None:
@@ -117,28 +121,68 @@ class Trainer:
         return path
 
     # --- log -----------------------------------------------------------------------------------------
+    # loss.csv (a header, then one row per step) and metrics.jsonl (one JSON object per evaluation), both
+    # with \n line ends: a resumed run's files are byte for byte an uninterrupted run's.
     @property
     def log_path(self) -> Path:
         return self.dir / "loss.csv"
 
-    def _trim_log(self) -> None:
-        """After a resume, drop what the interrupted run logged beyond its last checkpoint."""
+    @property
+    def metrics_path(self) -> Path:
+        return self.dir / "metrics.jsonl"
+
+    def _read_log(self) -> list[list[str]]:
         if not self.log_path.exists():
-            return
-        with open(self.log_path) as f:
-            rows = list(csv.reader(f))
-        if not rows:
-            return
-        kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < self.step]
-        atomic_write(self.log_path, lambda tmp: tmp.write_text("\n".join(",".join(r) for r in kept) + "\n"))
+            return []
+        with open(self.log_path, newline="") as f:
+            return list(csv.reader(f))
+
+    def _write_log(self, rows: list[list[str]]) -> None:
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f, lineterminator=LINE_END).writerows(rows)
+
+        atomic_write(self.log_path, write)
+
+    def _trim_logs(self) -> None:
+        """Drop what an interrupted run logged beyond its last checkpoint (the resumed run logs those
+        steps again), and any row a kill cut short. Rows of steps 0..S-1 and evaluations at steps up to S
+        belong to the checkpoint of step S: it is written after both."""
+        rows = self._read_log()
+        if rows and rows[0][:1] == ["step"]:
+            header = rows[0]
+            self._write_log(
+                [header] + [r for r in rows[1:] if len(r) == len(header) and r[0].isdigit() and int(r[0]) < self.step]
+            )
+        elif self.log_path.exists():  # empty, or its header cut short: start afresh
+            self.log_path.unlink()
+        if self.metrics_path.exists():
+            kept = []
+            for line in self.metrics_path.read_text().splitlines():
+                try:
+                    if int(json.loads(line)["step"]) <= self.step:
+                        kept.append(line + LINE_END)
+                except (ValueError, KeyError, TypeError):  # a line cut short
+                    continue
+            atomic_write(self.metrics_path, lambda tmp: tmp.write_bytes("".join(kept).encode()))
 
     def _log(self, step: int, values: dict) -> None:
-        new = not self.log_path.exists()
+        row = {"step": str(step), **{k: f"{v:.8g}" for k, v in values.items()}}
+        if self._columns is None or not row.keys() <= set(self._columns):
+            self._widen_log(list(row))
         with open(self.log_path, "a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(["step"] + list(values))
-            w.writerow([step] + [f"{v:.8g}" for v in values.values()])
+            csv.writer(f, lineterminator=LINE_END).writerow([row.get(k, "") for k in self._columns])
+
+    def _widen_log(self, columns: list[str]) -> None:
+        """Give the log's header `columns` too, new ones at the end and earlier rows blank in them: a new
+        log gets its header, and a log stays one table when a run begun by a version that logged fewer
+        columns is resumed, or when a step logs fewer or more values than the others."""
+        rows = self._read_log()
+        header = rows[0] if rows else []
+        wider = header + [c for c in columns if c not in header]
+        if wider != header:
+            self._write_log([wider] + [r + [""] * (len(wider) - len(r)) for r in rows[1:]])
+        self._columns = wider
 
     # --- the loop ------------------------------------------------------------------------------------
     def fit(self, progress: bool = True) -> dict:
@@ -191,11 +235,8 @@ class Trainer:
         return last
 
     def _log_metrics(self, metrics: dict) -> None:
-        path = self.dir / "metrics.jsonl"
-        with open(path, "a") as f:
-            import json
-
-            f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+        with open(self.metrics_path, "a", newline="") as f:
+            f.write(json.dumps({"step": self.step, **metrics}) + LINE_END)
         score = metrics.get("score")
         if score is not None and (self.best is None or score > self.best):
             self.best = score
@@ -237,12 +278,3 @@ def plot_losses(csv_path: Path, out: Path, column: str = "loss", width: int = 64
     d.text((4, height - 45), f"{10**lo:.3g}", fill=(0, 0, 0))
     d.text((width // 2, height - 25), f"{column} (log scale)", fill=(0, 0, 0))
     atomic_write(out, lambda tmp: im.save(tmp, format="PNG"))
-
-
-def image_grid(rows: list[list[Image.Image]]) -> Image.Image:
-    w, h = rows[0][0].size
-    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
-    for i, row in enumerate(rows):
-        for j, im in enumerate(row):
-            grid.paste(im, (j * w, i * h))
-    return grid
