@@ -3,17 +3,19 @@
 Every generation is a job on the worker (server/worker.py), run in arrival order. A request thread
 validates, submits and waits; errors a user can cause come back as 4xx with one message.
 
-This module assembles the app: its configuration, credentials, how errors are answered, and the routes
-(server/routes/), which share one ServerState (server/state.py)."""
+This module assembles the app: its configuration, credentials, how errors are answered, the routes
+(server/routes/), which share one ServerState (server/state.py), and its console lines (server/console.py)."""
 
 import base64
 import binascii
+import logging
 import secrets
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
@@ -21,12 +23,15 @@ from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from ldmkit import __version__
 from ldmkit.errors import BusyError, CheckpointError, LdmkitError, NotFoundError
+from ldmkit.server.console import RequestLog, announce_models, announce_ready, note_generation
 from ldmkit.server.errors import RETRY_AFTER, DeclaredBodyLimit, body_limit_detail, document_errors, error_body
 from ldmkit.server.outputs import Outputs
 from ldmkit.server.registry import Models
 from ldmkit.server.routes import discovery, generation, page, status
 from ldmkit.server.state import ServerState
 from ldmkit.server.worker import Worker
+
+log = logging.getLogger("ldmkit.server")
 
 
 @dataclass
@@ -110,16 +115,20 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        await announce_ready(app.state.ready)
         yield
         worker.stop()
+        log.info("stopped")
 
     app = FastAPI(
         title="ldmkit",
         version=__version__,
         description="The popular web UI's API, served by ldmkit.",
         lifespan=lifespan,
+        dependencies=[Depends(note_generation)],  # a generation's size, steps and images for its log line
     )
     models = Models(config)
+    announce_models(models)
     outputs = Outputs(config.outputs)
     options: dict[str, Any] = {
         "sd_model_checkpoint": models.title(models.default),
@@ -143,9 +152,12 @@ def create_app(config: ServeConfig) -> FastAPI:
     # soon as the bytes that arrive pass the limit (Starlette's, answered in the error shape).
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=config.limits.max_body_bytes)
     app.add_middleware(DeclaredBodyLimit, limit=config.limits.max_body_bytes)
+    app.add_middleware(RequestLog)  # outermost: the refusals above are logged too
 
     def load_default(w: Worker) -> None:  # None: a future holding the pipeline would keep it alive
+        start = time.perf_counter()
         server.load(models.default)
+        log.debug("model %s loaded in %.2f s", models.default, time.perf_counter() - start)
 
     app.state.ready = worker.submit("load model", load_default).future  # the page's sizes come from it
     return app
