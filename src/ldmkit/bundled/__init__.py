@@ -2,6 +2,8 @@
 generates with no download. Each entry names its weights file, its recipe and the settings chosen for it
 (docs/models.md)."""
 
+import difflib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,17 +37,58 @@ FAST: dict[str, str] = {"shapes": "shapes-fast"}
 DEFAULT = "shapes"
 
 
+PREFIX = "bundled:"  # `bundled:emoji` always means the bundled model, whatever the current folder holds
+log = logging.getLogger(__name__)
+
+
 def resolve(model: str | Path | None) -> tuple[Path, dict]:
     """The file to load and its recommended settings: a bundled model by name (the default one when
-    `model` is None), otherwise the user's own path, which no bundled name shadows."""
-    name = DEFAULT if model is None else str(model)
-    if name in BUNDLED and (model is None or not Path(name).exists()):
-        entry = BUNDLED[name]
-        path = HERE / entry.file
-        if not path.is_file():
-            raise LdmkitError(f"bundled model {name!r}: {path} is missing from this install; reinstall ldmkit")
-        return path, dict(entry.defaults)
-    return Path(model), {}
+    `model` is None, or `bundled:NAME`), otherwise the user's own path, which no bundled name shadows:
+    a bare name that is both an existing path and a bundled model is the path, with a warning saying
+    how to pick the other. A bare name that is neither is refused, naming the bundled model it is
+    closest to."""
+    if model is None:
+        return _bundled(DEFAULT)
+    text = str(model)
+    if text.startswith(PREFIX):
+        name = text[len(PREFIX) :]
+        if name not in BUNDLED:
+            raise LdmkitError(f"no bundled model {name!r}; {_suggest(name)}")
+        return _bundled(name)
+    path = Path(model)
+    if text in BUNDLED:
+        if not path.exists():
+            return _bundled(text)
+        what = "folder" if path.is_dir() else "file"
+        log.warning(
+            f"{text!r} is both a {what} here and a bundled model; using the {what} ./{text} "
+            f"(write bundled:{text} for the bundled model)"
+        )
+        return path, {}
+    if not path.exists() and _is_bare_name(text):
+        raise LdmkitError(f"no model {text!r}: not a file, folder or bundled model; {_suggest(text)}")
+    return path, {}
+
+
+def _bundled(name: str) -> tuple[Path, dict]:
+    entry = BUNDLED[name]
+    path = HERE / entry.file
+    if not path.is_file():
+        raise LdmkitError(f"bundled model {name!r}: {path} is missing from this install; reinstall ldmkit")
+    return path, dict(entry.defaults)
+
+
+def _is_bare_name(text: str) -> bool:
+    """A word with no folder in it: what a bundled name looks like. A missing path written as a path
+    is left to the reader, whose message names the path."""
+    return bool(text) and Path(text).name == text and not text.startswith((".", "~"))
+
+
+def _suggest(name: str) -> str:
+    close = difflib.get_close_matches(name, BUNDLED, n=1)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return f"bundled models: {', '.join(BUNDLED)} (ldmkit models lists them and the files in a folder)"
 
 
 def bundled_controlnet(model_path: Path | None) -> Path:

@@ -6,9 +6,11 @@ command; each group module imports its heavy dependencies inside its command fun
 
 import argparse
 import logging
+import os
 import sys
 
-from ldmkit.cli import bench, data, evaluate, generate, models, serve, train
+from ldmkit import __version__
+from ldmkit.cli import bench, data, evaluate, generate, listing, models, serve, train
 from ldmkit.cli.common import _log_to_stderr
 from ldmkit.errors import LdmkitError
 
@@ -17,6 +19,7 @@ __all__ = ["build_parser", "main"]
 # One entry per sub-parser adder, in the order `ldmkit --help` lists the commands; a group's
 # commands need not be neighbours there.
 _ADDERS = (
+    listing.add_models,
     models.add_inspect,
     models.add_convert,
     generate.add_parsers,
@@ -34,6 +37,7 @@ _ADDERS = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldmkit", description="Latent diffusion models, written to be read.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    parser.add_argument("--version", action="version", version=f"ldmkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in _ADDERS:
         add(sub)
@@ -44,10 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _log_to_stderr(logging.INFO if args.verbose else logging.WARNING)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader gone early shows here, not as a traceback at exit
+        return code
     except LdmkitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader stopped early (`ldmkit models --json | head`): nothing is wrong with the command.
+        # Python's own recipe: point stdout at /dev/null so the flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -8,13 +8,23 @@ from pathlib import Path
 
 from ldmkit.errors import LdmkitError
 
-MODEL_HELP = "a .safetensors/.ckpt file, a diffusers folder, or a bundled model's name (default: shapes)"
+MODEL_HELP = (
+    "a .safetensors/.ckpt file, a diffusers folder, or a bundled model's name (default: shapes; ldmkit models lists"
+    " them; bundled:NAME means the bundled one even where a file of that name exists)"
+)
 DEFAULT_NOTE = "the bundled model's chosen setting; for other models steps 20, cfg 7, dpmpp_2m_karras"
 
 
 def _overrides(args, skip: tuple[str, ...] = ()) -> dict:
     keys = ("prediction_type", "num_heads", "num_head_channels", "clip_skip")
     return {k: getattr(args, k) for k in keys if k not in skip and getattr(args, k, None) is not None}
+
+
+def _model_path(text: str) -> Path:
+    """A model argument as the file or folder to read: a bundled model's name, bundled:NAME, or a path."""
+    from ldmkit.bundled import resolve
+
+    return resolve(text)[0]
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -70,14 +80,15 @@ class _Lowercase(logging.Formatter):
         return f"{record.levelname.lower()}: {record.getMessage()}"
 
 
-def _log_to_stderr(level: int) -> None:
-    """Library warnings as `warning: ...` lines on stderr (the stream current at this call)."""
+def _log_to_stderr(level: int, formatter: logging.Formatter | None = None) -> None:
+    """Library warnings as `warning: ...` lines on stderr (the stream current at this call), or as a
+    command's own `formatter` shapes them."""
     logger = logging.getLogger("ldmkit")
     for h in [h for h in logger.handlers if getattr(h, "_ldmkit_cli", False)]:
         logger.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
     handler._ldmkit_cli = True
-    handler.setFormatter(_Lowercase())
+    handler.setFormatter(formatter or _Lowercase())
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False

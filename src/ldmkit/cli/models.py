@@ -3,14 +3,15 @@
 import json
 from pathlib import Path
 
-from ldmkit.cli.common import _add_model_options, _overrides
+from ldmkit.cli.common import _add_model_options, _model_path, _overrides
 from ldmkit.errors import LdmkitError
 
 
 def cmd_inspect(args) -> int:
     from ldmkit.checkpoints.inspect import inspect_path
 
-    print(json.dumps(inspect_path(args.path, vae=args.vae, overrides=_overrides(args)), indent=2))
+    info = inspect_path(_model_path(args.path), vae=args.vae, overrides=_overrides(args))
+    print(json.dumps(info, indent=2))
     return 0
 
 
@@ -19,7 +20,7 @@ def cmd_convert(args) -> int:
     from ldmkit.checkpoints.single_file import load_model, parse_dtype, save_single_file
 
     dtype = parse_dtype(args.dtype)
-    src, dst = Path(args.src), Path(args.dst)
+    src, dst = _model_path(args.src), Path(args.dst)
     if src.resolve() == dst.resolve():
         raise LdmkitError(f"{dst}: the destination is the source; choose another path")
     from ldmkit.checkpoints.controlnet_files import (
@@ -69,14 +70,14 @@ def cmd_init_model(args) -> int:
 
 def add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="print what a checkpoint holds, as JSON")
-    p.add_argument("path", help="a .safetensors/.ckpt file or a diffusers folder")
+    p.add_argument("path", help="a .safetensors/.ckpt file, a diffusers folder, or a bundled model's name")
     _add_model_options(p)
     p.set_defaults(func=cmd_inspect)
 
 
 def add_convert(sub) -> None:
     p = sub.add_parser("convert", help="convert a checkpoint between layouts")
-    p.add_argument("src")
+    p.add_argument("src", help="the model or ControlNet to convert: a file, a diffusers folder or a bundled name")
     p.add_argument("dst")
     p.add_argument("--to", required=True, choices=["single-file", "diffusers"])
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="storage dtype (default: keep fp32)")
