@@ -25,8 +25,8 @@ from ldmkit.pipelines.params import (
     to_infotext,
 )
 from ldmkit.server.app import Limits, ServeConfig, create_app
-from ldmkit.server.generation import FROM_REQUEST, NOT_FROM_REQUEST, decode_uploads, resolve
-from ldmkit.server.webui import Img2ImgRequest
+from ldmkit.server.generation import FROM_REQUEST, HIRES_FROM_REQUEST, NOT_FROM_REQUEST, decode_uploads, resolve
+from ldmkit.server.webui import Img2ImgRequest, Txt2ImgRequest
 
 IMAGE = Image.new("RGB", (48, 40), (200, 30, 30))
 MASK = Image.new("L", (48, 40), 255)
@@ -54,7 +54,21 @@ PROBE = {
     "loras": ((Path("style.safetensors"), 0.5),),
     "control": "set once a model is loaded",  # ControlInputs hold a loaded ControlNet: checked apart
     "feature_cache": 2,
+    "hires_scale": 1.5,
+    "hires_width": 96,
+    "hires_height": 64,
+    "hires_upscaler": "Lanczos",
+    "hires_steps": 4,
+    "hires_sampler": "heun",
 }
+# A run is text-to-image with a hires pass, or starts from an image: the probes go in as two runs
+HIRES = {name for name in PROBE if name.startswith("hires_")}
+IMAGES = {"init_image", "mask"}
+
+
+def probe_without(*left_out: set) -> dict:
+    gone = set().union(*left_out)
+    return {k: v for k, v in PROBE.items() if k not in gone}
 
 
 def same(field: str, got, want) -> bool:
@@ -68,27 +82,27 @@ def test_every_field_has_a_probe():
     assert all(PROBE[f.name] != f.default for f in fields(GenerationParams))
 
 
-def test_every_field_reaches_the_cli(tmp_path):
+FLAGS = {"hires_scale": "--hires"}  # fields whose option is not --FIELD-NAME
+
+
+@pytest.mark.parametrize("left_out", [HIRES, IMAGES], ids=["image", "hires"])
+def test_every_field_reaches_the_cli(tmp_path, left_out):
     IMAGE.save(tmp_path / "init.png")
     MASK.save(tmp_path / "mask.png")
-    argv = [
-        "generate",
-        PROBE["prompt"],
-        "--init-image",
-        str(tmp_path / "init.png"),
-        "--mask",
-        str(tmp_path / "mask.png"),
-    ]
+    argv = ["generate", PROBE["prompt"]]
+    if left_out is HIRES:
+        argv += ["--init-image", str(tmp_path / "init.png"), "--mask", str(tmp_path / "mask.png")]
     argv += ["--lora", "style.safetensors:0.5", "--control", f"canny:{tmp_path / 'init.png'}"]
-    for name in PARAM_NAMES:
+    probe = probe_without(left_out)
+    for name in probe:
         if name not in ("prompt", "init_image", "mask", "loras", "control"):
-            argv += ["--" + name.replace("_", "-"), str(PROBE[name])]
+            argv += [FLAGS.get(name, "--" + name.replace("_", "-")), str(PROBE[name])]
     args = build_parser().parse_args(argv)
     assert {a.dest for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions} >= set(
         PARAM_NAMES
     )
     params = _params(args)
-    for name in PARAM_NAMES:
+    for name in probe:
         if name != "control":
             assert same(name, getattr(params, name), PROBE[name]), name
     assert args.control == [f"canny:{tmp_path / 'init.png'}"]  # made ControlInputs once the model is loaded
@@ -115,6 +129,12 @@ def test_every_field_reaches_the_http_api():
     reached = set(FROM_REQUEST) | {"sampler", "clip_skip", "init_image", "mask", "seed"}
     for name in reached:
         assert same(name, getattr(params, name), PROBE[name]), name
+    hires = {attr: PROBE[field] for field, (attr, _) in HIRES_FROM_REQUEST.items()}
+    req = Txt2ImgRequest(prompt="x", enable_hr=True, hr_sampler_name="Heun", **hires)
+    params = resolve(req, server).params
+    for name in (*HIRES_FROM_REQUEST, "hires_sampler"):
+        assert same(name, getattr(params, name), PROBE[name]), name
+    reached |= {*HIRES_FROM_REQUEST, "hires_sampler"}
     # ControlNet units (alwayson_scripts) become ControlInputs on the worker, once the model is loaded:
     # tests/test_controlnet.py sends them. LoRAs come from prompt tags only.
     assert set(PARAM_NAMES) - reached == {"control"} | set(NOT_FROM_REQUEST)
@@ -131,21 +151,29 @@ def test_every_field_reaches_the_python_api(monkeypatch):
     monkeypatch.setattr(pipe, "_use_loras", lambda p: None)
     monkeypatch.setattr(pipe, "_generate", capture)
     monkeypatch.setattr("ldmkit.pipelines.params.check_clip_skip", lambda config, clip_skip: None)
-    probe = {k: v for k, v in PROBE.items() if k != "control"}
-    with pytest.raises(KeyboardInterrupt):
-        pipe(**probe)
-    for name, value in probe.items():
-        assert same(name, getattr(seen["params"], name), value), name
+    for left_out in (HIRES, IMAGES):
+        probe = probe_without(left_out, {"control"})
+        with pytest.raises(KeyboardInterrupt):
+            pipe(**probe)
+        for name, value in probe.items():
+            assert same(name, getattr(seen["params"], name), value), name
 
 
 def test_infotext_reads_back_what_it_wrote():
-    kept = {k: v for k, v in PROBE.items() if k not in ("control", "loras", "batch")}
-    params = GenerationParams(**{**kept, "sampler": "ddim"})  # DDIM: its eta is written too
-    text = to_infotext(params, 0, RunFacts("model"), "ldmkit test")
-    read, ours = from_infotext(text)
-    assert ours
-    for entry, name, _ in INFOTEXT_FIELDS:
-        assert read[name] == getattr(params, name), entry
+    for left_out in (HIRES, IMAGES):
+        kept = probe_without(left_out, {"control", "loras", "batch"})
+        params = GenerationParams(**{**kept, "sampler": "ddim"})  # DDIM: its eta is written too
+        text = to_infotext(params, 0, RunFacts("model"), "ldmkit test")
+        read, ours = from_infotext(text)
+        assert ours
+        for entry, name, _ in INFOTEXT_FIELDS:
+            if name == "mask_blur" and params.mask is None or name.startswith("hires_") and not params.hires:
+                continue  # written only for a mask, for a hires pass
+            if name == "hires_scale" and (params.hires_width or params.hires_height):
+                continue  # a hires size is written instead of a scale
+            assert read[name] == getattr(params, name), entry
+        if params.hires:
+            assert (read["hires_width"], read["hires_height"], read["hires_sampler"]) == (96, 64, "heun")
     carried = {name for _, name, _ in INFOTEXT_FIELDS} | {"sampler", "prompt", "negative_prompt", "width", "height"}
     assert set(PARAM_NAMES) - carried <= NOT_IN_INFOTEXT
 

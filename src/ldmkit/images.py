@@ -5,6 +5,7 @@ web UI's generation parameters text ("infotext") in their `parameters` chunk. In
     Negative prompt: <negative prompt>
     Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1234, Size: 512x512, ..."""
 
+import math
 import re
 import warnings
 from pathlib import Path
@@ -98,6 +99,30 @@ def latent_preview(x0: torch.Tensor, latent_rgb=None) -> list[Image.Image]:
         weight, bias = table[:-1], table[-1]
     rgb = torch.einsum("bchw,cr->brhw", x0.float().cpu(), weight) + bias[None, :, None, None]
     return tensor_to_pil(rgb.clamp(-1, 1))
+
+
+def image_grid(images: list, rows: int | None = None) -> Image.Image:
+    """One image of several, as the web UI lays out its grids: `rows` rows (by default sqrt(n) rounded,
+    the web UI's rule with its default settings), as many columns as the images need, filled left to
+    right then down; cells the size of the largest image, smaller ones centred, empty cells white (the
+    web UI's default background). `images` may instead be a list of rows, laid out as given (training's
+    sample sheets: one row per seed or per kind of picture)."""
+    if not images or (rows is not None and rows < 1):
+        raise ValueError(f"image_grid: {len(images)} images in {rows} rows")
+    if isinstance(images[0], (list, tuple)):
+        table = [list(row) for row in images]
+        rows = len(table)
+    else:
+        rows = min(rows or round(math.sqrt(len(images))), len(images))
+        cols = math.ceil(len(images) / rows)
+        table = [list(images[i : i + cols]) for i in range(0, len(images), cols)]
+    w = max(im.width for row in table for im in row)
+    h = max(im.height for row in table for im in row)
+    grid = Image.new("RGB", (w * max(len(row) for row in table), h * rows), "white")
+    for i, row in enumerate(table):
+        for j, im in enumerate(row):
+            grid.paste(to_rgb(im), (j * w + (w - im.width) // 2, i * h + (h - im.height) // 2))
+    return grid
 
 
 _FIELD = re.compile(r'\s*([\w \-/().+]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')

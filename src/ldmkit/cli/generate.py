@@ -12,6 +12,7 @@ from ldmkit.cli.generate_options import add_options
 from ldmkit.errors import LdmkitError
 
 log = logging.getLogger("ldmkit")
+MAX_N_ITER = 64  # batches in one run, as many as the web UI's batch count slider offers
 
 
 def _from_png(path: str) -> dict:
@@ -64,6 +65,30 @@ def _output_paths(out: str | None, seeds: list[int]) -> list[Path]:
     if len(seeds) == 1:
         return [p]
     return [p.with_name(f"{p.stem}-{s}{p.suffix}") for s in seeds]
+
+
+def _grid_path(out: str | None, first_seed: int) -> Path:
+    """Next to the images: OUT-grid.png, or outputs/ldmkit-grid-SEED.png (the run's first seed)."""
+    if out is None:
+        return Path("outputs") / f"ldmkit-grid-{first_seed}.png"
+    p = Path(out)
+    return p.with_name(f"{p.stem}-grid{p.suffix}")
+
+
+def _seeded(params, n_iter: int):
+    """The parameters with a concrete seed, drawn once (as the pipeline draws it) so that batch k starts
+    at seed + k * batch, as the web UI numbers a run of n_iter batches."""
+    import secrets
+    from dataclasses import replace
+
+    if not 1 <= n_iter <= MAX_N_ITER:
+        raise LdmkitError(f"--n-iter {n_iter}; allowed: 1 to {MAX_N_ITER}")
+    if params.seed < 0:
+        params = replace(params, seed=secrets.randbelow(2**32))
+    total = params.batch * n_iter
+    if params.seed + total > 2**64:  # image i's generator takes seed + i
+        raise LdmkitError(f"--seed {params.seed} for {total} images; allowed: below {2**64 - total + 1}")
+    return params
 
 
 def _parse_control(text: str) -> tuple[str, str, float]:
@@ -119,7 +144,7 @@ def cmd_generate(args) -> int:
     from tqdm import tqdm
 
     from ldmkit.checkpoints.files import check_writable
-    from ldmkit.images import load_image, write_png
+    from ldmkit.images import image_grid, load_image, write_png
     from ldmkit.pipelines import Pipeline
 
     if args.fast:
@@ -133,8 +158,11 @@ def cmd_generate(args) -> int:
                 "distil your own with ldmkit distill-lcm and pass it with --model"
             )
         args.model = FAST[name]
-    params = _params(args)  # every check that needs no model runs here, before one is loaded
-    for path in _output_paths(args.output, [0]):
+    params = _seeded(_params(args), args.n_iter)  # every check that needs no model runs here, before one is loaded
+    seeds = [params.seed + i for i in range(params.batch * args.n_iter)]
+    paths = _output_paths(args.output, seeds)
+    grid = _grid_path(args.output, seeds[0]) if len(seeds) > 1 and not args.no_grid else None
+    for path in paths[:1] + ([grid] if grid else []):
         check_writable(path)
     controls = [_parse_control(c) for c in args.control or []]
     control_images = [load_image(path, "--control image") for _, path, _ in controls]
@@ -144,11 +172,13 @@ def cmd_generate(args) -> int:
         args.model, vae=args.vae, overrides=_overrides(args, skip=("clip_skip",)), precision=args.precision
     )
     bars = []  # drawn at the first step, so that a refused request prints its error line alone
+    done = [0]  # the steps of the batches before this one: one bar for the whole run
 
     def progress(info):
         if not bars:
-            bars.append(tqdm(total=info.steps, desc="sampling", unit="step", disable=args.quiet, file=sys.stderr))
-        bars[0].update(info.step - bars[0].n)
+            total = info.steps * args.n_iter
+            bars.append(tqdm(total=total, desc="sampling", unit="step", disable=args.quiet, file=sys.stderr))
+        bars[0].update(done[0] + info.step - bars[0].n)
 
     if controls:
         params = replace(params, control=_controls(args, pipe, controls, control_images))
@@ -158,13 +188,22 @@ def cmd_generate(args) -> int:
     pipe.tiled_vae = {"auto": None, "on": True, "off": False}[args.tiled_vae]
     if args.embeddings_dir:
         pipe.embeddings.load_folder(args.embeddings_dir)
-    result = pipe(params, callback=progress)
+    images, infotexts = [], []
+    for k in range(args.n_iter):
+        result = pipe(replace(params, seed=params.seed + k * params.batch), callback=progress)
+        done[0] = bars[0].n if bars else 0
+        # each batch written as it is done: an interrupted run keeps the batches it finished
+        for path, image, text in zip(paths[len(images) :], result.images, result.infotexts):
+            write_png(path, image, text)
+        images += result.images
+        infotexts += result.infotexts
     for bar in bars:
         bar.close()
-    paths = _output_paths(args.output, result.seeds)
-    for path, image, text in zip(paths, result.images, result.infotexts):
-        write_png(path, image, text)
-    print(json.dumps({"written": [str(p) for p in paths], "seeds": result.seeds}))
+    report = {"written": [str(p) for p in paths], "seeds": seeds}
+    if grid:
+        write_png(grid, image_grid(images), infotexts[0])  # the web UI's grids carry the first image's infotext
+        report["grid"] = str(grid)
+    print(json.dumps(report))
     return 0
 
 

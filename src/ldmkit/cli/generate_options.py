@@ -14,6 +14,7 @@ def _sampler_names() -> list[str]:
 def add_options(p: argparse.ArgumentParser) -> None:
     _add_sampling_options(p)
     _add_control_options(p)
+    _add_hires_options(p)
     _add_run_options(p)
     _add_model_options(p)
 
@@ -74,6 +75,24 @@ def _add_control_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embeddings-dir", help="textual-inversion embeddings, used by file name in prompts")
 
 
+def _add_hires_options(p: argparse.ArgumentParser) -> None:
+    """Hires fix, as the popular web UI's: a second pass at a larger size (pipelines/hires.py)."""
+    from ldmkit.pipelines.hires import UPSCALERS
+
+    p.add_argument(
+        "--hires",
+        dest="hires_scale",
+        type=float,
+        metavar="SCALE",
+        help="hires fix: a second pass at SCALE x the size, of --strength (default 0.75), e.g. --hires 2",
+    )
+    p.add_argument("--hires-width", type=int, help="hires fix to this width instead of a scale")
+    p.add_argument("--hires-height", type=int, help="hires fix to this height instead of a scale")
+    p.add_argument("--hires-upscaler", choices=UPSCALERS, help="default: Latent (bilinear on the latents)")
+    p.add_argument("--hires-steps", type=int, help="the second pass's steps (default: --steps)")
+    p.add_argument("--hires-sampler", help="the second pass's sampler (default: --sampler)")
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     """Speed, memory, and where the settings come from and the images go."""
     p.add_argument(
@@ -101,3 +120,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from-png", help="reuse the settings stored in a PNG's parameters")
     p.add_argument("-o", "--output", help="output .png (with --batch N: one file per seed)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--n-iter",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N batches one after the other, seeds continuing (as the web UI's batch count; 1 to 64)",
+    )
+    p.add_argument("--no-grid", action="store_true", help="no grid image of the run's images (OUT-grid.png)")

@@ -34,7 +34,9 @@ from ldmkit.models.precision import resolve_precision
 from ldmkit.models.prompts import encode_prompts
 from ldmkit.models.unet import FeatureCache, UNetModel
 from ldmkit.nn.embedding import guidance_scale_embedding
+from ldmkit.pipelines import hires
 from ldmkit.pipelines.codec import LatentCodec
+from ldmkit.pipelines.hires import second_pass_steps
 from ldmkit.pipelines.params import CALL_DEFAULTS, LCM_DEFAULTS, GenerationParams, RunFacts, to_infotext
 
 
@@ -249,13 +251,17 @@ class Pipeline:
         noise = NoiseSchedule.from_config(c.schedule, m.alphas_cumprod)
         cache = FeatureCache(p.feature_cache) if p.feature_cache > 1 else None
         denoiser = Denoiser(m.unet, noise, c.schedule.prediction_type, walk, cache)
+        second = second_pass_steps(p.hires_steps or p.steps, p.strength)[1] if p.hires else 0
+        total = p.steps + second  # one progress over both passes, as the web UI counts them
 
         def on_step(i, x, x0):
             if callback is not None:
-                callback(StepInfo(i + 1, p.steps, x, x0, lambda: self.preview(x0)))
+                callback(StepInfo(i + 1, total, x, x0, lambda: self.preview(x0)))
 
         options = {"eta": p.eta} if p.sampler == "ddim" else {}
         z = sample_latents(denoiser, spec, cond, generators, latent_shape, init_latents, on_step, **options)
+        if p.hires:
+            z = self._hires(p, z, cond, noise, lambda i, x, x0: on_step(p.steps + i, x, x0))
         if cond.blend is not None:
             keep, z_init = cond.blend
             z = keep * z + (1 - keep) * z_init
@@ -263,6 +269,32 @@ class Pipeline:
         if pixel_mask is not None:
             images = pixel_mask * images + (1 - pixel_mask) * pixels
         return z, images, control_images
+
+    def _hires(self, p: GenerationParams, z: torch.Tensor, cond: Conditioning, noise, on_step) -> torch.Tensor:
+        """The hires fix's second pass (pipelines/hires.py): the first pass's latents upscaled, then an
+        image-to-image pass at the target size of `strength`, its sampler and steps."""
+        m, c = self.model, self.model.config
+        f = c.vae.downsample_factor
+        size = p.hires_target(f)
+        upscaler = p.hires_upscaler or hires.DEFAULT_UPSCALER
+        if upscaler in hires.LATENT_UPSCALERS:
+            init = hires.upscale_latents(z, size, f, upscaler)
+        else:
+            pixels = hires.upscale_pixels(self.decode(z), size, f, upscaler).to(z.device)
+            posterior = self.encode(pixels)
+            init = torch.cat([m.vae.scale(posterior.sample(g)) for g in generators_for(p.seed, p.batch)])
+            init = hires.crop(init, size)
+        total, run = hires.second_pass_steps(p.hires_steps or p.steps, p.strength)
+        if run == 0:
+            return init
+        spec = SAMPLERS[p.hires_sampler or p.sampler]
+        full = sampling_schedule(spec, noise, total, p.timestep_spacing, c.schedule.diffusers)
+        walk = replace(full, sigmas=full.sigmas[total - run :], timesteps=full.timesteps[total - run :])
+        cache = FeatureCache(p.feature_cache) if p.feature_cache > 1 else None
+        denoiser = Denoiser(m.unet, noise, c.schedule.prediction_type, walk, cache)
+        options = {"eta": p.eta} if spec.name == "ddim" else {}
+        shape = (init.shape[1], *init.shape[2:])
+        return sample_latents(denoiser, spec, cond, generators_for(p.seed, p.batch), shape, init, on_step, **options)
 
     @torch.no_grad()
     def preview(self, x0: torch.Tensor) -> list[Image.Image]:

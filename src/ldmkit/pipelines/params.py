@@ -20,10 +20,13 @@ from ldmkit.images import format_infotext, parse_infotext
 from ldmkit.models.prompts import check_prompt_mode
 from ldmkit.models.text import check_clip_skip
 from ldmkit.models.unet import FeatureCache
+from ldmkit.pipelines.hires import Target, check_upscaler
+from ldmkit.pipelines.hires import target as hires_target
 
 MAX_SIDE = 4096
 MAX_BATCH = 64
 MAX_MASK_BLUR = 64  # pixels: the popular web UI's largest
+MAX_HIRES_SCALE = 8.0
 # What a call leaves out when the model does not say (bundled models carry their own choice).
 CALL_DEFAULTS = {"steps": 20, "cfg": 7.0, "sampler": "dpmpp_2m_karras"}
 LCM_DEFAULTS = {"steps": 4, "cfg": 8.5, "sampler": "lcm"}  # diffusers' LCM pipeline's
@@ -53,6 +56,14 @@ class GenerationParams:
     loras: tuple[tuple[Path, float], ...] = ()  # (file, strength) merged for this call, besides <lora:> tags
     control: tuple = ()  # ControlInput (pipelines/control.py), one per ControlNet
     feature_cache: int = 1  # DeepCache interval (models/unet.FeatureCache); 1 = off
+    # Hires fix (pipelines/hires.py), on when a scale or a width/height is given: a second pass at
+    # the first pass's size x scale (or at the given size), of `strength`
+    hires_scale: float | None = None
+    hires_width: int = 0
+    hires_height: int = 0
+    hires_upscaler: str | None = None  # None: "Latent"
+    hires_steps: int = 0  # 0: the first pass's
+    hires_sampler: str | None = None  # None: the first pass's
 
     def __post_init__(self):
         set_ = object.__setattr__.__get__(self)  # normalising a frozen instance, once, here
@@ -88,6 +99,7 @@ class GenerationParams:
         self._check_images()
         check_prompt_mode(self.prompt_mode)
         FeatureCache(self.feature_cache)  # refuses a bad interval
+        self._check_hires()
         set_("loras", tuple((Path(f), float(w)) for f, w in self.loras or ()))
         set_("control", tuple(self.control or ()))
 
@@ -102,6 +114,24 @@ class GenerationParams:
                 f"{self.init_image.size[0]}x{self.init_image.size[1]}; they must be the same size"
             )
 
+    def _check_hires(self) -> None:
+        s = self.hires_scale
+        if s is not None and (isinstance(s, bool) or not isinstance(s, int | float) or not 1 <= s <= MAX_HIRES_SCALE):
+            raise ConfigError(f"hires scale: {s!r}; allowed: 1 to {MAX_HIRES_SCALE:g}")
+        for name in ("hires_width", "hires_height", "hires_steps"):
+            v = getattr(self, name)
+            if not _is_int(v) or not 0 <= v <= MAX_SIDE:
+                raise ConfigError(f"{name}: {v!r}; allowed: 0 (unset) to {MAX_SIDE}")
+        check_upscaler(self.hires_upscaler)
+        if self.hires_sampler is not None:
+            get_sampler(self.hires_sampler)
+        if self.hires and self.init_image is not None:
+            raise ConfigError("hires fix is for text-to-image: give no init image with it")
+
+    @property
+    def hires(self) -> bool:
+        return self.hires_scale is not None or bool(self.hires_width or self.hires_height)
+
     @property
     def prompts(self) -> list[str]:
         """One prompt per image."""
@@ -113,8 +143,13 @@ class GenerationParams:
 
     @property
     def denoising_strength(self) -> float | None:
-        """The strength a run used: None without an init image (text-to-image)."""
-        return self.strength if self.init_image is not None else None
+        """The strength a run used: None without an init image or a hires pass."""
+        return self.strength if self.init_image is not None or self.hires else None
+
+    def hires_target(self, f: int) -> Target:
+        """The hires pass's image size (and crop), for a latent factor f."""
+        scale = 2.0 if self.hires_scale is None else self.hires_scale  # the web UI's hr_scale default
+        return hires_target(self.width, self.height, scale, self.hires_width, self.hires_height, f)
 
     def for_model(self, model, defaults: dict, name: str = "model") -> "GenerationParams":
         """These parameters made concrete for `model` (a LatentDiffusion): what was left out filled
@@ -137,6 +172,12 @@ class GenerationParams:
             height = (p.init_image.height // multiple * multiple) if p.init_image is not None else c.image_size
         _check_size("width", width, multiple)
         _check_size("height", height, multiple)
+        if p.hires:
+            if c.unet.in_channels == 9 or p.control:
+                raise ConfigError("hires fix: not with an inpainting model or ControlNets")
+            size = replace(p, width=width, height=height).hires_target(c.vae.downsample_factor)
+            _check_size("hires width", size.width, multiple)
+            _check_size("hires height", size.height, multiple)
         clip_skip = c.text.clip_skip if p.clip_skip is None else p.clip_skip
         check_clip_skip(c.text, clip_skip)
         for ci in p.control:
@@ -175,10 +216,15 @@ INFOTEXT_FIELDS = (
     ("Prompt mode", "prompt_mode", str),
     ("Timestep spacing", "timestep_spacing", str),
     ("Feature cache", "feature_cache", int),
+    ("Hires upscale", "hires_scale", float),
+    ("Hires steps", "hires_steps", int),
+    ("Hires upscaler", "hires_upscaler", str),
 )
 # Parameters an infotext does not carry: the images and files a run was given (ControlNets and
 # LoRAs are recorded by name and hash, for people, not read back).
 NOT_IN_INFOTEXT = {"prompt", "negative_prompt", "width", "height", "batch", "init_image", "mask", "loras", "control"}
+# read from entries of their own form: Hires resize (WxH), Hires sampler (the web UI's name)
+NOT_IN_INFOTEXT |= {"hires_width", "hires_height", "hires_sampler"}
 
 
 @dataclass
@@ -213,6 +259,7 @@ def to_infotext(p: GenerationParams, index: int, run: RunFacts, version: str) ->
         "Timestep spacing": p.timestep_spacing,
         "Precision": run.precision if run.precision != "fp32" else None,
         "Feature cache": p.feature_cache if p.feature_cache > 1 else None,
+        **hires_fields(p),
         "Lora hashes": run.lora_hashes or None,
         **{
             f"ControlNet {i}": (
@@ -225,6 +272,21 @@ def to_infotext(p: GenerationParams, index: int, run: RunFacts, version: str) ->
         "Version": version,
     }
     return format_infotext(p.prompts[index], p.negative_prompt, fields_)
+
+
+def hires_fields(p: GenerationParams) -> dict:
+    """The web UI's hires entries: the scale or the size asked for, and the rest only when given."""
+    if not p.hires:
+        return {}
+    resize = p.hires_width or p.hires_height
+    second = SAMPLERS[p.hires_sampler].webui_name if p.hires_sampler not in (None, p.sampler) else None
+    return {
+        "Hires upscale": None if resize else (2.0 if p.hires_scale is None else p.hires_scale),
+        "Hires resize": f"{p.hires_width}x{p.hires_height}" if resize else None,
+        "Hires steps": p.hires_steps or None,
+        "Hires upscaler": p.hires_upscaler,
+        "Hires sampler": second,
+    }
 
 
 def from_infotext(text: str) -> tuple[dict, bool]:
@@ -242,6 +304,10 @@ def from_infotext(text: str) -> tuple[dict, bool]:
                 out[name] = kind(f[entry])
         if "Size" in f:
             out["width"], out["height"] = (int(v) for v in f["Size"].lower().split("x"))
+        if "Hires resize" in f:
+            out["hires_width"], out["hires_height"] = (int(v) for v in f["Hires resize"].lower().split("x"))
+        if "Hires sampler" in f:
+            out["hires_sampler"] = from_webui(f["Hires sampler"])
     except ValueError as e:
         raise ConfigError(f"unreadable generation parameters ({e})") from None
     return out, f.get("Version", "").startswith("ldmkit")

@@ -62,6 +62,14 @@ FROM_REQUEST = {
     "timestep_spacing": ("timestep_spacing", str),
     "feature_cache": ("feature_cache", int),
 }
+# The hires fix's fields, read when the request's enable_hr is true (txt2img only)
+HIRES_FROM_REQUEST = {
+    "hires_scale": ("hr_scale", float),
+    "hires_width": ("hr_resize_x", int),
+    "hires_height": ("hr_resize_y", int),
+    "hires_upscaler": ("hr_upscaler", str),
+    "hires_steps": ("hr_second_pass_steps", int),
+}
 NOT_FROM_REQUEST = {"loras": "the prompt's <lora:NAME:WEIGHT> tags, in the server's --lora-dir"}
 
 
@@ -98,6 +106,14 @@ def sampler_of(req: GenerationRequest) -> str | None:
     if not name and (req.scheduler or "automatic").strip().lower() != "automatic":
         raise RequestError(f"scheduler {req.scheduler!r} without sampler_name: give the sampler too")
     return from_webui(name, req.scheduler) if name else None
+
+
+def hires_sampler_of(req: GenerationRequest) -> str | None:
+    from ldmkit.diffusion.registry import from_webui
+
+    if not getattr(req, "enable_hr", False) or req.hr_sampler_name in (None, "", "Use same sampler"):
+        return None
+    return from_webui(req.hr_sampler_name, req.hr_scheduler)
 
 
 def read_uploads(req: GenerationRequest, max_pixels: int) -> dict[str, bytes]:
@@ -148,12 +164,14 @@ def resolve(req: GenerationRequest, server: "ServerState") -> Plan:
     clip_skip = setting(overrides, server.options, "CLIP_stop_at_last_layers", int)
     if not 1 <= clip_skip <= 12:
         raise RequestError(f"CLIP_stop_at_last_layers: {clip_skip}; allowed: 1 to 12")
-    read = {field: (getattr(req, attr, None), kind) for field, (attr, kind) in FROM_REQUEST.items()}
+    table = {**FROM_REQUEST, **(HIRES_FROM_REQUEST if getattr(req, "enable_hr", False) else {})}
+    read = {field: (getattr(req, attr, None), kind) for field, (attr, kind) in table.items()}
     params = GenerationParams(
         **{field: kind(value) for field, (value, kind) in read.items() if value is not None},
         sampler=sampler_of(req),
         seed=req.seed if req.seed >= 0 else secrets.randbelow(2**32),  # n_iter batches follow on from it
         clip_skip=clip_skip if clip_skip > 1 else None,
+        hires_sampler=hires_sampler_of(req),
     )
     return Plan(name, params, clip_skip, uploads)
 
@@ -219,6 +237,9 @@ def run(server: "ServerState", req: GenerationRequest, plan: Plan, w: Worker) ->
     pipe.max_prompt_chunks = limits.max_prompt_chunks
     params = decode_uploads(req, plan, max_pixels).for_model(pipe.model, pipe.defaults, pipe.name)
     within_limits(params.width, params.height, params.steps, limits)  # the model's own size and steps too
+    if params.hires:
+        size = params.hires_target(pipe.model.config.vae.downsample_factor)
+        within_limits(size.width, size.height, params.hires_steps or None, limits)
     control = control_inputs(req, pipe, server.models, max_pixels, (params.width, params.height))
     w.progress.job_count = req.n_iter
     results = []
@@ -252,6 +273,8 @@ def response(
     if not req.do_not_save_samples or req.save_images:
         for image, s, text in zip(images, seeds, infotexts):
             server.outputs.save(kind, image, s, text)
+    if len(images) > 1 and (not req.do_not_save_grid or req.save_images):  # the web UI: no grid of one image
+        server.outputs.save_grid(kind, images, infotexts[0])
     spec = SAMPLERS[results[0].params.sampler] if results else None
     title = (spec.webui_name + (" Karras" if spec.webui_schedule == "Karras" else "")) if spec else ""
     strength = results[0].params.denoising_strength if results else None

@@ -70,7 +70,20 @@ class GenerationRequest(BaseModel):
 
 
 class Txt2ImgRequest(GenerationRequest):
+    # The web UI's hires fix (pipelines/hires.py); its fields are inert while enable_hr is false
     enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    hr_checkpoint_name: str | None = None
+    firstphase_width: int = 0
+    firstphase_height: int = 0
 
 
 class Img2ImgRequest(GenerationRequest):
@@ -142,6 +155,18 @@ def encode_png(image: Image.Image, parameters: str | None = None) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def refused_hires(req: "Txt2ImgRequest") -> list[str]:
+    """The hires fields we cannot honour: a second-pass prompt or checkpoint, the old first-pass size."""
+    problems = []
+    if req.hr_prompt not in ("", req.prompt) or req.hr_negative_prompt not in ("", req.negative_prompt):
+        problems.append("hr_prompt / hr_negative_prompt (a second-pass prompt is not supported)")
+    if req.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
+        problems.append("hr_checkpoint_name (the second pass uses the same checkpoint)")
+    if req.firstphase_width or req.firstphase_height:
+        problems.append("firstphase_width/height (give width, height and hr_scale or hr_resize_x/y)")
+    return problems
+
+
 def refuse_unsupported(req: GenerationRequest, controlnet_ok: bool = True) -> None:
     """422 for every field whose value we cannot honour."""
     problems = []
@@ -158,7 +183,7 @@ def refuse_unsupported(req: GenerationRequest, controlnet_ok: bool = True) -> No
     if req.refiner_checkpoint not in (None, "", "None"):
         problems.append("refiner_checkpoint (no refiner support)")
     if getattr(req, "enable_hr", False):
-        problems.append("enable_hr (hires fix is not supported)")
+        problems += refused_hires(req)
     if req.script_name not in (None, "", "None"):
         problems.append(f"script_name {req.script_name!r} (unknown script; available: none)")
     for name, value in (req.override_settings or {}).items():

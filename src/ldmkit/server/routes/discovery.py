@@ -16,7 +16,6 @@ EMPTY_LISTS = (
     "face-restorers",
     "realesrgan-models",
     "prompt-styles",
-    "latent-upscale-modes",
 )
 
 
@@ -96,7 +95,17 @@ def _add_fixed(app: FastAPI) -> None:
 
     @app.get("/sdapi/v1/upscalers")
     def upscalers() -> list[dict]:
-        return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
+        from ldmkit.pipelines.hires import PIXEL_UPSCALERS
+
+        return [
+            {"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4} for n in PIXEL_UPSCALERS
+        ]
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    def latent_upscale_modes() -> list[dict]:
+        from ldmkit.pipelines.hires import LATENT_UPSCALERS
+
+        return [{"name": n} for n in LATENT_UPSCALERS]
 
     for route in EMPTY_LISTS:
         app.add_api_route(f"/sdapi/v1/{route}", lambda: [], methods=["GET"])

@@ -1,0 +1,100 @@
+"""Hires fix, with the popular web UI's semantics: a first pass at the asked size, an upscale (of the
+latents, or of the decoded image), then an image-to-image pass at the larger size.
+
+The rules, as the web UI has them (modules/processing.py, StableDiffusionProcessingTxt2Img):
+- the target is the first pass's size times `scale` (int of each side), or a given width/height: one
+  side given keeps the aspect ratio; both given cover the target and the excess is cropped from the
+  latents, half on each side;
+- "Latent" upscalers interpolate the latents (F.interpolate: its mode and antialias per name); pixel
+  upscalers decode, quantise to 8 bits, resize, and encode again;
+- the second pass runs exactly `steps` steps (its own, else the first pass's) of a schedule of
+  int(steps / min(strength, 0.999)) steps, ending at its end (setup_img2img_steps), from the
+  upscaled latents plus fresh noise of each image's seed at the new size."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ldmkit.errors import ConfigError
+
+# name -> (F.interpolate mode, antialias): the web UI's latent_upscale_modes
+LATENT_UPSCALERS = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+# "None": the web UI's plain resize, which is Lanczos
+PIXEL_UPSCALERS = {"None": Image.LANCZOS, "Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}
+UPSCALERS = (*LATENT_UPSCALERS, *PIXEL_UPSCALERS)
+DEFAULT_UPSCALER = "Latent"  # the web UI's latent_upscale_default_mode
+MAX_SCALE = 8.0
+
+
+def check_upscaler(name: str | None) -> None:
+    if name is not None and name not in UPSCALERS:
+        raise ConfigError(f"hires upscaler {name!r}; allowed: {', '.join(UPSCALERS)}")
+
+
+@dataclass(frozen=True)
+class Target:
+    width: int  # the image the second pass makes
+    height: int
+    crop_x: int  # latent columns / rows cropped from the upscaled latents (both sides given)
+    crop_y: int
+
+
+def target(width: int, height: int, scale: float, resize_x: int, resize_y: int, f: int) -> Target:
+    """The second pass's size for a first pass of width x height, in whole latent pixels (factor f)."""
+    if not resize_x and not resize_y:
+        w, h = int(width * scale), int(height * scale)
+        return Target(w // f * f, h // f * f, 0, 0)
+    if not resize_y:
+        w, h = resize_x, resize_x * height // width
+    elif not resize_x:
+        w, h = resize_y * width // height, resize_y
+    elif width / height < resize_x / resize_y:  # cover the asked size, keeping the aspect ratio
+        w, h = resize_x, resize_x * height // width
+    else:
+        w, h = resize_y * width // height, resize_y
+    crop_x = (w - resize_x) // f if resize_x and resize_y else 0
+    crop_y = (h - resize_y) // f if resize_x and resize_y else 0
+    return Target((w // f - crop_x) * f, (h // f - crop_y) * f, crop_x, crop_y)
+
+
+def second_pass_steps(steps: int, strength: float) -> tuple[int, int]:
+    """(steps of the whole schedule, steps run from its end): the web UI's setup_img2img_steps when it is
+    given the step count, as the hires pass is."""
+    if strength <= 0:
+        return 0, 0
+    return int(steps / min(strength, 0.999)), steps
+
+
+def upscale_latents(z: torch.Tensor, size: Target, f: int, upscaler: str) -> torch.Tensor:
+    mode, antialias = LATENT_UPSCALERS[upscaler]
+    full = ((size.height // f) + size.crop_y, (size.width // f) + size.crop_x)
+    z = F.interpolate(z, size=full, mode=mode, antialias=antialias)
+    return crop(z, size)
+
+
+def crop(z: torch.Tensor, size: Target) -> torch.Tensor:
+    """The excess of a covering resize, half from each side (the web UI's truncate_x/y)."""
+    h, w = z.shape[-2:]
+    return z[..., size.crop_y // 2 : h - (size.crop_y + 1) // 2, size.crop_x // 2 : w - (size.crop_x + 1) // 2]
+
+
+def upscale_pixels(images: torch.Tensor, size: Target, f: int, upscaler: str) -> torch.Tensor:
+    """Decoded images [B, 3, H, W] in [-1, 1] -> quantised to 8 bits as the web UI does (truncating) and
+    resized to the target plus what a covering resize crops (crop the encoded latents after)."""
+    full = (size.width + size.crop_x * f, size.height + size.crop_y * f)
+    out = []
+    for x in images.float().cpu():
+        arr = (255.0 * ((x + 1) / 2).clamp(0, 1)).permute(1, 2, 0).numpy().astype(np.uint8)
+        resized = Image.fromarray(arr).resize(full, PIXEL_UPSCALERS[upscaler])
+        out.append(torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1))
+    return torch.stack(out) * 2 - 1
