@@ -234,3 +234,13 @@ def base_model(tmp_path_factory, autoencoder):
     cfg = config_file(tmp, "test-ldm.yaml", tmp / "run", autoencoder=str(autoencoder / "autoencoder.safetensors"))
     assert main(["train", "--config", str(cfg), "-q"]) == 0
     return tmp / "run" / "model.safetensors"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """A skipped browser test is said in a line of its own, not only as an `s` among the dots: the
+    web page is then untested on this machine (.ci/run installs Chromium and makes it a failure)."""
+    for report in terminalreporter.stats.get("skipped", []):
+        if "test_browser" in f"{getattr(report, 'nodeid', '')} {report.longrepr}":
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            terminalreporter.write_line(f"the web page was not tested: {reason}", yellow=True)
+            break

@@ -45,3 +45,18 @@ def test_the_page_has_no_missing_favicon(tmp_path):
     app.state.ready.result()
     with TestClient(app) as client:
         assert client.get("/favicon.ico").status_code == 204
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["generate", "x", "--seed", "abc"], "--seed"),
+        (["generate", "--cfg"], "--cfg"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_a_bad_argument_is_one_line(capsys, argv, needle):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and needle in err, err

@@ -34,8 +34,15 @@ _ADDERS = (
 )
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad argument is one line naming it and where help is, as every other error (not the usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ldmkit", description="Latent diffusion models, written to be read.")
+    parser = OneLineParser(prog="ldmkit", description="Latent diffusion models, written to be read.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     parser.add_argument("--version", action="version", version=f"ldmkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -150,7 +150,7 @@ def cmd_generate(args) -> int:
     if args.fast:
         from ldmkit.bundled import DEFAULT, FAST
 
-        name = args.model or DEFAULT
+        name = (args.model or DEFAULT).removeprefix("bundled:")
         if name not in FAST:
             which = f"only these bundled models have one: {', '.join(FAST)}" if FAST else "no bundled one ships yet"
             raise LdmkitError(

@@ -67,11 +67,12 @@ class Models:
     def load(self, name: str):
         """On the worker thread only."""
         if self.loaded != name:
-            from ldmkit.bundled import BUNDLED
+            from ldmkit.bundled import BUNDLED, HERE
             from ldmkit.pipelines import Pipeline
 
             self.pipe, self.loaded = None, None  # free the old model first; a failed load leaves none
-            self.pipe = Pipeline.load(name if name in BUNDLED else self.paths[name])
+            bundled = name in BUNDLED and self.paths[name].parent == HERE  # not a same-named file of --models-dir
+            self.pipe = Pipeline.load(f"bundled:{name}" if bundled else self.paths[name])
             self.pipe.lora_dir = self.lora_dir
             if self.embeddings_dir:
                 self.pipe.embeddings.load_folder(self.embeddings_dir)

@@ -183,7 +183,8 @@ def refuse_unsupported(req: GenerationRequest, controlnet_ok: bool = True) -> No
     if req.refiner_checkpoint not in (None, "", "None"):
         problems.append("refiner_checkpoint (no refiner support)")
     if getattr(req, "enable_hr", False):
-        problems += refused_hires(req)
+        txt2img = isinstance(req, Txt2ImgRequest)
+        problems += refused_hires(req) if txt2img else ["enable_hr (the hires fix is txt2img's)"]
     if req.script_name not in (None, "", "None"):
         problems.append(f"script_name {req.script_name!r} (unknown script; available: none)")
     for name, value in (req.override_settings or {}).items():
