@@ -1,6 +1,8 @@
 """What a newcomer meets first: a refused run says why in one line before any work, and a folder that
 holds more than embeddings still gives its embeddings."""
 
+import json
+
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -60,3 +62,28 @@ def test_a_bad_argument_is_one_line(capsys, argv, needle):
         main(argv)
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+
+
+def test_words_a_closed_vocabulary_model_never_saw_are_said(tmp_path, capsys):
+    code = main(
+        ["generate", "an astronaut riding a (red:1.2) circle", "--steps", "2", "-q", "-o", str(tmp_path / "a.png")]
+    )
+    err = capsys.readouterr().err
+    assert code == 0 and "does not know: astronaut, riding" in err and "red" not in err.split("know:")[1], err
+    app = create_app(ServeConfig(outputs=str(tmp_path / "out")))
+    app.state.ready.result()
+    with TestClient(app) as client:
+        info = json.loads(
+            client.post("/sdapi/v1/txt2img", json={"prompt": "a purple horse", "steps": 2}).json()["info"]
+        )
+        plain = json.loads(
+            client.post("/sdapi/v1/txt2img", json={"prompt": "a purple star", "steps": 2}).json()["info"]
+        )
+    assert any("horse" in w for w in info["warnings"]) and plain["warnings"] == []
+
+
+def test_a_model_trained_on_a_closed_world_keeps_its_vocabulary(base_model):
+    from ldmkit.checkpoints.single_file import load_model
+
+    vocabulary = load_model(base_model).config.vocabulary
+    assert {"red", "circle", "above"} <= set(vocabulary) and "astronaut" not in vocabulary

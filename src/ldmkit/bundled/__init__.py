@@ -18,6 +18,7 @@ class Bundled:
     recipe: str
     defaults: dict = field(default_factory=dict)  # sampler, steps, cfg: what `generate` uses unless told
     controlnet: str | None = None  # its bundled ControlNet's file, used when no --controlnet is given
+    world: str | None = None  # the closed world whose captions it learned ("shapes"), for its vocabulary
 
 
 BUNDLED = {
@@ -26,15 +27,23 @@ BUNDLED = {
         "recipes/shapes.sh",
         {"sampler": "euler_a", "steps": 20, "cfg": 2.0},
         controlnet="shapes-canny.safetensors",
+        world="shapes",
     ),
     # shapes' latent consistency distillation (configs/shapes-lcm.yaml): lcm, 4 steps, one UNet call each
-    "shapes-fast": Bundled("shapes-fast.safetensors", "recipes/shapes.sh", {"sampler": "lcm", "steps": 4, "cfg": 2.0}),
+    "shapes-fast": Bundled(
+        "shapes-fast.safetensors", "recipes/shapes.sh", {"sampler": "lcm", "steps": 4, "cfg": 2.0}, world="shapes"
+    ),
     # 64x64 emoji from words (Noto and Twemoji art; NOTICE-emoji.txt), trained by recipes/emoji.sh
     "emoji": Bundled("emoji.safetensors", "recipes/emoji.sh", {"sampler": "dpmpp_2m_karras", "steps": 20, "cfg": 3.0}),
 }
 # --fast: a bundled model's few-step version
 FAST: dict[str, str] = {"shapes": "shapes-fast"}
 DEFAULT = "shapes"
+
+
+def bundled_entry(path: Path) -> Bundled | None:
+    """The bundled model whose weights `path` is, or None."""
+    return next((e for e in BUNDLED.values() if Path(path) == HERE / e.file), None)
 
 
 PREFIX = "bundled:"  # `bundled:emoji` always means the bundled model, whatever the current folder holds

@@ -48,6 +48,8 @@ class ModelConfig:
     latent_rgb: tuple[tuple[float, ...], ...] | None = None
     # Values that the weights could not tell and that came from family rules (shown by `inspect`).
     guessed: dict = field(default_factory=dict)
+    # The words of its training captions when they are a closed world (data/vocabulary.py); () if open.
+    vocabulary: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return to_dict(self)

@@ -10,6 +10,7 @@ inpainting model gets the mask and the masked image's latents as extra input cha
 model keeps its prediction outside the mask equal to the original latents at every step (latent
 blending). Either way the original pixels are composited back outside the (blurred) mask."""
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from PIL import Image
 from ldmkit import __version__
 from ldmkit.checkpoints.files import sha256_file
 from ldmkit.checkpoints.lora_files import find_lora, read_lora
+from ldmkit.data.vocabulary import unknown_words
 from ldmkit.diffusion.denoiser import Conditioning, Control, Denoiser
 from ldmkit.diffusion.registry import SAMPLERS
 from ldmkit.diffusion.sampling import generators_for, sample_latents, sampling_schedule
@@ -38,6 +40,8 @@ from ldmkit.pipelines import hires
 from ldmkit.pipelines.codec import LatentCodec
 from ldmkit.pipelines.hires import second_pass_steps
 from ldmkit.pipelines.params import CALL_DEFAULTS, LCM_DEFAULTS, GenerationParams, RunFacts, to_infotext
+
+log = logging.getLogger(__name__)
 
 
 class Interrupted(Exception):
@@ -69,6 +73,7 @@ class Result:
     latents: torch.Tensor = field(repr=False)
     control_images: list[Image.Image] = field(default_factory=list)  # the preprocessed control images
     interrupted: bool = False  # stopped by the callback: images are the last x0 prediction
+    warnings: list[str] = field(default_factory=list)  # e.g. words a closed-vocabulary model does not know
 
 
 class Pipeline:
@@ -89,6 +94,7 @@ class Pipeline:
         self.codec = LatentCodec(model.vae, model.config.image_size)
         self.precision = "fp32"  # set_precision
         self.max_prompt_chunks: int | None = None  # 75-token chunks a prompt may take (a server's bound)
+        self.vocabulary: tuple[str, ...] = model.config.vocabulary  # a closed world's words (data/vocabulary.py)
         self._lora_files: dict[Path, Lora] = {}
 
     @classmethod
@@ -101,8 +107,9 @@ class Pipeline:
     ) -> "Pipeline":
         """A model file or folder, or a bundled model by name ("shapes"; the default when no path is
         given), computing in `precision` (see set_precision)."""
-        from ldmkit.bundled import resolve
+        from ldmkit.bundled import bundled_entry, resolve
         from ldmkit.checkpoints.single_file import load_model
+        from ldmkit.data.vocabulary import shapes_vocabulary
         from ldmkit.pipelines.allocator import tune_allocator
 
         tune_allocator()  # process-wide malloc settings for CPU inference (see allocator.py)
@@ -118,6 +125,8 @@ class Pipeline:
         model = load_model(path, vae=vae, overrides=overrides, dtype_rule=dtype_rule).use_measured_memory_format()
         pipe = cls(model, name=path.stem if path.is_file() else path.name, path=path, defaults=defaults)
         pipe.set_precision(precision)
+        if not pipe.vocabulary and getattr(bundled_entry(path), "world", None) == "shapes":
+            pipe.vocabulary = shapes_vocabulary()  # trained before models stored their vocabulary
         return pipe
 
     @property
@@ -150,6 +159,7 @@ class Pipeline:
         else:
             p = GenerationParams(prompt=prompt, **params)
         p = p.for_model(self.model, self.defaults, self.name)
+        warnings = self._unknown_words(p)
         walk = self._walk(p)  # a spacing or scheduler config the sampler cannot follow: refused before any work
         self._use_loras(p)
         for ci in p.control:
@@ -165,7 +175,7 @@ class Pipeline:
             with torch.no_grad():
                 images = self.decode(z)
         infotexts = [self.infotext(p, i) for i in range(p.batch)]
-        return Result(tensor_to_pil(images), p, p.seeds, infotexts, z, control_images, interrupted)
+        return Result(tensor_to_pil(images), p, p.seeds, infotexts, z, control_images, interrupted, warnings)
 
     def _walk(self, p: GenerationParams) -> SamplingSchedule:
         """The sigmas this run walks: all the sampler's steps, or the last ones when starting from an
@@ -176,6 +186,20 @@ class Pipeline:
         strength = p.strength if from_image else None
         spec = SAMPLERS[p.sampler]
         return sampling_schedule(spec, noise, p.steps, p.timestep_spacing, c.schedule.diffusers, strength)
+
+    def _unknown_words(self, p: GenerationParams) -> list[str]:
+        """Words of the prompts a closed-vocabulary model never saw: said, since they change nothing."""
+        texts = [*dict.fromkeys(p.prompts), p.negative_prompt]
+        # an embedding's name is a word the model was taught after its training (textual inversion)
+        unknown = [w for w in unknown_words(texts, self.vocabulary) if w not in self.embeddings.vectors]
+        if not unknown:
+            return []
+        message = (
+            f"{self.name} was trained on a closed vocabulary and does not know: {', '.join(unknown[:20])} "
+            "(those words change nothing it draws)"
+        )
+        log.warning(message)
+        return [message]
 
     def _use_loras(self, p: GenerationParams) -> None:
         """Merge this call's LoRAs (given, and named by the prompts' tags), each file read once."""

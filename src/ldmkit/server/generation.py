@@ -296,6 +296,7 @@ def response(
         strength=strength,
         version=f"ldmkit {__version__}",
         ran=ran,
+        warnings=list(dict.fromkeys(w for r in results for w in r.warnings)),
     )
     return {
         "images": [encode_png(im, t) for im, t in zip(images, infotexts)] if req.send_images else [],

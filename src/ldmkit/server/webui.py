@@ -227,6 +227,7 @@ def info_json(
     strength: float | None,
     version: str,
     ran: dict,
+    warnings: list[str],
 ) -> str:
     """The response's `info`: a JSON string, as clients json.loads it. `ran`: width, height, cfg_scale and
     steps as the run used them (the model's own where the request left them out)."""
@@ -265,5 +266,6 @@ def info_json(
             "clip_skip": clip_skip,
             "is_using_inpainting_conditioning": False,
             "version": version,
+            "warnings": warnings,  # ldmkit's: e.g. words a closed-vocabulary model does not know
         }
     )

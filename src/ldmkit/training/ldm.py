@@ -139,6 +139,9 @@ class LDMTask(LatentTask):
 
     def finish(self, folder: Path) -> None:
         from ldmkit.checkpoints.single_file import save_single_file
+        from ldmkit.data.vocabulary import caption_vocabulary
 
         self.model.config.latent_rgb = self.fit_latent_rgb()
+        # a closed world's words go with the model, so that prompts outside them are said to be
+        self.model.config.vocabulary = caption_vocabulary(self.data.caption(i) for i in range(len(self.data)))
         save_single_file(self.ema_model(), folder / "model.safetensors")
