@@ -224,3 +224,11 @@ def test_progress_never_goes_back_across_batches(models, tmp_path, monkeypatch):
         monkeypatch.setattr(Pipeline, "__call__", watched)
         assert c.post("/sdapi/v1/txt2img", json={**SMALL, "steps": 3, "n_iter": 3}).status_code == 200
     assert len(seen) == 12 and seen == sorted(seen), seen
+
+
+def test_img2img_does_not_echo_its_uploads(client):
+    init = b64(png_bytes(Image.new("RGB", (32, 32))))
+    r = client.post("/sdapi/v1/img2img", json={**SMALL, "init_images": [init]})
+    assert r.status_code == 200 and "init_images" not in r.json()["parameters"], r.text[:200]
+    asked = client.post("/sdapi/v1/img2img", json={**SMALL, "init_images": [init], "include_init_images": True})
+    assert asked.json()["parameters"]["init_images"] == [init]

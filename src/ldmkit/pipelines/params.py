@@ -94,6 +94,10 @@ class GenerationParams:
             raise ConfigError(
                 f"seed: {self.seed!r}; allowed: an integer below {2**64 - self.batch + 1} (below 0: random)"
             )
+        if not 0 <= self.eta <= 1:
+            raise ConfigError(f"eta: {self.eta}; allowed: 0 (deterministic) to 1")
+        if not 0 <= self.guidance_rescale <= 1:
+            raise ConfigError(f"guidance_rescale: {self.guidance_rescale}; allowed: 0 to 1")
         if not 0 <= self.mask_blur <= MAX_MASK_BLUR:
             raise ConfigError(f"mask_blur: {self.mask_blur}; allowed: 0 to {MAX_MASK_BLUR} pixels")
         self._check_images()

@@ -94,7 +94,8 @@ def _answer_errors(app: FastAPI, config: ServeConfig) -> None:
         status, headers = (404 if missing else 422), {}
         if isinstance(exc, BusyError):
             status, headers = 503, {"Retry-After": str(RETRY_AFTER)}
-        return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, status_code=status, headers=headers)
+        detail = " ".join(str(exc).split())  # one line, whatever names a client sent
+        return JSONResponse({"error": type(exc).__name__, "detail": detail}, status_code=status, headers=headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):

@@ -259,6 +259,13 @@ def run(server: "ServerState", req: GenerationRequest, plan: Plan, w: Worker) ->
     return results, w.progress.interrupted
 
 
+def uploads_not_echoed(req: GenerationRequest) -> set[str]:
+    """The web UI answers img2img's images back only when asked (include_init_images): megabytes otherwise."""
+    if isinstance(req, Img2ImgRequest) and not req.include_init_images:
+        return {"init_images", "mask"}
+    return set()
+
+
 def response(
     server: "ServerState", req: GenerationRequest, kind: str, plan: Plan, results: list, interrupted: bool
 ) -> dict:
@@ -300,7 +307,7 @@ def response(
     )
     return {
         "images": [encode_png(im, t) for im, t in zip(images, infotexts)] if req.send_images else [],
-        "parameters": {**req.model_dump(), **ran},
+        "parameters": {**req.model_dump(exclude=uploads_not_echoed(req)), **ran},
         "info": info,
         **({"interrupted": True} if interrupted else {}),
     }

@@ -100,6 +100,8 @@ class Worker:
                 if self._stopping:
                     return
                 job = self._queue.popleft()
+                if not job.future.set_running_or_notify_cancel():
+                    continue  # its request went away while it waited: nothing to run, nobody to answer
                 self.current = job
                 self.progress = Progress(job=job.kind, started=time.time())
             try:
