@@ -40,14 +40,17 @@ def test_target_sizes_as_the_web_ui_computes_them():
 def test_hires_reaches_cli_api_and_reads_back(tmp_path, capsys):
     argv = ["generate", "a red circle above a blue square", "--seed", "3", "--steps", "4", "--hires", "2"]
     argv += ["--hires-steps", "3", "--hires-upscaler", "Latent (nearest)", "--strength", "0.6"]
+    argv += ["--hires-prompt", 'a green star, "bright"\nabove: all']  # quoted as the web UI quotes
     assert main([*argv, "-q", "-o", str(tmp_path / "cli.png")]) == 0
     first = Image.open(tmp_path / "cli.png")
     assert first.size == (128, 128)
     text = first.info["parameters"]
     assert "Size: 64x64" in text and "Denoising strength: 0.6" in text and "Hires upscale: 2" in text
     assert "Hires steps: 3" in text and "Hires upscaler: Latent (nearest)" in text
+    assert 'Hires prompt: "a green star, \\"bright\\"\\nabove: all"' in text
     read, _ = from_infotext(text)
     assert (read["hires_scale"], read["hires_steps"], read["hires_upscaler"]) == (2.0, 3, "Latent (nearest)")
+    assert read["hires_prompt"] == 'a green star, "bright"\nabove: all' and "hires_negative_prompt" not in read
     assert main(["generate", "--from-png", str(tmp_path / "cli.png"), "-q", "-o", str(tmp_path / "again.png")]) == 0
     assert (tmp_path / "again.png").read_bytes() == (tmp_path / "cli.png").read_bytes()
     capsys.readouterr()
@@ -56,12 +59,16 @@ def test_hires_reaches_cli_api_and_reads_back(tmp_path, capsys):
     app.state.ready.result()
     body = {"prompt": "a red circle above a blue square", "seed": 3, "steps": 4, "denoising_strength": 0.6}
     body.update(enable_hr=True, hr_scale=2, hr_second_pass_steps=3, hr_upscaler="Latent (nearest)")
+    body.update(hr_prompt='a green star, "bright"\nabove: all')
     with TestClient(app) as client:
         answer = client.post("/sdapi/v1/txt2img", json=body)
-        refused = client.post("/sdapi/v1/txt2img", json={**body, "hr_prompt": "something else"})
+        same = client.post("/sdapi/v1/txt2img", json={**body, "hr_prompt": ""})
+        refused = client.post("/sdapi/v1/txt2img", json={**body, "hr_prompt": "x" * 100_000})
     assert answer.status_code == 200, answer.text
     assert json.loads(answer.json()["info"])["infotexts"][0] == text
-    assert refused.status_code == 422 and "hr_prompt" in refused.text
+    assert "Hires prompt" not in json.loads(same.json()["info"])["infotexts"][0]
+    assert same.json()["images"][0] != answer.json()["images"][0]  # the second pass's prompt took effect
+    assert refused.status_code == 422 and "hr_prompt: 100000 characters" in refused.text
 
 
 @pytest.mark.parametrize("upscaler", ["Lanczos", "Latent (bicubic antialiased)"])
@@ -75,9 +82,11 @@ def test_hires_sizes_and_refusals(upscaler):
         GenerationParams(prompt="x", hires_scale=2, hires_upscaler="R-ESRGAN 4x+")
 
 
-def test_the_latent_second_pass_equals_diffusers_img2img_fed_latents(tmp_path):
+@pytest.mark.parametrize("second", [{}, {"hires_prompt": "a green star", "hires_negative_prompt": "red"}])
+def test_the_latent_second_pass_equals_diffusers_img2img_fed_latents(tmp_path, second):
     """First pass, our latents upscaled by our rule; then diffusers' img2img pipeline given those latents
-    with num_inference_steps and strength that run the same steps of the same schedule as ours."""
+    with num_inference_steps and strength that run the same steps of the same schedule as ours, and the
+    second pass's own prompts where given."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline
 
     folder = tmp_path / "pipe"
@@ -86,7 +95,7 @@ def test_the_latent_second_pass_equals_diffusers_img2img_fed_latents(tmp_path):
     settings = dict(prompt="a red circle", negative_prompt="blue", steps=4, cfg=5.0, sampler="euler", seed=11)
     settings.update(width=16, height=16, prompt_mode="truncate")
     first = ours(**settings).latents
-    hires = ours(**settings, hires_scale=2, hires_steps=5, strength=0.5)  # 10 steps in all, the last 5 run
+    hires = ours(**settings, **second, hires_scale=2, hires_steps=5, strength=0.5)  # 10 steps, the last 5 run
     total, run = second_pass_steps(5, 0.5)
     f = ours.model.config.vae.downsample_factor
     size = GenerationParams(**settings, hires_scale=2).hires_target(f)
@@ -96,9 +105,9 @@ def test_the_latent_second_pass_equals_diffusers_img2img_fed_latents(tmp_path):
     saved = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     img2img.scheduler = EulerDiscreteScheduler.from_config(saved)
     want = img2img(
-        "a red circle",
+        second.get("hires_prompt", "a red circle"),
         image=upscaled,
-        negative_prompt="blue",
+        negative_prompt=second.get("hires_negative_prompt", "blue"),
         strength=run / total,
         num_inference_steps=total,
         guidance_scale=5.0,
@@ -107,4 +116,4 @@ def test_the_latent_second_pass_equals_diffusers_img2img_fed_latents(tmp_path):
     ).images
     assert want.shape == hires.latents.shape and want.abs().mean() > 0.1
     assert (hires.latents - want).abs().max() <= 1e-3, (hires.latents - want).abs().max()
-    assert torch.equal(ours(**settings, hires_scale=2, hires_steps=5, strength=0.5).latents, hires.latents)
+    assert torch.equal(ours(**settings, **second, hires_scale=2, hires_steps=5, strength=0.5).latents, hires.latents)

@@ -292,3 +292,22 @@ def test_prior_images_fill_every_other_sample():
         assert sorted(theirs[7 * epoch : 7 * epoch + 7]) == list(range(5, 12))
     assert mix.caption(3) == instance.caption(3) and "diamond" in mix.caption(3)
     assert mix.load(8)[1] == prior.caption(3) == mix.caption(8)
+
+
+def test_a_hires_prompt_merges_its_own_loras_for_the_second_pass_only(folders):
+    _, root = folders
+    pipe = Pipeline.load(root / "pipe")
+    pipe.lora_dir = root
+    run = dict(seed=4, steps=2, width=16, height=16, hires_scale=2, strength=0.5)
+    plain = pipe("a cat", **run)
+    tagged = pipe("a cat", **run, hires_prompt="a cat <lora:kohya:0.6>")
+    assert not torch.equal(plain.latents, tagged.latents)
+    # strength 0 runs no second pass: the upscaled first pass, with no LoRA in it
+    upscaled = pipe("a cat", **{**run, "strength": 0.0}).latents
+    tagged_upscaled = pipe("a cat", **{**run, "strength": 0.0}, hires_prompt="a cat <lora:kohya:0.6>").latents
+    assert torch.equal(tagged_upscaled, upscaled)
+    assert 'Lora hashes: "kohya: ' in tagged.infotexts[0] and "Lora hashes" not in plain.infotexts[0]
+    steps = []
+    with pytest.raises(ConfigError, match="unknown LoRA 'missing'"):
+        pipe("a cat", **run, hires_prompt="a cat <lora:missing:1>", callback=steps.append)
+    assert steps == []  # refused before the first pass ran

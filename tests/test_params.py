@@ -60,6 +60,8 @@ PROBE = {
     "hires_upscaler": "Lanczos",
     "hires_steps": 4,
     "hires_sampler": "heun",
+    "hires_prompt": "a blue square, above: a star",  # a comma and a colon: quoted in the infotext
+    "hires_negative_prompt": "green",
 }
 # A run is text-to-image with a hires pass, or starts from an image: the probes go in as two runs
 HIRES = {name for name in PROBE if name.startswith("hires_")}

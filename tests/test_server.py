@@ -105,7 +105,7 @@ def test_inert_fields_are_accepted_and_the_rest_refused(client):
     }
     assert client.post("/sdapi/v1/txt2img", json={**SMALL, **inert}).status_code == 200
     for field, needle in [
-        ({"enable_hr": True, "hr_prompt": "another"}, "hr_prompt"),  # hires fix works; a second prompt does not
+        ({"enable_hr": True, "hr_checkpoint_name": "other.safetensors"}, "hr_checkpoint_name"),
         ({"script_name": "x/y/z plot"}, "unknown script"),
         ({"styles": ["cinematic"]}, "styles"),
         ({"subseed_strength": 0.3}, "variation seeds"),

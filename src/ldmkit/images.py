@@ -5,6 +5,7 @@ web UI's generation parameters text ("infotext") in their `parameters` chunk. In
     Negative prompt: <negative prompt>
     Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1234, Size: 512x512, ..."""
 
+import json
 import math
 import re
 import warnings
@@ -131,7 +132,8 @@ _FIELD = re.compile(r'\s*([\w \-/().+]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 def format_infotext(prompt: str, negative: str, fields: dict) -> str:
     def value(v):
         text = f"{v:g}" if isinstance(v, float) else str(v)  # "CFG scale: 7", as the web UI writes
-        return '"' + text.replace('"', '\\"') + '"' if ("," in text or ":" in text) else text
+        # the web UI's quote(): JSON string syntax, so commas, colons and newlines survive the one line
+        return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
     lines = [prompt]
     if negative:
@@ -146,10 +148,7 @@ def parse_infotext(text: str) -> tuple[str, str, dict]:
     last = lines[-1] if lines else ""
     fields = {}
     if len(_FIELD.findall(last)) >= 3:
-        fields = {
-            k.strip(): (v[1:-1].replace('\\"', '"') if v.startswith('"') else v.strip())
-            for k, v in _FIELD.findall(last)
-        }
+        fields = {k.strip(): _unquote(v) if v.startswith('"') else v.strip() for k, v in _FIELD.findall(last)}
         lines = lines[:-1]
     prompt, negative, in_negative = [], [], False
     for line in lines:
@@ -158,6 +157,14 @@ def parse_infotext(text: str) -> tuple[str, str, dict]:
             line = line[len("Negative prompt:") :].strip()
         (negative if in_negative else prompt).append(line)
     return "\n".join(prompt).strip(), "\n".join(negative).strip(), fields
+
+
+def _unquote(v: str) -> str:
+    try:
+        text = json.loads(v)
+    except ValueError:  # not JSON (an older writer's quoting): only its quotes were escaped
+        return v[1:-1].replace('\\"', '"')
+    return text if isinstance(text, str) else v
 
 
 def write_png(path: str | Path, image: Image.Image, parameters: str) -> None:

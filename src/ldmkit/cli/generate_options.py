@@ -91,6 +91,8 @@ def _add_hires_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hires-upscaler", choices=UPSCALERS, help="default: Latent (bilinear on the latents)")
     p.add_argument("--hires-steps", type=int, help="the second pass's steps (default: --steps)")
     p.add_argument("--hires-sampler", help="the second pass's sampler (default: --sampler)")
+    p.add_argument("--hires-prompt", help="the second pass's prompt (default: the prompt)")
+    p.add_argument("--hires-negative-prompt", help="the second pass's negative prompt")
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:

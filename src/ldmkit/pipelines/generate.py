@@ -162,6 +162,8 @@ class Pipeline:
         warnings = self._unknown_words(p)
         walk = self._walk(p)  # a spacing or scheduler config the sampler cannot follow: refused before any work
         self._use_loras(p)
+        if p.hires_prompt or p.hires_negative_prompt:
+            self._tagged_loras(p.second_pass())  # the second pass's LoRAs found and read before any work
         for ci in p.control:
             ci.net.to(next(self.model.unet.parameters()).dtype)  # residuals join the UNet in its dtype
         interrupted, control_images = False, []
@@ -189,7 +191,7 @@ class Pipeline:
 
     def _unknown_words(self, p: GenerationParams) -> list[str]:
         """Words of the prompts a closed-vocabulary model never saw: said, since they change nothing."""
-        texts = [*dict.fromkeys(p.prompts), p.negative_prompt]
+        texts = [*dict.fromkeys(p.prompts), p.negative_prompt, p.hires_prompt, p.hires_negative_prompt]
         # an embedding's name is a word the model was taught after its training (textual inversion)
         unknown = [w for w in unknown_words(texts, self.vocabulary) if w not in self.embeddings.vectors]
         if not unknown:
@@ -202,15 +204,19 @@ class Pipeline:
         return [message]
 
     def _use_loras(self, p: GenerationParams) -> None:
-        """Merge this call's LoRAs (given, and named by the prompts' tags), each file read once."""
-        requested = list(p.loras)
+        """Merge this call's LoRAs: the ones given, and the ones the prompts' tags name."""
+        self.loras.apply([(self._read_lora(path), w) for path, w in p.loras] + self._tagged_loras(p))
+
+    def _tagged_loras(self, p: GenerationParams) -> list:
+        """The LoRAs the prompts' <lora:NAME:WEIGHT> tags name, found in `self.lora_dir`."""
         prompts = [p.prompt] if isinstance(p.prompt, str) else sorted(set(p.prompt))
-        for text in (*prompts, p.negative_prompt):
-            requested += [(find_lora(n, self.lora_dir), w) for n, w in parse_lora_tags(text)[1]]
-        for path, _ in requested:
-            if path not in self._lora_files:
-                self._lora_files[path] = read_lora(path, self.model)
-        self.loras.apply([(self._lora_files[path], w) for path, w in requested])
+        tags = [tag for text in (*prompts, p.negative_prompt) for tag in parse_lora_tags(text)[1]]
+        return [(self._read_lora(find_lora(name, self.lora_dir)), w) for name, w in tags]
+
+    def _read_lora(self, path: Path):
+        if path not in self._lora_files:  # each file read once
+            self._lora_files[path] = read_lora(path, self.model)
+        return self._lora_files[path]
 
     def _conditioning(self, p: GenerationParams, device) -> tuple[Conditioning, list[Image.Image]]:
         """Prompt states, guidance and ControlNet hints for every image of the batch."""
@@ -311,6 +317,10 @@ class Pipeline:
         total, run = hires.second_pass_steps(p.hires_steps or p.steps, p.strength)
         if run == 0:
             return init
+        if p.hires_prompt or p.hires_negative_prompt:  # its own prompts, and the LoRAs their tags name
+            second = p.second_pass()
+            self._use_loras(second)
+            cond, _ = self._conditioning(second, z.device)
         spec = SAMPLERS[p.hires_sampler or p.sampler]
         full = sampling_schedule(spec, noise, total, p.timestep_spacing, c.schedule.diffusers)
         walk = replace(full, sigmas=full.sigmas[total - run :], timesteps=full.timesteps[total - run :])
@@ -392,7 +402,10 @@ class Pipeline:
 
     def infotext(self, p: GenerationParams, index: int = 0) -> str:
         """Image `index`'s parameters text, as the web UI writes it (pipelines/params.py)."""
-        merged = [self._lora_files[Path(path)] for path, _ in self.loras.applied]
+        used = [(self._read_lora(path), w) for path, w in p.loras] + self._tagged_loras(p)
+        if p.hires_prompt or p.hires_negative_prompt:
+            used += self._tagged_loras(p.second_pass())
+        merged = list({lora.name: lora for lora, _ in used}.values())  # both passes', each once
         run = RunFacts(
             model_name=self.name,
             model_hash=self.model_hash,

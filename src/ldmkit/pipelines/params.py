@@ -64,6 +64,8 @@ class GenerationParams:
     hires_upscaler: str | None = None  # None: "Latent"
     hires_steps: int = 0  # 0: the first pass's
     hires_sampler: str | None = None  # None: the first pass's
+    hires_prompt: str = ""  # "": the first pass's prompt (the web UI's hr_prompt)
+    hires_negative_prompt: str = ""  # "": the first pass's negative prompt
 
     def __post_init__(self):
         set_ = object.__setattr__.__get__(self)  # normalising a frozen instance, once, here
@@ -127,6 +129,9 @@ class GenerationParams:
             if not _is_int(v) or not 0 <= v <= MAX_SIDE:
                 raise ConfigError(f"{name}: {v!r}; allowed: 0 (unset) to {MAX_SIDE}")
         check_upscaler(self.hires_upscaler)
+        for name in ("hires_prompt", "hires_negative_prompt"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name}: a string (empty: the first pass's)")
         if self.hires_sampler is not None:
             get_sampler(self.hires_sampler)
         if self.hires and self.init_image is not None:
@@ -149,6 +154,16 @@ class GenerationParams:
     def denoising_strength(self) -> float | None:
         """The strength a run used: None without an init image or a hires pass."""
         return self.strength if self.init_image is not None or self.hires else None
+
+    def second_pass(self) -> "GenerationParams":
+        """These parameters with the hires pass's prompts in place of the first pass's."""
+        return replace(
+            self,
+            prompt=self.hires_prompt or self.prompt,
+            negative_prompt=self.hires_negative_prompt or self.negative_prompt,
+            hires_prompt="",
+            hires_negative_prompt="",
+        )
 
     def hires_target(self, f: int) -> Target:
         """The hires pass's image size (and crop), for a latent factor f."""
@@ -223,6 +238,8 @@ INFOTEXT_FIELDS = (
     ("Hires upscale", "hires_scale", float),
     ("Hires steps", "hires_steps", int),
     ("Hires upscaler", "hires_upscaler", str),
+    ("Hires prompt", "hires_prompt", str),
+    ("Hires negative prompt", "hires_negative_prompt", str),
 )
 # Parameters an infotext does not carry: the images and files a run was given (ControlNets and
 # LoRAs are recorded by name and hash, for people, not read back).
@@ -263,7 +280,7 @@ def to_infotext(p: GenerationParams, index: int, run: RunFacts, version: str) ->
         "Timestep spacing": p.timestep_spacing,
         "Precision": run.precision if run.precision != "fp32" else None,
         "Feature cache": p.feature_cache if p.feature_cache > 1 else None,
-        **hires_fields(p),
+        **hires_fields(p, index),
         "Lora hashes": run.lora_hashes or None,
         **{
             f"ControlNet {i}": (
@@ -278,8 +295,9 @@ def to_infotext(p: GenerationParams, index: int, run: RunFacts, version: str) ->
     return format_infotext(p.prompts[index], p.negative_prompt, fields_)
 
 
-def hires_fields(p: GenerationParams) -> dict:
-    """The web UI's hires entries: the scale or the size asked for, and the rest only when given."""
+def hires_fields(p: GenerationParams, index: int) -> dict:
+    """The web UI's hires entries: the scale or the size asked for, and the rest only when given (the
+    second pass's prompts when they differ from the first's)."""
     if not p.hires:
         return {}
     resize = p.hires_width or p.hires_height
@@ -290,6 +308,10 @@ def hires_fields(p: GenerationParams) -> dict:
         "Hires steps": p.hires_steps or None,
         "Hires upscaler": p.hires_upscaler,
         "Hires sampler": second,
+        "Hires prompt": p.hires_prompt if p.hires_prompt not in ("", p.prompts[index]) else None,
+        "Hires negative prompt": p.hires_negative_prompt
+        if p.hires_negative_prompt not in ("", p.negative_prompt)
+        else None,
     }
 
 

@@ -69,6 +69,8 @@ HIRES_FROM_REQUEST = {
     "hires_height": ("hr_resize_y", int),
     "hires_upscaler": ("hr_upscaler", str),
     "hires_steps": ("hr_second_pass_steps", int),
+    "hires_prompt": ("hr_prompt", str),
+    "hires_negative_prompt": ("hr_negative_prompt", str),
 }
 NOT_FROM_REQUEST = {"loras": "the prompt's <lora:NAME:WEIGHT> tags, in the server's --lora-dir"}
 
@@ -89,9 +91,10 @@ def validate(req: GenerationRequest, lim: "Limits") -> None:
     within_limits(req.width, req.height, req.steps, lim)
     if req.batch_size < 1 or req.n_iter < 1 or req.batch_size * req.n_iter > lim.max_images:
         raise RequestError(f"batch_size x n_iter: {req.batch_size}x{req.n_iter}; allowed: 1 to {lim.max_images} images")
-    for name in ("prompt", "negative_prompt"):
-        if len(getattr(req, name)) > lim.max_prompt_chars:
-            raise RequestError(f"{name}: {len(getattr(req, name))} characters; allowed: {lim.max_prompt_chars}")
+    for name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"):
+        text = getattr(req, name, "")
+        if len(text) > lim.max_prompt_chars:
+            raise RequestError(f"{name}: {len(text)} characters; allowed: {lim.max_prompt_chars}")
 
 
 SCHEDULE_TYPES = ("automatic", "uniform", "karras", "exponential")  # the web UI's, lower-case

@@ -156,10 +156,8 @@ def encode_png(image: Image.Image, parameters: str | None = None) -> str:
 
 
 def refused_hires(req: "Txt2ImgRequest") -> list[str]:
-    """The hires fields we cannot honour: a second-pass prompt or checkpoint, the old first-pass size."""
+    """The hires fields we cannot honour: a second-pass checkpoint, the old first-pass size."""
     problems = []
-    if req.hr_prompt not in ("", req.prompt) or req.hr_negative_prompt not in ("", req.negative_prompt):
-        problems.append("hr_prompt / hr_negative_prompt (a second-pass prompt is not supported)")
     if req.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
         problems.append("hr_checkpoint_name (the second pass uses the same checkpoint)")
     if req.firstphase_width or req.firstphase_height:
