@@ -225,6 +225,51 @@ def check_generation(pipe, folder, spec, where: str) -> None:
         assert diff.mean() <= 1.0, f"{where}: {sampler} at {width}x{height} differs by {diff.mean():.2f}/255 on average"
 
 
+def check_hires(pipe, folder, spec, seed: int, where: str) -> None:
+    """The hires fix's second pass (a latent upscaler drawn at random, at a drawn scale, strength and
+    step count) equals diffusers' image-to-image pipeline fed our upscaled first-pass latents, with the
+    schedule from_config of the folder's scheduler config: the same last steps of the same schedule."""
+    import diffusers
+
+    from ldmkit.pipelines import GenerationParams
+    from ldmkit.pipelines.hires import LATENT_UPSCALERS, second_pass_steps, upscale_latents
+
+    r = random.Random(seed + 1000)
+    ours = Pipeline.load(folder, precision="fp32")
+    f = 2 ** (len(spec["vae"]["block_out_channels"]) - 1)
+    native = spec["unet"]["sample_size"] * f
+    side = max(16, native - native % 16)  # x1.5 stays a multiple of 8 (any f)
+    sampler, upscaler = r.choice(SAMPLERS), r.choice(sorted(LATENT_UPSCALERS))
+    scale, strength, steps = r.choice([1.5, 2.0]), r.choice([0.3, 0.5, 0.75]), r.randint(2, 4)
+    first = dict(prompt=PROMPTS[0], steps=3, cfg=4.0, sampler=sampler, seed=5, width=side, height=side)
+    first.update(prompt_mode="truncate")
+    hires = dict(hires_scale=scale, hires_upscaler=upscaler, hires_steps=steps, strength=strength)
+    where = f"{where}, hires {sampler} {upscaler} x{scale} strength {strength} steps {steps} at {side}"
+    try:
+        got = ours(**first, **hires).latents
+    except ConfigError as e:  # the one refusal these scheduler configs can meet (diffusion/registry.py)
+        assert sampler == "ddim" and "timestep_spacing" in str(e), f"{where}: {e}"
+        return
+    size = GenerationParams(**first, hires_scale=scale).hires_target(ours.model.config.vae.downsample_factor)
+    upscaled = upscale_latents(ours(**first).latents, size, ours.model.config.vae.downsample_factor, upscaler)
+    total, run = second_pass_steps(steps, strength)
+    s = get_sampler(sampler)
+    saved = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    img2img = diffusers.StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.scheduler = getattr(diffusers, s.diffusers_class).from_config(saved, **s.identity)
+    want = img2img(
+        PROMPTS[0],
+        image=upscaled,
+        strength=(run + 0.5) / total,  # int(total * strength) = run: the last `run` steps, as ours
+        num_inference_steps=total,
+        guidance_scale=4.0,
+        generator=generators_for(5, 1),
+        output_type="latent",
+    ).images
+    assert want.shape == got.shape, f"{where}: {tuple(want.shape)} vs {tuple(got.shape)}"
+    assert (got - want).abs().max() <= 1e-3 * max(1.0, float(want.abs().max())), f"{where}: second pass latents"
+
+
 def check_round_trip(folder, tmp_path, where: str) -> None:
     """diffusers -> single file -> diffusers keeps every tensor of the three components."""
     save_single_file(load_model(folder), tmp_path / "one.safetensors")
@@ -283,6 +328,7 @@ def run(seed: int, tmp_path, prediction: str | None = None) -> None:
     check_architecture_from_weights(load_model(folder), tmp_path / "converted.safetensors", where)
     check_round_trip(folder, tmp_path, where)
     check_generation(pipe, folder, spec, where)
+    check_hires(pipe, folder, spec, seed, where)
 
 
 @pytest.mark.parametrize(
