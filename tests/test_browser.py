@@ -29,15 +29,13 @@ if not Path(CHROMIUM).exists() and not os.environ.get("LDMKIT_REQUIRE_BROWSER"):
     pytest.skip("Debian's chromium is not installed (apt-get install chromium)", allow_module_level=True)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def serve(config):
+    """A real uvicorn server for `config` on a free port: (url, stop)."""
     import uvicorn
 
-    from ldmkit.server.app import ServeConfig, create_app
+    from ldmkit.server.app import create_app
 
-    folder = tmp_path_factory.mktemp("browser")
-    assert main(["init-model", str(folder / "tiny.safetensors")]) == 0
-    app = create_app(ServeConfig(str(folder / "tiny.safetensors"), outputs=str(folder / "out")))
+    app = create_app(config)
     app.state.ready.result()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -47,9 +45,58 @@ def server(tmp_path_factory):
     thread.start()
     while not srv.started:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(30)
+
+    def stop():
+        srv.should_exit = True
+        thread.join(30)
+
+    return f"http://127.0.0.1:{port}", stop
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from ldmkit.server.app import ServeConfig
+
+    folder = tmp_path_factory.mktemp("browser")
+    assert main(["init-model", str(folder / "tiny.safetensors")]) == 0
+    url, stop = serve(ServeConfig(str(folder / "tiny.safetensors"), outputs=str(folder / "out")))
+    yield url
+    stop()
+
+
+def test_the_page_untouched_draws_what_the_cli_draws(tmp_path):
+    """A newcomer's first image from the page, changing nothing but the prompt and the seed: the bundled
+    default model's own settings, and the very image `ldmkit generate` makes with no options."""
+    import base64
+    import io
+
+    from PIL import Image
+    from playwright.sync_api import expect, sync_playwright
+
+    from ldmkit.server.app import ServeConfig
+
+    assert main(["generate", "a red circle", "--seed", "3", "-q", "-o", str(tmp_path / "cli.png")]) == 0
+    cli = Image.open(tmp_path / "cli.png")
+    url, stop = serve(ServeConfig(outputs=str(tmp_path / "out")))
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+            page = browser.new_page()
+            page.goto(url)
+            expect(page.get_by_test_id("status")).to_have_text("ready", timeout=30000)
+            page.get_by_test_id("prompt").fill("a red circle")
+            page.get_by_test_id("seed").fill("3")
+            page.get_by_test_id("generate").click()
+            item = page.get_by_test_id("gallery").locator(".item").first
+            expect(item.locator("img")).to_be_visible(timeout=60000)
+            src = item.locator("img").get_attribute("src")
+            text = item.locator("pre").inner_text()
+            browser.close()
+    finally:
+        stop()
+    image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+    assert text.strip() == cli.info["parameters"].strip()
+    assert image.convert("RGB").tobytes() == cli.convert("RGB").tobytes()
 
 
 def test_generate_from_the_page(server):
