@@ -260,7 +260,7 @@ def check_hires(pipe, folder, spec, seed: int, where: str) -> None:
     want = img2img(
         PROMPTS[0],
         image=upscaled,
-        strength=(run + 0.5) / total,  # int(total * strength) = run: the last `run` steps, as ours
+        strength=min(1.0, (run + 0.5) / total),  # int(total * strength) = run: the last `run` steps, as ours
         num_inference_steps=total,
         guidance_scale=4.0,
         generator=generators_for(5, 1),
