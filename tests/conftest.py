@@ -244,3 +244,55 @@ def pytest_terminal_summary(terminalreporter):
             reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
             terminalreporter.write_line(f"the web page was not tested: {reason}", yellow=True)
             break
+
+
+def import_spandrel():
+    """spandrel for the upscaler tests: the installed one, else its wheel downloaded by README's test
+    command (with einops'). spandrel imports torchvision, which cannot be installed beside the CPU torch
+    these tests run on (PyPI's build is CUDA's), for two architectures the tests do not use (LaMa's
+    rotation and RestoreFormer's normalisation): stand-ins for those two names are given while spandrel
+    is imported, then withdrawn, so nothing else ever sees a torchvision."""
+    import importlib
+    import sys
+    import types
+
+    try:
+        return importlib.import_module("spandrel")
+    except ImportError:
+        pass
+    cache = Path.home() / ".cache" / "ldmkit-test"
+    wheels = [cache / "spandrel-0.4.2-py3-none-any.whl", cache / "einops-0.8.2-py3-none-any.whl"]
+    if not all(w.exists() for w in wheels):
+        pytest.skip("spandrel is not installed and its wheel is not downloaded (README's test command does it)")
+    for w in wheels:  # unpacked, not imported from the zip: zipimport finds no namespace packages
+        unpacked = w.with_suffix("")
+        if not unpacked.is_dir():
+            import shutil
+            import tempfile
+            import zipfile
+
+            tmp = Path(tempfile.mkdtemp(dir=cache))
+            zipfile.ZipFile(w).extractall(tmp)
+            try:
+                tmp.rename(unpacked)
+            except OSError:  # another process unpacked it first
+                shutil.rmtree(tmp, ignore_errors=True)
+        sys.path.insert(0, str(unpacked))
+    names = ("torchvision", "torchvision.transforms", "torchvision.transforms.functional")
+    stubs = {n: types.ModuleType(n) for n in names}
+    functional = stubs["torchvision.transforms.functional"]
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("torchvision is not available here")
+
+    functional.InterpolationMode, functional.rotate, functional.normalize = object, unavailable, unavailable
+    saved = {n: sys.modules.get(n) for n in names}
+    sys.modules.update(stubs)
+    try:
+        return importlib.import_module("spandrel")
+    finally:
+        for n, module in saved.items():
+            if module is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = module

@@ -79,7 +79,11 @@ def test_hires_sizes_and_refusals(upscaler):
     with pytest.raises(Exception, match="text-to-image"):
         GenerationParams(prompt="x", init_image=out.images[0], hires_scale=2)
     with pytest.raises(Exception, match="hires upscaler"):
-        GenerationParams(prompt="x", hires_scale=2, hires_upscaler="R-ESRGAN 4x+")
+        GenerationParams(prompt="x", hires_scale=2, hires_upscaler="")
+    # a name that is no built-in one may be a model upscaler's (tests/test_upscalers.py): found once the
+    # pipeline is known, here with no upscaler folder
+    with pytest.raises(Exception, match="hires upscaler 'R-ESRGAN 4x\\+': not a built-in upscaler"):
+        pipe("x", hires_scale=2, hires_upscaler="R-ESRGAN 4x+")
 
 
 @pytest.mark.parametrize("second", [{}, {"hires_prompt": "a green star", "hires_negative_prompt": "red"}])

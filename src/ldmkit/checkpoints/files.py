@@ -255,3 +255,56 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
 
 def write_json(path: str | Path, data: dict) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+# --- files named by users inside a folder (LoRAs, upscalers) ------------------------------------------
+
+LISTED = 20  # a refusal lists at most this many names: a folder may hold thousands, the line goes to clients
+
+
+def _folder_root(folder: str | Path | None) -> Path | None:
+    try:
+        return Path(folder).expanduser().resolve() if folder is not None else None
+    except (OSError, RuntimeError):
+        return None
+
+
+def _inside(name: str, root: Path, suffixes: tuple[str, ...]) -> Path | None:
+    """root/NAME+suffix if NAME is a plain file name and that file, after symlinks, is inside root. Names
+    come from prompts and requests, so anything that could point elsewhere (separators, `..`, drives,
+    NUL) is no name; a symlink is followed only as far as the folder."""
+    if not isinstance(name, str) or not name or name in (".", "..") or any(c in name for c in "/\\:\0"):
+        return None
+    for suffix in suffixes:
+        path = root / f"{name}{suffix}"
+        try:
+            if path.resolve().is_relative_to(root) and path.is_file():
+                return path
+        except (OSError, ValueError, RuntimeError):  # too long, a symlink loop: not a file here
+            continue
+    return None
+
+
+def file_in_folder(name: str, folder: str | Path | None, suffixes: tuple[str, ...]) -> Path | None:
+    """NAME's file (any of `suffixes`) directly in `folder`, or None: a name that would leave the folder
+    is not told apart from a missing one, so a refusal never says whether something exists outside."""
+    root = _folder_root(folder)
+    path = _inside(name, root, suffixes) if root is not None and root.is_dir() else None
+    return Path(folder).expanduser() / path.name if path is not None else None
+
+
+def names_in_folder(folder: str | Path | None, suffixes: tuple[str, ...]) -> list[str]:
+    """The names file_in_folder accepts: files directly in the folder, not symlinks leading out of it."""
+    root = _folder_root(folder)
+    if root is None or not root.is_dir():
+        return []
+    try:
+        stems = {p.stem for p in root.iterdir() if p.suffix in suffixes}
+    except OSError:  # an unreadable folder offers nothing
+        return []
+    return sorted(s for s in stems if _inside(s, root, suffixes) is not None)
+
+
+def listed(names: list[str]) -> str:
+    """Names for a one-line message: at most LISTED of them."""
+    return ", ".join(names[:LISTED]) + (f" and {len(names) - LISTED} more" if len(names) > LISTED else "")

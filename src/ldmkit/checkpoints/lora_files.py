@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ldmkit.checkpoints.files import read_tensors, sha256_file
+from ldmkit.checkpoints.files import file_in_folder, listed, names_in_folder, read_tensors, sha256_file
 from ldmkit.checkpoints.keymaps import rename, unet_to_diffusers
 from ldmkit.errors import CheckpointError, ConfigError
 from ldmkit.models.lora import Lora, Patch
@@ -99,57 +99,20 @@ def read_lora(path: str | Path, model, name: str | None = None) -> Lora:
     return Lora(name or path.stem, path, patches, lora_hash(path))
 
 
-# A refusal lists at most this many names: the folder may hold thousands, and the line goes to clients.
-LISTED = 20
-
-
-def _inside(name: str, root: Path) -> Path | None:
-    """root/NAME+suffix if NAME is a plain file name and that file, after symlinks, is inside root.
-    Names come from prompts, so anything that could point elsewhere (separators, `..`, drives, NUL) is
-    not a name; a symlink is followed only as far as the folder."""
-    if not name or name in (".", "..") or any(c in name for c in "/\\:\0"):
-        return None
-    for suffix in FILE_SUFFIXES:
-        path = root / f"{name}{suffix}"
-        try:
-            if path.resolve().is_relative_to(root) and path.is_file():
-                return path
-        except (OSError, ValueError, RuntimeError):  # too long, a symlink loop: not a LoRA here
-            continue
-    return None
-
-
-def _root(folder: str | Path | None) -> Path | None:
-    try:
-        return Path(folder).expanduser().resolve() if folder is not None else None
-    except (OSError, RuntimeError):
-        return None
-
-
 def find_lora(name: str, folder: str | Path | None) -> Path:
     """NAME in a LoRA folder (any supported suffix), or one line listing what is there. A name leaving
     the folder, a missing file and a file that is not a LoRA are refused alike: the message never says
     whether something exists outside the folder."""
-    root = _root(folder)
-    path = _inside(name, root) if root is not None and root.is_dir() else None
+    path = file_in_folder(name, folder, FILE_SUFFIXES)
     if path is not None:
-        return Path(folder).expanduser() / path.name
-    names = list_loras(folder)
-    available = ", ".join(names[:LISTED]) + (f" and {len(names) - LISTED} more" if len(names) > LISTED else "")
+        return path
     where = "in the LoRA folder" if folder is not None else "(no LoRA folder given: --lora-dir)"
-    raise ConfigError(f"unknown LoRA {name!r} {where}; available: {available or 'none'}")
+    raise ConfigError(f"unknown LoRA {name!r} {where}; available: {listed(list_loras(folder)) or 'none'}")
 
 
 def list_loras(folder: str | Path | None) -> list[str]:
     """The names find_lora accepts: LoRA files directly in the folder, not symlinks leading out of it."""
-    root = _root(folder)
-    if root is None or not root.is_dir():
-        return []
-    try:
-        stems = {p.stem for p in root.iterdir() if p.suffix in FILE_SUFFIXES}
-    except OSError:  # an unreadable folder holds nothing a prompt can use
-        return []
-    return sorted(s for s in stems if _inside(s, root) is not None)
+    return names_in_folder(folder, FILE_SUFFIXES)
 
 
 def lora_hash(path: Path) -> str:

@@ -138,6 +138,18 @@ def _controls(args, pipe, controls: list[tuple[str, str, float]], images: list) 
     ]
 
 
+def _upscalers(params, folder: str | None):
+    """The pipeline's model upscaler cache, holding the hires fix's model upscaler already: a missing or
+    unreadable one is refused before the model loads."""
+    from ldmkit.pipelines import hires
+    from ldmkit.pipelines.upscalers import UpscalerCache
+
+    cache = UpscalerCache()
+    if params.hires and not hires.is_builtin(params.hires_upscaler):
+        cache.get(hires.model_upscaler(params.hires_upscaler, folder))
+    return cache
+
+
 def cmd_generate(args) -> int:
     from dataclasses import replace
 
@@ -168,6 +180,7 @@ def cmd_generate(args) -> int:
     control_images = [load_image(path, "--control image") for _, path, _ in controls]
     if args.controlnet and not controls:
         raise LdmkitError("--controlnet needs --control TYPE:IMAGE[:STRENGTH]")
+    upscalers = _upscalers(params, args.upscaler_dir)
     pipe = Pipeline.load(
         args.model, vae=args.vae, overrides=_overrides(args, skip=("clip_skip",)), precision=args.precision
     )
@@ -183,6 +196,7 @@ def cmd_generate(args) -> int:
     if controls:
         params = replace(params, control=_controls(args, pipe, controls, control_images))
     pipe.lora_dir = args.lora_dir
+    pipe.upscaler_dir, pipe.upscalers = args.upscaler_dir, upscalers
     if args.compile:
         pipe.compile()
     pipe.tiled_vae = {"auto": None, "on": True, "off": False}[args.tiled_vae]

@@ -88,7 +88,16 @@ def _add_hires_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--hires-width", type=int, help="hires fix to this width instead of a scale")
     p.add_argument("--hires-height", type=int, help="hires fix to this height instead of a scale")
-    p.add_argument("--hires-upscaler", choices=UPSCALERS, help="default: Latent (bilinear on the latents)")
+    p.add_argument(
+        "--hires-upscaler",
+        metavar="NAME",
+        help=f"one of: {', '.join(UPSCALERS)}, or a model's name in --upscaler-dir (default: Latent, bilinear on the"
+        " latents)",
+    )
+    p.add_argument(
+        "--upscaler-dir",
+        help="model upscalers (ESRGAN, Real-ESRGAN, SwinIR... .safetensors/.pth files) for --hires-upscaler NAME",
+    )
     p.add_argument("--hires-steps", type=int, help="the second pass's steps (default: --steps)")
     p.add_argument("--hires-sampler", help="the second pass's sampler (default: --sampler)")
     p.add_argument("--hires-prompt", help="the second pass's prompt (default: the prompt)")

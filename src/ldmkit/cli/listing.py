@@ -13,6 +13,7 @@ USE = {
     "lora": "--lora FILE[:WEIGHT], or --lora-dir FOLDER and <lora:NAME:W> in a prompt",
     "embedding": "--embeddings-dir FOLDER and its file name in a prompt",
     "vae": "--vae",
+    "upscaler": "--upscaler-dir FOLDER and --hires-upscaler NAME (its file name)",
 }
 
 
@@ -25,7 +26,7 @@ def cmd_models(args) -> int:
     loads, not_yet = families_summary()
     report = {
         "bundled": _bundled(),
-        "folders": [{"path": str(folder), "entries": scan(folder)} for folder in args.folders],
+        "folders": [{"path": str(folder), "entries": _upscalers(scan(folder))} for folder in args.folders],
         "loads": loads,
         "recognised_not_supported": not_yet,
     }
@@ -41,6 +42,26 @@ def cmd_models(args) -> int:
         f" these load: {', '.join(loads)}; recognised but not supported yet: {', '.join(not_yet)}."
     )
     return 0
+
+
+def _upscalers(entries: list[dict]) -> list[dict]:
+    """Files the catalog does not recognise that spandrel recognises as model upscalers (ESRGAN...), from
+    their headers; an old-style pickle stays unread, as the catalog leaves it."""
+    from ldmkit.checkpoints.files import TORCH_LEGACY, sniff
+    from ldmkit.errors import LdmkitError
+    from ldmkit.pipelines.upscalers import SUFFIXES, describe
+
+    out = []
+    for e in entries:
+        try:
+            if e["kind"] == "unknown" and Path(e["path"]).suffix in SUFFIXES and sniff(e["path"]) != TORCH_LEGACY:
+                found = describe(e["path"])
+                e = {**e, "kind": "upscaler", "architecture": found.architecture, "scale": found.scale}
+                e.pop("note", None)
+        except LdmkitError:
+            pass  # not an upscaler either: the catalog's reason stands
+        out.append(e)
+    return out
 
 
 def _bundled() -> list[dict]:
@@ -113,6 +134,8 @@ def _what(e: dict) -> str:
         return f"{e['family']} model: {e['title']}, {e['image_size']}x{e['image_size']}"
     if kind == "vae":
         return "VAE (an autoencoder alone)"
+    if kind == "upscaler":
+        return f"{e['architecture']} upscaler, {e['scale']}x"
     name = {"controlnet": "ControlNet", "lora": "LoRA", "embedding": "embedding"}[kind]
     if kind == "embedding":
         name += f" of {e['vectors']} vector{'s' if e['vectors'] != 1 else ''}"

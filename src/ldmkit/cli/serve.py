@@ -99,6 +99,7 @@ def cmd_serve(args) -> int:
         args.api_key,
         args.api_auth,
         limits,
+        upscaler_dir=args.upscaler_dir,
     )
     from ldmkit.bundled import resolve
 
@@ -125,6 +126,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--controlnet", action="append", help="a ControlNet file to offer by name (repeatable)")
     p.add_argument("--lora-dir", help="LoRA folder: /sdapi/v1/loras lists it, prompts use <lora:NAME:WEIGHT>")
     p.add_argument("--embeddings-dir", help="textual-inversion embeddings, used by file name in prompts")
+    p.add_argument(
+        "--upscaler-dir", help="model upscalers (ESRGAN...): /sdapi/v1/upscalers lists them, hr_upscaler names them"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860, help="0: a free port, named at start")
     p.add_argument("--api-key", help="require this key (Authorization: Bearer KEY, or X-API-Key)")

@@ -40,6 +40,7 @@ from ldmkit.pipelines import hires
 from ldmkit.pipelines.codec import LatentCodec
 from ldmkit.pipelines.hires import second_pass_steps
 from ldmkit.pipelines.params import CALL_DEFAULTS, LCM_DEFAULTS, GenerationParams, RunFacts, to_infotext
+from ldmkit.pipelines.upscalers import ModelUpscaler, UpscalerCache
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,8 @@ class Pipeline:
         self.defaults = {**base, **(defaults or {})}
         self._hash: str | None = None
         self.lora_dir: Path | None = None  # where <lora:NAME:WEIGHT> tags look
+        self.upscaler_dir: Path | None = None  # where the hires fix's model upscalers are found by name
+        self.upscalers = UpscalerCache()  # the last model upscaler read
         self.loras = LoraSet(model)  # merged LoRAs; each call makes its own set the merged one
         self.embeddings = Embeddings(model.text_encoder)  # textual inversion, used by name in prompts
         self.codec = LatentCodec(model.vae, model.config.image_size)
@@ -161,6 +164,7 @@ class Pipeline:
         p = p.for_model(self.model, self.defaults, self.name)
         warnings = self._unknown_words(p)
         walk = self._walk(p)  # a spacing or scheduler config the sampler cannot follow: refused before any work
+        self._model_upscaler(p)  # a hires upscaler that is no model upscaler file: refused before any work
         self._use_loras(p)
         if p.hires_prompt or p.hires_negative_prompt:
             self._tagged_loras(p.second_pass())  # the second pass's LoRAs found and read before any work
@@ -300,6 +304,12 @@ class Pipeline:
             images = pixel_mask * images + (1 - pixel_mask) * pixels
         return z, images, control_images
 
+    def _model_upscaler(self, p: GenerationParams) -> ModelUpscaler | None:
+        """The hires fix's model upscaler, found in `self.upscaler_dir` and read once; None: a built-in one."""
+        if not p.hires or hires.is_builtin(p.hires_upscaler):
+            return None
+        return self.upscalers.get(hires.model_upscaler(p.hires_upscaler, self.upscaler_dir))
+
     def _hires(self, p: GenerationParams, z: torch.Tensor, cond: Conditioning, noise, on_step) -> torch.Tensor:
         """The hires fix's second pass (pipelines/hires.py): the first pass's latents upscaled, then an
         image-to-image pass at the target size of `strength`, its sampler and steps."""
@@ -310,7 +320,8 @@ class Pipeline:
         if upscaler in hires.LATENT_UPSCALERS:
             init = hires.upscale_latents(z, size, f, upscaler)
         else:
-            pixels = hires.upscale_pixels(self.decode(z), size, f, upscaler).to(z.device)
+            model = self._model_upscaler(p)
+            pixels = hires.upscale_pixels(self.decode(z), size, f, upscaler, model).to(z.device)
             posterior = self.encode(pixels)
             init = torch.cat([m.vae.scale(posterior.sample(g)) for g in generators_for(p.seed, p.batch)])
             init = hires.crop(init, size)

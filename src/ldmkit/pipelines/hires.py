@@ -6,19 +6,23 @@ The rules, as the web UI has them (modules/processing.py, StableDiffusionProcess
   side given keeps the aspect ratio; both given cover the target and the excess is cropped from the
   latents, half on each side;
 - "Latent" upscalers interpolate the latents (F.interpolate: its mode and antialias per name); pixel
-  upscalers decode, quantise to 8 bits, resize, and encode again;
+  upscalers decode, quantise to 8 bits, resize, and encode again; any other name is a model upscaler
+  (ESRGAN and its kin) in the pipeline's upscaler folder, run by pipelines/upscalers.py;
 - the second pass runs exactly `steps` steps (its own, else the first pass's) of a schedule of
   int(steps / min(strength, 0.999)) steps, ending at its end (setup_img2img_steps), from the
   upscaled latents plus fresh noise of each image's seed at the new size."""
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ldmkit.checkpoints.files import listed
 from ldmkit.errors import ConfigError
+from ldmkit.pipelines.upscalers import ModelUpscaler, find_upscaler, list_upscalers, upscale
 
 # name -> (F.interpolate mode, antialias): the web UI's latent_upscale_modes
 LATENT_UPSCALERS = {
@@ -37,8 +41,29 @@ MAX_SCALE = 8.0
 
 
 def check_upscaler(name: str | None) -> None:
-    if name is not None and name not in UPSCALERS:
-        raise ConfigError(f"hires upscaler {name!r}; allowed: {', '.join(UPSCALERS)}")
+    """A name that is no built-in one may be a model in the pipeline's upscaler folder: model_upscaler
+    looks it up once the pipeline is known."""
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise ConfigError(f"hires upscaler {name!r}; allowed: {', '.join(UPSCALERS)}, or a model's name")
+
+
+def is_builtin(name: str | None) -> bool:
+    return name is None or name in UPSCALERS
+
+
+def model_upscaler(name: str, folder: str | Path | None) -> Path:
+    """The file of model upscaler NAME in the upscaler folder, or one line saying what is allowed (a name
+    leaving the folder is refused as a missing one is)."""
+    path = find_upscaler(name, folder)
+    if path is not None:
+        return path
+    models = list_upscalers(folder)
+    where = "in the upscaler folder" if folder is not None else "(no upscaler folder is given: --upscaler-dir)"
+    more = f", or the models: {listed(models)}" if models else ""
+    raise ConfigError(
+        f"hires upscaler {name!r}: not a built-in upscaler and not a model {where}; "
+        f"allowed: {', '.join(UPSCALERS)}{more}"
+    )
 
 
 @dataclass(frozen=True)
@@ -88,13 +113,17 @@ def crop(z: torch.Tensor, size: Target) -> torch.Tensor:
     return z[..., size.crop_y // 2 : h - (size.crop_y + 1) // 2, size.crop_x // 2 : w - (size.crop_x + 1) // 2]
 
 
-def upscale_pixels(images: torch.Tensor, size: Target, f: int, upscaler: str) -> torch.Tensor:
+def upscale_pixels(
+    images: torch.Tensor, size: Target, f: int, upscaler: str, model: ModelUpscaler | None = None
+) -> torch.Tensor:
     """Decoded images [B, 3, H, W] in [-1, 1] -> quantised to 8 bits as the web UI does (truncating) and
-    resized to the target plus what a covering resize crops (crop the encoded latents after)."""
+    resized to the target plus what a covering resize crops (crop the encoded latents after), by the
+    built-in `upscaler` or by `model` (pipelines/upscalers.py)."""
     full = (size.width + size.crop_x * f, size.height + size.crop_y * f)
     out = []
     for x in images.float().cpu():
         arr = (255.0 * ((x + 1) / 2).clamp(0, 1)).permute(1, 2, 0).numpy().astype(np.uint8)
-        resized = Image.fromarray(arr).resize(full, PIXEL_UPSCALERS[upscaler])
+        image = Image.fromarray(arr)
+        resized = upscale(image, *full, model) if model is not None else image.resize(full, PIXEL_UPSCALERS[upscaler])
         out.append(torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1))
     return torch.stack(out) * 2 - 1

@@ -61,6 +61,7 @@ class ServeConfig:
     api_key: str | None = None
     api_auth: str | None = None  # USER:PASS for HTTP Basic
     limits: Limits = field(default_factory=Limits)
+    upscaler_dir: str | None = None  # the hires fix's model upscalers (ESRGAN...), named by hr_upscaler
 
 
 def _check_auth(config: ServeConfig, request: Request) -> bool:

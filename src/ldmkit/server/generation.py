@@ -13,6 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from ldmkit import __version__
 from ldmkit.errors import RequestError
+from ldmkit.pipelines.hires import is_builtin, model_upscaler
 from ldmkit.pipelines.params import GenerationParams
 from ldmkit.server.webui import (
     GenerationRequest,
@@ -176,6 +177,8 @@ def resolve(req: GenerationRequest, server: "ServerState") -> Plan:
         clip_skip=clip_skip if clip_skip > 1 else None,
         hires_sampler=hires_sampler_of(req),
     )
+    if params.hires and not is_builtin(params.hires_upscaler):
+        model_upscaler(params.hires_upscaler, server.config.upscaler_dir)  # found here, read on the worker
     return Plan(name, params, clip_skip, uploads)
 
 

@@ -34,6 +34,7 @@ class Models:
         self.loaded: str | None = None
         self.controlnets: dict[str, Path] = {Path(p).stem: Path(p) for p in config.controlnets}
         self.lora_dir = config.lora_dir
+        self.upscaler_dir = config.upscaler_dir
         self._controlnet_files: dict[Path, Any] = {}
         self.embeddings_dir = config.embeddings_dir
 
@@ -74,6 +75,7 @@ class Models:
             bundled = name in BUNDLED and self.paths[name].parent == HERE  # not a same-named file of --models-dir
             self.pipe = Pipeline.load(f"bundled:{name}" if bundled else self.paths[name])
             self.pipe.lora_dir = self.lora_dir
+            self.pipe.upscaler_dir = self.upscaler_dir
             if self.embeddings_dir:
                 self.pipe.embeddings.load_folder(self.embeddings_dir)
             self.loaded = name

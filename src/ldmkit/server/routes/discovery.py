@@ -73,6 +73,28 @@ def _add_what_we_have(app: FastAPI, server: ServerState) -> None:
         }
         return {"loaded": loaded, "skipped": {}}
 
+    @app.get("/sdapi/v1/upscalers")
+    def upscalers() -> list[dict]:
+        """The pixel upscalers, then the model upscalers of --upscaler-dir that spandrel recognises, each file
+        described once (from its header where it can be): the worker reads a model when a request names it."""
+        from ldmkit.errors import ConfigError
+        from ldmkit.pipelines.hires import PIXEL_UPSCALERS
+        from ldmkit.pipelines.upscalers import describe, find_upscaler, list_upscalers
+
+        out = [
+            {"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4} for n in PIXEL_UPSCALERS
+        ]
+        folder = server.config.upscaler_dir
+        for name in list_upscalers(folder):
+            path = find_upscaler(name, folder)
+            try:
+                found = describe(path)
+            except ConfigError:  # not an upscaler: not offered (naming it is refused at generation)
+                continue
+            entry = {"name": name, "model_name": found.architecture, "model_path": str(path), "model_url": None}
+            out.append({**entry, "scale": found.scale})
+        return out
+
     @app.get("/controlnet/model_list")
     def controlnet_models() -> dict:
         return {"model_list": models.controlnet_names()}
@@ -92,14 +114,6 @@ def _add_fixed(app: FastAPI) -> None:
     @app.get("/sdapi/v1/script-info")
     def script_info() -> list:
         return []
-
-    @app.get("/sdapi/v1/upscalers")
-    def upscalers() -> list[dict]:
-        from ldmkit.pipelines.hires import PIXEL_UPSCALERS
-
-        return [
-            {"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4} for n in PIXEL_UPSCALERS
-        ]
 
     @app.get("/sdapi/v1/latent-upscale-modes")
     def latent_upscale_modes() -> list[dict]:
