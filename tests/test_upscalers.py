@@ -16,7 +16,6 @@ from safetensors.torch import save_file
 from test_bad_input import Payload, assert_one_line_error
 
 from conftest import import_spandrel
-
 from ldmkit.cli import main
 from ldmkit.errors import LdmkitError
 from ldmkit.pipelines import Pipeline
