@@ -38,10 +38,10 @@ def test_every_layout_and_exact_equivalence(encoder, tmp_path):
     emb = Embeddings(encoder)
     assert emb.load_folder(tmp_path) == ["learned_embeds", "redc", "redc2"]
     with torch.no_grad():
-        want, _ = encode_prompts(encoder, ["a (red circle:1.1) above a blue square"])
-        got, _ = encode_prompts(encoder, ["a (redc:1.1) above a learned_embeds square"], embeddings=emb)
+        want = encode_prompts(encoder, ["a (red circle:1.1) above a blue square"]).context
+        got = encode_prompts(encoder, ["a (redc:1.1) above a learned_embeds square"], embeddings=emb).context
         assert torch.equal(want, got)
-        plain, _ = encode_prompts(encoder, ["a redcx above a blue square"], embeddings=emb)  # whole words only
+        plain = encode_prompts(encoder, ["a redcx above a blue square"], embeddings=emb).context  # whole words only
         assert not torch.equal(plain, want)
     with pytest.raises(ConfigError, match="webui prompt mode"):
         encode_prompts(encoder, ["redc"], mode="truncate", embeddings=emb)

@@ -100,6 +100,8 @@ def _folder_of_everything(root):
     write_sd_file(root / "sub" / "sd2.ckpt", kind="openclip", fmt="ckpt")
     xl = {"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(4)}
     save_file({**xl, "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)}, root / "xl.safetensors")
+    sd3 = {"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": torch.zeros(8)}
+    save_file(sd3, root / "sd3.safetensors")
     save_file({"encoder.down.0.block.0.conv1.weight": torch.zeros(8, 3, 3, 3)}, root / "vae.safetensors")
     save_file(
         {
@@ -120,7 +122,13 @@ def _folder_of_everything(root):
     torch.save({"state_dict": {"a": torch.zeros(1)}, "x": _Hostile(root.parent / "ran")}, root / "hostile.ckpt")
     (root / "README.txt").write_text("skipped: not a weights file")
     _diffusers_folder(root / "pipe")
-    _diffusers_folder(root / "xl-pipe", {"addition_embed_type": "text_time"})
+    xl_unet = {"addition_embed_type": "text_time", "addition_time_embed_dim": 256, "sample_size": 128}
+    _diffusers_folder(root / "xl-pipe", {**xl_unet, "projection_class_embeddings_input_dim": 2816})
+    (root / "xl-pipe" / "text_encoder_2").mkdir()
+    (root / "xl-pipe" / "text_encoder_2" / "config.json").write_text(
+        json.dumps({"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20})
+    )
+    _diffusers_folder(root / "odd-pipe", {"addition_embed_type": "image"})
 
 
 def test_models_says_what_each_file_in_a_folder_is_from_headers_alone(tmp_path, capsys, monkeypatch):
@@ -141,8 +149,9 @@ def test_models_says_what_each_file_in_a_folder_is_from_headers_alone(tmp_path, 
     assert (got["sd1.safetensors"]["kind"], got["sd1.safetensors"]["family"]) == ("model", "sd1")
     assert got["sd1.safetensors"]["image_size"] == 512 and got["sd1.safetensors"]["supported"]
     assert (got["sub/sd2.ckpt"]["kind"], got["sub/sd2.ckpt"]["family"]) == ("model", "sd2-v")
-    assert got["xl.safetensors"]["family"] == "sdxl" and got["xl.safetensors"]["supported"] is False
+    assert got["sd3.safetensors"]["family"] == "sd3" and got["sd3.safetensors"]["supported"] is False
     assert (got["pipe"]["kind"], got["pipe"]["family"], got["pipe"]["image_size"]) == ("model", "sd1", 512)
+    assert (got["xl-pipe"]["family"], got["xl-pipe"]["image_size"], got["xl-pipe"]["supported"]) == ("sdxl", 1024, True)
     assert got["vae.safetensors"]["kind"] == "vae"
     assert got["canny.safetensors"]["kind"] == "controlnet" and "sd1" in got["canny.safetensors"]["fits"]
     assert got["style.safetensors"]["kind"] == "lora" and "sd2-v" in got["style.safetensors"]["fits"]
@@ -151,7 +160,8 @@ def test_models_says_what_each_file_in_a_folder_is_from_headers_alone(tmp_path, 
         ("broken.safetensors", "truncated"),
         ("notes.ckpt", "not a checkpoint"),
         ("loha.safetensors", "LoHa"),
-        ("xl-pipe", "addition_embed_type"),
+        ("odd-pipe", "addition_embed_type"),
+        ("xl.safetensors", "conditioner.embedders.0"),  # an SDXL file whose text tower is cut short
         ("hostile.ckpt", "refused"),
     ]:
         assert got[name]["kind"] == "unknown" and reason in got[name]["note"], got[name]
@@ -162,7 +172,7 @@ def test_models_says_what_each_file_in_a_folder_is_from_headers_alone(tmp_path, 
     assert "not recognised: " in rows["broken.safetensors"] and "truncated" in rows["broken.safetensors"]
     assert "Stable Diffusion 1.x" in rows["sd1.safetensors"] and "--model" in rows["sd1.safetensors"]
     assert "--controlnet" in rows["canny.safetensors"] and "--vae" in rows["vae.safetensors"]
-    assert "SDXL" in rows["xl.safetensors"] and "not supported" in rows["xl.safetensors"]
+    assert "SD3" in rows["sd3.safetensors"] and "not supported" in rows["sd3.safetensors"]
     for name in got:
         assert name in rows, name
 

@@ -18,6 +18,7 @@ from ldmkit.errors import ConfigError
 from ldmkit.pipelines import GenerationParams, Pipeline
 from ldmkit.pipelines.params import (
     INFOTEXT_FIELDS,
+    MICRO_PAIRS,
     NOT_IN_INFOTEXT,
     PARAM_NAMES,
     RunFacts,
@@ -62,7 +63,17 @@ PROBE = {
     "hires_sampler": "heun",
     "hires_prompt": "a blue square, above: a star",  # a comma and a colon: quoted in the infotext
     "hires_negative_prompt": "green",
+    "original_size": (80, 96),
+    "crops_coords_top_left": (8, 16),
+    "target_size": (40, 48),
+    "negative_original_size": (64, 64),
+    "negative_crops_coords_top_left": (0, 8),
+    "negative_target_size": (48, 40),
+    "aesthetic_score": 7.5,
+    "negative_aesthetic_score": 1.5,
 }
+# Values given on the command line in their own form
+CLI_TEXT = {name: f"{v[0]},{v[1]}" for name, v in PROBE.items() if name in MICRO_PAIRS}
 # A run is text-to-image with a hires pass, or starts from an image: the probes go in as two runs
 HIRES = {name for name in PROBE if name.startswith("hires_")}
 IMAGES = {"init_image", "mask"}
@@ -98,7 +109,7 @@ def test_every_field_reaches_the_cli(tmp_path, left_out):
     probe = probe_without(left_out)
     for name in probe:
         if name not in ("prompt", "init_image", "mask", "loras", "control"):
-            argv += [FLAGS.get(name, "--" + name.replace("_", "-")), str(PROBE[name])]
+            argv += [FLAGS.get(name, "--" + name.replace("_", "-")), CLI_TEXT.get(name, str(PROBE[name]))]
     args = build_parser().parse_args(argv)
     assert {a.dest for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions} >= set(
         PARAM_NAMES
@@ -153,6 +164,7 @@ def test_every_field_reaches_the_python_api(monkeypatch):
     monkeypatch.setattr(pipe, "_use_loras", lambda p: None)
     monkeypatch.setattr(pipe, "_generate", capture)
     monkeypatch.setattr("ldmkit.pipelines.params.check_clip_skip", lambda config, clip_skip: None)
+    monkeypatch.setattr("ldmkit.pipelines.params.check_micro_conditioning", lambda config, p: None)  # SDXL's
     for left_out in (HIRES, IMAGES):
         probe = probe_without(left_out, {"control"})
         with pytest.raises(KeyboardInterrupt):

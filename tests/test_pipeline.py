@@ -213,18 +213,18 @@ def test_unbalanced_brackets_warn_and_read_as_the_web_ui(caplog):
 
 def test_weights_long_prompts_and_break(tiny_pipe):
     te = tiny_pipe.model.text_encoder
-    plain, _ = encode_prompts(te, ["a red circle"])
-    same, _ = encode_prompts(te, ["a (red:1.0) circle"])
-    weighted, _ = encode_prompts(te, ["a (red:1.5) circle"])
+    plain = encode_prompts(te, ["a red circle"]).context
+    same = encode_prompts(te, ["a (red:1.0) circle"]).context
+    weighted = encode_prompts(te, ["a (red:1.5) circle"]).context
     assert torch.equal(plain, same)
     assert (weighted - plain).abs().max() > 1e-3
     assert torch.allclose(weighted.mean(), plain.mean(), atol=1e-5)  # the web UI keeps the mean
     long = "a red circle above a blue square, " * 12  # > 75 tokens
-    ctx, unc = encode_prompts(te, [long], ["blurry"])
+    ctx, unc = encode_prompts(te, [long], ["blurry"])[:2]
     assert ctx.shape[1] == 154 and unc.shape[1] == 154  # negative padded to the same chunk count
-    broken, _ = encode_prompts(te, ["a red circle BREAK a blue square"])
+    broken = encode_prompts(te, ["a red circle BREAK a blue square"]).context
     assert broken.shape[1] == 154
-    truncated, _ = encode_prompts(te, [long], mode="truncate")
+    truncated = encode_prompts(te, [long], mode="truncate").context
     assert truncated.shape[1] == 77
 
 

@@ -244,31 +244,30 @@ def _folder(p: Path) -> dict:
         unet_config_from_diffusers,
         vae_config_from_diffusers,
     )
-    from ldmkit.checkpoints.diffusers_folder import _read_json, _text_config
-    from ldmkit.checkpoints.families import sd_family
+    from ldmkit.checkpoints.diffusers_folder import family_of, read_json, text_configs
     from ldmkit.models.ldm import ModelConfig
 
     index = p / "model_index.json"
     if not index.is_file() and not (p / "unet").is_dir():
-        return _component(_read_json(p / "config.json"))
-    cls = _read_json(index).get("_class_name", "diffusers") if index.is_file() else "diffusers"
+        return _component(read_json(p / "config.json"))
+    cls = read_json(index).get("_class_name", "diffusers") if index.is_file() else "diffusers"
     if not (p / "unet" / "config.json").is_file():
         raise CheckpointError(f"a {cls} folder without unet/config.json; ldmkit loads UNet pipelines")
     try:
         if (p / "ldmkit.json").is_file():
-            saved = ModelConfig.from_dict(_read_json(p / "ldmkit.json"), str(p / "ldmkit.json"))
+            saved = ModelConfig.from_dict(read_json(p / "ldmkit.json"), str(p / "ldmkit.json"))
             return _model_entry(saved.family, saved.image_size)
-        unet_json = _read_json(p / "unet" / "config.json")
+        unet_json = read_json(p / "unet" / "config.json")
         unet = unet_config_from_diffusers(unet_json, "unet/config.json")
-        vae = vae_config_from_diffusers(_read_json(p / "vae" / "config.json"), "vae/config.json")
-        text = _text_config(p, None, {})
+        vae = vae_config_from_diffusers(read_json(p / "vae" / "config.json"), "vae/config.json")
+        text, text_2 = text_configs(p, {})
         sched = p / "scheduler" / "scheduler_config.json"
-        prediction = schedule_from_diffusers(_read_json(sched)).prediction_type if sched.is_file() else None
+        prediction = schedule_from_diffusers(read_json(sched)).prediction_type if sched.is_file() else None
     except LdmkitError as e:
         raise CheckpointError(f"a {cls} folder, not loadable: {str(e).removeprefix(f'{p}/')}") from None
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         raise CheckpointError(f"a {cls} folder with a config value of the wrong kind ({str(e)[:120]})") from None
-    family = sd_family(text.kind, unet.in_channels, prediction).name
+    family = family_of(text, text_2, unet.in_channels, prediction)
     return _model_entry(family, unet_json.get("sample_size", 64) * vae.downsample_factor)
 
 

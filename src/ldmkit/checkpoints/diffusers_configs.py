@@ -32,7 +32,8 @@ UNET_FIXED = {
     "time_embedding_type": ["positional"],
     "time_embedding_dim": [None],
     "time_embedding_act_fn": [None],
-    "addition_embed_type": [None],
+    "addition_embed_type": [None, "text_time"],
+    "addition_embed_type_num_heads": [64],  # read only by the "text" addition embedding
     "encoder_hid_dim": [None],
     "encoder_hid_dim_type": [None],
     "dual_cross_attention": [False],
@@ -99,9 +100,14 @@ def unet_config_from_diffusers(cfg: dict, where: str) -> UNetConfig:
         and all(c % h == 0 for c, h in zip(channels, heads))
     ):
         num_heads, head_channels = UNetConfig.num_heads, channels[0] // heads[0]  # SD 2: 64 per head
-    num_classes, adm = cfg.get("num_class_embeds"), None
+    num_classes, adm, time_dim = cfg.get("num_class_embeds"), None, None
     if cfg.get("class_embed_type") == "projection":
         num_classes, adm = "sequential", cfg["projection_class_embeddings_input_dim"]
+    if cfg.get("addition_embed_type") == "text_time":  # SDXL: pooled text + embedded sizes
+        if num_classes is not None:
+            raise CheckpointError(f"{where}: a class embedding and a text_time addition embedding together")
+        num_classes, adm = "sequential", cfg["projection_class_embeddings_input_dim"]
+        time_dim = cfg["addition_time_embed_dim"]
     only_cross = cfg.get("only_cross_attention", False)
     if isinstance(only_cross, (list, tuple)):
         if len(only_cross) != levels or not all(isinstance(v, bool) for v in only_cross):
@@ -131,6 +137,7 @@ def unet_config_from_diffusers(cfg: dict, where: str) -> UNetConfig:
         middle_block=MID_BLOCKS[mid],
         num_classes=num_classes,
         adm_in_channels=adm,
+        addition_time_embed_dim=time_dim,
         time_cond_proj_dim=cfg.get("time_cond_proj_dim"),
         norm_groups=groups,
         norm_eps=float(cfg.get("norm_eps", 1e-5)),
@@ -175,7 +182,11 @@ def unet_config_to_diffusers(c: UNetConfig, sample_size: int) -> dict:
     if isinstance(c.num_classes, int):
         cfg["num_class_embeds"] = c.num_classes
     elif c.num_classes == "sequential":
-        cfg["class_embed_type"] = "projection"
+        if c.addition_time_embed_dim:
+            cfg["addition_embed_type"] = "text_time"
+            cfg["addition_time_embed_dim"] = c.addition_time_embed_dim
+        else:
+            cfg["class_embed_type"] = "projection"
         cfg["projection_class_embeddings_input_dim"] = c.adm_in_channels
     return cfg
 

@@ -5,6 +5,8 @@ modules), not another branch in each reader."""
 
 from dataclasses import dataclass, field
 
+from ldmkit.errors import CheckpointError
+
 
 @dataclass(frozen=True)
 class Family:
@@ -24,10 +26,24 @@ class Family:
     controlnet_context: int | None = None
     # Unsupported families: key fragments that betray a single file (prefixes, or a substring).
     markers: tuple[str, ...] = ()
+    # SDXL's conditioner: a second tower ("openclip": OpenCLIP-bigG) and a pooled vector for the UNet.
+    text_2_kind: str | None = None
+    pooled: bool = False
+    # The latent scale its UNet was trained with (the autoencoder's `scale_factor`), which no weight holds.
+    vae_scale_factor: float = 0.18215
+    # SDXL: how many micro-conditioning numbers the addition embedding takes (base 6, refiner 5); with
+    # the pooled width it tells each number's embedding width from the UNet's `label_emb` shape.
+    micro_conditions: int | None = None
+    # An empty negative prompt is zeros (diffusers' force_zeros_for_empty_prompt, SDXL base).
+    zero_empty_negative: bool = False
 
 
 _SD1 = dict(text_kind="clip", unet_heads={"num_heads": 8, "num_head_channels": -1}, controlnet_context=768)
 _SD2 = dict(text_kind="openclip", unet_heads={"num_head_channels": 64}, controlnet_context=1024)
+_XL = dict(
+    pooled=True, prediction="epsilon", unet_heads={"num_head_channels": 64}, image_size=1024, vae_scale_factor=0.13025
+)
+_XL_BASE = dict(text_kind="clip", text_2_kind="openclip", micro_conditions=6, zero_empty_negative=True, **_XL)
 
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -38,7 +54,9 @@ FAMILIES: dict[str, Family] = {
         Family("sd2-v", "Stable Diffusion 2.x (v, 768)", prediction="v_prediction", image_size=768, **_SD2),
         Family("sd2-inpainting", "Stable Diffusion 2.x inpainting", inpainting=True, prediction="epsilon", **_SD2),
         Family("ldmkit", "ldmkit's own (BERT-family text encoder)", text_kind="bert"),
-        Family("sdxl", "SDXL", supported=False, markers=("conditioner.embedders.",)),
+        Family("sdxl", "SDXL", controlnet_context=2048, **_XL_BASE),
+        Family("sdxl-inpainting", "SDXL inpainting", inpainting=True, **_XL_BASE),
+        Family("sdxl-refiner", "SDXL refiner", text_kind="openclip", micro_conditions=5, **_XL),
         Family("sd3", "SD3", supported=False, markers=("*joint_blocks.",)),
         Family("flux", "Flux", supported=False, markers=("double_blocks.", "model.diffusion_model.double_blocks.")),
     ]
@@ -50,7 +68,7 @@ def _marks(marker: str, key: str) -> bool:
 
 
 def unsupported_family(keys) -> Family | None:
-    """The family of a single file ldmkit recognises but cannot run yet, from its keys."""
+    """The family of a single file ldmkit recognises but cannot read yet, from its keys."""
     keys = list(keys)
     for f in FAMILIES.values():
         if not f.supported and any(_marks(m, k) for m in f.markers for k in keys):
@@ -58,15 +76,21 @@ def unsupported_family(keys) -> Family | None:
     return None
 
 
-def sd_family(text_kind: str, in_channels: int, prediction: str | None = None) -> Family:
-    """The supported family of a model with this text tower, UNet input and (if known) prediction
-    type: the first row that fits (rows with a fixed prediction type must match it)."""
-    for f in FAMILIES.values():
-        if f.supported and f.text_kind == text_kind and f.inpainting == (in_channels == 9):
-            if prediction is None or f.prediction in (None, prediction):
-                return f
-    # A v-prediction inpainting model, or a prediction no row fixes: the base row of that text tower.
-    return next(f for f in FAMILIES.values() if f.supported and f.text_kind == text_kind)
+def sd_family(
+    text_kind: str, in_channels: int, prediction: str | None = None, text_2=None, pooled: bool = False
+) -> Family:
+    """The supported family of a model with these text towers (`text_2`: the second tower's config,
+    SDXL), UNet input and (if known) prediction type: the first row that fits (rows with a fixed
+    prediction type must match it)."""
+    towers = (text_kind, None if text_2 is None else text_2.kind, pooled)
+    rows = [f for f in FAMILIES.values() if f.supported and (f.text_kind, f.text_2_kind, f.pooled) == towers]
+    for f in rows:
+        if f.inpainting == (in_channels == 9) and (prediction is None or f.prediction in (None, prediction)):
+            return f
+    # A v-prediction inpainting model, or a prediction no row fixes: the base row of those towers.
+    if not rows:
+        raise CheckpointError(f"no model family has the text towers {towers} (kind, second kind, pooled)")
+    return rows[0]
 
 
 def controlnet_family(context_dim: int) -> Family | None:

@@ -41,7 +41,8 @@ def unet_to_diffusers(c: UNetConfig) -> PrefixMap:
     if isinstance(c.num_classes, int):
         m.append(("label_emb", "class_embedding"))
     elif c.num_classes == "sequential":
-        m += [("label_emb.0.0", "class_embedding.linear_1"), ("label_emb.0.2", "class_embedding.linear_2")]
+        to = "add_embedding" if c.addition_time_embed_dim else "class_embedding"  # SDXL's "text_time"
+        m += [("label_emb.0.0", f"{to}.linear_1"), ("label_emb.0.2", f"{to}.linear_2")]
     levels = c.levels
     for level in range(levels):
         n = c.res_blocks_at(level)
@@ -235,15 +236,18 @@ def hf_to_openclip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-# --- CLIP (SD 1.x) single files --------------------------------------------------------------------
+# --- CLIP (SD 1.x, SDXL's ViT-L) single files -----------------------------------------------------
 
-_CLIP_BARE = re.compile(r"^cond_stage_model\.transformer\.(embeddings|encoder|final_layer_norm)\.")
+_CLIP_BARE = re.compile(
+    r"^(cond_stage_model|conditioner\.embedders\.\d+)\.transformer\.(embeddings|encoder|final_layer_norm)\."
+)
 
 
 def clip_with_text_model_level(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Older SD 1.x files, and files written with transformers releases whose CLIPTextModel has no
-    `text_model` level, name the CLIP tower `cond_stage_model.transformer.embeddings.*`: put the
-    level back, as the popular web UI does on load."""
+    `text_model` level, name the CLIP tower `cond_stage_model.transformer.embeddings.*` (SDXL's
+    `conditioner.embedders.0.transformer.embeddings.*`): put the level back, as the popular web UI
+    does on load."""
     if not any(_CLIP_BARE.match(k) for k in state):
         return state
-    return {(_CLIP_BARE.sub(r"cond_stage_model.transformer.text_model.\1.", k)): v for k, v in state.items()}
+    return {(_CLIP_BARE.sub(r"\1.transformer.text_model.\2.", k)): v for k, v in state.items()}

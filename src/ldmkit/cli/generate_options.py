@@ -15,6 +15,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
     _add_sampling_options(p)
     _add_control_options(p)
     _add_hires_options(p)
+    _add_micro_conditioning_options(p)
     _add_run_options(p)
     _add_model_options(p)
 
@@ -73,6 +74,17 @@ def _add_control_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--lora-dir", help="where <lora:NAME:WEIGHT> tags in the prompt look for NAME")
     p.add_argument("--embeddings-dir", help="textual-inversion embeddings, used by file name in prompts")
+
+
+def _add_micro_conditioning_options(p: argparse.ArgumentParser) -> None:
+    """SDXL's micro-conditioning (pipelines/micro_conditioning.py), in diffusers' names and order."""
+    g = p.add_argument_group("SDXL micro-conditioning (default: the output size, no crop)")
+    for name in ("original-size", "target-size", "negative-original-size", "negative-target-size"):
+        g.add_argument(f"--{name}", metavar="HEIGHT,WIDTH")
+    for name in ("crops-coords-top-left", "negative-crops-coords-top-left"):
+        g.add_argument(f"--{name}", metavar="TOP,LEFT")
+    g.add_argument("--aesthetic-score", type=float, help="the refiner's (default 6)")
+    g.add_argument("--negative-aesthetic-score", type=float, help="the refiner's (default 2.5)")
 
 
 def _add_hires_options(p: argparse.ArgumentParser) -> None:

@@ -47,6 +47,7 @@ class Conditioning:
     concat: torch.Tensor | None = None  # [B, C, h, w] extra input channels (inpainting: mask + masked latent)
     timestep_cond: torch.Tensor | None = None  # [B, D] guidance-scale embedding (LCM)
     y: torch.Tensor | None = None  # class labels / vectors
+    uncond_y: torch.Tensor | None = None  # the negative prompts' vectors, where they differ (SDXL); None: y
     # Inpainting by latent blending: (keep [B|1, 1, h, w], z_init): where keep is 0, the prediction is
     # the original latent, so the unmasked region ends exactly where it started.
     blend: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -148,7 +149,7 @@ class Denoiser:
         if guided:
             n = x.shape[0]
             x2, t2, ctx2 = torch.cat([x_in, x_in]), torch.cat([t, t]), torch.cat([cond.uncond, cond.context]).to(dtype)
-            y2 = None if cond.y is None else torch.cat([cond.y, cond.y])
+            y2 = None if cond.y is None else torch.cat([cond.y if cond.uncond_y is None else cond.uncond_y, cond.y])
             control = self.control_residuals(x2, t2, ctx2, cond, sigma, True, y2) if cond.control else None
             both = self.unet(x2, t2, ctx2, y=y2, control=control, cache=self.cache).float()
             out_uncond, out_cond = both[:n], both[n:]

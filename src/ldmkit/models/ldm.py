@@ -11,6 +11,7 @@ from torch import nn
 from ldmkit.config import from_dict, to_dict
 from ldmkit.errors import ConfigError
 from ldmkit.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldmkit.models.conditioner import Conditioner
 from ldmkit.models.text import TextEncoder, TextEncoderConfig
 from ldmkit.models.unet import UNetConfig, UNetModel
 
@@ -50,6 +51,21 @@ class ModelConfig:
     guessed: dict = field(default_factory=dict)
     # The words of its training captions when they are a closed world (data/vocabulary.py); () if open.
     vocabulary: tuple[str, ...] = ()
+    # SDXL: a second text tower read beside the first (models/conditioner.py); the model is then laid
+    # out as the original's `conditioner.embedders.N`, as it is too when `text` alone pools (refiner).
+    text_2: TextEncoderConfig | None = None
+    # An empty negative prompt is zeros, not the encoded "" (diffusers' force_zeros_for_empty_prompt,
+    # the web UI's rule for SDXL).
+    zero_empty_negative: bool = False
+
+    @property
+    def conditioner(self) -> bool:
+        """Whether the text towers are SDXL's conditioner (pooled vector and micro-conditioning)."""
+        return self.text_2 is not None or self.text.pooled
+
+    @property
+    def text_configs(self) -> list[TextEncoderConfig]:
+        return [self.text] if self.text_2 is None else [self.text, self.text_2]
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -81,7 +97,10 @@ class LatentDiffusion(nn.Module):
         with torch.device("meta") if empty else contextlib.nullcontext():
             self.model = _DiffusionWrapper(UNetModel(config.unet).to(dtype))
             self.first_stage_model = AutoencoderKL(config.vae).to(dtype)
-        self.cond_stage_model = TextEncoder(config.text)
+        if config.conditioner:
+            self.conditioner = Conditioner(config.text_configs)
+        else:
+            self.cond_stage_model = TextEncoder(config.text)
         # The training schedule stored in the file (SD files carry `alphas_cumprod`), if any.
         self.alphas_cumprod: torch.Tensor | None = None
 
@@ -100,7 +119,10 @@ class LatentDiffusion(nn.Module):
         model.config = config
         model.model = _DiffusionWrapper(unet)
         model.first_stage_model = vae
-        model.cond_stage_model = text_encoder
+        if config.conditioner:
+            model.conditioner = text_encoder
+        else:
+            model.cond_stage_model = text_encoder
         model.alphas_cumprod = alphas_cumprod
         return model
 
@@ -113,8 +135,8 @@ class LatentDiffusion(nn.Module):
         return self.first_stage_model
 
     @property
-    def text_encoder(self) -> TextEncoder:
-        return self.cond_stage_model
+    def text_encoder(self) -> TextEncoder | Conditioner:
+        return self.conditioner if self.config.conditioner else self.cond_stage_model
 
     def use_measured_memory_format(self) -> "LatentDiffusion":
         """Per-network memory layout chosen by measurement (benchmarks/memory_format.py --precision

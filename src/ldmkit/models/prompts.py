@@ -16,6 +16,7 @@ import logging
 import re
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import torch
 
@@ -131,6 +132,13 @@ def check_prompt_mode(mode: str) -> None:
         raise ConfigError(f"prompt mode {mode!r}; allowed: {', '.join(PROMPT_MODES)}")
 
 
+class PromptStates(NamedTuple):
+    context: torch.Tensor  # [B, 77*k, D]
+    uncond: torch.Tensor | None  # the negative prompts', or None
+    pooled: torch.Tensor | None = None  # [B, P] (SDXL's towers): the first chunk's, as the web UI
+    uncond_pooled: torch.Tensor | None = None
+
+
 def encode_prompts(
     text_encoder,
     prompts: list[str],
@@ -139,14 +147,16 @@ def encode_prompts(
     embeddings=None,
     clip_skip: int | None = None,
     max_chunks: int | None = None,
-):
-    """(context, uncond) [B, 77*k, D] for the prompts and (if given) their negative prompts, both
-    padded to the same number of chunks k. `embeddings` (ldmkit.models.embeddings.Embeddings): textual
-    inversion names in the prompts become their vectors (web UI mode). `clip_skip`: the layer read
-    (None: the model's own). `max_chunks`: prompts of more 75-token chunks are refused before any is
-    encoded (each chunk lengthens every cross-attention of every step)."""
+) -> PromptStates:
+    """Prompt states for the prompts and (if given) their negative prompts, both padded to the same
+    number of chunks k. `embeddings` (ldmkit.models.embeddings.Embeddings): textual inversion names in
+    the prompts become their vectors (web UI mode). `clip_skip`: the layer read (None: the model's
+    own). `max_chunks`: prompts of more 75-token chunks are refused before any is encoded (each chunk
+    lengthens every cross-attention of every step). A text encoder that pools (SDXL's conditioner)
+    also gives the pooled vectors."""
     check_prompt_mode(mode)
     device = next(text_encoder.parameters()).device
+    pools = hasattr(text_encoder, "encode_texts")  # SDXL's conditioner
     encode_ids = text_encoder.encode_ids if clip_skip is None else partial(text_encoder.encode_ids, clip_skip=clip_skip)
     if mode == "truncate":
         used = [n for t in prompts + (negatives or []) for n in (embeddings.used_in(t) if embeddings else [])]
@@ -154,11 +164,21 @@ def encode_prompts(
             raise ConfigError(f"embedding {used[0]!r} in a prompt: textual inversion works in the webui prompt mode")
 
         def plain(texts):
+            if pools:
+                return text_encoder.encode_texts(texts, clip_skip)
             t = text_encoder.tokenizer(texts)
-            return encode_ids(t["input_ids"].to(device), t["attention_mask"].to(device))
+            return encode_ids(t["input_ids"].to(device), t["attention_mask"].to(device)), None
 
-        return plain(prompts), (plain(negatives) if negatives is not None else None)
+        (context, pooled), (uncond, uncond_pooled) = (
+            plain(prompts),
+            (plain(negatives) if negatives is not None else (None, None)),
+        )
+        return PromptStates(context, uncond, pooled, uncond_pooled)
 
+    if pools:
+        encode = partial(text_encoder.encode_with_pooled, clip_skip=clip_skip)
+    else:
+        encode = lambda ids, mask: (encode_ids(ids, mask), None)  # noqa: E731
     tok = text_encoder.tokenizer
     size = tok.max_length - 2
     bos, eos, pad = tok.special_ids
@@ -175,7 +195,7 @@ def encode_prompts(
         raise ConfigError(
             f"prompt: {k} chunks of {size} tokens (BREAK starts a new one); allowed: at most {max_chunks}"
         )
-    encoded = []
+    encoded, pooled = [], []
     for chunks in everything:
         per_chunk = []
         for j in range(k):
@@ -184,18 +204,30 @@ def encode_prompts(
             ids = torch.tensor([[bos] + toks + [eos] + [pad] * (size - len(toks))], device=device)
             mask = torch.tensor([[1] * (len(toks) + 2) + [0] * (size - len(toks))], device=device)
             w = torch.tensor([1.0] + ws + [1.0] * (size + 1 - len(ws)), device=device)
-            z = encode_ids(ids, mask)[0]
-            per_chunk.append((z, w))
-        z = torch.cat([c[0] for c in per_chunk])
-        w = torch.cat([c[1] for c in per_chunk])
-        if bool((w != 1).any()):
-            mean = z.mean()
-            z = z * w[:, None]
-            # The web UI's rule restores the mean; it is undefined when the mean is ~0 (a text tower
-            # whose final norm has no bias, e.g. random weights): then the weights stand alone.
-            if z.mean().abs() > 1e-4 * z.abs().mean():
-                z = z * (mean / z.mean())
-        encoded.append(z)
-    context = torch.stack(encoded[: len(prompts)])
-    uncond = torch.stack(encoded[len(prompts) :]) if negatives is not None else None
-    return context, uncond
+            z, p = encode(ids, mask)
+            if j == 0:
+                pooled.append(p)
+            per_chunk.append((z[0], w))
+        encoded.append(_weighted(per_chunk))
+    n = len(prompts)
+    context = torch.stack(encoded[:n])
+    uncond = torch.stack(encoded[n:]) if negatives is not None else None
+    if not pools:
+        return PromptStates(context, uncond)
+    return PromptStates(
+        context, uncond, torch.cat(pooled[:n]), torch.cat(pooled[n:]) if negatives is not None else None
+    )
+
+
+def _weighted(per_chunk: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The chunks' states joined, each token's multiplied by its weight, the mean restored."""
+    z = torch.cat([c[0] for c in per_chunk])
+    w = torch.cat([c[1] for c in per_chunk])
+    if bool((w != 1).any()):
+        mean = z.mean()
+        z = z * w[:, None]
+        # The web UI's rule restores the mean; it is undefined when the mean is ~0 (a text tower
+        # whose final norm has no bias, e.g. random weights): then the weights stand alone.
+        if z.mean().abs() > 1e-4 * z.abs().mean():
+            z = z * (mean / z.mean())
+    return z

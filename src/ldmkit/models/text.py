@@ -52,6 +52,12 @@ class TextEncoderConfig:
     bos_token_id: int = 49406
     eos_token_id: int = 49407
     pad_token_id: int = 1
+    # A layer before the last is passed through the final layer norm (SD 1.x clip skip, SD 2.x) or
+    # read as it is (SDXL's towers: the original code's "penultimate" / "hidden" outputs, unnormed).
+    final_norm: bool = True
+    # The tower also gives a pooled vector: the final-normed state at the end-of-text token through
+    # `text_projection` (SDXL's OpenCLIP-bigG, fed to the UNet's addition embedding).
+    pooled: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -118,8 +124,9 @@ class TextEncoder(nn.Module):
             self.transformer = nn.Module()
             self.transformer.text_model = CLIPTextModel(hf)
             if c.kind == "openclip":
-                # Unused by SD 2.x, kept so that a converted file loses nothing.
-                self.text_projection = nn.Parameter(torch.zeros(c.hidden_size, c.hidden_size))
+                # OpenCLIP's orientation (x @ P). SD 2.x never reads it (kept so that a converted file
+                # loses nothing); SDXL's pooled vector is made with it.
+                self.text_projection = nn.Parameter(torch.zeros(c.hidden_size, c.projection_dim or c.hidden_size))
                 self.logit_scale = nn.Parameter(torch.zeros(()))
         self.eval()
         self._tokenizer = None
@@ -166,13 +173,26 @@ class TextEncoder(nn.Module):
         c = self.config
         if c.kind == "bert":
             return self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.encode_with_pooled(input_ids, clip_skip)[0]
+
+    def encode_with_pooled(
+        self, input_ids: torch.Tensor, clip_skip: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden states [B, T, D] of the layer read, pooled [B, P] or None) of a CLIP tower. The
+        pooled vector is the last layer's, whatever the clip skip (as diffusers and the original)."""
+        c = self.config
         # CLIP attends over padding too (causal mask only): SD was trained that way.
         clip = self.transformer.text_model
         layer = self.layer(clip_skip)
         out = clip(input_ids=input_ids, output_hidden_states=layer != c.num_layers)
+        pooled = None
+        if c.pooled:
+            # transformers' pooler_output: the final-normed state at the (first) end-of-text token
+            pooled = out.pooler_output @ self.text_projection.to(out.pooler_output.dtype)
         if layer == c.num_layers:
-            return out.last_hidden_state
-        return clip.final_layer_norm(out.hidden_states[layer])
+            return out.last_hidden_state, pooled
+        hidden = out.hidden_states[layer]
+        return (clip.final_layer_norm(hidden) if c.final_norm else hidden), pooled
 
     @property
     def hf_model(self) -> nn.Module:

@@ -111,6 +111,9 @@ class ClipTokenizer:
         )
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
+    def same_vocabulary(self, other: "ClipTokenizer") -> bool:
+        return self.hf.get_vocab() == other.hf.get_vocab()
+
     def save(self, folder: Path) -> None:
         """Write a diffusers/transformers tokenizer folder (vocab.json, merges.txt, config)."""
         self.hf.save_pretrained(str(folder))

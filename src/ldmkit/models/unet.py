@@ -48,6 +48,9 @@ class UNetConfig:
     # takes a vector of `adm_in_channels` through an MLP (the original code's `label_emb`).
     num_classes: int | str | None = None
     adm_in_channels: int | None = None
+    # SDXL's addition embedding ("text_time"): the "sequential" vector is the pooled text embedding
+    # followed by the micro-conditioning numbers, each embedded in this many channels (256).
+    addition_time_embed_dim: int | None = None
     # Guidance-scale embedding of consistency-distilled models (diffusers' `time_cond_proj_dim`).
     time_cond_proj_dim: int | None = None
     dropout: float = 0.0
@@ -92,6 +95,8 @@ class UNetConfig:
                 raise ConfigError(f"UNetConfig.{name}: {getattr(self, name)}; allowed: an odd kernel size")
         if self.num_classes == "sequential" and not self.adm_in_channels:
             raise ConfigError("UNetConfig: num_classes='sequential' needs adm_in_channels")
+        if self.addition_time_embed_dim and self.num_classes != "sequential":
+            raise ConfigError("UNetConfig: addition_time_embed_dim needs num_classes='sequential'")
         if self.num_classes is not None and not isinstance(self.num_classes, int) and self.num_classes != "sequential":
             raise ConfigError(f"UNetConfig.num_classes: {self.num_classes!r}; allowed: an int, 'sequential' or null")
 

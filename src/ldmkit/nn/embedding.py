@@ -31,3 +31,12 @@ def guidance_scale_embedding(guidance_scale: torch.Tensor, dim: int) -> torch.Te
     if dim % 2:
         emb = torch.nn.functional.pad(emb, (0, 1))
     return emb
+
+
+def size_embedding(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """SDXL's micro-conditioning (Podell et al. 2023, sec. 2.2): each number (original size, crop
+    corner, target size or aesthetic score) [B, n] embedded by the timestep embedding into `dim`
+    channels, concatenated to [B, n * dim] (the original's ConcatTimestepEmbedderND, diffusers'
+    add_time_proj)."""
+    b, n = values.shape
+    return timestep_embedding(values.reshape(-1), dim).reshape(b, n * dim)

@@ -39,6 +39,7 @@ from ldmkit.nn.embedding import guidance_scale_embedding
 from ldmkit.pipelines import hires
 from ldmkit.pipelines.codec import LatentCodec
 from ldmkit.pipelines.hires import second_pass_steps
+from ldmkit.pipelines.micro_conditioning import added_vectors
 from ldmkit.pipelines.params import CALL_DEFAULTS, LCM_DEFAULTS, GenerationParams, RunFacts, to_infotext
 from ldmkit.pipelines.upscalers import ModelUpscaler, UpscalerCache
 
@@ -228,7 +229,7 @@ class Pipeline:
         embedded_guidance = bool(c.unet.time_cond_proj_dim)
         use_uncond = p.cfg != 1.0 and not embedded_guidance
         negative = parse_lora_tags(p.negative_prompt)[0]
-        context, uncond = encode_prompts(
+        states = encode_prompts(
             m.text_encoder,
             [parse_lora_tags(x)[0] for x in p.prompts],
             [negative] * p.batch if use_uncond else None,
@@ -237,7 +238,13 @@ class Pipeline:
             clip_skip=p.clip_skip,
             max_chunks=self.max_prompt_chunks,
         )
-        cond = Conditioning(context, uncond, cfg_scale=p.cfg, guidance_rescale=p.guidance_rescale)
+        if use_uncond and c.zero_empty_negative and not negative.strip():
+            states = states._replace(uncond=torch.zeros_like(states.context))
+            if states.pooled is not None:
+                states = states._replace(uncond_pooled=torch.zeros_like(states.pooled))
+        cond = Conditioning(states.context, states.uncond, cfg_scale=p.cfg, guidance_rescale=p.guidance_rescale)
+        if c.unet.addition_time_embed_dim:
+            cond.y, cond.uncond_y = added_vectors(c.unet, states.pooled, states.uncond_pooled, p)
         if embedded_guidance:
             w = torch.full((p.batch,), float(p.cfg))
             cond.timestep_cond = guidance_scale_embedding(w, c.unet.time_cond_proj_dim).to(device)

@@ -22,6 +22,12 @@ from ldmkit.models.text import check_clip_skip
 from ldmkit.models.unet import FeatureCache
 from ldmkit.pipelines.hires import Target, check_upscaler
 from ldmkit.pipelines.hires import target as hires_target
+from ldmkit.pipelines.micro_conditioning import (
+    AESTHETIC_SCORE,
+    NEGATIVE_AESTHETIC_SCORE,
+    PAIRS,
+    check_micro_conditioning,
+)
 
 MAX_SIDE = 4096
 MAX_BATCH = 64
@@ -66,6 +72,17 @@ class GenerationParams:
     hires_sampler: str | None = None  # None: the first pass's
     hires_prompt: str = ""  # "": the first pass's prompt (the web UI's hr_prompt)
     hires_negative_prompt: str = ""  # "": the first pass's negative prompt
+    # SDXL's micro-conditioning (pipelines/micro_conditioning.py), in diffusers' names and order: sizes
+    # (height, width), the crop (top, left); None: the output size, and for the negative ones the
+    # positive one's. The aesthetic scores are the refiner's.
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] | None = None
+    negative_target_size: tuple[int, int] | None = None
+    aesthetic_score: float = AESTHETIC_SCORE
+    negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE
 
     def __post_init__(self):
         set_ = object.__setattr__.__get__(self)  # normalising a frozen instance, once, here
@@ -106,6 +123,12 @@ class GenerationParams:
         check_prompt_mode(self.prompt_mode)
         FeatureCache(self.feature_cache)  # refuses a bad interval
         self._check_hires()
+        for name in MICRO_PAIRS:
+            set_(name, _pair(name, getattr(self, name)))
+        for name in ("aesthetic_score", "negative_aesthetic_score"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 10:
+                raise ConfigError(f"{name}: {v!r}; allowed: 0 to 10")
         set_("loras", tuple((Path(f), float(w)) for f, w in self.loras or ()))
         set_("control", tuple(self.control or ()))
 
@@ -197,8 +220,10 @@ class GenerationParams:
             size = replace(p, width=width, height=height).hires_target(c.vae.downsample_factor)
             _check_size("hires width", size.width, multiple)
             _check_size("hires height", size.height, multiple)
+        check_micro_conditioning(c, p)
         clip_skip = c.text.clip_skip if p.clip_skip is None else p.clip_skip
-        check_clip_skip(c.text, clip_skip)
+        for text in c.text_configs:
+            check_clip_skip(text, clip_skip)
         for ci in p.control:
             ci.check()
             ci.net.check_base(c.unet)
@@ -209,6 +234,28 @@ class GenerationParams:
                 )
         seed = secrets.randbelow(2**32) if p.seed < 0 else p.seed
         return replace(p, width=width, height=height, clip_skip=clip_skip, seed=seed)
+
+
+MICRO_PAIRS = PAIRS
+
+
+def _pair(name: str, value) -> tuple[int, int] | None:
+    """Two whole numbers from a pair, a list or text ("1024,768", "(1024, 768)"); None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = value.strip().strip("()").split(",")
+    try:
+        a, b = (int(str(v).strip()) if not isinstance(v, int) or isinstance(v, bool) else v for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: {value!r}; allowed: two whole numbers, e.g. 1024,1024") from None
+    if not (0 <= a <= 4 * MAX_SIDE and 0 <= b <= 4 * MAX_SIDE):
+        raise ConfigError(f"{name}: {(a, b)}; allowed: two whole numbers from 0 to {4 * MAX_SIDE}")
+    return a, b
+
+
+def _read_pair(text: str) -> tuple[int, int]:
+    return _pair("a size or crop", text)
 
 
 def _is_int(value) -> bool:
@@ -240,6 +287,14 @@ INFOTEXT_FIELDS = (
     ("Hires upscaler", "hires_upscaler", str),
     ("Hires prompt", "hires_prompt", str),
     ("Hires negative prompt", "hires_negative_prompt", str),
+    ("Original size", "original_size", _read_pair),
+    ("Crop top-left", "crops_coords_top_left", _read_pair),
+    ("Target size", "target_size", _read_pair),
+    ("Negative original size", "negative_original_size", _read_pair),
+    ("Negative crop top-left", "negative_crops_coords_top_left", _read_pair),
+    ("Negative target size", "negative_target_size", _read_pair),
+    ("Aesthetic score", "aesthetic_score", float),
+    ("Negative aesthetic score", "negative_aesthetic_score", float),
 )
 # Parameters an infotext does not carry: the images and files a run was given (ControlNets and
 # LoRAs are recorded by name and hash, for people, not read back).
@@ -281,6 +336,7 @@ def to_infotext(p: GenerationParams, index: int, run: RunFacts, version: str) ->
         "Precision": run.precision if run.precision != "fp32" else None,
         "Feature cache": p.feature_cache if p.feature_cache > 1 else None,
         **hires_fields(p, index),
+        **micro_fields(p),
         "Lora hashes": run.lora_hashes or None,
         **{
             f"ControlNet {i}": (
@@ -313,6 +369,18 @@ def hires_fields(p: GenerationParams, index: int) -> dict:
         if p.hires_negative_prompt not in ("", p.negative_prompt)
         else None,
     }
+
+
+def micro_fields(p: GenerationParams) -> dict:
+    """SDXL's micro-conditioning entries (ldmkit's; the web UI writes none), each only when it is not the
+    default: sizes and crops as "a, b" in diffusers' order."""
+    defaults = {f.name: f.default for f in fields(GenerationParams)}
+    out = {}
+    for entry, name, _ in INFOTEXT_FIELDS[-8:]:
+        v = getattr(p, name)
+        if v != defaults[name]:
+            out[entry] = f"{v[0]}, {v[1]}" if isinstance(v, tuple) else v
+    return out
 
 
 def from_infotext(text: str) -> tuple[dict, bool]:

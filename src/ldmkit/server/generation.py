@@ -14,7 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from ldmkit import __version__
 from ldmkit.errors import RequestError
 from ldmkit.pipelines.hires import is_builtin, model_upscaler
-from ldmkit.pipelines.params import GenerationParams
+from ldmkit.pipelines.params import MICRO_PAIRS, GenerationParams
 from ldmkit.server.webui import (
     GenerationRequest,
     Img2ImgRequest,
@@ -62,6 +62,9 @@ FROM_REQUEST = {
     "prompt_mode": ("prompt_mode", str),
     "timestep_spacing": ("timestep_spacing", str),
     "feature_cache": ("feature_cache", int),
+    **{name: (name, tuple) for name in MICRO_PAIRS},
+    "aesthetic_score": ("aesthetic_score", float),
+    "negative_aesthetic_score": ("negative_aesthetic_score", float),
 }
 # The hires fix's fields, read when the request's enable_hr is true (txt2img only)
 HIRES_FROM_REQUEST = {

@@ -67,6 +67,15 @@ class GenerationRequest(BaseModel):
     prompt_mode: str | None = None
     timestep_spacing: str | None = None
     feature_cache: int | None = None
+    # SDXL's micro-conditioning, as diffusers names it: sizes [height, width], crops [top, left]
+    original_size: list[int] | None = None
+    crops_coords_top_left: list[int] | None = None
+    target_size: list[int] | None = None
+    negative_original_size: list[int] | None = None
+    negative_crops_coords_top_left: list[int] | None = None
+    negative_target_size: list[int] | None = None
+    aesthetic_score: float | None = None
+    negative_aesthetic_score: float | None = None
 
 
 class Txt2ImgRequest(GenerationRequest):
