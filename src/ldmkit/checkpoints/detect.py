@@ -3,7 +3,8 @@
 Family rules first (a small table: which keys betray which model), then the architecture read off
 the tensors: context size, channel widths, block counts, linear vs conv projections, in-channels.
 What weights cannot tell (attention heads, v vs eps for SD 2, the latent scale) comes from the
-family's rules and is listed in `config.guessed` so that `inspect` can say so."""
+family's rules and is listed in `config.guessed` so that `inspect` can say so. SDXL's original layout
+(its text towers as `conditioner.embedders.N`) is mapped in sgm.py."""
 
 import json
 import re
@@ -11,8 +12,9 @@ from dataclasses import replace
 
 import torch
 
+from ldmkit.checkpoints import keymaps, sgm
 from ldmkit.checkpoints.components import strip_prefix
-from ldmkit.checkpoints.families import FAMILIES, sd_family, unsupported_family
+from ldmkit.checkpoints.families import FAMILIES, Family, sd_family, unsupported_family
 from ldmkit.errors import CheckpointError, UnsupportedModelError
 from ldmkit.models.autoencoder import AutoencoderConfig
 from ldmkit.models.ldm import ModelConfig, ScheduleConfig
@@ -29,18 +31,22 @@ VAE_FILE_PREFIXES = ("encoder.down.", "encoder.down_blocks.", "first_stage_model
 
 # Keys that are not weights of the networks we build, dropped before strict loading:
 # EMA copies (the live weights are what SD ships for inference), the DDPM schedule buffers
-# (alphas_cumprod is kept aside as the training schedule), VAE training losses, position ids.
+# (alphas_cumprod is kept aside as the training schedule; SDXL files may carry its sigmas, the
+# standard schedule's), VAE training losses, position ids.
 NOT_WEIGHTS = re.compile(
     r"^(model_ema\.|loss\.|lvlb_weights$|logvar$|betas$|alphas_cumprod$|alphas_cumprod_prev$|sqrt_alphas_cumprod$"
-    r"|sqrt_one_minus_alphas_cumprod$|log_one_minus_alphas_cumprod$|sqrt_recip_alphas_cumprod$"
+    r"|denoiser\.sigmas$|sqrt_one_minus_alphas_cumprod$|log_one_minus_alphas_cumprod$|sqrt_recip_alphas_cumprod$"
     r"|sqrt_recipm1_alphas_cumprod$|posterior_variance$|posterior_log_variance_clipped$"
     r"|posterior_mean_coef1$|posterior_mean_coef2$|scale_factor$)|(^|\.)position_ids$"
 )
 
 
-def recognise_unsupported(keys) -> str | None:
-    family = unsupported_family(keys)
-    return family.title if family else None
+def unsupported_note(keys) -> tuple[str, str] | None:
+    """(family name, why it does not load) for a single file of a family ldmkit cannot read (yet)."""
+    f = unsupported_family(keys)
+    if f is None:
+        return None
+    return f.name, f"a {f.title} checkpoint; ldmkit does not support {f.title} yet"
 
 
 def _count(keys, pattern: str) -> int:
@@ -194,14 +200,13 @@ def detect(
 ) -> ModelConfig:
     """The ModelConfig of a single-file checkpoint (original layout keys)."""
     overrides = dict(overrides or {})
+    state = keymaps.clip_with_text_model_level(state)
     keys = set(state)
     config = config_from_metadata(metadata, where)
     if config is None:
-        unsupported = recognise_unsupported(keys)
+        unsupported = unsupported_note(keys)
         if unsupported:
-            raise UnsupportedModelError(
-                f"{where}: a {unsupported} checkpoint; ldmkit does not support {unsupported} yet"
-            )
+            raise UnsupportedModelError(f"{where}: {unsupported[1]}")
         if not any(k.startswith(UNET) for k in keys):
             if any(k.startswith(("control_model.", "controlnet_cond_embedding.", "input_hint_block.")) for k in keys):
                 raise CheckpointError(f"{where}: a ControlNet, not a model; pass it with --controlnet")
@@ -210,21 +215,22 @@ def detect(
             if any(k.startswith(("down_blocks.", "mid_block.")) for k in keys):
                 raise CheckpointError(f"{where}: diffusers-layout weights; pass the diffusers folder that holds them")
             raise CheckpointError(f"{where}: unknown model layout (no model.diffusion_model.* UNet weights)")
-        config = _config_from_sd_weights(state, metadata, where)
+        if sgm.is_sgm(keys):
+            config = _config_from_sgm_weights(state, where)
+        else:
+            config = _config_from_sd_weights(state, metadata, where)
     _apply_overrides(config, overrides, where)
     return config
 
 
 def _config_from_sd_weights(state, metadata, where) -> ModelConfig:
-    from ldmkit.checkpoints.keymaps import openclip_to_hf
-
     unet = unet_config_from_weights(strip_prefix(state, UNET), where)
     vae = vae_config_from_weights(strip_prefix(state, VAE), where)
-    guessed = {"vae.scale_factor": 0.18215}
+    guessed = {}
     if any(k.startswith(CLIP) for k in state):
         text = clip_config_from_weights(strip_prefix(state, "cond_stage_model.transformer."), "clip", where)
     elif any(k.startswith(OPENCLIP) for k in state):
-        text = clip_config_from_weights(openclip_to_hf(strip_prefix(state, OPENCLIP)), "openclip", where)
+        text = clip_config_from_weights(keymaps.openclip_to_hf(strip_prefix(state, OPENCLIP)), "openclip", where)
     else:
         raise CheckpointError(
             f"{where}: unknown text encoder layout (neither cond_stage_model.transformer.* "
@@ -246,6 +252,8 @@ def _config_from_sd_weights(state, metadata, where) -> ModelConfig:
         guessed["schedule.prediction_type"] = prediction
     family = sd_family(text.kind, unet.in_channels, prediction)
     unet = replace(unet, **family.unet_heads)
+    vae = replace(vae, scale_factor=family.vae_scale_factor)
+    guessed["vae.scale_factor"] = family.vae_scale_factor
     guessed.update({f"unet.{k}": v for k, v in family.unet_heads.items() if v != -1})
     if family.text_kind == "openclip":
         guessed["image_size"] = family.image_size
@@ -260,6 +268,86 @@ def _config_from_sd_weights(state, metadata, where) -> ModelConfig:
     )
 
 
+def sgm_text_configs(state: dict[str, torch.Tensor], where: str) -> list[TextEncoderConfig]:
+    """SDXL's text towers (`conditioner.embedders.N`) from their shapes. As the original reads them:
+    at the penultimate layer without the final norm, the last (bigG) also pooled through its projection."""
+    kinds = sgm.tower_kinds(state, where)
+    out = []
+    for i, kind in enumerate(kinds):
+        hf = sgm.tower_shapes(state, i, kind)
+        c = clip_config_from_weights(hf, kind, f"{where}: conditioner.embedders.{i}")
+        last = i == len(kinds) - 1
+        out.append(
+            replace(
+                c,
+                skip_last_layers=1,
+                final_norm=False,
+                pooled=last,
+                projection_dim=sgm.projection_dim(hf, where, i) if last else None,
+                max_length=min(77, c.max_position_embeddings),
+            )
+        )
+    return out
+
+
+def _config_from_sgm_weights(state, where) -> ModelConfig:
+    """SDXL base, inpainting or refiner in the original layout: the towers tell the family; the UNet's
+    context is their widths together, its addition embedding the pooled vector and the family's
+    micro-conditioning numbers (so each number's embedding width comes from the weights too)."""
+    towers = sgm_text_configs(state, where)
+    unet = unet_config_from_weights(strip_prefix(state, UNET), where)
+    vae = vae_config_from_weights(strip_prefix(state, VAE), where)
+    widths = [t.hidden_size for t in towers]
+    if unet.context_dim != sum(widths):
+        raise CheckpointError(
+            f"{where}: UNet cross-attention expects context {unet.context_dim} but the text towers give "
+            f"{' + '.join(map(str, widths))}"
+        )
+    if len(towers) > 2:
+        raise CheckpointError(f"{where}: {len(towers)} text towers; SDXL has 2 (base) or 1 (refiner)")
+    text, text_2 = towers[0], (towers[1] if len(towers) == 2 else None)
+    family = sd_family(text.kind, unet.in_channels, None, text_2, pooled=True)
+    unet = replace(unet, addition_time_embed_dim=_micro_width(unet, towers[-1].projection_dim, family, where))
+    unet = replace(unet, **family.unet_heads)
+    guessed = {f"unet.{k}": v for k, v in family.unet_heads.items() if v != -1}
+    for name, t in zip(("text", "text_2"), towers):
+        guessed.update({f"{name}.num_heads": t.num_heads, f"{name}.hidden_act": t.hidden_act})
+    guessed.update(
+        {
+            "vae.scale_factor": family.vae_scale_factor,
+            "image_size": family.image_size,
+            "zero_empty_negative": family.zero_empty_negative,
+        }
+    )
+    return ModelConfig(
+        family=family.name,
+        unet=unet,
+        vae=replace(vae, scale_factor=family.vae_scale_factor),
+        text=text,
+        text_2=text_2,
+        image_size=family.image_size,
+        schedule=ScheduleConfig(prediction_type=family.prediction),
+        guessed=guessed,
+        zero_empty_negative=family.zero_empty_negative,
+    )
+
+
+def _micro_width(unet: UNetConfig, pooled: int, family: Family, where: str) -> int:
+    """Each micro-conditioning number's embedding width (SDXL: 256): the UNet's addition embedding
+    takes the pooled vector and the family's count of numbers."""
+    if unet.adm_in_channels is None:
+        raise CheckpointError(
+            f"{where}: an SDXL-layout file whose UNet has no addition embedding (label_emb.0.0) for the pooled vector"
+        )
+    width, rest = divmod(unet.adm_in_channels - pooled, family.micro_conditions)
+    if rest or width < 1:
+        raise CheckpointError(
+            f"{where}: the UNet's addition embedding takes {unet.adm_in_channels} values, which a pooled vector of "
+            f"{pooled} and {family.micro_conditions} micro-conditioning numbers ({family.title}) cannot make"
+        )
+    return width
+
+
 OVERRIDABLE = {"prediction_type", "num_heads", "num_head_channels", "clip_skip", "scale_factor"}
 
 
@@ -272,7 +360,9 @@ def _apply_overrides(config: ModelConfig, overrides: dict, where: str) -> None:
         config.guessed.pop("schedule.prediction_type", None)
         family = FAMILIES.get(config.family)
         if family is not None and family.prediction is not None and family.text_kind in ("clip", "openclip"):
-            config.family = sd_family(family.text_kind, config.unet.in_channels, overrides["prediction_type"]).name
+            config.family = sd_family(
+                family.text_kind, config.unet.in_channels, overrides["prediction_type"], config.text_2, family.pooled
+            ).name
     if overrides.get("num_heads") is not None:
         config.unet.num_heads, config.unet.num_head_channels = int(overrides["num_heads"]), -1
         config.guessed.pop("unet.num_heads", None)
@@ -283,6 +373,8 @@ def _apply_overrides(config: ModelConfig, overrides: dict, where: str) -> None:
         config.guessed.pop("unet.num_head_channels", None)
     if overrides.get("clip_skip") is not None:
         config.text = replace(config.text, clip_skip=int(overrides["clip_skip"]))
+        if config.text_2 is not None:  # SDXL: both towers read one layer earlier per step, as the web UI does
+            config.text_2 = replace(config.text_2, clip_skip=int(overrides["clip_skip"]))
     if overrides.get("scale_factor") is not None:
         config.vae.scale_factor = float(overrides["scale_factor"])
         config.guessed.pop("vae.scale_factor", None)

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from ldmkit.checkpoints.components import stored_dtypes
-from ldmkit.checkpoints.detect import UNET, VAE_FILE_PREFIXES, detect, recognise_unsupported
+from ldmkit.checkpoints.detect import UNET, VAE_FILE_PREFIXES, detect, unsupported_note
 from ldmkit.checkpoints.files import DIFFUSERS, read_tensors, safetensors_dtypes, sniff
 from ldmkit.checkpoints.single_file import build, load_model, load_vae_file, replace_vae
 from ldmkit.models.ldm import LatentDiffusion
@@ -15,7 +15,7 @@ def _params(module) -> int:
 
 def describe(model: LatentDiffusion) -> dict:
     c = model.config
-    return {
+    info = {
         "family": c.family,
         "supported": True,
         "parameters": model.parameter_counts(),
@@ -35,6 +35,9 @@ def describe(model: LatentDiffusion) -> dict:
         "stored_alphas_cumprod": model.alphas_cumprod is not None,
         "guessed": c.guessed,
     }
+    if c.text_2 is not None:  # SDXL's second tower (OpenCLIP-bigG)
+        info["text_encoder_2"] = {"kind": c.text_2.kind, "layers": c.text_2.num_layers, "clip_skip": c.text_2.clip_skip}
+    return info
 
 
 def inspect_path(path: str | Path, vae: str | Path | None = None, overrides: dict | None = None) -> dict:
@@ -58,15 +61,9 @@ def inspect_path(path: str | Path, vae: str | Path | None = None, overrides: dic
         return info
     state, metadata = read_tensors(path)
     info["dtype"] = stored_dtypes(state)
-    unsupported = recognise_unsupported(set(state))
+    unsupported = unsupported_note(set(state))
     if unsupported and "ldmkit" not in metadata:
-        info.update(
-            {
-                "family": unsupported.lower(),
-                "supported": False,
-                "note": f"a {unsupported} checkpoint; ldmkit does not support {unsupported} yet",
-            }
-        )
+        info.update({"family": unsupported[0], "supported": False, "note": unsupported[1]})
         return info
     if not any(k.startswith(UNET) for k in state) and any(k.startswith(VAE_FILE_PREFIXES) for k in state):
         vae_model = load_vae_file(path)

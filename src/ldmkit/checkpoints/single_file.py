@@ -1,7 +1,8 @@
 """The original single-file layout (`.safetensors` / `.ckpt`): read it into our model, write ours as it.
 
 Our own files are the same layout plus the model config as JSON in the safetensors header, so a
-file written by ldmkit loads in tools that read SD files, and ldmkit needs no guessing to read it."""
+file written by ldmkit loads in tools that read SD files, and ldmkit needs no guessing to read it.
+SDXL's text towers have their own names there (`conditioner.embedders.N`, sgm.py)."""
 
 import json
 from collections.abc import Callable
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ldmkit.checkpoints import keymaps
+from ldmkit.checkpoints import keymaps, sgm
 from ldmkit.checkpoints.components import strict_load, strip_prefix
 from ldmkit.checkpoints.detect import METADATA_KEY, NOT_WEIGHTS, OPENCLIP, UNET, VAE, detect, vae_config_from_weights
 from ldmkit.checkpoints.files import DIFFUSERS, SAFETENSORS, read_tensors, sniff, write_safetensors
@@ -20,7 +21,8 @@ from ldmkit.models.text import TextEncoder, package_folder
 from ldmkit.models.tokenizers import ClipTokenizer
 
 TEXT = "cond_stage_model."
-TOKENIZER_KEY = "ldmkit_tokenizer"
+CONDITIONER = "conditioner."
+TOKENIZER_KEY = "ldmkit_tokenizer"  # SDXL's second tower's: ldmkit_tokenizer_2
 
 
 def text_state_from_file(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
@@ -57,21 +59,29 @@ def build(
     """A LatentDiffusion with every component strictly loaded from original-layout `state`, its UNet
     and autoencoder in `dtype`."""
     alphas_cumprod = state.get("alphas_cumprod")
-    state = {k: v for k, v in state.items() if not NOT_WEIGHTS.search(k)}
+    state = {k: v for k, v in keymaps.clip_with_text_model_level(state).items() if not NOT_WEIGHTS.search(k)}
     model = LatentDiffusion(config, empty=True, dtype=dtype)
     unet = strip_prefix(state, UNET)
     vae = keymaps.vae_linear_attention_to_conv(strip_prefix(state, VAE))
-    text = text_state_from_file(state, config.text.kind)
-    known = (UNET, VAE, TEXT)
+    known = (UNET, VAE, sgm.EMBEDDERS if config.conditioner else TEXT)
     stray = [k for k in state if not k.startswith(known)]
     if stray:
         raise CheckpointError(f"{where}: unexpected tensor(s) outside the model: {', '.join(sorted(stray)[:3])}")
     strict_load(model.unet, unet, "UNet", where)
     strict_load(model.vae, vae, "autoencoder", where)
+    if config.conditioner:
+        towers = sgm.state_from_file(state, sgm.tower_kinds(state, where))
+        strict_load(model.conditioner, towers, "text towers", where)
+        return _with_schedule(model, alphas_cumprod, config, where)
+    text = text_state_from_file(state, config.text.kind)
     if config.text.package and not text:
         load_package_text_encoder(model.text_encoder)
     else:
         strict_load(model.text_encoder, text, "text encoder", where)
+    return _with_schedule(model, alphas_cumprod, config, where)
+
+
+def _with_schedule(model: LatentDiffusion, alphas_cumprod, config: ModelConfig, where: str) -> LatentDiffusion:
     if alphas_cumprod is not None:
         if alphas_cumprod.shape != (config.schedule.num_train_timesteps,):
             raise CheckpointError(
@@ -82,6 +92,14 @@ def build(
     return model.eval()
 
 
+def _towers(model: LatentDiffusion) -> list[TextEncoder]:
+    return list(model.conditioner.embedders) if model.config.conditioner else [model.text_encoder]
+
+
+def _tokenizer_key(index: int) -> str:
+    return TOKENIZER_KEY if index == 0 else f"{TOKENIZER_KEY}_{index + 1}"
+
+
 DtypeRule = Callable[[ModelConfig], torch.dtype]
 
 
@@ -89,17 +107,16 @@ def load_single_file(path: str | Path, overrides: dict | None = None, dtype_rule
     """dtype_rule: the UNet's and autoencoder's dtype for the detected config (default fp32). Not fp32
     and a safetensors file: their tensors are converted as they are read (files.read_tensors)."""
     state, metadata = read_tensors(path)  # mapped, not read: detection needs only names and shapes
-    state = keymaps.clip_with_text_model_level(state)
     config = detect(state, metadata, str(path), overrides)
     dtype = dtype_rule(config) if dtype_rule else torch.float32
     if dtype != torch.float32 and sniff(path) == SAFETENSORS:
         del state
         state, _ = read_tensors(path, lambda k: dtype if k.startswith((UNET, VAE)) else None)
-        state = keymaps.clip_with_text_model_level(state)
     model = build(config, state, str(path), dtype)
-    if TOKENIZER_KEY in metadata:
-        tokenizer = ClipTokenizer.from_header(metadata[TOKENIZER_KEY], config.text.max_length, str(path))
-        model.text_encoder.use_tokenizer(tokenizer, str(path))
+    for i, tower in enumerate(_towers(model)):
+        if _tokenizer_key(i) in metadata:
+            tokenizer = ClipTokenizer.from_header(metadata[_tokenizer_key(i)], tower.config.max_length, str(path))
+            tower.use_tokenizer(tokenizer, str(path))
     return model
 
 
@@ -175,8 +192,12 @@ def model_state(model: LatentDiffusion, dtype: torch.dtype | None = None) -> dic
     """Our model's tensors in the original single-file layout."""
     own = model.state_dict()
     text = {k[len(TEXT) :]: v for k, v in own.items() if k.startswith(TEXT)}
-    state = {k: v for k, v in own.items() if not k.startswith(TEXT) and not NOT_WEIGHTS.search(k)}
-    if not model.config.text.package:
+    state = {k: v for k, v in own.items() if not k.startswith((TEXT, CONDITIONER)) and not NOT_WEIGHTS.search(k)}
+    if model.config.conditioner:
+        towers = {k[len(CONDITIONER) :]: v for k, v in own.items() if k.startswith(CONDITIONER)}
+        towers = {k: v for k, v in towers.items() if not NOT_WEIGHTS.search(k)}
+        state.update(sgm.state_to_file(towers, [c.kind for c in model.config.text_configs]))
+    elif not model.config.text.package:
         text = {k: v for k, v in text.items() if not NOT_WEIGHTS.search(k)}
         tc = model.config.text
         if tc.kind == "openclip" and tc.skip_last_layers == 0:
@@ -197,13 +218,14 @@ def model_state(model: LatentDiffusion, dtype: torch.dtype | None = None) -> dic
 def save_single_file(model: LatentDiffusion, path: str | Path, dtype: torch.dtype | None = None) -> None:
     config = model.config.to_dict()
     tc = model.config.text
-    if tc.kind == "openclip" and tc.skip_last_layers == 0 and not tc.package:
+    if tc.kind == "openclip" and tc.skip_last_layers == 0 and not tc.package and not model.config.conditioner:
         # model_state writes the unread last block SD 2 files have (as zeros): the header says so.
         config["text"].update(num_layers=tc.num_layers + 1, skip_last_layers=1)
     metadata = {"format": "pt", METADATA_KEY: json.dumps(config)}
-    tokenizer = model.text_encoder.tokenizer if model.config.text.kind != "bert" else None
-    if tokenizer is not None and not tokenizer.is_bundled():
-        metadata[TOKENIZER_KEY] = tokenizer.to_header()  # a folder's own vocabulary travels with the file
+    for i, tower in enumerate(_towers(model)):
+        tokenizer = tower.tokenizer if tower.config.kind != "bert" else None
+        if tokenizer is not None and not tokenizer.is_bundled():
+            metadata[_tokenizer_key(i)] = tokenizer.to_header()  # a folder's own vocabulary travels with the file
     write_safetensors(path, model_state(model, dtype), metadata)
 
 
