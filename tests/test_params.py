@@ -71,6 +71,7 @@ PROBE = {
     "negative_target_size": (48, 40),
     "aesthetic_score": 7.5,
     "negative_aesthetic_score": 1.5,
+    "refiner_switch_at": 0.6,
 }
 # Values given on the command line in their own form
 CLI_TEXT = {name: f"{v[0]},{v[1]}" for name, v in PROBE.items() if name in MICRO_PAIRS}
@@ -148,6 +149,10 @@ def test_every_field_reaches_the_http_api():
     for name in (*HIRES_FROM_REQUEST, "hires_sampler"):
         assert same(name, getattr(params, name), PROBE[name]), name
     reached |= {*HIRES_FROM_REQUEST, "hires_sampler"}
+    req = Txt2ImgRequest(prompt="x", refiner_checkpoint="refiner", refiner_switch_at=PROBE["refiner_switch_at"])
+    plan = resolve(req, server)  # the web UI's refiner fields
+    assert (plan.refiner, plan.params.refiner_switch_at) == ("refiner", PROBE["refiner_switch_at"])
+    reached.add("refiner_switch_at")
     # ControlNet units (alwayson_scripts) become ControlInputs on the worker, once the model is loaded:
     # tests/test_controlnet.py sends them. LoRAs come from prompt tags only.
     assert set(PARAM_NAMES) - reached == {"control"} | set(NOT_FROM_REQUEST)
@@ -162,6 +167,7 @@ def test_every_field_reaches_the_python_api(monkeypatch):
         raise KeyboardInterrupt  # stop before any work: only the parameters are under test
 
     monkeypatch.setattr(pipe, "_use_loras", lambda p: None)
+    monkeypatch.setattr(pipe, "_split", lambda p, walk: (walk, None))  # the refiner's checks: tested apart
     monkeypatch.setattr(pipe, "_generate", capture)
     monkeypatch.setattr("ldmkit.pipelines.params.check_clip_skip", lambda config, clip_skip: None)
     monkeypatch.setattr("ldmkit.pipelines.params.check_micro_conditioning", lambda config, p: None)  # SDXL's

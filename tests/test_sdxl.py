@@ -263,3 +263,71 @@ def test_turbo_settings_equal_diffusers(tmp_path, steps):
     ).images[0]
     diff = np.abs(np.asarray(image, dtype=np.float64) - np.asarray(ref, dtype=np.float64))
     assert diff.mean() <= 1.0, f"{steps} steps: {diff.mean():.2f}/255"
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_a", "ddim", "dpmpp_2m"])
+def test_base_to_refiner_hand_off_equals_diffusers(tmp_path, sampler):
+    """The base model runs the timesteps down to the switch, the refiner the rest from its latents
+    (diffusers' denoising_end / denoising_start), each image's generator carried across."""
+    import diffusers
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from ldmkit.diffusion.registry import get_sampler
+
+    base_spec, refiner_spec = draw(2), draw(1)
+    assert not base_spec["refiner"] and refiner_spec["refiner"]
+    base = build(base_spec, tmp_path / "base", 2)
+    refiner = build(refiner_spec, tmp_path / "refiner", 1)
+    refiner.vae = base.vae  # one latent space: SDXL's base and refiner share their autoencoder
+    s = get_sampler(sampler)
+    for pipe, folder in ((base, "base"), (refiner, "refiner")):
+        pipe.scheduler = getattr(diffusers, s.diffusers_class).from_config(pipe.scheduler.config, **s.identity)
+        pipe.save_pretrained(str(tmp_path / folder))
+    side = 2 * base_spec["unet"]["sample_size"] * 2 ** (base_spec["vae_levels"] - 1)
+    side += -side % 8
+    ours = Pipeline.load(tmp_path / "base", precision="fp32")
+    ours.refiner = Pipeline.load(tmp_path / "refiner", precision="fp32")
+    kw = dict(negative_prompt="blurry", steps=10, cfg=5.0, sampler=sampler, seed=3, width=side, height=side)
+    out = ours(PROMPTS[0], **kw, prompt_mode="truncate", refiner_switch_at=0.7)
+    assert "Refiner: refiner [" in out.infotexts[0] and "Refiner switch at: 0.7" in out.infotexts[0]
+    generators = generators_for(3, 1)
+    ref_kw = dict(negative_prompt="blurry", num_inference_steps=10, guidance_scale=5.0, generator=generators)
+    latents = base(PROMPTS[0], width=side, height=side, denoising_end=0.7, output_type="latent", **ref_kw).images
+    img2img = StableDiffusionXLImg2ImgPipeline(**refiner.components, requires_aesthetics_score=True)
+    ref = img2img(PROMPTS[0], image=latents, denoising_start=0.7, **ref_kw).images[0]
+    diff = np.abs(np.asarray(out.images[0], dtype=np.float64) - np.asarray(ref, dtype=np.float64))
+    assert diff.mean() <= 1.0, f"{sampler}: {diff.mean():.2f}/255"
+
+
+def test_the_web_ui_api_serves_sdxl_with_its_refiner(tmp_path):
+    import base64
+    import io
+    import json
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from ldmkit.server.app import ServeConfig, create_app
+
+    build(draw(2), tmp_path / "models" / "xl-base", 2)
+    refiner = build(draw(1), tmp_path / "models" / "xl-refiner", 1)
+    refiner.vae = build(draw(2), tmp_path / "unused", 2).vae
+    refiner.save_pretrained(str(tmp_path / "models" / "xl-refiner"))
+    app = create_app(ServeConfig(str(tmp_path / "models" / "xl-base"), models_dir=str(tmp_path / "models")))
+    app.state.ready.result()
+    body = {"prompt": "a red circle", "steps": 6, "seed": 2, "width": 32, "height": 32, "cfg_scale": 4}
+    with TestClient(app) as client:
+        plain = client.post("/sdapi/v1/txt2img", json=body)
+        refined = client.post("/sdapi/v1/txt2img", json={**body, "refiner_checkpoint": "xl-refiner"})
+        missing = client.post("/sdapi/v1/txt2img", json={**body, "refiner_checkpoint": "nope"})
+        bad = client.post(
+            "/sdapi/v1/txt2img", json={**body, "refiner_checkpoint": "xl-refiner", "refiner_switch_at": 1.5}
+        )
+    assert plain.status_code == refined.status_code == 200, (plain.text, refined.text)
+    info = json.loads(refined.json()["info"])["infotexts"][0]
+    assert "Refiner: xl-refiner" in info and "Refiner switch at: 0.8" in info
+    assert "Refiner" not in json.loads(plain.json()["info"])["infotexts"][0]
+    images = [Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))) for r in (plain, refined)]
+    assert images[0].tobytes() != images[1].tobytes()
+    assert missing.status_code == 404 and "nope" in missing.json()["detail"]
+    assert bad.status_code == 422 and "refiner_switch_at" in bad.json()["detail"]

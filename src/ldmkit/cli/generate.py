@@ -158,6 +158,7 @@ def cmd_generate(args) -> int:
     from ldmkit.checkpoints.files import check_writable
     from ldmkit.images import image_grid, load_image, write_png
     from ldmkit.pipelines import Pipeline
+    from ldmkit.pipelines.refiner import DEFAULT_SWITCH
 
     if args.fast:
         from ldmkit.bundled import DEFAULT, FAST
@@ -171,6 +172,10 @@ def cmd_generate(args) -> int:
             )
         args.model = FAST[name]
     params = _seeded(_params(args), args.n_iter)  # every check that needs no model runs here, before one is loaded
+    if args.refiner and params.refiner_switch_at is None:
+        params = replace(params, refiner_switch_at=DEFAULT_SWITCH)
+    if params.refiner_switch_at is not None and not args.refiner:
+        raise LdmkitError("--refiner-switch-at needs --refiner MODEL")
     seeds = [params.seed + i for i in range(params.batch * args.n_iter)]
     paths = _output_paths(args.output, seeds)
     grid = _grid_path(args.output, seeds[0]) if len(seeds) > 1 and not args.no_grid else None
@@ -195,6 +200,8 @@ def cmd_generate(args) -> int:
 
     if controls:
         params = replace(params, control=_controls(args, pipe, controls, control_images))
+    if args.refiner:
+        pipe.refiner = Pipeline.load(args.refiner, precision=args.precision)
     pipe.lora_dir = args.lora_dir
     pipe.upscaler_dir, pipe.upscalers = args.upscaler_dir, upscalers
     if args.compile:

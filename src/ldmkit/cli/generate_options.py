@@ -78,11 +78,13 @@ def _add_control_options(p: argparse.ArgumentParser) -> None:
 
 def _add_micro_conditioning_options(p: argparse.ArgumentParser) -> None:
     """SDXL's micro-conditioning (pipelines/micro_conditioning.py), in diffusers' names and order."""
-    g = p.add_argument_group("SDXL micro-conditioning (default: the output size, no crop)")
+    g = p.add_argument_group("SDXL: refiner and micro-conditioning (default: the output size, no crop)")
     for name in ("original-size", "target-size", "negative-original-size", "negative-target-size"):
         g.add_argument(f"--{name}", metavar="HEIGHT,WIDTH")
     for name in ("crops-coords-top-left", "negative-crops-coords-top-left"):
         g.add_argument(f"--{name}", metavar="TOP,LEFT")
+    g.add_argument("--refiner", help="SDXL's refiner model, taking over at --refiner-switch-at")
+    g.add_argument("--refiner-switch-at", type=float, help="the fraction of the steps the base model runs (0.8)")
     g.add_argument("--aesthetic-score", type=float, help="the refiner's (default 6)")
     g.add_argument("--negative-aesthetic-score", type=float, help="the refiner's (default 2.5)")
 

@@ -60,16 +60,23 @@ def sample_latents(
     latent_shape: tuple[int, int, int],
     init_latents: torch.Tensor | None = None,
     callback: Callable | None = None,
+    noised: torch.Tensor | None = None,
     **options,
 ) -> torch.Tensor:
     """Clean latents [B, C, h, w] (variance-preserving, unscaled by the VAE factor) from walking the
     denoiser's schedule (sampling_schedule). With `init_latents` (image-to-image, the schedule cut to
-    the steps that run) noise of the first sigma is added to them. The sampler options the schedule
-    implies (clip_sample, ...) come first, `options` over them."""
+    the steps that run) noise of the first sigma is added to them. `noised`: a run handed over at the
+    first sigma (a base model's latents for a refiner), in the form sample_latents returns them there;
+    no noise is drawn for it. The sampler options the schedule implies (clip_sample, ...) come first,
+    `options` over them."""
     schedule = denoiser.walk
     options = {**schedule.options, **options}
     device = cond.context.device
     sigmas = schedule.sigmas
+    if noised is not None:
+        s0 = float(sigmas[0])
+        x = noised.to(device) if schedule.sigma_space_output else noised.to(device) * (s0**2 + 1) ** 0.5
+        return _walk(denoiser, spec, x, sigmas, cond, generators, callback, options)
     noise = per_image_noise(generators, latent_shape).to(device)
     if init_latents is None:
         # At sigma = inf (ᾱ = 0, zero terminal SNR) samplers hold the variance-preserving latent.
@@ -79,10 +86,27 @@ def sample_latents(
             return init_latents
         x = init_latents.to(device) + noise * float(sigmas[0])
 
+    return _walk(denoiser, spec, x, sigmas, cond, generators, callback, options)
+
+
+def _walk(denoiser, spec, x, sigmas, cond, generators, callback, options) -> torch.Tensor:
     def ancestral_noise(like: torch.Tensor) -> torch.Tensor:
         return per_image_noise(generators, tuple(like.shape[1:])).to(like)
 
     x = spec.fn(denoiser, x, sigmas, {"cond": cond}, callback, ancestral_noise, **options)
     # Back to the variance-preserving latent of the last sigma (≠ x when it is not 0, as DDIM's) --
     # unless the reference scheduler hands back its sigma-space latent (diffusers' Euler family).
-    return x if schedule.sigma_space_output else x / (float(sigmas[-1]) ** 2 + 1) ** 0.5
+    return x if denoiser.walk.sigma_space_output else x / (float(sigmas[-1]) ** 2 + 1) ** 0.5
+
+
+def split_walk(walk: SamplingSchedule, fraction: float, num_train_timesteps: int):
+    """(the steps a base model runs, the ones a refiner runs) of a walk, split where diffusers splits
+    `denoising_end` / `denoising_start`: the base runs the timesteps at or above
+    round(T - fraction * T), the refiner the rest, from the sigma where the base stopped."""
+    cutoff = round(num_train_timesteps - fraction * num_train_timesteps)
+    k = int((walk.timesteps >= cutoff).sum())
+    if k == 0 or k == len(walk.timesteps):
+        who = "the base model" if k == 0 else "the refiner"
+        raise ConfigError(f"refiner switch at {fraction:g} of {len(walk.timesteps)} steps leaves none for {who}")
+    base = replace(walk, sigmas=walk.sigmas[: k + 1], timesteps=walk.timesteps[:k])
+    return base, replace(walk, sigmas=walk.sigmas[k:], timesteps=walk.timesteps[k:])

@@ -25,7 +25,7 @@ from ldmkit.checkpoints.lora_files import find_lora, read_lora
 from ldmkit.data.vocabulary import unknown_words
 from ldmkit.diffusion.denoiser import Conditioning, Control, Denoiser
 from ldmkit.diffusion.registry import SAMPLERS
-from ldmkit.diffusion.sampling import generators_for, sample_latents, sampling_schedule
+from ldmkit.diffusion.sampling import generators_for, sample_latents, sampling_schedule, split_walk
 from ldmkit.diffusion.schedule import NoiseSchedule, SamplingSchedule
 from ldmkit.errors import ConfigError
 from ldmkit.images import latent_preview, mask_to_tensor, pil_to_tensor, tensor_to_pil
@@ -41,6 +41,7 @@ from ldmkit.pipelines.codec import LatentCodec
 from ldmkit.pipelines.hires import second_pass_steps
 from ldmkit.pipelines.micro_conditioning import added_vectors
 from ldmkit.pipelines.params import CALL_DEFAULTS, LCM_DEFAULTS, GenerationParams, RunFacts, to_infotext
+from ldmkit.pipelines.refiner import check_refiner, refine
 from ldmkit.pipelines.upscalers import ModelUpscaler, UpscalerCache
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class Pipeline:
         self.lora_dir: Path | None = None  # where <lora:NAME:WEIGHT> tags look
         self.upscaler_dir: Path | None = None  # where the hires fix's model upscalers are found by name
         self.upscalers = UpscalerCache()  # the last model upscaler read
+        self.refiner: Pipeline | None = None  # SDXL's refiner, for runs with refiner_switch_at
         self.loras = LoraSet(model)  # merged LoRAs; each call makes its own set the merged one
         self.embeddings = Embeddings(model.text_encoder)  # textual inversion, used by name in prompts
         self.codec = LatentCodec(model.vae, model.config.image_size)
@@ -165,6 +167,7 @@ class Pipeline:
         p = p.for_model(self.model, self.defaults, self.name)
         warnings = self._unknown_words(p)
         walk = self._walk(p)  # a spacing or scheduler config the sampler cannot follow: refused before any work
+        self._split(p, walk)  # a refiner that cannot continue, or a switch leaving a side no steps: likewise
         self._model_upscaler(p)  # a hires upscaler that is no model upscaler file: refused before any work
         self._use_loras(p)
         if p.hires_prompt or p.hires_negative_prompt:
@@ -291,7 +294,8 @@ class Pipeline:
         init_latents, pixels, pixel_mask = self._start(p, cond, generators, latent_shape, device)
         noise = NoiseSchedule.from_config(c.schedule, m.alphas_cumprod)
         cache = FeatureCache(p.feature_cache) if p.feature_cache > 1 else None
-        denoiser = Denoiser(m.unet, noise, c.schedule.prediction_type, walk, cache)
+        base_walk, rest = self._split(p, walk)
+        denoiser = Denoiser(m.unet, noise, c.schedule.prediction_type, base_walk, cache)
         second = second_pass_steps(p.hires_steps or p.steps, p.strength)[1] if p.hires else 0
         total = p.steps + second  # one progress over both passes, as the web UI counts them
 
@@ -301,52 +305,31 @@ class Pipeline:
 
         options = {"eta": p.eta} if p.sampler == "ddim" else {}
         z = sample_latents(denoiser, spec, cond, generators, latent_shape, init_latents, on_step, **options)
+        if rest is not None:  # SDXL's refiner takes over (pipelines/refiner.py)
+            k = len(base_walk.timesteps)
+            z = refine(self.refiner, p, z, rest, generators, lambda i, x, x0: on_step(k + i, x, x0))
         if p.hires:
-            z = self._hires(p, z, cond, noise, lambda i, x, x0: on_step(p.steps + i, x, x0))
+            z = hires.run_second_pass(self, p, z, cond, noise, lambda i, x, x0: on_step(p.steps + i, x, x0))
         if cond.blend is not None:
             keep, z_init = cond.blend
             z = keep * z + (1 - keep) * z_init
-        images = self.decode(z)
+        images = (self.refiner if rest is not None else self).decode(z)
         if pixel_mask is not None:
             images = pixel_mask * images + (1 - pixel_mask) * pixels
         return z, images, control_images
+
+    def _split(self, p: GenerationParams, walk: SamplingSchedule):
+        """(the base model's walk, the refiner's or None)."""
+        if p.refiner_switch_at is None:
+            return walk, None
+        check_refiner(self, self.refiner)
+        return split_walk(walk, p.refiner_switch_at, self.model.config.schedule.num_train_timesteps)
 
     def _model_upscaler(self, p: GenerationParams) -> ModelUpscaler | None:
         """The hires fix's model upscaler, found in `self.upscaler_dir` and read once; None: a built-in one."""
         if not p.hires or hires.is_builtin(p.hires_upscaler):
             return None
         return self.upscalers.get(hires.model_upscaler(p.hires_upscaler, self.upscaler_dir))
-
-    def _hires(self, p: GenerationParams, z: torch.Tensor, cond: Conditioning, noise, on_step) -> torch.Tensor:
-        """The hires fix's second pass (pipelines/hires.py): the first pass's latents upscaled, then an
-        image-to-image pass at the target size of `strength`, its sampler and steps."""
-        m, c = self.model, self.model.config
-        f = c.vae.downsample_factor
-        size = p.hires_target(f)
-        upscaler = p.hires_upscaler or hires.DEFAULT_UPSCALER
-        if upscaler in hires.LATENT_UPSCALERS:
-            init = hires.upscale_latents(z, size, f, upscaler)
-        else:
-            model = self._model_upscaler(p)
-            pixels = hires.upscale_pixels(self.decode(z), size, f, upscaler, model).to(z.device)
-            posterior = self.encode(pixels)
-            init = torch.cat([m.vae.scale(posterior.sample(g)) for g in generators_for(p.seed, p.batch)])
-            init = hires.crop(init, size)
-        total, run = hires.second_pass_steps(p.hires_steps or p.steps, p.strength)
-        if run == 0:
-            return init
-        if p.hires_prompt or p.hires_negative_prompt:  # its own prompts, and the LoRAs their tags name
-            second = p.second_pass()
-            self._use_loras(second)
-            cond, _ = self._conditioning(second, z.device)
-        spec = SAMPLERS[p.hires_sampler or p.sampler]
-        full = sampling_schedule(spec, noise, total, p.timestep_spacing, c.schedule.diffusers)
-        walk = replace(full, sigmas=full.sigmas[total - run :], timesteps=full.timesteps[total - run :])
-        cache = FeatureCache(p.feature_cache) if p.feature_cache > 1 else None
-        denoiser = Denoiser(m.unet, noise, c.schedule.prediction_type, walk, cache)
-        options = {"eta": p.eta} if spec.name == "ddim" else {}
-        shape = (init.shape[1], *init.shape[2:])
-        return sample_latents(denoiser, spec, cond, generators_for(p.seed, p.batch), shape, init, on_step, **options)
 
     @torch.no_grad()
     def preview(self, x0: torch.Tensor) -> list[Image.Image]:
@@ -430,5 +413,6 @@ class Pipeline:
             schedule_type=self.schedule_type(p),
             precision=self.precision,
             lora_hashes=", ".join(f"{lora.name}: {lora.hash}" for lora in merged),
+            refiner=f"{self.refiner.name} [{self.refiner.model_hash}]" if p.refiner_switch_at and self.refiner else "",
         )
         return to_infotext(p, index, run, f"ldmkit {__version__}")

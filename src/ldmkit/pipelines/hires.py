@@ -12,7 +12,7 @@ The rules, as the web UI has them (modules/processing.py, StableDiffusionProcess
   int(steps / min(strength, 0.999)) steps, ending at its end (setup_img2img_steps), from the
   upscaled latents plus fresh noise of each image's seed at the new size."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldmkit.checkpoints.files import listed
+from ldmkit.diffusion.denoiser import Denoiser
+from ldmkit.diffusion.registry import SAMPLERS
+from ldmkit.diffusion.sampling import generators_for, sample_latents, sampling_schedule
 from ldmkit.errors import ConfigError
+from ldmkit.models.unet import FeatureCache
 from ldmkit.pipelines.upscalers import ModelUpscaler, find_upscaler, list_upscalers, upscale
 
 # name -> (F.interpolate mode, antialias): the web UI's latent_upscale_modes
@@ -127,3 +131,35 @@ def upscale_pixels(
         resized = upscale(image, *full, model) if model is not None else image.resize(full, PIXEL_UPSCALERS[upscaler])
         out.append(torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1))
     return torch.stack(out) * 2 - 1
+
+
+def run_second_pass(pipe, p, z: torch.Tensor, cond, noise, on_step) -> torch.Tensor:
+    """The hires fix's second pass for `pipe` (a Pipeline): the first pass's latents upscaled, then an
+    image-to-image pass at the target size of `strength`, its sampler and steps."""
+    m, c = pipe.model, pipe.model.config
+    f = c.vae.downsample_factor
+    size = p.hires_target(f)
+    upscaler = p.hires_upscaler or DEFAULT_UPSCALER
+    if upscaler in LATENT_UPSCALERS:
+        init = upscale_latents(z, size, f, upscaler)
+    else:
+        model = pipe._model_upscaler(p)
+        pixels = upscale_pixels(pipe.decode(z), size, f, upscaler, model).to(z.device)
+        posterior = pipe.encode(pixels)
+        init = torch.cat([m.vae.scale(posterior.sample(g)) for g in generators_for(p.seed, p.batch)])
+        init = crop(init, size)
+    total, run = second_pass_steps(p.hires_steps or p.steps, p.strength)
+    if run == 0:
+        return init
+    if p.hires_prompt or p.hires_negative_prompt:  # its own prompts, and the LoRAs their tags name
+        second = p.second_pass()
+        pipe._use_loras(second)
+        cond, _ = pipe._conditioning(second, z.device)
+    spec = SAMPLERS[p.hires_sampler or p.sampler]
+    full = sampling_schedule(spec, noise, total, p.timestep_spacing, c.schedule.diffusers)
+    walk = replace(full, sigmas=full.sigmas[total - run :], timesteps=full.timesteps[total - run :])
+    cache = FeatureCache(p.feature_cache) if p.feature_cache > 1 else None
+    denoiser = Denoiser(m.unet, noise, c.schedule.prediction_type, walk, cache)
+    options = {"eta": p.eta} if spec.name == "ddim" else {}
+    shape = (init.shape[1], *init.shape[2:])
+    return sample_latents(denoiser, spec, cond, generators_for(p.seed, p.batch), shape, init, on_step, **options)

@@ -36,6 +36,8 @@ def check_micro_conditioning(config, p) -> None:
         raise ConfigError(f"{given[0]}: only SDXL-family models take micro-conditioning")
     tower = config.text_2 or config.text
     refiner = count(config.unet, tower.projection_dim or tower.hidden_size) == REFINER
+    if p.refiner_switch_at is not None:  # a run handed to a refiner: the scores are the refiner's
+        given = [f for f in given if "aesthetic" not in f]
     for f in given:
         if "aesthetic" in f and not refiner:
             raise ConfigError(f"{f}: only the SDXL refiner takes aesthetic scores")

@@ -83,6 +83,9 @@ class GenerationParams:
     negative_target_size: tuple[int, int] | None = None
     aesthetic_score: float = AESTHETIC_SCORE
     negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE
+    # SDXL's refiner (pipelines/refiner.py) takes over at this fraction of the schedule (diffusers'
+    # denoising_end / denoising_start, the web UI's refiner_switch_at); None: no refiner
+    refiner_switch_at: float | None = None
 
     def __post_init__(self):
         set_ = object.__setattr__.__get__(self)  # normalising a frozen instance, once, here
@@ -125,6 +128,9 @@ class GenerationParams:
         self._check_hires()
         for name in MICRO_PAIRS:
             set_(name, _pair(name, getattr(self, name)))
+        r = self.refiner_switch_at
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int | float) or not 0 < r < 1):
+            raise ConfigError(f"refiner_switch_at: {r!r}; allowed: between 0 and 1 (the fraction the base model runs)")
         for name in ("aesthetic_score", "negative_aesthetic_score"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 10:
@@ -295,6 +301,7 @@ INFOTEXT_FIELDS = (
     ("Negative target size", "negative_target_size", _read_pair),
     ("Aesthetic score", "aesthetic_score", float),
     ("Negative aesthetic score", "negative_aesthetic_score", float),
+    ("Refiner switch at", "refiner_switch_at", float),
 )
 # Parameters an infotext does not carry: the images and files a run was given (ControlNets and
 # LoRAs are recorded by name and hash, for people, not read back).
@@ -312,6 +319,7 @@ class RunFacts:
     schedule_type: str = ""  # the web UI's name for the sigmas walked (Karras, Uniform, ...)
     precision: str = "fp32"
     lora_hashes: str = ""  # "name: hash, ..." of the LoRAs merged
+    refiner: str = ""  # "name [hash]" of SDXL's refiner, when one took over
 
 
 def to_infotext(p: GenerationParams, index: int, run: RunFacts, version: str) -> str:
@@ -337,6 +345,8 @@ def to_infotext(p: GenerationParams, index: int, run: RunFacts, version: str) ->
         "Feature cache": p.feature_cache if p.feature_cache > 1 else None,
         **hires_fields(p, index),
         **micro_fields(p),
+        "Refiner": run.refiner or None,
+        "Refiner switch at": p.refiner_switch_at,
         "Lora hashes": run.lora_hashes or None,
         **{
             f"ControlNet {i}": (
@@ -376,7 +386,7 @@ def micro_fields(p: GenerationParams) -> dict:
     default: sizes and crops as "a, b" in diffusers' order."""
     defaults = {f.name: f.default for f in fields(GenerationParams)}
     out = {}
-    for entry, name, _ in INFOTEXT_FIELDS[-8:]:
+    for entry, name, _ in INFOTEXT_FIELDS[-9:-1]:
         v = getattr(p, name)
         if v != defaults[name]:
             out[entry] = f"{v[0]}, {v[1]}" if isinstance(v, tuple) else v

@@ -41,6 +41,7 @@ class Plan:
     params: GenerationParams  # the first batch's; images and ControlNet units are added on the worker
     clip_skip: int  # the web UI's setting (1 = the model's own layer)
     uploads: dict[str, bytes] = field(default_factory=dict)  # init_images[0], mask: checked, not decoded
+    refiner: str | None = None  # SDXL's refiner, a name in Models.paths
 
 
 # GenerationParams field <- the request field it is read from, and its type (None in the request:
@@ -77,6 +78,7 @@ HIRES_FROM_REQUEST = {
     "hires_negative_prompt": ("hr_negative_prompt", str),
 }
 NOT_FROM_REQUEST = {"loras": "the prompt's <lora:NAME:WEIGHT> tags, in the server's --lora-dir"}
+REFINER_SWITCH = 0.8  # the web UI's refiner_switch_at when a refiner_checkpoint is given alone
 
 
 def within_limits(width: int | None, height: int | None, steps: int | None, lim: "Limits") -> None:
@@ -168,6 +170,9 @@ def resolve(req: GenerationRequest, server: "ServerState") -> Plan:
     uploads = read_uploads(req, limits.max_input_pixels)
     overrides = req.override_settings or {}
     name = server.models.find(setting(overrides, server.options, "sd_model_checkpoint", str))
+    refiner = None
+    if req.refiner_checkpoint not in (None, "", "None"):
+        refiner = server.models.find(req.refiner_checkpoint)
     clip_skip = setting(overrides, server.options, "CLIP_stop_at_last_layers", int)
     if not 1 <= clip_skip <= 12:
         raise RequestError(f"CLIP_stop_at_last_layers: {clip_skip}; allowed: 1 to 12")
@@ -179,10 +184,11 @@ def resolve(req: GenerationRequest, server: "ServerState") -> Plan:
         seed=req.seed if req.seed >= 0 else secrets.randbelow(2**32),  # n_iter batches follow on from it
         clip_skip=clip_skip if clip_skip > 1 else None,
         hires_sampler=hires_sampler_of(req),
+        refiner_switch_at=(req.refiner_switch_at or REFINER_SWITCH) if refiner else None,
     )
     if params.hires and not is_builtin(params.hires_upscaler):
         model_upscaler(params.hires_upscaler, server.config.upscaler_dir)  # found here, read on the worker
-    return Plan(name, params, clip_skip, uploads)
+    return Plan(name, params, clip_skip, uploads, refiner)
 
 
 def number(unit: dict, key: str, default: float, where: str) -> float:
@@ -243,6 +249,7 @@ def run(server: "ServerState", req: GenerationRequest, plan: Plan, w: Worker) ->
     limits = server.config.limits
     max_pixels = limits.max_input_pixels
     pipe = server.load(plan.model)
+    pipe.refiner = server.models.refiner(plan.refiner)
     pipe.max_prompt_chunks = limits.max_prompt_chunks
     params = decode_uploads(req, plan, max_pixels).for_model(pipe.model, pipe.defaults, pipe.name)
     within_limits(params.width, params.height, params.steps, limits)  # the model's own size and steps too

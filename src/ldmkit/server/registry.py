@@ -37,6 +37,7 @@ class Models:
         self.upscaler_dir = config.upscaler_dir
         self._controlnet_files: dict[Path, Any] = {}
         self.embeddings_dir = config.embeddings_dir
+        self.refiner_pipe, self.refiner_loaded = None, None  # SDXL's refiner, the last one asked for
 
     def short_hash(self, name: str) -> str | None:
         """The file's full sha256 hex digest (titles show its first 10 digits), read once; None for a folder
@@ -80,6 +81,19 @@ class Models:
                 self.pipe.embeddings.load_folder(self.embeddings_dir)
             self.loaded = name
         return self.pipe
+
+    def refiner(self, name: str | None):
+        """The refiner a request names (None: none), loaded once and kept while it is asked for. On the
+        worker thread only."""
+        if name is None:
+            return None
+        if self.refiner_loaded != name:
+            from ldmkit.pipelines import Pipeline
+
+            self.refiner_pipe, self.refiner_loaded = None, None
+            self.refiner_pipe = Pipeline.load(self.paths[name])
+            self.refiner_loaded = name
+        return self.refiner_pipe
 
     def controlnet_path(self, name: str) -> Path:
         from ldmkit.bundled import bundled_controlnet

@@ -187,8 +187,6 @@ def refuse_unsupported(req: GenerationRequest, controlnet_ok: bool = True) -> No
         problems.append("restore_faces (no face restoration)")
     if req.tiling:
         problems.append("tiling (seamless tiling is not supported)")
-    if req.refiner_checkpoint not in (None, "", "None"):
-        problems.append("refiner_checkpoint (no refiner support)")
     if getattr(req, "enable_hr", False):
         txt2img = isinstance(req, Txt2ImgRequest)
         problems += refused_hires(req) if txt2img else ["enable_hr (the hires fix is txt2img's)"]
