@@ -18,3 +18,17 @@ def test_bench_quick_compares_like_for_like(tmp_path, capsys):
     assert r["unet_pair_64"]["tflop"] > 0 and 0 < r["unet_pair_64"]["ldmkit_peak_fraction"] < 1
     assert r["image"]["mean_abs_pixel_diff"] <= 1.0 and r["image"]["ldmkit_peak_rss_mb"] > 100
     assert report["peak_gflops"]["fp32"] > 0 and report["machine"]["diffusers"] == "0.42.1"
+
+
+def test_bench_quick_sdxl_compares_like_for_like(tmp_path, capsys):
+    """The SDXL bench's smoke test: a tiny SDXL-shaped model (addition embedding, two towers) measured
+    in both implementations on identical weights and inputs."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "sdxl", "--quick", "--precision", "fp32", "--json", str(out), "-q"]) == 0
+    capsys.readouterr()
+    report = json.loads(out.read_text())
+    assert (report["model"], report["image_steps"]) == ("tiny-xl", 2)
+    r = report["results"]["fp32"]
+    assert set(r) == {"unet_pair_64", "vae_decode", "image"}
+    assert r["unet_pair_64"]["max_abs_diff"] <= 1e-4 and r["vae_decode"]["max_abs_diff"] <= 1e-4
+    assert r["image"]["mean_abs_pixel_diff"] <= 1.0

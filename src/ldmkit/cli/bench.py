@@ -13,12 +13,14 @@ def cmd_bench(args) -> int:
         quick=args.quick,
         precisions=precisions,
         progress=(lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr)),
+        model=args.model,
     )
     return _print_report(report, args.json, "bench")
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("bench", help="measure ldmkit against diffusers on the SD 1.5 architecture, side by side")
+    p = sub.add_parser("bench", help="measure ldmkit against diffusers on the SD 1.5 or SDXL architecture")
+    p.add_argument("--model", default="sd15", choices=["sd15", "sdxl"], help="the architecture (random weights)")
     p.add_argument("--vs", default="diffusers", choices=["diffusers"])
     p.add_argument("--quick", action="store_true", help="the tiny preset: a smoke test, not a measurement")
     p.add_argument("--precision", default="both", choices=["both", "fp32", "bf16"])

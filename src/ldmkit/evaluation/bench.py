@@ -18,10 +18,16 @@ from pathlib import Path
 
 import torch
 
+# mode -> what is measured. SDXL's whole image runs 4 steps (a 1024² step costs what 8 of SD 1.5's
+# at 512² do, and a 20-step image per implementation and precision would take hours on 2 cores): its
+# seconds per step are what to read; its UNet calls warm the kernels up instead of a first image.
 SETTINGS = {
     "full": {"preset": "sd15", "sizes": (512, 256), "steps": 20, "runs": 3, "ctx": 768},
     "quick": {"preset": "tiny", "sizes": (64, 32), "steps": 4, "runs": 2, "ctx": 32},
+    "sdxl": {"preset": "sdxl", "sizes": (1024,), "steps": 4, "runs": 1, "ctx": 2048, "image_warmup": False},
+    "sdxl-quick": {"preset": "tiny-xl", "sizes": (64,), "steps": 2, "runs": 1, "ctx": 128, "image_warmup": False},
 }
+MODES = {("sd15", False): "full", ("sd15", True): "quick", ("sdxl", False): "sdxl", ("sdxl", True): "sdxl-quick"}
 
 
 def median_seconds(fn, runs: int) -> float:
@@ -40,7 +46,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, runs: int = 5) -> float:
     return 2 * n**3 / median_seconds(lambda: a @ b, runs) / 1e9
 
 
-def unet_flops(unet, x, t, ctx) -> float:
+def unet_flops(unet, x, t, ctx, **kwargs) -> float:
     """FLOPs of one call: torch's counter, plus attention, which it does not count on CPU (the fused
     kernel has no formula): 4 * B * L * S * channels per attention."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -58,7 +64,7 @@ def unet_flops(unet, x, t, ctx) -> float:
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in unet.modules() if isinstance(m, CrossAttention)]
     try:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
-            unet(x, t, ctx)
+            unet(x, t, ctx, **kwargs)
     finally:
         for h in handles:
             h.remove()
@@ -95,11 +101,14 @@ def _ours(folder: Path, precision: str):
 
 
 def _theirs(folder: Path, dtype: torch.dtype):
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from ldmkit.diffusion.registry import get_sampler
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
+    if (folder / "text_encoder_2").is_dir():
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(folder))
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = DPMSolverMultistepScheduler(**get_sampler("dpmpp_2m").diffusers_config)
     pipe.to(dtype)  # diffusers' bf16 path: every component converted, as its docs do it
     pipe.set_progress_bar_config(disable=True)
@@ -139,7 +148,8 @@ def _image(impl: str, pipe, s: dict):
                 generator=generators_for(0, 1),
             ).images[0]
 
-    run()
+    if s.get("image_warmup", True):
+        run()
     t = time.perf_counter()
     image = run()
     return time.perf_counter() - t, np.asarray(image, dtype=np.float32)
@@ -173,14 +183,15 @@ def child(impl: str, folder: str, mode: str, precision: str, out: str, what: str
             x = torch.randn(2, 4, size // f, size // f, generator=g).to(dtype)
             t = torch.tensor([500, 500])
             ctx = torch.randn(2, 77, s["ctx"], generator=g).to(dtype)
+            extra = _added(unet, impl, size, g, dtype)
 
             def call():
-                y = unet(x, t, ctx)
+                y = unet(x, t, ctx, **extra)
                 return y if impl == "ldmkit" else y.sample
 
             r[f"unet_pair_{size}"] = {"seconds": median_seconds(call, s["runs"]), "out": call().float()}
             if impl == "ldmkit":
-                r[f"unet_pair_{size}"]["flops"] = unet_flops(unet, x, t, ctx)
+                r[f"unet_pair_{size}"]["flops"] = unet_flops(unet, x, t, ctx, **extra)
         z = torch.randn(1, 4, s["sizes"][0] // f, s["sizes"][0] // f, generator=g).to(dtype)
 
         def decode():
@@ -192,6 +203,22 @@ def child(impl: str, folder: str, mode: str, precision: str, out: str, what: str
     seconds, image = _image(impl, pipe, s)
     r["image"] = {"seconds": seconds, "out": torch.from_numpy(image), "peak_rss_mb": peak_rss_mb()}
     torch.save(r, out)
+
+
+def _added(unet, impl: str, size: int, g: torch.Generator, dtype) -> dict:
+    """SDXL's addition-embedding inputs for a guidance pair at `size` (the same numbers in both children):
+    ldmkit's y, or diffusers' text_embeds and time_ids; nothing for other models."""
+    time_dim = unet.config.addition_time_embed_dim
+    if not time_dim:
+        return {}
+    from ldmkit.nn.embedding import size_embedding
+
+    adm = unet.config.adm_in_channels if impl == "ldmkit" else unet.config.projection_class_embeddings_input_dim
+    pooled = torch.randn(2, adm - 6 * time_dim, generator=g)
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.float32)
+    if impl == "ldmkit":
+        return {"y": torch.cat([pooled, size_embedding(time_ids, time_dim)], dim=-1).to(dtype)}
+    return {"added_cond_kwargs": {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}}
 
 
 def measure(impl: str, folder: Path, mode: str, precision: str, env: dict | None = None, what: str = "all") -> dict:
@@ -237,11 +264,15 @@ def _compare(a: dict, b: dict | None, peak: float) -> dict:
     return r
 
 
-def run(quick: bool = False, vs_diffusers: bool = True, precisions=("fp32", "bf16"), progress=print) -> dict:
-    mode = "quick" if quick else "full"
+def run(
+    quick: bool = False, vs_diffusers: bool = True, precisions=("fp32", "bf16"), progress=print, model: str = "sd15"
+) -> dict:
+    mode = MODES[(model, quick)]
     s = SETTINGS[mode]
     report: dict = {
         "mode": mode,
+        "model": SETTINGS[mode]["preset"],
+        "image_steps": SETTINGS[mode]["steps"],
         "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__},
         "peak_gflops": {"fp32": round(matmul_peak(torch.float32)), "bf16": round(matmul_peak(torch.bfloat16))},
         "results": {},

@@ -58,7 +58,59 @@ def tiny(kind: str = "clip") -> ModelConfig:
     )
 
 
-PRESETS = {"sd15": sd15, "sd21": sd21, "sd21-base": lambda: sd21(v=False), "tiny": tiny}
+def sdxl(scale: int = 1) -> ModelConfig:
+    """SDXL base's shapes (scale 1): three levels of 320, 640 and 1280 channels, attention at the last two
+    with 2 and 10 transformer blocks (10 in the middle too), 64 channels per head; CLIP ViT-L and
+    OpenCLIP ViT-bigG read at their penultimate layers; the addition embedding of the pooled vector and
+    six sizes. `scale` > 1 divides every width by it and keeps one layer per tower, for tiny tests."""
+    clip = TextEncoderConfig(
+        hidden_size=768 // scale,
+        intermediate_size=3072 // scale,
+        num_layers=12 if scale == 1 else 2,
+        num_heads=12 if scale == 1 else 2,
+        skip_last_layers=1,
+        final_norm=False,
+    )
+    big_g = TextEncoderConfig(
+        kind="openclip",
+        hidden_size=1280 // scale,
+        intermediate_size=5120 // scale,
+        num_layers=32 if scale == 1 else 2,
+        num_heads=20 if scale == 1 else 2,
+        hidden_act="gelu",
+        pad_token="!",
+        skip_last_layers=1,
+        final_norm=False,
+        pooled=True,
+        projection_dim=1280 // scale,
+    )
+    time_dim = 256 // scale
+    unet = UNetConfig(
+        channels=(320 // scale, 640 // scale, 1280 // scale),
+        attention_resolutions=(2, 4),
+        num_head_channels=64 // scale,
+        transformer_depth=(0, 2, 10) if scale == 1 else (0, 1, 1),
+        context_dim=clip.hidden_size + big_g.hidden_size,
+        use_linear_in_transformer=True,
+        num_classes="sequential",
+        adm_in_channels=big_g.projection_dim + 6 * time_dim,
+        addition_time_embed_dim=time_dim,
+        norm_groups=32 if scale == 1 else 4,
+    )
+    vae = AutoencoderConfig(scale_factor=0.13025) if scale == 1 else tiny().vae
+    return ModelConfig(
+        family="sdxl", unet=unet, vae=vae, text=clip, text_2=big_g, image_size=1024, zero_empty_negative=True
+    )
+
+
+PRESETS = {
+    "sd15": sd15,
+    "sd21": sd21,
+    "sd21-base": lambda: sd21(v=False),
+    "sdxl": sdxl,
+    "tiny": tiny,
+    "tiny-xl": lambda: sdxl(scale=16),
+}
 
 
 def preset(name: str) -> ModelConfig:
