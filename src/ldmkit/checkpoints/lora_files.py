@@ -1,6 +1,11 @@
 """LoRA files as they circulate (models/lora.py says what a LoRA is and how it is merged): read in the
 kohya / popular web UI layout and the diffusers / PEFT layout, checked against the model, found by
-name in a folder, and hashed as the web UI's infotexts name them."""
+name in a folder, and hashed as the web UI's infotexts name them.
+
+SDXL's text towers are named as diffusers loads them: the CLIP-L tower is `text_encoder` (kohya's
+`lora_te1_`, or `lora_te_`), OpenCLIP-bigG `text_encoder_2` (`lora_te2_`), also in the refiner, whose only
+tower is bigG. sd-scripts names SDXL's UNet modules by the original (sgm) names, flattened with
+underscores; diffusers' names are read too."""
 
 import json
 import re
@@ -20,7 +25,9 @@ UNSUPPORTED_KINDS = {
     "hada_w1_a": "LoHa",
     "lokr_w1": "LoKr",
     "dora_scale": "DoRA",
+    "lora_magnitude_vector": "DoRA",
 }
+NETWORKS = ("unet", "text_encoder", "text_encoder_2")  # diffusers' names, as PEFT keys and metadata use them
 
 
 def module_names(model) -> dict[str, tuple[str, str]]:
@@ -32,13 +39,67 @@ def module_names(model) -> dict[str, tuple[str, str]]:
     for n, d in zip(ours, (k[: -len(".weight")] for k in theirs)):
         for alias in ("lora_unet_" + d.replace(".", "_"), "lora_unet_" + n.replace(".", "_"), "unet." + d):
             names[alias] = ("unet", n)
-    for n, m in model.text_encoder.named_modules():
-        if isinstance(m, layers) and n.startswith("transformer."):
-            hf = n[len("transformer.") :]  # text_model.encoder...: transformers 5 drops the text_model level
-            for path in (hf, hf.removeprefix("text_model.")):
-                for alias in ("lora_te_" + path.replace(".", "_"), "text_encoder." + path):
-                    names[alias] = ("text", n)
+    for root, tower, prefixes in _text_towers(model):
+        for n, m in tower.named_modules():
+            if isinstance(m, layers) and n.startswith("transformer."):
+                hf = n[len("transformer.") :]  # text_model.encoder...: transformers 5 drops the text_model level
+                for path in (hf, hf.removeprefix("text_model.")):
+                    for prefix in prefixes:
+                        flat = path.replace(".", "_") if prefix.startswith("lora_") else path
+                        names[prefix + flat] = ("text", root + n)
     return names
+
+
+def _text_towers(model) -> list[tuple[str, nn.Module, tuple[str, ...]]]:
+    """(path within model.text_encoder, tower, the prefixes files name its layers by) of each text tower.
+    SDXL (the conditioner's towers): the last one, bigG, is diffusers' text_encoder_2 (the refiner's too);
+    the one before it, CLIP-L, text_encoder (diffusers reads kohya's lora_te_ as lora_te1_)."""
+    te = model.text_encoder
+    if not hasattr(te, "embedders"):
+        return [("", te, ("lora_te_", "text_encoder."))]
+    last = len(te.embedders) - 1
+    first = ("lora_te1_", "lora_te_", "text_encoder.")
+    return [
+        (f"embedders.{i}.", e, ("lora_te2_", "text_encoder_2.") if i == last else first)
+        for i, e in enumerate(te.embedders)
+    ]
+
+
+def _peft_configs(metadata: dict) -> dict[str, dict]:
+    """Each network's PEFT config from diffusers' "lora_adapter_metadata": flat keys prefixed by the network
+    ("unet.lora_alpha", as a pipeline's save_lora_weights writes), nested per network, or one unprefixed
+    config (a model's own save_lora_adapter; key "" here, for every network)."""
+    try:
+        cfg = json.loads(metadata.get("lora_adapter_metadata") or "{}")
+    except (ValueError, TypeError):
+        return {}
+    if not isinstance(cfg, dict):
+        return {}
+    out: dict[str, dict] = {}
+    for key, value in cfg.items():
+        net, _, field = key.partition(".")
+        if net in NETWORKS and field:
+            out.setdefault(net, {})[field] = value
+        elif key in NETWORKS and isinstance(value, dict):
+            out[key] = value
+    return out or {"": cfg}
+
+
+def _peft_alpha(configs: dict[str, dict], prefix: str, rank: int) -> float | None:
+    """The alpha PEFT scales a diffusers-layout layer by: the network's lora_alpha, or its alpha_pattern's
+    entry for this module (module names matched literally, as diffusers writes them, not as regexes),
+    times sqrt(rank) with rsLoRA (scale alpha / sqrt(rank)). None: no record (scale 1, as diffusers)."""
+    net, _, module = prefix.partition(".")
+    cfg = configs.get(net) or configs.get("") or {}
+    alpha = cfg.get("lora_alpha")
+    pattern = cfg.get("alpha_pattern")
+    for key, value in pattern.items() if isinstance(pattern, dict) else ():
+        if module == key or module.endswith("." + key):
+            alpha = value
+            break
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        return None
+    return float(alpha) * (rank**0.5 if cfg.get("use_rslora") is True else 1.0)
 
 
 _KOHYA = re.compile(r"^(lora_(?:unet|te\d?)_.+?)\.(lora_down|lora_up)\.weight$")
@@ -56,13 +117,7 @@ def read_lora(path: str | Path, model, name: str | None = None) -> Lora:
     for marker, kind in UNSUPPORTED_KINDS.items():
         if any(marker in k for k in state):
             raise CheckpointError(f"{where}: a {kind} file; ldmkit reads LoRA and LoCon")
-    alpha_meta = None
-    if "lora_adapter_metadata" in metadata:  # diffusers' record of the PEFT config
-        try:
-            cfg = json.loads(metadata["lora_adapter_metadata"])
-            alpha_meta = cfg.get("lora_alpha") or next(iter(cfg.values()), {}).get("lora_alpha")
-        except (ValueError, AttributeError, StopIteration):
-            alpha_meta = None
+    peft = _peft_configs(metadata)  # diffusers' record of the PEFT configs
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         m = _KOHYA.match(key) or _PEFT.match(key)
@@ -83,7 +138,10 @@ def read_lora(path: str | Path, model, name: str | None = None) -> Lora:
             continue
         target, module = names[prefix]
         alpha = state.get(prefix + ".alpha")
-        alpha = float(alpha) if alpha is not None else alpha_meta
+        if alpha is not None:
+            alpha = float(alpha)
+        elif not prefix.startswith("lora_"):
+            alpha = _peft_alpha(peft, prefix, p["down"].shape[0])
         patch = Patch(target, module, p["down"], p["up"], alpha)
         weight = (unet_modules if target == "unet" else text_modules)[module].weight
         try:

@@ -4,7 +4,11 @@ web UI does. A prompt word equal to an embedding's name becomes that embedding's
 Files read: the web UI's `.pt` ({"string_to_param": {"*": [n, d]}, ...}, through the safe loader) and
 `.safetensors` ({"emb_params": [n, d]}), and diffusers' learned_embeds ({"<token>": [d]}). The vectors
 get token ids past the vocabulary; the text tower's token embedding looks those up in an extra table
-instead of its own, so nothing else in the encoder changes."""
+instead of its own, so nothing else in the encoder changes.
+
+SDXL embeddings hold one set of vectors per tower ({"clip_l": [n, 768], "clip_g": [n, 1280]}, the web
+UI's and diffusers' layout): the prompt is tokenized once (models/conditioner.py), the word gets the same
+ids in both towers, and each tower's table holds its own vectors for them. The refiner reads clip_g."""
 
 import logging
 import re
@@ -37,8 +41,12 @@ class ExtendedEmbedding(nn.Embedding):
         return out
 
 
-def read_embedding(path: str | Path) -> torch.Tensor:
-    """[n, d] vectors of an embedding file in any supported layout."""
+TOWER_KEYS = {"clip": "clip_l", "openclip": "clip_g"}  # an SDXL embedding's vectors for each tower kind
+
+
+def read_embedding(path: str | Path) -> torch.Tensor | dict[str, torch.Tensor]:
+    """[n, d] vectors of an embedding file in any supported layout; an SDXL file's {"clip_l": [n, 768],
+    "clip_g": [n, 1280]}."""
     from ldmkit.checkpoints.files import SAFETENSORS, safe_torch_load, sniff
 
     path = Path(path)
@@ -52,6 +60,8 @@ def read_embedding(path: str | Path) -> torch.Tensor:
         data = safe_torch_load(path)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: not a textual-inversion embedding")
+    if "clip_l" in data or "clip_g" in data:
+        return _per_tower_file(data, path)
     if isinstance(data.get("string_to_param"), dict) and data["string_to_param"]:
         vectors = next(iter(data["string_to_param"].values()))
     elif "emb_params" in data:
@@ -65,6 +75,25 @@ def read_embedding(path: str | Path) -> torch.Tensor:
     return vectors.detach().float().reshape(-1, vectors.shape[-1])
 
 
+def _per_tower_file(data: dict, path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for key in ("clip_l", "clip_g"):
+        v = data.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, torch.Tensor) or v.ndim not in (1, 2):
+            raise CheckpointError(f"{path}: embedding vectors {key!r} of an unexpected shape")
+        out[key] = v.detach().float().reshape(-1, v.shape[-1])
+    if len({len(v) for v in out.values()}) > 1:
+        sizes = ", ".join(f"{k} {len(v)}" for k, v in out.items())
+        raise CheckpointError(f"{path}: the towers' vectors differ in number ({sizes})")
+    return out
+
+
+def _sizes(sizes: list[tuple[str | None, int]]) -> str:
+    return " + ".join(f"{k} {d}" if k else str(d) for k, d in sizes)
+
+
 def token_embedding(text_encoder) -> ExtendedEmbedding:
     """The text tower's token embedding (CLIP's token_embedding, BERT's word_embeddings), extended."""
     emb = text_encoder.hf_model.embeddings
@@ -74,34 +103,67 @@ def token_embedding(text_encoder) -> ExtendedEmbedding:
     return getattr(emb, attr)
 
 
+def _pool_at_end_of_text(tower) -> None:
+    """A CLIP tower whose config says eos_token_id 2 (SDXL's bigG, as published) pools at the largest id, as
+    the original code did with the vocabulary's ids, where that is the end of text: with embedding ids past
+    the vocabulary it would pool at the embedding. Pool at the first end-of-text token instead (the same
+    token whenever no embedding is used; what the web UI pools, whose embeddings keep vocabulary ids)."""
+    clip = tower.hf_model
+    if tower.config.kind != "bert" and getattr(clip, "eos_token_id", None) == 2:
+        clip.eos_token_id = tower.tokenizer.special_ids[1]
+
+
 class Embeddings:
-    """The embeddings a text encoder knows by name, and the prompt tokenisation that uses them."""
+    """The embeddings a text encoder knows by name, and the prompt tokenisation that uses them. The text
+    encoder may be SDXL's conditioner: then each tower gets its own vectors, at ids shared by all."""
 
     def __init__(self, text_encoder):
         self.text_encoder = text_encoder
-        self.vectors: dict[str, torch.Tensor] = {}
+        self.towers = list(getattr(text_encoder, "embedders", [text_encoder]))
+        # an SDXL conditioner's towers take their vectors from a file's clip_l / clip_g; a lone tower all
+        self.keys = [TOWER_KEYS.get(t.config.kind) if hasattr(text_encoder, "embedders") else None for t in self.towers]
+        self.vectors: dict[str, torch.Tensor] = {}  # [n, sum of the towers' widths]: their vectors side by side
         self.ids: dict[str, list[int]] = {}
 
     def _token_embedding(self) -> ExtendedEmbedding:
-        return token_embedding(self.text_encoder)
+        return token_embedding(self.towers[0])
 
-    def add(self, name: str, vectors: torch.Tensor, where: str = "embedding") -> None:
-        table = self._token_embedding()
-        if vectors.shape[-1] != table.embedding_dim:
+    def _per_tower(self, vectors: torch.Tensor | dict[str, torch.Tensor], where: str) -> list[torch.Tensor]:
+        """Each tower's [n, d] vectors, or one line saying why the embedding is for another model."""
+        tables = [token_embedding(t) for t in self.towers]
+        wanted = _sizes([(k, t.embedding_dim) for k, t in zip(self.keys, tables)])
+        if isinstance(vectors, dict):
+            given = _sizes([(k, v.shape[-1]) for k, v in vectors.items()])
+            fits = None not in self.keys and all(k in vectors for k in self.keys)
+            parts = [vectors[k] for k in self.keys] if fits else []
+        else:
+            given, fits, parts = str(vectors.shape[-1]), len(self.towers) == 1, [vectors]
+        if not fits or any(v.shape[-1] != t.embedding_dim for v, t in zip(parts, tables)):
+            many = len(tables) > 1
             raise CheckpointError(
-                f"{where}: vectors of size {vectors.shape[-1]}, but this model's text tower uses {table.embedding_dim} "
-                "(an embedding for another model)"
+                f"{where}: vectors of size {given}, but this model's text tower{'s use' if many else ' uses'} "
+                f"{wanted} (an embedding for another model)"
             )
+        return parts
+
+    def add(self, name: str, vectors: torch.Tensor | dict[str, torch.Tensor], where: str = "embedding") -> None:
+        parts = self._per_tower(vectors, where)
         if not re.fullmatch(r"[\w\-.]+", name):
             raise ConfigError(f"{where}: embedding name {name!r}; allowed: letters, digits, _ - .")
-        self.vectors[name] = vectors
-        rows = torch.cat(list(self.vectors.values())) if self.vectors else torch.zeros(0, table.embedding_dim)
-        start = table.num_embeddings
+        self.vectors[name] = torch.cat(parts, dim=-1)
+        tables = [token_embedding(t) for t in self.towers]
+        first = start = max(t.num_embeddings for t in tables)  # the same ids in every tower
         self.ids = {}
         for n, v in self.vectors.items():
             self.ids[n] = list(range(start, start + len(v)))
             start += len(v)
-        table.extra = rows.to(table.weight.device)
+        offset = 0
+        for tower, table in zip(self.towers, tables):
+            d, device = table.embedding_dim, table.weight.device
+            rows = [v[:, offset : offset + d].float().to(device) for v in self.vectors.values()]
+            table.extra = torch.cat([torch.zeros(first - table.num_embeddings, d, device=device), *rows])
+            offset += d
+            _pool_at_end_of_text(tower)
 
     def load(self, path: str | Path) -> str:
         path = Path(path)

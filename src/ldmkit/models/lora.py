@@ -3,10 +3,12 @@
 
 A LoRA is, per layer, a low-rank update W <- W + strength * (alpha / rank) * up @ down. Layouts read:
 - kohya / the popular web UI: `lora_unet_<module>.lora_down.weight` / `.lora_up.weight` / `.alpha` and
-  `lora_te_<module>...`, module paths with dots as underscores, in diffusers' or the original LDM's
-  names; LoCon-style updates of convolutions (down [r, in, k, k], up [out, r, 1, 1]);
-- diffusers / PEFT: `unet.<module>.lora_A.weight` / `.lora_B.weight`, `text_encoder.<module>...`
-  (alpha from the file's adapter metadata when present, else the rank: scale 1).
+  `lora_te_<module>...` (SDXL: `lora_te1_` CLIP-L, `lora_te2_` OpenCLIP-bigG), module paths with dots as
+  underscores, in diffusers' or the original LDM's (sgm's) names; LoCon-style updates of convolutions
+  (down [r, in, k, k], up [out, r, 1, 1]);
+- diffusers / PEFT: `unet.<module>.lora_A.weight` / `.lora_B.weight`, `text_encoder.<module>...`,
+  `text_encoder_2.<module>...` (SDXL's bigG); alpha from the file's adapter metadata when present (each
+  network's lora_alpha, alpha_pattern, rsLoRA), else the rank: scale 1.
 
 Merging keeps a copy of each touched weight; removing puts the copies back, so switching LoRAs
 restores the originals bit for bit and never needs a reload."""
