@@ -1,9 +1,12 @@
 """ControlNet files: the original layout (`control_model.*`, or the same keys bare), diffusers
 `ControlNetModel` folders and single files, and ours (original layout + config in the header).
 
-The architecture comes from the weights. Head counts are not in the weights: they come from the
-base model the ControlNet is used with (which it must match anyway) or, alone, from the family
-rules of Stable Diffusion (context 768: SD 1.x, 8 heads; 1024: SD 2.x, 64 channels per head)."""
+The architecture comes from the weights (a diffusers single file is renamed to the original layout
+first, then read as one). Head counts are not in the weights, nor is how an SDXL ControlNet's addition
+embedding splits into the pooled vector and the micro-conditioning numbers: they come from the base
+model the ControlNet is used with (which it must fit anyway) or, alone, from the family rules the
+context width tells (768: SD 1.x, 8 heads; 1024: SD 2.x, 64 channels per head; 2048: SDXL, 64 channels
+per head and 256 per micro-conditioning number)."""
 
 import json
 import re
@@ -14,12 +17,12 @@ import torch
 
 from ldmkit.checkpoints import keymaps
 from ldmkit.checkpoints.components import strict_load, strip_prefix
-from ldmkit.checkpoints.detect import NOT_WEIGHTS, unet_config_from_weights
+from ldmkit.checkpoints.detect import NOT_WEIGHTS, groups_for, unet_config_from_weights
 from ldmkit.checkpoints.families import FAMILIES, controlnet_family
 from ldmkit.checkpoints.files import read_tensors, write_json, write_safetensors
 from ldmkit.config import from_dict, to_dict
-from ldmkit.errors import CheckpointError
-from ldmkit.models.controlnet import ControlNet, ControlNetConfig
+from ldmkit.errors import CheckpointError, ConfigError
+from ldmkit.models.controlnet import ControlNet, ControlNetConfig, misfit
 from ldmkit.models.unet import UNetConfig
 
 PREFIX = "control_model."
@@ -78,11 +81,6 @@ def family_of(c: UNetConfig) -> str:
     return f"{family.name}-controlnet" if family else "controlnet"
 
 
-def _family_heads(c: UNetConfig) -> UNetConfig:
-    family = controlnet_family(c.context_dim) or FAMILIES["sd1"]
-    return replace(c, **{"num_heads": 8, "num_head_channels": -1, **family.unet_heads}, norm_groups=32)
-
-
 def hint_config_from_weights(state: dict[str, torch.Tensor], where: str) -> tuple[int, tuple[int, ...]]:
     """(hint channels, hint encoder stage channels) of `input_hint_block.*` (original layout)."""
     idx = sorted(int(m.group(1)) for k in state if (m := re.fullmatch(r"input_hint_block\.(\d+)\.weight", k)))
@@ -93,46 +91,74 @@ def hint_config_from_weights(state: dict[str, torch.Tensor], where: str) -> tupl
     return convs[0].shape[1], (convs[0].shape[0], *[w.shape[0] for w in middle[1::2]])
 
 
-def _diffusers_unet_config(state: dict[str, torch.Tensor], where: str) -> UNetConfig:
-    """A diffusers-layout ControlNet's architecture, read off its weights (single files carry no config)."""
+def _count(keys, pattern: str) -> int:
+    return 1 + max((int(m.group(1)) for k in keys if (m := re.match(pattern, k))), default=-1)
+
+
+def _embedding_from_diffusers(state: dict[str, torch.Tensor]) -> dict:
+    """UNetConfig fields of a diffusers-layout class or addition embedding (SDXL's text_time: the
+    micro-conditioning width only picks the names here; `_rules` sets it)."""
+    if "add_embedding.linear_1.weight" in state:
+        return dict(
+            num_classes="sequential",
+            adm_in_channels=state["add_embedding.linear_1.weight"].shape[1],
+            addition_time_embed_dim=1,
+        )
+    if "class_embedding.linear_1.weight" in state:
+        return dict(num_classes="sequential", adm_in_channels=state["class_embedding.linear_1.weight"].shape[1])
+    if "class_embedding.weight" in state:
+        return dict(num_classes=state["class_embedding.weight"].shape[0])
+    return {}
+
+
+def _diffusers_skeleton(state: dict[str, torch.Tensor], where: str) -> ControlNetConfig:
+    """As much of a diffusers-layout ControlNet's architecture as renaming its keys needs (levels,
+    residual blocks, attention, middle block, embeddings, hint encoder); the rest is read off the
+    renamed weights, as for the original layout."""
     keys = set(state)
+    levels = _count(keys, r"down_blocks\.(\d+)\.")
+    stages = _count(keys, r"controlnet_cond_embedding\.blocks\.(\d+)\.weight") // 2
+    if not levels:
+        raise CheckpointError(f"{where}: diffusers ControlNet weights with an unknown layout (no down_blocks)")
     try:
-        levels = 1 + max(int(m.group(1)) for k in keys if (m := re.match(r"down_blocks\.(\d+)\.", k)))
-        n_res = 1 + max(int(m.group(1)) for k in keys if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", k)))
         widths = tuple(state[f"down_blocks.{lv}.resnets.0.conv2.weight"].shape[0] for lv in range(levels))
-        attn = tuple(2**lv for lv in range(levels) if f"down_blocks.{lv}.attentions.0.norm.weight" in keys)
-        ctx = state[next(k for k in sorted(keys) if k.endswith("attn2.to_k.weight"))].shape[1]
-        proj = state[next(k for k in sorted(keys) if k.endswith(".proj_in.weight"))]
-    except (KeyError, StopIteration, ValueError):
-        raise CheckpointError(f"{where}: diffusers ControlNet weights with an unknown layout") from None
-    return UNetConfig(
-        in_channels=state["conv_in.weight"].shape[1],
+        embed_in = state["controlnet_cond_embedding.conv_in.weight"]
+        hint = [state[f"controlnet_cond_embedding.blocks.{2 * k + 1}.weight"].shape[0] for k in range(stages)]
+        hint_channels, in_channels = embed_in.shape[1], state["conv_in.weight"].shape[1]
+        embedding = _embedding_from_diffusers(state)
+    except (KeyError, IndexError) as e:
+        what = repr(e.args[0]) if isinstance(e, KeyError) else "weights of the expected shapes"
+        raise CheckpointError(f"{where}: diffusers ControlNet weights with an unknown layout (no {what})") from None
+    mid = {"attentions", "resnets"} & {k.split(".")[1] for k in keys if k.startswith("mid_block.")}
+    unet = UNetConfig(
+        in_channels=in_channels,
         channels=widths,
-        num_res_blocks=n_res,
-        attention_resolutions=attn,
-        context_dim=ctx,
-        use_linear_in_transformer=proj.ndim == 2,
-        time_cond_proj_dim=state["time_embedding.cond_proj.weight"].shape[1]
-        if "time_embedding.cond_proj.weight" in keys
-        else None,
+        num_res_blocks=tuple(_count(keys, rf"down_blocks\.{lv}\.resnets\.(\d+)\.") for lv in range(levels)),
+        attention_resolutions=tuple(
+            2**lv for lv in range(levels) if _count(keys, rf"down_blocks\.{lv}\.attentions\.(\d+)\.")
+        ),
+        middle_block="attention" if "attentions" in mid else "resnet" if mid else "none",
+        norm_groups=groups_for(widths),
+        **embedding,
     )
+    return ControlNetConfig(unet=unet, hint_channels=hint_channels, hint_block_channels=(embed_in.shape[0], *hint))
 
 
-def _from_diffusers_state(state, where, unet: UNetConfig | None = None) -> tuple[dict, ControlNetConfig]:
-    unet = unet or _diffusers_unet_config(state, where)
-    n = sum(1 for k in state if re.fullmatch(r"controlnet_cond_embedding\.blocks\.\d+\.weight", k))
-    chs = [state["controlnet_cond_embedding.conv_in.weight"].shape[0]]
-    chs += [state[f"controlnet_cond_embedding.blocks.{2 * k + 1}.weight"].shape[0] for k in range(n // 2)]
-    config = ControlNetConfig(
-        unet=unet,
-        hint_channels=state["controlnet_cond_embedding.conv_in.weight"].shape[1],
-        hint_block_channels=tuple(chs),
-    )
-    return keymaps.rename(state, keymaps.controlnet_to_diffusers(config), reverse=True), config
+def _original_config(state: dict[str, torch.Tensor], where: str) -> ControlNetConfig:
+    """An original-layout ControlNet's architecture, read off its weights (the same reader as a model's
+    UNet); heads, norm groups and the addition embedding's split are filled by `_rules`."""
+    hint_channels, hint_block = hint_config_from_weights(state, where)
+    if "input_blocks.0.0.weight" not in state:
+        raise CheckpointError(f"{where}: a ControlNet without its first convolution (input_blocks.0.0)")
+    # The UNet reader wants an output layer; a ControlNet has none (its width equals the input's).
+    unet = unet_config_from_weights({**state, "out.2.weight": state["input_blocks.0.0.weight"]}, where)
+    unet = replace(unet, out_channels=unet.in_channels, conv_out_kernel=3)
+    return ControlNetConfig(unet=unet, hint_channels=hint_channels, hint_block_channels=hint_block)
 
 
 def _read(path: Path, where: str) -> tuple[dict[str, torch.Tensor], ControlNetConfig, bool]:
-    """(original-layout state, config, heads known) of any supported ControlNet file or folder."""
+    """(original-layout state, config, complete) of any supported ControlNet file or folder; an
+    incomplete config lacks what no weight says (see `_rules`)."""
     if path.is_dir():
         cfg_path = path / "config.json"
         weights = next((path / w for w in WEIGHTS if (path / w).is_file()), None)
@@ -145,41 +171,80 @@ def _read(path: Path, where: str) -> tuple[dict[str, torch.Tensor], ControlNetCo
             raise CheckpointError(f"{where}: config.json is a {cfg.get('_class_name')!r}, not a ControlNetModel")
         cfg = {**cfg, "up_block_types": [t.replace("Down", "Up") for t in reversed(cfg["down_block_types"])]}
         state, _ = read_tensors(weights)
-        state, config = _from_diffusers_state(state, where, unet_config_from_diffusers(cfg, where))
-        return state, config, True
+        config = replace(_diffusers_skeleton(state, where), unet=unet_config_from_diffusers(cfg, where))
+        return keymaps.rename(state, keymaps.controlnet_to_diffusers(config), reverse=True), config, True
     state, metadata = read_tensors(path)
     state = {k: v for k, v in state.items() if not NOT_WEIGHTS.search(k)}
     if not is_controlnet(state):
         raise CheckpointError(f"{where}: not a ControlNet (no input_hint_block / controlnet_cond_embedding weights)")
-    if any(k.startswith("controlnet_cond_embedding.") for k in state):
-        state, config = _from_diffusers_state(state, where)
-        return state, config, False
+    if any(k.startswith("controlnet_cond_embedding.") for k in state):  # diffusers' names, no config
+        state = keymaps.rename(state, keymaps.controlnet_to_diffusers(_diffusers_skeleton(state, where)), reverse=True)
     if any(k.startswith(PREFIX) for k in state):
         state = strip_prefix(state, PREFIX)
     if METADATA_KEY in metadata:
         return state, from_dict(ControlNetConfig, json.loads(metadata[METADATA_KEY]), f"{where} header"), True
-    hint_channels, hint_block = hint_config_from_weights(state, where)
-    # The UNet reader wants an output layer; a ControlNet has none (its width equals the input's).
-    unet = unet_config_from_weights({**state, "out.2.weight": state["input_blocks.0.0.weight"]}, where)
-    return state, ControlNetConfig(unet=unet, hint_channels=hint_channels, hint_block_channels=hint_block), False
+    return state, _original_config(state, where), False
+
+
+def _rules(config: ControlNetConfig, base: UNetConfig | None) -> ControlNetConfig:
+    """What a ControlNet file's weights cannot say, from the base model it is used with or, alone, from
+    its family's rules (told by its context width; SD 1.x's where none fits): heads, norm groups
+    (SD's 32, or the most that divide every width) and, for an addition embedding (SDXL), each
+    micro-conditioning number's width."""
+    c = config.unet
+    family = controlnet_family(c.context_dim)
+    src = base
+    if src is None:
+        heads = {"num_heads": 8, "num_head_channels": -1, **(family or FAMILIES["sd1"]).unet_heads}
+        src = replace(c, **heads, norm_groups=groups_for(c.channels))
+    width = None
+    if c.num_classes == "sequential":
+        if base is not None and base.num_classes == "sequential" and base.adm_in_channels == c.adm_in_channels:
+            width = base.addition_time_embed_dim
+        elif family is not None:
+            width = family.controlnet_micro_width
+    unet = replace(
+        c,
+        num_heads=src.num_heads,
+        num_head_channels=src.num_head_channels,
+        norm_groups=src.norm_groups,
+        addition_time_embed_dim=width,
+    )
+    return replace(config, unet=unet)
+
+
+def check_fits(config: UNetConfig, base: UNetConfig, where: str) -> None:
+    """Refuse, in one line, a ControlNet whose base is another model: named by family where both
+    context widths tell one (a ControlNet for SD 1.5 given to an SDXL model, or the reverse)."""
+    why = misfit(config, base)
+    if why is None:
+        return
+    mine, theirs = controlnet_family(config.context_dim), controlnet_family(base.context_dim)
+    if mine is not None and theirs is not None and mine.name != theirs.name:
+        a, b = (f.title.split(" (")[0] for f in (mine, theirs))
+        raise ConfigError(
+            f"{where}: a ControlNet for {a} (text context {config.context_dim}) does not fit this {b} model "
+            f"(context {base.context_dim}); use a ControlNet made for {b}"
+        )
+    raise ConfigError(f"{where}: ControlNet does not fit this model: {why}")
 
 
 def load_controlnet(path: str | Path, base: UNetConfig | None = None) -> ControlNet:
-    """A ControlNet from a file or folder; with `base`, checked against that UNet and given its heads."""
+    """A ControlNet from a file or folder; with `base`, checked against that UNet (before anything is
+    built) and given what its weights cannot say from it."""
     path = Path(path)
     where = str(path)
     if not path.exists():
         raise CheckpointError(f"{where}: no such file or folder")
-    state, config, heads_known = _read(path, where)
-    if not heads_known:  # nor group-norm groups: neither is in the weights
-        src = base if base is not None else _family_heads(config.unet)
-        unet = replace(
-            config.unet, num_heads=src.num_heads, num_head_channels=src.num_head_channels, norm_groups=src.norm_groups
-        )
-        config = replace(config, unet=unet)
-    net = ControlNet(config)
+    state, config, complete = _read(path, where)
+    if not complete and base is not None and not any(k.endswith("attn2.to_k.weight") for k in state):
+        # no cross-attention weights (transformer depth 0 everywhere): the context width is the base's
+        config = replace(config, unet=replace(config.unet, context_dim=base.context_dim))
     if base is not None:
-        net.check_base(base)
+        check_fits(config.unet, base, where)
+    if not complete:
+        config = _rules(config, base)
+    net = ControlNet(config)
     strict_load(net, state, "ControlNet", where)
     return net.eval()
 

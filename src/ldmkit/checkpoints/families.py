@@ -24,6 +24,9 @@ class Family:
     image_size: int = 512  # native output side (default generation size)
     # Cross-attention width of its ControlNets, which tells a ControlNet file's base family.
     controlnet_context: int | None = None
+    # SDXL ControlNets: each micro-conditioning number's width in their addition embedding (`label_emb`),
+    # which a ControlNet's weights alone cannot say (no text tower beside it gives the pooled width).
+    controlnet_micro_width: int | None = None
     # Unsupported families: key fragments that betray a single file (prefixes, or a substring).
     markers: tuple[str, ...] = ()
     # SDXL's conditioner: a second tower ("openclip": OpenCLIP-bigG) and a pooled vector for the UNet.
@@ -54,7 +57,7 @@ FAMILIES: dict[str, Family] = {
         Family("sd2-v", "Stable Diffusion 2.x (v, 768)", prediction="v_prediction", image_size=768, **_SD2),
         Family("sd2-inpainting", "Stable Diffusion 2.x inpainting", inpainting=True, prediction="epsilon", **_SD2),
         Family("ldmkit", "ldmkit's own (BERT-family text encoder)", text_kind="bert"),
-        Family("sdxl", "SDXL", controlnet_context=2048, **_XL_BASE),
+        Family("sdxl", "SDXL", controlnet_context=2048, controlnet_micro_width=256, **_XL_BASE),
         Family("sdxl-inpainting", "SDXL inpainting", inpainting=True, **_XL_BASE),
         Family("sdxl-refiner", "SDXL refiner", text_kind="openclip", micro_conditions=5, **_XL),
         Family("sd3", "SD3", supported=False, markers=("*joint_blocks.",)),

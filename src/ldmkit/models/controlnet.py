@@ -7,7 +7,8 @@ block back to the frozen UNet, each through a zero-initialised 1x1 convolution. 
 point: a fresh ControlNet changes nothing, and training starts from the base model's behaviour.
 
 Module names follow the original code (`input_hint_block`, `zero_convs`, `middle_block_out`), so
-an original checkpoint's `control_model.*` keys load without renaming."""
+an original checkpoint's `control_model.*` keys load without renaming. An SDXL ControlNet copies the
+addition embedding (`label_emb`) too, and is given the same y as the UNet it drives."""
 
 from dataclasses import dataclass, field
 
@@ -69,13 +70,11 @@ class ControlNet(UNetModel):
         return net.to(next(unet.parameters()).dtype)
 
     def check_base(self, unet_config: UNetConfig) -> None:
-        """Refuse a base UNet whose skip connections this ControlNet does not fit."""
-        a, b = self.config, unet_config
-        mine = (a.in_channels, tuple(a.channels), a.num_res_blocks, a.middle_block, a.context_dim)
-        theirs = (b.in_channels, tuple(b.channels), b.num_res_blocks, b.middle_block, b.context_dim)
-        if mine != theirs:
-            names = "(latent channels, level widths, res blocks, middle block, context size)"
-            raise ConfigError(f"ControlNet does not fit this model: {names} {mine} vs the model's {theirs}")
+        """Refuse a base UNet whose skip connections, text context or addition embedding input this
+        ControlNet does not fit."""
+        why = misfit(self.config, unet_config)
+        if why:
+            raise ConfigError(f"ControlNet does not fit this model: {why}")
 
     def forward(
         self,
@@ -87,7 +86,8 @@ class ControlNet(UNetModel):
         timestep_cond: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Residuals for the base UNet's skips (input block order) and, last, its middle block.
-        hint: [B, hint_channels, H, W] at image resolution, values in [0, 1]."""
+        hint: [B, hint_channels, H, W] at image resolution, values in [0, 1]; y: the base UNet's class
+        or addition embedding input (SDXL: pooled text + embedded micro-conditioning)."""
         emb = self.embed(x, timesteps, y, timestep_cond)
         f = self.control_config.downsample_factor
         if hint.shape[-2:] != (x.shape[-2] * f, x.shape[-1] * f):
@@ -103,6 +103,24 @@ class ControlNet(UNetModel):
         h = self.middle_block(h, emb, context)
         out.append(self.middle_block_out(h, emb, context))
         return out
+
+
+def misfit(control: UNetConfig, base: UNetConfig) -> str | None:
+    """Why a ControlNet of this architecture cannot drive that base UNet (None: it can). The residuals
+    must match the base's skips; the ControlNet reads the base's text context and, SDXL's, the same
+    addition embedding input y (pooled text + micro-conditioning)."""
+
+    def shape(c: UNetConfig) -> tuple:
+        adm = c.adm_in_channels if c.num_classes == "sequential" else c.num_classes
+        res = c.num_res_blocks if isinstance(c.num_res_blocks, int) else tuple(c.num_res_blocks)
+        if isinstance(res, tuple) and len(set(res)) == 1:
+            res = res[0]
+        return c.in_channels, tuple(c.channels), res, c.middle_block, c.context_dim, adm
+
+    if shape(control) == shape(base):
+        return None
+    names = "(latent channels, level widths, res blocks, middle block, context size, addition embedding input)"
+    return f"{names} {shape(control)} vs the model's {shape(base)}"
 
 
 def guess_mode_scales(n: int) -> list[float]:
