@@ -235,6 +235,10 @@ def test_micro_conditioning_only_where_a_model_takes_it(tmp_path):
         Pipeline.load(tmp_path / "base")("x", steps=1, width=16, height=16, aesthetic_score=7.0)
     with pytest.raises(ConfigError, match="target_size: the SDXL refiner takes aesthetic scores"):
         Pipeline.load(tmp_path / "refiner")("x", steps=1, width=16, height=16, target_size=(64, 64))
+    with pytest.raises(
+        ConfigError, match="is SDXL refiner, trained on the last, low-noise steps only: give it an init image"
+    ):
+        Pipeline.load(tmp_path / "refiner")("x", steps=1, width=16, height=16)
     with pytest.raises(ConfigError, match="crops_coords_top_left: .* two whole numbers"):
         Pipeline.load(tmp_path / "base")("x", steps=1, crops_coords_top_left=(1, 2, 3))
 

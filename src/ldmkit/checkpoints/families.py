@@ -39,6 +39,8 @@ class Family:
     micro_conditions: int | None = None
     # An empty negative prompt is zeros (diffusers' force_zeros_for_empty_prompt, SDXL base).
     zero_empty_negative: bool = False
+    # Trained for the last steps only (SDXL's refiner): it repaints images, it does not draw from noise.
+    image_to_image_only: bool = False
 
 
 _SD1 = dict(text_kind="clip", unet_heads={"num_heads": 8, "num_head_channels": -1}, controlnet_context=768)
@@ -46,6 +48,7 @@ _SD2 = dict(text_kind="openclip", unet_heads={"num_head_channels": 64}, controln
 _XL = dict(
     pooled=True, prediction="epsilon", unet_heads={"num_head_channels": 64}, image_size=1024, vae_scale_factor=0.13025
 )
+_REFINER = dict(image_to_image_only=True)
 _XL_BASE = dict(text_kind="clip", text_2_kind="openclip", micro_conditions=6, zero_empty_negative=True, **_XL)
 
 FAMILIES: dict[str, Family] = {
@@ -59,7 +62,9 @@ FAMILIES: dict[str, Family] = {
         Family("ldmkit", "ldmkit's own (BERT-family text encoder)", text_kind="bert"),
         Family("sdxl", "SDXL", controlnet_context=2048, controlnet_micro_width=256, **_XL_BASE),
         Family("sdxl-inpainting", "SDXL inpainting", inpainting=True, **_XL_BASE),
-        Family("sdxl-refiner", "SDXL refiner", text_kind="openclip", micro_conditions=5, **_XL),
+        Family(
+            "sdxl-refiner", "SDXL refiner", text_kind="openclip", micro_conditions=5, image_to_image_only=True, **_XL
+        ),
         Family("sd3", "SD3", supported=False, markers=("*joint_blocks.",)),
         Family("flux", "Flux", supported=False, markers=("double_blocks.", "model.diffusion_model.double_blocks.")),
     ]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ldmkit.checkpoints.families import FAMILIES
 from ldmkit.diffusion.registry import SAMPLERS, from_webui, get_sampler
 from ldmkit.errors import ConfigError
 from ldmkit.images import format_infotext, parse_infotext
@@ -227,6 +228,12 @@ class GenerationParams:
             _check_size("hires width", size.width, multiple)
             _check_size("hires height", size.height, multiple)
         check_micro_conditioning(c, p)
+        family = FAMILIES.get(c.family)
+        if family is not None and family.image_to_image_only and p.init_image is None:
+            raise ConfigError(
+                f"{name} is {family.title}, trained on the last, low-noise steps only: give it an init image, "
+                "or use it as the refiner of a base model (--refiner / refiner_checkpoint)"
+            )
         clip_skip = c.text.clip_skip if p.clip_skip is None else p.clip_skip
         for text in c.text_configs:
             check_clip_skip(text, clip_skip)
