@@ -335,3 +335,26 @@ def test_the_web_ui_api_serves_sdxl_with_its_refiner(tmp_path):
     assert images[0].tobytes() != images[1].tobytes()
     assert missing.status_code == 404 and "nope" in missing.json()["detail"]
     assert bad.status_code == 422 and "refiner_switch_at" in bad.json()["detail"]
+
+
+def test_sharded_folders_load_and_a_hostile_index_is_refused(tmp_path):
+    """save_pretrained shards a component above its max_shard_size (SDXL's fp32 UNet at the default 10 GB):
+    the shards load to the same model; an index naming a file outside its folder is refused in one line."""
+    import json
+
+    from ldmkit.checkpoints.single_file import load_model
+    from ldmkit.errors import CheckpointError
+
+    pipe = build(draw(2), tmp_path / "whole", 2)
+    pipe.save_pretrained(str(tmp_path / "sharded"), max_shard_size="200KB")
+    index = tmp_path / "sharded" / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+    assert index.exists() and len(set(json.loads(index.read_text())["weight_map"].values())) > 1
+    whole, sharded = load_model(tmp_path / "whole"), load_model(tmp_path / "sharded")
+    for (k, a), (k2, b) in zip(whole.state_dict().items(), sharded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    data = json.loads(index.read_text())
+    first = next(iter(data["weight_map"]))
+    data["weight_map"][first] = "../../whole/unet/diffusion_pytorch_model.safetensors"
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="names a shard .* that is not a file of unet/"):
+        load_model(tmp_path / "sharded")

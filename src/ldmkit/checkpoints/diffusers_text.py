@@ -32,15 +32,34 @@ def read_json(path: Path) -> dict:
 def component_weights(
     folder: Path, names: tuple[str, ...], dtype: torch.dtype | None = None
 ) -> dict[str, torch.Tensor]:
-    """A component's weights: safetensors first, then the fp16 variant, then `.bin` (safe loader).
-    dtype: a safetensors file's floating tensors converted to it as they are read."""
+    """A component's weights: safetensors first, then the fp16 variant, then `.bin` (safe loader); each
+    whole or in shards named by its `.index.json` (what save_pretrained writes above 10 GB, e.g. SDXL's
+    fp32 UNet). dtype: a safetensors file's floating tensors converted to it as they are read."""
+    rule = None if dtype is None else (lambda k: dtype)
     for name in names:
         stem, ext = name.rsplit(".", 1)
         for candidate in (name, f"{stem}.fp16.{ext}"):
             if (folder / candidate).exists():
-                state, _ = read_tensors(folder / candidate, None if dtype is None else (lambda k: dtype))
+                return read_tensors(folder / candidate, rule)[0]
+            if (folder / f"{candidate}.index.json").exists():
+                state = {}
+                for shard in _shards(folder, folder / f"{candidate}.index.json"):
+                    state.update(read_tensors(shard, rule)[0])
                 return state
     raise CheckpointError(f"{folder}: no weights file (looked for {', '.join(names)})")
+
+
+def _shards(folder: Path, index: Path) -> list[Path]:
+    """The shard files an index names: plain file names beside it, each present (an index is a file from
+    anywhere: it never reaches outside the folder)."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: no weight_map")
+    names = sorted({v for v in weight_map.values()})
+    for n in names:
+        if not isinstance(n, str) or Path(n).name != n or n in (".", "..") or not (folder / n).is_file():
+            raise CheckpointError(f"{index}: names a shard {str(n)[:100]!r} that is not a file of {folder.name}/")
+    return [folder / n for n in names]
 
 
 def cast_floats(state, dtype):
