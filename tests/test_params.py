@@ -48,6 +48,7 @@ PROBE = {
     "strength": 0.5,
     "mask": MASK,
     "mask_blur": 2.0,
+    "inpaint_blend": "noised",
     "eta": 0.25,
     "guidance_rescale": 0.7,
     "prompt_mode": "truncate",
@@ -187,7 +188,12 @@ def test_infotext_reads_back_what_it_wrote():
         read, ours = from_infotext(text)
         assert ours
         for entry, name, _ in INFOTEXT_FIELDS:
-            if name == "mask_blur" and params.mask is None or name.startswith("hires_") and not params.hires:
+            if (
+                name in ("mask_blur", "inpaint_blend")
+                and params.mask is None
+                or name.startswith("hires_")
+                and not params.hires
+            ):
                 continue  # written only for a mask, for a hires pass
             if name == "hires_scale" and (params.hires_width or params.hires_height):
                 continue  # a hires size is written instead of a scale

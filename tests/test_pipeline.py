@@ -149,6 +149,33 @@ def test_nine_channel_inpainting_model(tmp_path):
     out = pipe("a blue square", init_image=src, mask=mask, mask_blur=0, steps=3, seed=1)
     assert np.abs(pixels(out.images[0])[:, 16:] - pixels(src)[:, 16:]).max() <= 1
     assert np.abs(pixels(out.images[0])[:, :16] - pixels(src)[:, :16]).mean() > 1
+    from ldmkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="inpaint_blend: tiny-inpaint is an inpainting model: the mask is its input"):
+        pipe("a blue square", init_image=src, mask=mask, steps=1, inpaint_blend="noised")
+
+
+def test_the_two_inpainting_blends_keep_the_unmasked_region_and_say_which_ran(tiny_pipe):
+    """Both blends end with the original latents outside the mask; with an ancestral sampler they differ
+    inside it (for ODE samplers the original noised to each sigma is what a replaced prediction leads to,
+    so the two coincide), the diffusers one is written into the infotext and read back, and nonsense is
+    refused in one line."""
+    from ldmkit.errors import ConfigError
+    from ldmkit.pipelines.params import GenerationParams, from_infotext
+
+    src = tiny_pipe("a cat", steps=4, seed=1, width=32, height=32).images[0]
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    kw = dict(init_image=src, mask=mask, mask_blur=0, strength=0.8, seed=3, steps=5, sampler="euler_a")
+    web, diff = (tiny_pipe("a dog", **kw, inpaint_blend=b) for b in ("denoised", "noised"))
+    keep = torch.ones(1, 4, 16, 16, dtype=torch.bool)
+    keep[..., 4:12, 4:12] = False
+    assert torch.equal(web.latents[keep], diff.latents[keep])
+    assert (web.latents[~keep] - diff.latents[~keep]).abs().max() > 1e-2
+    assert "Inpaint blend: noised" in diff.infotexts[0] and "Inpaint blend" not in web.infotexts[0]
+    assert from_infotext(diff.infotexts[0])[0]["inpaint_blend"] == "noised"
+    with pytest.raises(ConfigError, match="inpaint_blend: 'latents'; allowed: denoised, noised"):
+        GenerationParams(prompt="x", init_image=src, mask=mask, inpaint_blend="latents")
 
 
 def test_callback_sees_every_step_with_a_preview(tiny_pipe):

@@ -36,6 +36,12 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strength", type=float, help="how much of the init image to repaint, 0 to 1 (default 0.75)")
     p.add_argument("--mask", help="inpainting mask, the init image's size: white is repainted")
     p.add_argument("--mask-blur", type=float)
+    p.add_argument(
+        "--inpaint-blend",
+        choices=["denoised", "noised"],
+        help="how an ordinary model keeps the unmasked region: its prediction replaced by the original, as the"
+        " web UI (default), or its latents by the noised original at every step, as diffusers",
+    )
     p.add_argument("--eta", type=float, help="DDIM's eta (0 = deterministic)")
     p.add_argument("--guidance-rescale", type=float)
     p.add_argument(

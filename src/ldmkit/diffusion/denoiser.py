@@ -37,6 +37,19 @@ class Control:
 
 
 @dataclass
+class Blend:
+    """Inpainting with an ordinary (4-channel) model: where `keep` is 0 the latents stay the original's.
+    Without `noise` the prediction x0 is replaced by `z_init` at every step (the popular web UI's way);
+    with it, the sampler's own latents at each sigma after the first are replaced by `z_init + noise *
+    sigma`, the original noised to that level (diffusers' inpainting pipelines, which blend after
+    every scheduler step)."""
+
+    keep: torch.Tensor  # [B|1, 1, h, w]
+    z_init: torch.Tensor  # [B, C, h, w]
+    noise: torch.Tensor | None = None  # [B, C, h, w]: the run's initial noise
+
+
+@dataclass
 class Conditioning:
     """Everything besides x and sigma that the denoiser needs, batched per image."""
 
@@ -48,9 +61,7 @@ class Conditioning:
     timestep_cond: torch.Tensor | None = None  # [B, D] guidance-scale embedding (LCM)
     y: torch.Tensor | None = None  # class labels / vectors
     uncond_y: torch.Tensor | None = None  # the negative prompts' vectors, where they differ (SDXL); None: y
-    # Inpainting by latent blending: (keep [B|1, 1, h, w], z_init): where keep is 0, the prediction is
-    # the original latent, so the unmasked region ends exactly where it started.
-    blend: tuple[torch.Tensor, torch.Tensor] | None = None
+    blend: Blend | None = None  # inpainting by latent blending
     control: list[Control] = field(default_factory=list)
 
 
@@ -138,6 +149,13 @@ class Denoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Conditioning) -> torch.Tensor:
         sigma = float(sigma)
         self.calls += 1
+        b = cond.blend
+        if b is not None and b.noise is not None and self._sigmas and not math.isinf(sigma) and sigma < self._sigmas[0]:
+            # Blending the sampler's own tensor before its step reads it is diffusers' blend after the
+            # previous step, for every sampler in samplers.py: each passes its state (or, within a
+            # step, its intermediate point, which diffusers' second-order schedulers blend too) as x.
+            # At the first sigma x already is the noised original, or pure noise diffusers leaves be.
+            x.copy_(b.keep * x + (1 - b.keep) * (b.z_init + b.noise * sigma))
         x_in = x if math.isinf(sigma) else x / (sigma**2 + 1) ** 0.5  # at inf, x is the VP latent
         if cond.concat is not None:
             x_in = torch.cat([x_in, cond.concat.to(x_in)], dim=1)
@@ -163,7 +181,6 @@ class Denoiser:
                 x_in, t, context, y=cond.y, timestep_cond=cond.timestep_cond, control=control, cache=self.cache
             ).float()
         x0 = to_x0(out.float(), x, sigma, self.prediction_type)
-        if cond.blend is not None:
-            keep, z_init = cond.blend
-            x0 = keep * x0 + (1 - keep) * z_init
+        if b is not None and b.noise is None:
+            x0 = b.keep * x0 + (1 - b.keep) * b.z_init
         return x0

@@ -61,14 +61,16 @@ def sample_latents(
     init_latents: torch.Tensor | None = None,
     callback: Callable | None = None,
     noised: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
     **options,
 ) -> torch.Tensor:
     """Clean latents [B, C, h, w] (variance-preserving, unscaled by the VAE factor) from walking the
     denoiser's schedule (sampling_schedule). With `init_latents` (image-to-image, the schedule cut to
     the steps that run) noise of the first sigma is added to them. `noised`: a run handed over at the
     first sigma (a base model's latents for a refiner), in the form sample_latents returns them there;
-    no noise is drawn for it. The sampler options the schedule implies (clip_sample, ...) come first,
-    `options` over them."""
+    no noise is drawn for it. `noise`: the initial noise when the caller drew it (inpainting draws it
+    between posterior samples of the image, where diffusers does). The sampler options the schedule
+    implies (clip_sample, ...) come first, `options` over them."""
     schedule = denoiser.walk
     options = {**schedule.options, **options}
     device = cond.context.device
@@ -77,7 +79,7 @@ def sample_latents(
         s0 = float(sigmas[0])
         x = noised.to(device) if schedule.sigma_space_output else noised.to(device) * (s0**2 + 1) ** 0.5
         return _walk(denoiser, spec, x, sigmas, cond, generators, callback, options)
-    noise = per_image_noise(generators, latent_shape).to(device)
+    noise = (per_image_noise(generators, latent_shape) if noise is None else noise).to(device)
     if init_latents is None:
         # At sigma = inf (ᾱ = 0, zero terminal SNR) samplers hold the variance-preserving latent.
         x = noise if math.isinf(schedule.init_noise_sigma) else noise * schedule.init_noise_sigma

@@ -23,9 +23,9 @@ from ldmkit import __version__
 from ldmkit.checkpoints.files import sha256_file
 from ldmkit.checkpoints.lora_files import find_lora, read_lora
 from ldmkit.data.vocabulary import unknown_words
-from ldmkit.diffusion.denoiser import Conditioning, Control, Denoiser
+from ldmkit.diffusion.denoiser import Blend, Conditioning, Control, Denoiser
 from ldmkit.diffusion.registry import SAMPLERS
-from ldmkit.diffusion.sampling import generators_for, sample_latents, sampling_schedule, split_walk
+from ldmkit.diffusion.sampling import generators_for, per_image_noise, sample_latents, sampling_schedule, split_walk
 from ldmkit.diffusion.schedule import NoiseSchedule, SamplingSchedule
 from ldmkit.errors import ConfigError
 from ldmkit.images import latent_preview, mask_to_tensor, pil_to_tensor, tensor_to_pil
@@ -260,28 +260,39 @@ class Pipeline:
         return cond, control_images
 
     def _start(self, p: GenerationParams, cond: Conditioning, generators, latent_shape, device):
-        """Image-to-image and inpainting: (initial latents or None, pixels, blurred pixel mask), with
-        the inpainting model's extra channels or the blending mask put into `cond`."""
+        """Image-to-image and inpainting: (initial latents or None, initial noise, pixels, blurred pixel
+        mask), with the inpainting model's extra channels or the blend put into `cond`. Each image's
+        generator draws as diffusers' pipelines draw: the image's posterior sample (when it is used),
+        the initial noise, then the masked image's posterior sample."""
         m = self.model
         inpaint_model = m.config.unet.in_channels == 9
+        from_noise = inpaint_model and p.strength >= 1.0  # as diffusers: an inpainting model at full strength
         init_latents = pixels = pixel_mask = None
         if p.init_image is not None:
             pixels = pil_to_tensor(p.init_image, p.width, p.height).to(device)
-            posterior = self.encode(pixels)
-            init_latents = torch.cat([m.vae.scale(posterior.sample(g)) for g in generators])
+            if not from_noise:
+                posterior = self.encode(pixels)
+                init_latents = torch.cat([m.vae.scale(posterior.sample(g)) for g in generators])
+        noise = per_image_noise(generators, latent_shape).to(device)
         if p.mask is not None:
             pixel_mask = mask_to_tensor(p.mask, p.width, p.height, p.mask_blur).to(device)
+            hard = (mask_to_tensor(p.mask, p.width, p.height, 0) >= 0.5).float().to(device)
+            if inpaint_model or p.inpaint_blend == "noised":
+                masked = self.encode(pixels * (1 - hard))
+                # diffusers samples the masked image's posterior for 4-channel models too, unused: drawn
+                # here alike, each seed's later (ancestral) noise stays diffusers'
+                masked = torch.cat([m.vae.scale(masked.sample(g)) for g in generators])
             if inpaint_model:
-                hard = (mask_to_tensor(p.mask, p.width, p.height, 0) >= 0.5).float().to(device)
-                masked = m.vae.scale(self.encode(pixels * (1 - hard)).mode())
                 hard = F.interpolate(hard, size=latent_shape[1:])
-                cond.concat = torch.cat([hard, masked], dim=1).expand(p.batch, -1, -1, -1)
+                cond.concat = torch.cat([hard.expand(p.batch, -1, -1, -1), masked], dim=1)
+            elif p.inpaint_blend == "noised":
+                cond.blend = Blend(F.interpolate(hard, size=latent_shape[1:]), init_latents, noise)
+                if p.strength >= 1.0:
+                    init_latents = None  # diffusers starts from pure noise, blending from the second step
             else:
                 keep = F.interpolate(pixel_mask, size=latent_shape[1:], mode="bilinear", align_corners=False)
-                cond.blend = (keep, init_latents)
-        if inpaint_model and p.strength >= 1.0:
-            init_latents = None  # from pure noise, as diffusers does at full strength
-        return init_latents, pixels, pixel_mask
+                cond.blend = Blend(keep, init_latents)
+        return init_latents, noise, pixels, pixel_mask
 
     def _generate(self, p: GenerationParams, walk: SamplingSchedule, callback):
         m, c = self.model, self.model.config
@@ -291,7 +302,7 @@ class Pipeline:
         generators = generators_for(p.seed, p.batch)
         f = c.vae.downsample_factor
         latent_shape = (4 if c.unet.in_channels == 9 else c.unet.in_channels, p.height // f, p.width // f)
-        init_latents, pixels, pixel_mask = self._start(p, cond, generators, latent_shape, device)
+        init_latents, initial_noise, pixels, pixel_mask = self._start(p, cond, generators, latent_shape, device)
         noise = NoiseSchedule.from_config(c.schedule, m.alphas_cumprod)
         cache = FeatureCache(p.feature_cache) if p.feature_cache > 1 else None
         base_walk, rest = self._split(p, walk)
@@ -304,15 +315,16 @@ class Pipeline:
                 callback(StepInfo(i + 1, total, x, x0, lambda: self.preview(x0)))
 
         options = {"eta": p.eta} if p.sampler == "ddim" else {}
-        z = sample_latents(denoiser, spec, cond, generators, latent_shape, init_latents, on_step, **options)
+        z = sample_latents(
+            denoiser, spec, cond, generators, latent_shape, init_latents, on_step, noise=initial_noise, **options
+        )
         if rest is not None:  # SDXL's refiner takes over (pipelines/refiner.py)
             k = len(base_walk.timesteps)
             z = refine(self.refiner, p, z, rest, generators, lambda i, x, x0: on_step(k + i, x, x0))
         if p.hires:
             z = hires.run_second_pass(self, p, z, cond, noise, lambda i, x, x0: on_step(p.steps + i, x, x0))
-        if cond.blend is not None:
-            keep, z_init = cond.blend
-            z = keep * z + (1 - keep) * z_init
+        if cond.blend is not None:  # the last step's blend: the original itself
+            z = cond.blend.keep * z + (1 - cond.blend.keep) * cond.blend.z_init
         images = (self.refiner if rest is not None else self).decode(z)
         if pixel_mask is not None:
             images = pixel_mask * images + (1 - pixel_mask) * pixels

@@ -37,6 +37,7 @@ MAX_HIRES_SCALE = 8.0
 # What a call leaves out when the model does not say (bundled models carry their own choice).
 CALL_DEFAULTS = {"steps": 20, "cfg": 7.0, "sampler": "dpmpp_2m_karras"}
 LCM_DEFAULTS = {"steps": 4, "cfg": 8.5, "sampler": "lcm"}  # diffusers' LCM pipeline's
+INPAINT_BLENDS = ("denoised", "noised")
 CONTROL_MODES = {False: "Balanced", True: "ControlNet is more important"}  # the popular UI's names
 
 
@@ -56,6 +57,10 @@ class GenerationParams:
     strength: float = 0.75  # with an init image: how much of it is repainted
     mask: Image.Image | None = field(default=None, repr=False)  # inpainting: white is repainted
     mask_blur: float = 4.0
+    # How an ordinary model keeps the unmasked region (diffusion/denoiser.Blend): "denoised", its
+    # prediction replaced by the original (the web UI); "noised", its latents by the original noised to
+    # each step's level (diffusers). Either way the original pixels are pasted back outside the mask.
+    inpaint_blend: str = "denoised"
     eta: float = 0.0  # DDIM's
     guidance_rescale: float = 0.0
     prompt_mode: str = "webui"  # webui: emphasis syntax, 75-token chunks; truncate: as diffusers
@@ -142,6 +147,8 @@ class GenerationParams:
     def _check_images(self) -> None:
         if self.mask is not None and self.init_image is None:
             raise ConfigError("a mask needs an init image (the image to repaint)")
+        if self.inpaint_blend not in INPAINT_BLENDS:
+            raise ConfigError(f"inpaint_blend: {self.inpaint_blend!r}; allowed: {', '.join(INPAINT_BLENDS)}")
         if self.init_image is not None and not 0.0 <= self.strength <= 1.0:
             raise ConfigError(f"strength: {self.strength}; allowed: 0 to 1")
         if self.mask is not None and self.mask.size != self.init_image.size:
@@ -213,6 +220,8 @@ class GenerationParams:
         )
         if c.unet.in_channels == 9 and p.mask is None:
             raise ConfigError(f"{name} is an inpainting model: give an init image and a mask")
+        if c.unet.in_channels == 9 and p.inpaint_blend != "denoised":
+            raise ConfigError(f"inpaint_blend: {name} is an inpainting model: the mask is its input")
         multiple = max(8, c.vae.downsample_factor)
         width, height = p.width, p.height
         if width is None:
@@ -289,6 +298,7 @@ INFOTEXT_FIELDS = (
     ("Seed", "seed", int),
     ("Denoising strength", "strength", float),
     ("Mask blur", "mask_blur", float),
+    ("Inpaint blend", "inpaint_blend", str),
     ("Clip skip", "clip_skip", int),
     ("Eta DDIM", "eta", float),
     ("Guidance rescale", "guidance_rescale", float),
@@ -343,6 +353,7 @@ def to_infotext(p: GenerationParams, index: int, run: RunFacts, version: str) ->
         "Model": run.model_name,
         "Denoising strength": p.denoising_strength,
         "Mask blur": p.mask_blur if p.mask is not None else None,
+        "Inpaint blend": p.inpaint_blend if p.inpaint_blend != "denoised" else None,
         "Clip skip": p.clip_skip if p.clip_skip and p.clip_skip != 1 else None,
         "Eta DDIM": p.eta if p.sampler == "ddim" and p.eta else None,
         "Guidance rescale": p.guidance_rescale or None,

@@ -58,6 +58,7 @@ FROM_REQUEST = {
     "batch": ("batch_size", int),
     "strength": ("denoising_strength", float),
     "mask_blur": ("mask_blur", float),
+    "inpaint_blend": ("inpaint_blend", str),
     "eta": ("eta", float),
     "guidance_rescale": ("guidance_rescale", float),
     "prompt_mode": ("prompt_mode", str),

@@ -103,6 +103,7 @@ class Img2ImgRequest(GenerationRequest):
     inpainting_fill: int = 0
     inpaint_full_res: bool = True
     inpainting_mask_invert: int = 0
+    inpaint_blend: str | None = None  # ldmkit's: "denoised" (the web UI's way, the default) or "noised" (diffusers')
     include_init_images: bool = False
 
 
