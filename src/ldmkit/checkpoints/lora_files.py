@@ -5,7 +5,8 @@ name in a folder, and hashed as the web UI's infotexts name them.
 SDXL's text towers are named as diffusers loads them: the CLIP-L tower is `text_encoder` (kohya's
 `lora_te1_`, or `lora_te_`), OpenCLIP-bigG `text_encoder_2` (`lora_te2_`), also in the refiner, whose only
 tower is bigG. sd-scripts names SDXL's UNet modules by the original (sgm) names, flattened with
-underscores; diffusers' names are read too."""
+underscores; diffusers' names are read too, as in latent-consistency's lcm-lora-sdxl: a UNet-only kohya file
+over diffusers' names, e.g. `lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight` (tests/test_sdxl_lcm.py)."""
 
 import json
 import re
