@@ -506,6 +506,7 @@ PAPER_TARGETS = {
     "epsilon": lambda x0, eps, a, s: eps,
     "v_prediction": lambda x0, eps, a, s: a * eps - s * x0,
     "sample": lambda x0, eps, a, s: x0,
+    "flow": lambda x0, eps, a, s: eps - x0,  # rectified flow (Liu et al. 2022): the straight path's velocity
 }
 
 
@@ -516,7 +517,7 @@ def test_each_prediction_type_has_the_target_inverse_and_weight_of_its_equations
     assert set(PREDICTIONS) == set(PREDICTION_TYPES) == set(PAPER_TARGETS)
     # by hand: x0 = 1, ε = 2, ᾱ = 0.36 (a = 0.6, s = 0.8): v = 0.6·2 - 0.8·1 = 0.4
     one = torch.tensor([1.0], dtype=torch.float64)
-    by_hand = {"epsilon": 2.0, "v_prediction": 0.4, "sample": 1.0}
+    by_hand = {"epsilon": 2.0, "v_prediction": 0.4, "sample": 1.0, "flow": 1.0}
     for name, want in by_hand.items():
         assert PREDICTIONS[name].target(one, 2 * one, 0.6 * one, 0.8 * one).item() == pytest.approx(want, abs=1e-12)
 

@@ -60,6 +60,7 @@ def hints_from(images: torch.Tensor, kind: str) -> torch.Tensor:
 
 class ControlNetTask(LatentTask):
     name = "controlnet"
+    refuses_sdxl = "train-controlnet"  # neither the ControlNet nor `predict` passes the UNet its y
     needs_images = True  # the hints come from the images
 
     def __init__(self, config: ControlNetTrainConfig):

@@ -3,7 +3,11 @@ learn to make a frozen model draw what the training images show when a prompt sa
 
 The vectors start as the token vectors of `init_words`; captions are the data's own with `replace`
 swapped for the new word (or, without `replace`, the word put in front). The text tower runs with
-gradients only through the new rows of its token embedding."""
+gradients only through the new rows of its token embedding.
+
+On SDXL each tower learns its own vectors for the word (each started from its own token vectors of
+`init_words`), and the file holds both, as `clip_l` (CLIP-L) and `clip_g` (OpenCLIP-bigG): the layout
+the popular web UI and diffusers read."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +17,7 @@ import torch.nn as nn
 
 from ldmkit.checkpoints.files import write_safetensors
 from ldmkit.errors import ConfigError
-from ldmkit.training.latent_task import DenoisingTrainConfig, LatentTask, SampleConfig, load_frozen
+from ldmkit.training.latent_task import DenoisingTrainConfig, LatentTask, SampleConfig, TextStates, load_frozen
 
 
 @dataclass
@@ -36,15 +40,29 @@ class EmbeddingTask(LatentTask):
 
         model = load_frozen(config.base)
         te = model.text_encoder
+        # one tokenization for every tower (the web UI's), so the word's ids are the same in each
         ids = te.tokenizer.content_ids(config.init_words)
         if not ids:
             raise ConfigError(f"init_words {config.init_words!r}: no tokens")
+        self.n = len(ids)
         self.embeddings = Embeddings(te)
-        table = token_embedding(te)
-        self.embeddings.add(config.word, table.weight[ids].detach().clone(), "train-embedding")
-        self.vectors = nn.ParameterDict({"vectors": nn.Parameter(table.extra.clone())})
+        tables = [token_embedding(t) for t in self.embeddings.towers]
+        start = [table.weight[ids].detach().clone() for table in tables]
+        # a lone tower's vectors, or an SDXL file's per tower ({"clip_l": ..., "clip_g": ...})
+        self.keys = ["vectors"] if self.embeddings.keys == [None] else self.embeddings.keys
+        self.embeddings.add(config.word, start[0] if self.keys == ["vectors"] else dict(zip(self.keys, start)))
+        self.vectors = nn.ParameterDict({k: nn.Parameter(t.extra.clone()) for k, t in zip(self.keys, tables)})
         super().__init__(config, model, self.vectors)
         self.model.unet.eval()
+
+    def _set_vectors(self, detach: bool) -> None:
+        """Each tower's extra token rows from the trained vectors: for training a differentiable view
+        of the Parameter (assigning the Parameter itself would make it the text tower's)."""
+        from ldmkit.models.embeddings import token_embedding
+
+        for key, tower in zip(self.keys, self.embeddings.towers):
+            v = self.vectors[key]
+            token_embedding(tower).extra = v.detach().clone() if detach else v * 1.0
 
     def _caption(self, caption: str) -> str:
         c = self.config
@@ -52,34 +70,36 @@ class EmbeddingTask(LatentTask):
             return caption.replace(c.replace, c.word)
         return f"{c.word} {caption}"
 
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
+    def text_states(self, captions: list[str]) -> TextStates:
         """With gradients into the new vectors (the base class encodes without any)."""
-        from ldmkit.models.embeddings import token_embedding
         from ldmkit.models.prompts import encode_prompts
 
-        # a differentiable view of the Parameter (assigning the Parameter itself would make it the text tower's)
-        token_embedding(self.model.text_encoder).extra = self.vectors["vectors"] * 1.0
+        self._set_vectors(detach=False)
         captions = [self._caption(c) if c else c for c in captions]
         with torch.enable_grad():
-            return encode_prompts(self.model.text_encoder, captions, None, "webui", self.embeddings)[0]
+            states = encode_prompts(self.model.text_encoder, captions, None, "webui", self.embeddings)
+        return TextStates(states.context, states.pooled)
 
     def loss(self, images, items, captions, gs, extra=None, reduce: bool = True):
         # A batch whose captions never say the word leaves the vectors out of the graph: tie them in
         # with weight 0, so that backward and the optimiser step see the same parameters every time.
-        return super().loss(images, items, captions, gs, extra, reduce) + 0.0 * self.vectors["vectors"].sum()
+        tie = sum(v.sum() for v in self.vectors.values())
+        return super().loss(images, items, captions, gs, extra, reduce) + 0.0 * tie
 
     def sample(self, step: int, folder: Path) -> None:
-        from ldmkit.models.embeddings import token_embedding
         from ldmkit.pipelines import Pipeline
 
         with self.ema.applied():
             pipe = Pipeline(self.model, name=f"step-{step}")
             pipe.embeddings = self.embeddings
-            token_embedding(self.model.text_encoder).extra = self.vectors["vectors"].detach().clone()
+            self._set_vectors(detach=True)
             self.prompt_grid(pipe, step, folder)
 
     def finish(self, folder: Path) -> None:
-        """The popular UI's .safetensors layout: {"emb_params": [n, d]}, named after the word."""
+        """The popular UI's .safetensors layout, named after the word: {"emb_params": [n, d]}, or on SDXL
+        {"clip_l": [n, d_l], "clip_g": [n, d_g]} (the word's rows of each tower's table)."""
         with self.ema.applied():
-            vectors = self.vectors["vectors"].detach().clone()
-        write_safetensors(folder / f"{self.config.word}.safetensors", {"emb_params": vectors})
+            vectors = {k: self.vectors[k].detach()[-self.n :].clone() for k in self.keys}
+        if self.keys == ["vectors"]:
+            vectors = {"emb_params": vectors["vectors"]}
+        write_safetensors(folder / f"{self.config.word}.safetensors", vectors)

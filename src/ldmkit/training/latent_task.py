@@ -5,14 +5,17 @@ the training step, the validation loss and sample grids.
 
 Latents come from each image's posterior, a fresh one drawn every step (from the latent cache when
 there is one). Condition dropout replaces a caption's states by the empty prompt's -- exactly what
-inference uses for the unconditional branch. Every random draw of sample g (latent noise, timestep,
-diffusion noise, dropout) comes from its own generator, so runs resume exactly and do not depend on how
-batches are split."""
+inference uses for the unconditional branch. An SDXL-style model (two text towers, a pooled vector and
+micro-conditioning in the UNet's addition embedding) is given `y` as diffusers' SDXL training scripts
+give it: the caption's pooled vector (the empty prompt's when the caption is dropped) and the numbers of
+an uncropped image of the training size (original size = target size = the image's, crop (0, 0)).
+Every random draw of sample g (latent noise, timestep, diffusion noise, dropout) comes from its own
+generator, so runs resume exactly and do not depend on how batches are split."""
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +26,7 @@ from ldmkit.data.images import DataConfig, Order, load_batch, open_dataset, samp
 from ldmkit.diffusion.schedule import NoiseSchedule
 from ldmkit.errors import ConfigError
 from ldmkit.models.ldm import LatentDiffusion
+from ldmkit.nn.embedding import size_embedding
 from ldmkit.training import distributed as dist
 from ldmkit.training.ema import EMA
 from ldmkit.training.loop import RunConfig, image_grid
@@ -43,6 +47,7 @@ class SampleConfig:
     steps: int = 20
     cfg: float = 5.0
     sampler: str = "dpmpp_2m_karras"
+    size: int | None = None  # the images' side; None: the model's own default size
 
 
 @dataclass
@@ -124,6 +129,13 @@ PREDICTIONS = {
         inverse=lambda out, z, a, s: (out, (z - a * out) / s),
         x0_error_scale=lambda snr: torch.ones_like(snr),
     ),
+    # Rectified flow's velocity v = ε − x0 (Liu et al. 2022), for z = a·x0 + s·ε with a + s = 1 there
+    # (diffusion/flow.py); the inverse holds for any a, s: x0 = (z − s·v)/(a + s).
+    "flow": Prediction(
+        target=lambda x0, eps, a, s: eps - x0,
+        inverse=lambda out, z, a, s: ((z - s * out) / (a + s), out + (z - s * out) / (a + s)),
+        x0_error_scale=lambda snr: (snr.sqrt() + 1) ** 2,
+    ),
 }
 
 
@@ -131,11 +143,32 @@ PREDICTIONS = {
 TEXT_CACHE_MB = 1024
 
 
+class TextStates(NamedTuple):
+    """A batch of captions as the UNet reads them."""
+
+    context: torch.Tensor  # [B, T, D] hidden states, for cross-attention
+    pooled: torch.Tensor | None  # [B, P] SDXL's pooled vector; None for a model without one
+
+
 def load_frozen(path: str) -> LatentDiffusion:
     """A model to build on, every weight frozen: what is trained is added to it or copied from it."""
     from ldmkit.checkpoints.single_file import load_model
 
     return load_model(path).requires_grad_(False)
+
+
+def check_sdxl(task, pooled_dim: int) -> None:
+    """Training gives an SDXL-style UNet the base model's micro-conditioning (sizes and crop); the
+    refiner's takes an aesthetic score instead, which no training data here says."""
+    from ldmkit.pipelines.micro_conditioning import BASE, count
+
+    if task.refuses_sdxl:
+        raise ConfigError(
+            f"{task.refuses_sdxl}: SDXL-style models (two text towers, micro-conditioning) are not supported; "
+            "train, train-lora and train-embedding are"
+        )
+    if count(task.unet.config, pooled_dim) != BASE:
+        raise ConfigError("the SDXL refiner (micro-conditioning by aesthetic score) cannot be trained; use the base")
 
 
 def _fused_ok(module: torch.nn.Module) -> bool:
@@ -149,10 +182,12 @@ def _fused_ok(module: torch.nn.Module) -> bool:
 class LatentTask:
     """A task trains one module (`trainable`) beside a frozen model. Subclasses name it (`name`, its
     key in checkpoints) and may override `predict`, `extra_for` (per-sample inputs such as hints),
-    `encode_text`, `loss`, `evaluate`; they write `sample` and `finish`."""
+    `text_states`, `loss`, `evaluate`; they write `sample` and `finish`."""
 
     name: str
     needs_images = False  # with the latent cache, only captions are loaded
+    # None: the task gives an SDXL-style UNet its `y`; else its command, named when refusing such a model
+    refuses_sdxl: str | None = None
 
     def __init__(self, config: LatentTrainConfig, model: LatentDiffusion, trainable: torch.nn.Module):
         self.config = c = config
@@ -170,28 +205,45 @@ class LatentTask:
         self.schedule = NoiseSchedule.from_config(model.config.schedule, model.alphas_cumprod)
         self.data = open_dataset(c.data)
         self.order = Order(len(self.data), c.run.seed)
-        self.text_memo: dict[str, torch.Tensor] = {}
+        self.text_memo: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         with torch.no_grad():
-            self.empty = self.encode_text([""])[0]
+            empty = self.text_states([""])
+        self.empty = empty.context[0]
+        self.empty_pooled = None if empty.pooled is None else empty.pooled[0]
+        if empty.pooled is not None:
+            check_sdxl(self, empty.pooled.shape[-1])
         self.cache: dict[str, torch.Tensor] | None = None
 
     # text and latents -------------------------------------------------------------------------------
-    @torch.no_grad()
     def encode_text(self, captions: list[str]) -> torch.Tensor:
-        """The frozen text tower's states for the captions, each caption encoded once per run and kept
+        """The captions' hidden states (`text_states` without the pooled vector)."""
+        return self.text_states(captions).context
+
+    @torch.no_grad()
+    def text_states(self, captions: list[str]) -> TextStates:
+        """The frozen text towers' states for the captions, each caption encoded once per run and kept
         (up to TEXT_CACHE_MB). Profiled on the emoji UNet (1 thread), encoding 32 captions was 9 % of a
-        step; at 2 threads the run's rate did not measurably change (1.08 vs 1.09 s per step)."""
+        step; at 2 threads the run's rate did not measurably change (1.08 vs 1.09 s per step). Each
+        tower tokenizes on its own, truncated at 77 tokens (diffusers' training scripts)."""
         from ldmkit.models.prompts import encode_prompts
 
         memo = self.text_memo
         missing = [c for c in dict.fromkeys(captions) if c not in memo]
         fresh = {}
         if missing:
-            states = encode_prompts(self.model.text_encoder, missing, None, mode="truncate")[0]
-            fresh = dict(zip(missing, states))
-            room = int(TEXT_CACHE_MB * 2**20 // (states[0].numel() * states.element_size())) - len(memo)
-            memo.update((c, s.clone()) for c, s in list(fresh.items())[: max(0, room)])
-        return torch.stack([memo[c] if c in memo else fresh[c] for c in captions])
+            states = encode_prompts(self.model.text_encoder, missing, None, mode="truncate")
+            pooled = [None] * len(missing) if states.pooled is None else list(states.pooled)
+            fresh = dict(zip(missing, zip(states.context, pooled)))
+            size = sum(t[0].numel() * t.element_size() for t in (states.context, states.pooled) if t is not None)
+            room = int(TEXT_CACHE_MB * 2**20 // size) - len(memo)
+            memo.update(
+                (c, tuple(None if t is None else t.clone() for t in pair))
+                for c, pair in list(fresh.items())[: max(0, room)]
+            )
+        rows = [memo[c] if c in memo else fresh[c] for c in captions]
+        return TextStates(
+            torch.stack([r[0] for r in rows]), None if rows[0][1] is None else torch.stack([r[1] for r in rows])
+        )
 
     def build_cache(self, folder: Path) -> None:
         self.cache = latent_cache.load_or_encode(folder, self.data, self.model.vae, self.config.data.size)
@@ -232,9 +284,24 @@ class LatentTask:
         self.model.vae.config.scale_factor = float(d["scale_factor"])
 
     # one step ---------------------------------------------------------------------------------------
-    def predict(self, zt, t, context, extra):
-        """The network's output for noisy latents; `extra` is per-sample input other tasks need."""
-        return self.unet(zt, t, context)
+    def predict(self, zt, t, context, extra, y=None):
+        """The network's output for noisy latents; `extra` is per-sample input other tasks need, `y` the
+        addition embedding's input of an SDXL-style UNet (given only to those)."""
+        return self.unet(zt, t, context, y=y)
+
+    def added_vector(self, pooled: torch.Tensor | None, drop: torch.Tensor, z0: torch.Tensor):
+        """SDXL's `y` for each sample: its pooled vector (the empty prompt's where the caption is dropped,
+        as the reference encodes an emptied caption) and the embedded micro-conditioning of an uncropped
+        image of the training size -- original size (h, w), crop (0, 0), target size (h, w). None for a
+        model without an addition embedding."""
+        if pooled is None:
+            return None
+        pooled = torch.where(drop[:, None], self.empty_pooled.expand_as(pooled), pooled)
+        f = self.model.vae.config.downsample_factor
+        h, w = z0.shape[-2] * f, z0.shape[-1] * f
+        numbers = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=pooled.device)
+        micro = size_embedding(numbers.expand(len(pooled), -1), self.unet.config.addition_time_embed_dim)
+        return torch.cat([pooled, micro.to(pooled.dtype)], dim=-1)
 
     def extra_for(self, images: torch.Tensor | None):
         return None
@@ -243,13 +310,15 @@ class LatentTask:
         """The denoising loss against the model's own prediction type, optionally Min-SNR weighted."""
         c = self.config
         z0, t, eps, u = self.draw(items, images, gs, self.schedule.num_train_timesteps)
-        context = self.encode_text(captions)
-        context = torch.where((u < c.cond_dropout)[:, None, None], self.empty.expand_as(context), context)
+        text, drop = self.text_states(captions), u < c.cond_dropout
+        context = torch.where(drop[:, None, None], self.empty.expand_as(text.context), text.context)
+        y = self.added_vector(text.pooled, drop, z0)
         ab = self.schedule.alphas_cumprod[t][:, None, None, None]
         a, s = ab.sqrt(), (1 - ab).sqrt()
         zt = a * z0 + s * eps
         with c.run.autocast():
-            out = self.predict(zt, t, context, extra)
+            # y only for a UNet that takes it: a task's own predict may know no y (a ControlNet's)
+            out = self.predict(zt, t, context, extra) if y is None else self.predict(zt, t, context, extra, y=y)
         prediction = PREDICTIONS[self.model.config.schedule.prediction_type]
         target = prediction.target(z0, eps, a, s)
         per_sample = F.mse_loss(out.float(), target, reduction="none").mean(dim=(1, 2, 3))
@@ -337,11 +406,11 @@ class LatentTask:
     def prompt_grid(self, pipe, step: int, folder: Path) -> None:
         """samples-STEP.png: one column per sample prompt, one row per seed."""
         s = self.config.sample
+        kw = dict(steps=s.steps, cfg=s.cfg, sampler=s.sampler)
+        if s.size is not None:
+            kw.update(width=s.size, height=s.size)
         with torch.no_grad():
-            rows = [
-                [pipe(p, steps=s.steps, cfg=s.cfg, sampler=s.sampler, seed=seed).images[0] for p in s.prompts]
-                for seed in s.seeds
-            ]
+            rows = [[pipe(p, seed=seed, **kw).images[0] for p in s.prompts] for seed in s.seeds]
         self.save_grid(rows, step, folder)
 
     @staticmethod

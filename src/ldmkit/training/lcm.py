@@ -87,6 +87,7 @@ def student_from(teacher: UNetModel, proj_dim: int) -> UNetModel:
 
 class DistillTask(LatentTask):
     name = "student"
+    refuses_sdxl = "distill-lcm"  # the teacher and student are called without the UNet's y
 
     def __init__(self, config: DistillConfig):
         model = load_frozen(config.teacher)

@@ -3,8 +3,15 @@ grids, latent cache) and saved in the kohya layout and the diffusers/PEFT layout
 
 The adapters are PEFT's (`inject_adapter_in_model`), which fit our modules as they are: attention
 projections by default, convolutions too when listed (LoCon), and the text tower's layers when
-`text_target_modules` names them. With `prior`, half of every batch comes from regularisation images
-(prior preservation), which keeps a LoRA trained on a few dozen images from overwriting the rest."""
+`text_target_modules` names them -- on SDXL, both towers' (CLIP-L and OpenCLIP-bigG). With `prior`, half
+of every batch comes from regularisation images (prior preservation), which keeps a LoRA trained on a
+few dozen images from overwriting the rest.
+
+Files are named as the tools that read them expect: kohya's UNet layers by diffusers' module names for
+SD 1.x/2.x (sd-scripts trains diffusers' UNet there) and by the original (sgm) names for SDXL (sd-scripts
+trains the original SDXL code), the towers as `lora_te_` (one tower) or `lora_te1_` / `lora_te2_`; the
+diffusers layout by `unet.`, `text_encoder.`, `text_encoder_2.`, with each network's PEFT config (rank,
+alpha, target modules) in the metadata, as diffusers' save_lora_weights writes it."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +22,7 @@ import torch.nn as nn
 from ldmkit.checkpoints.files import write_safetensors
 from ldmkit.data.images import DataConfig, MixedOrder, PriorMix, open_dataset
 from ldmkit.errors import ConfigError
-from ldmkit.training.latent_task import DenoisingTrainConfig, LatentTask, SampleConfig, load_frozen
+from ldmkit.training.latent_task import DenoisingTrainConfig, LatentTask, SampleConfig, TextStates, load_frozen
 
 
 @dataclass
@@ -30,7 +37,7 @@ class LoraTrainConfig(DenoisingTrainConfig):
     # the resnets' convolutions (LoCon).
     target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     # The text tower's layers to adapt too (empty: UNet only), e.g. q_proj, k_proj, v_proj, out_proj for
-    # CLIP, or query, key, value for BERT-style towers such as MiniLM.
+    # CLIP (on SDXL, both towers), or query, key, value for BERT-style towers such as MiniLM.
     text_target_modules: tuple[str, ...] = ()
     ema_decay: float = 0.0  # 0: the live weights are the result
     name: str = "lora"  # the saved files: NAME.safetensors (kohya) and NAME-diffusers.safetensors
@@ -77,15 +84,16 @@ class LoraTask(LatentTask):
         adapters.requires_grad_(True)  # after the base class, which freezes the text tower
         self.model.unet.eval()  # dropout-free base; the adapters train
 
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        """With gradients when the text tower has adapters (the base class encodes without any). The
+    def text_states(self, captions: list[str]) -> TextStates:
+        """With gradients when the text towers have adapters (the base class encodes without any). The
         empty prompt for condition dropout is encoded once, at the start."""
         if not self.config.text_target_modules:
-            return super().encode_text(captions)
+            return super().text_states(captions)
         from ldmkit.models.prompts import encode_prompts
 
         with torch.enable_grad():
-            return encode_prompts(self.model.text_encoder, captions, None, mode="truncate")[0]
+            states = encode_prompts(self.model.text_encoder, captions, None, mode="truncate")
+        return TextStates(states.context, states.pooled)
 
     def sample(self, step: int, folder: Path) -> None:
         from ldmkit.pipelines import Pipeline
@@ -93,36 +101,62 @@ class LoraTask(LatentTask):
         with self.ema.applied():
             self.prompt_grid(Pipeline(self.model, name=f"step-{step}"), step, folder)
 
-    def lora_files(self) -> tuple[dict, dict]:
-        """(kohya, diffusers) state dicts of the adapters, named as those tools name them."""
+    def layer_names(self) -> dict[tuple[str, str], tuple[str, str, str]]:
+        """Each adapted layer's (kohya name, diffusers network, module path in that network)."""
         from ldmkit.checkpoints.keymaps import rename, unet_to_diffusers
+        from ldmkit.checkpoints.lora_files import _text_towers
 
-        c = self.config
         unet = [n for net, n in self.layers if net == "unet"]
         theirs = rename({n + ".weight": None for n in unet}, unet_to_diffusers(self.model.config.unet))
-        names = {("unet", n): ("lora_unet_", "unet.", k[: -len(".weight")]) for n, k in zip(unet, theirs)}
-        for net, n in self.layers:
-            if net == "text":  # transformers' own module path: what kohya and diffusers name text layers by
-                names[(net, n)] = ("lora_te_", "text_encoder.", n.removeprefix("transformer."))
+        sgm = self.model.config.conditioner  # SDXL: sd-scripts names the UNet as the original code
+        names = {}
+        for n, k in zip(unet, theirs):
+            path = k[: -len(".weight")]
+            names[("unet", n)] = ("lora_unet_" + (n if sgm else path), "unet", path)
+        for root, _, prefixes in _text_towers(self.model):  # prefixes: kohya's first, diffusers' network last
+            head = root + "transformer."
+            for net, n in self.layers:
+                if net == "text" and n.startswith(head):  # transformers' own module path, as both tools name it
+                    names[(net, n)] = (prefixes[0] + n[len(head) :], prefixes[-1].rstrip("."), n[len(head) :])
+        return names
+
+    def lora_files(self) -> tuple[dict, dict]:
+        """(kohya, diffusers) state dicts of the adapters, named as those tools name them."""
+        c = self.config
         kohya, diffusers = {}, {}
-        for layer, (kohya_prefix, peft_prefix, path) in names.items():
+        for layer, (kohya_name, network, path) in self.layer_names().items():
             m = self.layers[layer]
             down, up = m.lora_A["default"].weight.detach(), m.lora_B["default"].weight.detach()
-            key = kohya_prefix + path.replace(".", "_")
+            key = kohya_name.replace(".", "_")
             kohya[f"{key}.lora_down.weight"] = down
             kohya[f"{key}.lora_up.weight"] = up
             kohya[f"{key}.alpha"] = torch.tensor(float(c.alpha))
-            diffusers[f"{peft_prefix}{path}.lora_A.weight"] = down
-            diffusers[f"{peft_prefix}{path}.lora_B.weight"] = up
+            diffusers[f"{network}.{path}.lora_A.weight"] = down
+            diffusers[f"{network}.{path}.lora_B.weight"] = up
         return kohya, diffusers
 
-    def finish(self, folder: Path) -> None:
+    def diffusers_metadata(self) -> dict[str, str]:
+        """The diffusers file's metadata: each network's PEFT config (rank, alpha, the adapted modules),
+        keys prefixed by the network, as save_lora_weights writes it (diffusers builds the adapters from it)."""
         import json
 
+        c = self.config
+        targets: dict[str, list[str]] = {}
+        for _, network, path in self.layer_names().values():
+            # PEFT matches a target as the whole name or its tail: without transformers' `text_model.`
+            # level, it matches towers with and without it (transformers 5 dropped it)
+            targets.setdefault(network, []).append(path.removeprefix("text_model."))
+        config = {}
+        for network, modules in targets.items():
+            config.update({f"{network}.r": c.rank, f"{network}.lora_alpha": c.alpha})
+            config[f"{network}.target_modules"] = sorted(modules)
+        return {"lora_adapter_metadata": json.dumps(config, sort_keys=True)}
+
+    def finish(self, folder: Path) -> None:
         with self.ema.applied():
             kohya, diffusers = self.lora_files()
         c = self.config
-        meta = {"lora_adapter_metadata": json.dumps({"r": c.rank, "lora_alpha": c.alpha})}
+        meta = self.diffusers_metadata()
         write_safetensors(
             folder / f"{c.name}.safetensors", kohya, {"ss_network_dim": str(c.rank), "ss_network_alpha": str(c.alpha)}
         )
