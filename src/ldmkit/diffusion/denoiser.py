@@ -80,7 +80,9 @@ def to_x0(out: torch.Tensor, x: torch.Tensor, sigma: float, prediction_type: str
         return x / (sigma**2 + 1) - out * (sigma / (sigma**2 + 1) ** 0.5)
     if prediction_type == "sample":
         return out
-    raise ConfigError(f"prediction_type {prediction_type!r}; allowed: epsilon, v_prediction, sample")
+    if prediction_type == "flow":  # x = (1 − σ)·x0 + σ·ε and v = ε − x0
+        return x - sigma * out
+    raise ConfigError(f"prediction_type {prediction_type!r}; allowed: epsilon, v_prediction, sample, flow")
 
 
 def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
@@ -155,8 +157,9 @@ class Denoiser:
             # previous step, for every sampler in samplers.py: each passes its state (or, within a
             # step, its intermediate point, which diffusers' second-order schedulers blend too) as x.
             # At the first sigma x already is the noised original, or pure noise diffusers leaves be.
-            x.copy_(b.keep * x + (1 - b.keep) * (b.z_init + b.noise * sigma))
-        x_in = x if math.isinf(sigma) else x / (sigma**2 + 1) ** 0.5  # at inf, x is the VP latent
+            x.copy_(b.keep * x + (1 - b.keep) * self.walk.noised(b.z_init, b.noise, sigma))
+        # At inf x is the VP latent; a flow model sees its x_σ as it is (diffusion/flow.py).
+        x_in = x if math.isinf(sigma) or self.prediction_type == "flow" else x / (sigma**2 + 1) ** 0.5
         if cond.concat is not None:
             x_in = torch.cat([x_in, cond.concat.to(x_in)], dim=1)
         # The UNet computes in its own dtype (bf16 on the fast path); the sampler's state stays fp32.

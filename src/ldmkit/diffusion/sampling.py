@@ -12,6 +12,7 @@ from dataclasses import replace
 import torch
 
 from ldmkit.diffusion.denoiser import Conditioning, Denoiser
+from ldmkit.diffusion.flow import flow_schedule, flow_start
 from ldmkit.diffusion.registry import SamplerSpec
 from ldmkit.diffusion.schedule import NoiseSchedule, SamplingSchedule
 from ldmkit.errors import ConfigError
@@ -41,14 +42,19 @@ def sampling_schedule(
     spacing: str | None = None,
     scheduler_config: dict | None = None,
     strength: float | None = None,
+    image_seq_len: int | None = None,
 ) -> SamplingSchedule:
     """The schedule one run walks: the sampler's (SamplerSpec.build_schedule: `scheduler_config` is the
-    model folder's diffusers scheduler config, `spacing` an explicit timestep spacing), and when
-    starting from an image at `strength`, only its last int(steps * strength) steps."""
-    schedule = spec.build_schedule(noise, steps, spacing, scheduler_config)
+    model folder's diffusers scheduler config, `spacing` an explicit timestep spacing; a flow model's:
+    diffusion/flow.py, shifted for an image of `image_seq_len` tokens where the shift depends on it), and
+    when starting from an image at `strength`, only the steps that strength runs."""
+    if noise.flow:
+        schedule = flow_schedule(spec.name, noise, steps, scheduler_config, image_seq_len, spacing)
+    else:
+        schedule = spec.build_schedule(noise, steps, spacing, scheduler_config)
     if strength is None:
         return schedule
-    start = img2img_start(steps, strength)
+    start = flow_start(steps, strength) if schedule.flow else img2img_start(steps, strength)
     return replace(schedule, sigmas=schedule.sigmas[start:], timesteps=schedule.timesteps[start:])
 
 
@@ -86,7 +92,7 @@ def sample_latents(
     else:
         if len(sigmas) == 1:  # strength 0: nothing to do
             return init_latents
-        x = init_latents.to(device) + noise * float(sigmas[0])
+        x = schedule.noised(init_latents.to(device), noise, float(sigmas[0]))
 
     return _walk(denoiser, spec, x, sigmas, cond, generators, callback, options)
 

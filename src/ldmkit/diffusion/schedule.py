@@ -57,6 +57,8 @@ def zero_terminal_snr_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tens
 class NoiseSchedule:
     """The training schedule: ᾱ_t and the sigma of every training timestep."""
 
+    flow = False  # a rectified flow's schedule is diffusion/flow.FlowSchedule
+
     @classmethod
     def from_config(cls, schedule, alphas_cumprod: torch.Tensor | None = None, zero_terminal_snr: bool = False):
         """From a ScheduleConfig, or from the ᾱ stored in the checkpoint (the model's own schedule).
@@ -67,6 +69,10 @@ class NoiseSchedule:
         A model folder's scheduler config (`schedule.diffusers`) is read as diffusers reads it:
         `trained_betas` replace the beta schedule, and `rescale_betas_zero_snr: true` means zero
         terminal SNR -- applied to a stored schedule too, which it leaves alone if already zero-SNR."""
+        if schedule.prediction_type == "flow":  # a rectified flow has no ᾱ: its own schedule
+            from ldmkit.diffusion.flow import FlowSchedule
+
+            return FlowSchedule.from_config(schedule.diffusers)
         folder = schedule.diffusers or {}
         zero_terminal_snr = zero_terminal_snr or bool(folder.get("rescale_betas_zero_snr", False))
         if alphas_cumprod is None:
@@ -166,13 +172,19 @@ class SamplingSchedule:
     each sigma the model is evaluated at, the scale of the initial noise, and the sampler's keyword
     options that the scheduler config decides (DDIM's clip_sample, LCM's timestep_scaling, ...).
     `sigma_space_output`: the result is the sigma-space latent at the last sigma, as diffusers' Euler
-    family returns it, not the variance-preserving one (they differ when the last sigma is not 0)."""
+    family returns it, not the variance-preserving one (they differ when the last sigma is not 0).
+    `flow`: the sigmas are a rectified flow's (diffusion/flow.py): x = (1 − σ)·x0 + σ·ε, not x0 + σ·ε."""
 
     sigmas: torch.Tensor
     timesteps: torch.Tensor
     init_noise_sigma: float
     options: dict = field(default_factory=dict)
     sigma_space_output: bool = False
+    flow: bool = False
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+        """x0 noised to `sigma`, in the space the sampler walks."""
+        return (1 - sigma) * x0 + sigma * noise if self.flow else x0 + noise * sigma
 
 
 # --- diffusers' scheduler families, as far as sigma lists and steps go ---------------------------

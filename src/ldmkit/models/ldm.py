@@ -15,7 +15,7 @@ from ldmkit.models.conditioner import Conditioner
 from ldmkit.models.text import TextEncoder, TextEncoderConfig
 from ldmkit.models.unet import UNetConfig, UNetModel
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")  # flow: rectified flow's velocity
 
 
 @dataclass
