@@ -40,3 +40,21 @@ def size_embedding(values: torch.Tensor, dim: int) -> torch.Tensor:
     add_time_proj)."""
     b, n = values.shape
     return timestep_embedding(values.reshape(-1), dim).reshape(b, n * dim)
+
+
+def sincos_2d_embedding(dim: int, grid_size: int, base_size: int) -> torch.Tensor:
+    """Fixed sinusoidal embedding of the cells of a square grid (MAE / DiT), [grid_size**2, dim], row-major:
+    the first half of the channels encodes the column, the second half the row, each as [sin, cos].
+
+    Position = index * base_size / grid_size, so the whole grid spans `base_size` units: diffusers' table
+    for SD3. A trained model stores its own table; this only initialises a new one."""
+    if dim % 4:
+        raise ValueError(f"sincos_2d_embedding: dim {dim} must be a multiple of 4 (sin and cos per axis)")
+    # float32 positions, float64 angles: the rounding of diffusers' table.
+    pos = (torch.arange(grid_size, dtype=torch.float32) / (grid_size / base_size)).double()
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    angles = pos[:, None] * omega[None]  # [grid, dim / 4]
+    axis = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1).float()  # [grid, dim / 2]
+    col = axis[None, :, :].expand(grid_size, -1, -1)
+    row = axis[:, None, :].expand(-1, grid_size, -1)
+    return torch.cat([col, row], dim=-1).reshape(grid_size * grid_size, dim)
