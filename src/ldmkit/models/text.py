@@ -1,7 +1,8 @@
 """Text encoders: the towers come from transformers; what is ours is how each family uses them
 (which layer, which padding, which tokenizer) and where their weights come from.
 
-- "clip":     OpenAI CLIP ViT-L/14 text tower (SD 1.x). Last layer, final layer norm.
+- "clip":     OpenAI CLIP ViT-L/14 text tower (SD 1.x). Last layer, final layer norm. Also any CLIP
+              tower stored in transformers' layout (SD3's ViT-L and bigG, each with its projection).
 - "openclip": OpenCLIP ViT-H/14 text tower (SD 2.x), stored in its own layout (fused q/k/v, mapped
               by checkpoints/keymaps.py). The original code reads the penultimate of its 24 layers:
               `skip_last_layers = 1`. The unused last block and `text_projection` are carried along.
@@ -56,7 +57,8 @@ class TextEncoderConfig:
     # read as it is (SDXL's towers: the original code's "penultimate" / "hidden" outputs, unnormed).
     final_norm: bool = True
     # The tower also gives a pooled vector: the final-normed state at the end-of-text token through
-    # `text_projection` (SDXL's OpenCLIP-bigG, fed to the UNet's addition embedding).
+    # `text_projection` (SDXL's OpenCLIP-bigG, fed to the UNet's addition embedding; both of SD3's
+    # CLIP towers, whose files keep it where transformers' CLIPTextModelWithProjection does).
     pooled: bool = False
 
     def __post_init__(self):
@@ -128,6 +130,11 @@ class TextEncoder(nn.Module):
                 # loses nothing); SDXL's pooled vector is made with it.
                 self.text_projection = nn.Parameter(torch.zeros(c.hidden_size, c.projection_dim or c.hidden_size))
                 self.logit_scale = nn.Parameter(torch.zeros(()))
+            elif c.pooled:
+                # transformers' CLIPTextModelWithProjection layout (x @ W.T), the one SD3 files use:
+                # `transformer.text_projection.weight` beside `transformer.text_model.*`.
+                width = c.projection_dim or c.hidden_size
+                self.transformer.text_projection = nn.Linear(c.hidden_size, width, bias=False)
         self.eval()
         self._tokenizer = None
         # A BERT tokenizer folder found with the weights (diffusers layout); else the package's.
@@ -188,7 +195,10 @@ class TextEncoder(nn.Module):
         pooled = None
         if c.pooled:
             # transformers' pooler_output: the final-normed state at the (first) end-of-text token
-            pooled = out.pooler_output @ self.text_projection.to(out.pooler_output.dtype)
+            if c.kind == "openclip":
+                pooled = out.pooler_output @ self.text_projection.to(out.pooler_output.dtype)
+            else:
+                pooled = self.transformer.text_projection(out.pooler_output)
         if layer == c.num_layers:
             return out.last_hidden_state, pooled
         hidden = out.hidden_states[layer]

@@ -2,8 +2,8 @@
 tokens such as textual-inversion words, special tokens and length). A single-file checkpoint carries
 none, so the CLIP BPE vocabulary ships with ldmkit (clip_bpe/, MIT, OpenAI) and is rebuilt here into
 the vocabulary transformers' CLIPTokenizer takes; ldmkit's own single files carry the folder's
-tokenizer in their header when it is not that one. The BERT-family tokenizer comes from the folder
-of the encoder it belongs to."""
+tokenizer in their header when it is not that one. The BERT-family tokenizer and T5's (SD3's third
+tower) come from the folder of the encoder they belong to."""
 
 import functools
 import gzip
@@ -153,3 +153,29 @@ class BertTokenizer:
     def special_ids(self) -> tuple[int, int, int]:
         """(start, end, pad) ids: [CLS], [SEP], [PAD]."""
         return self.hf.cls_token_id, self.hf.sep_token_id, self.hf.pad_token_id
+
+
+class T5Tokenizer:
+    """T5's SentencePiece (Unigram) tokenizer, from a model folder's own files (transformers'
+    T5TokenizerFast, offline): no start token, the end-of-text token `</s>` last, padded with `<pad>`.
+    The length is the caller's (SD3: its max_sequence_length), not the tokenizer's."""
+
+    def __init__(self, folder: Path):
+        from transformers import T5TokenizerFast
+
+        self.hf = T5TokenizerFast.from_pretrained(str(folder), local_files_only=True)
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+    def __call__(self, prompts: list[str], max_length: int) -> torch.Tensor:
+        """[B, max_length] ids, truncated (keeping `</s>` last) and padded to max_length."""
+        out = self.hf(list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+        return out["input_ids"]
+
+    def lengths(self, prompts: list[str]) -> list[int]:
+        """Each prompt's whole length in tokens, `</s>` included (what truncation would cut from)."""
+        return [len(ids) for ids in self.hf(list(prompts), verbose=False)["input_ids"]]
+
+    def save(self, folder: Path) -> None:
+        self.hf.save_pretrained(str(folder))
