@@ -152,12 +152,28 @@ def tiny() -> MMDiTConfig:
                        pooled_dim=8, pos_embed_max_size=4, sample_size=6)  # fmt: skip
 
 
+def test_a_transformer_without_a_pooled_vector_takes_no_y():
+    """ldmkit's own models (one text tower that pools nothing) condition through joint attention alone."""
+    config = tiny()
+    config.pooled_dim = 0
+    model = MMDiT(config)
+    assert not any(k.startswith("y_embedder") for k in model.state_dict())
+    out = model(torch.randn(2, 4, 8, 8), torch.tensor([10.0, 900.0]), torch.randn(2, 3, 8))
+    assert out.shape == (2, 4, 8, 8)
+    with pytest.raises(ConfigError, match="this transformer takes no y"):
+        model(torch.zeros(1, 4, 8, 8), torch.zeros(1), torch.zeros(1, 3, 8), y=torch.zeros(1, 8))
+    state = {k: v for k, v in model.state_dict().items()}
+    from ldmkit.checkpoints.mmdit_keys import config_from_weights
+
+    assert config_from_weights(state, head_dim=8, sample_size=6) == config
+
+
 @pytest.mark.parametrize(
     "size,kwargs,message",
     [
         ((8, 8), dict(control=[torch.zeros(1)]), "control, cache and timestep_cond are not supported"),
         ((8, 8), dict(timestep_cond=torch.zeros(1, 4)), "control, cache and timestep_cond are not supported"),
-        ((8, 8), dict(y=None), "y (the pooled text vector, [B, 8]) is required"),
+        ((8, 8), dict(y=None), "this transformer takes y, the pooled text vector [B, 8]"),
         ((7, 8), {}, "latent size 7x8; allowed: multiples of the patch size 2"),
         ((8, 10), {}, "latent size 8x10; allowed: at most 8"),
     ],

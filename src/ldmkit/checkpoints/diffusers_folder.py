@@ -35,7 +35,9 @@ from ldmkit.checkpoints.diffusers_text import (
     write_text_encoder,
     write_tokenizer,
 )
+from ldmkit.checkpoints.families import pipeline_family
 from ldmkit.checkpoints.files import read_tensors, write_json, write_safetensors
+from ldmkit.checkpoints.sd3_folder import load_sd3_folder
 from ldmkit.errors import CheckpointError, ConfigError
 from ldmkit.models.autoencoder import AutoencoderKL
 from ldmkit.models.ldm import LatentDiffusion, ModelConfig, ScheduleConfig
@@ -78,6 +80,12 @@ def load_diffusers(path: str | Path, overrides: dict | None = None, dtype_rule=N
 
     folder = Path(path)
     where = str(folder)
+    index = read_json(folder / "model_index.json") if (folder / "model_index.json").exists() else {}
+    family = pipeline_family(str(index.get("_class_name", "")))
+    if family is not None and family.backbone == "mmdit":
+        if overrides:
+            raise CheckpointError(f"{where}: {', '.join(overrides)}: not for a {family.title} folder")
+        return load_sd3_folder(folder, family.name, dtype_rule)
     if not (folder / "unet" / "config.json").exists():
         raise CheckpointError(f"{where}: a diffusers folder without unet/config.json; only full pipelines load here")
     saved = None
@@ -107,7 +115,6 @@ def load_diffusers(path: str | Path, overrides: dict | None = None, dtype_rule=N
     else:
         family = family_of(text, text_2, unet.in_channels, schedule.prediction_type)
     image_size = saved.image_size if saved else unet_json.get("sample_size", 64) * vae.downsample_factor
-    index = read_json(folder / "model_index.json") if (folder / "model_index.json").exists() else {}
     config = ModelConfig(
         family=family,
         unet=unet,
@@ -173,6 +180,8 @@ def save_diffusers(model: LatentDiffusion, path: str | Path, dtype: torch.dtype 
 
 def _write_diffusers(model: LatentDiffusion, out: Path, dtype) -> None:
     c = model.config
+    if c.sd3:
+        raise CheckpointError("writing an SD3 model as a diffusers folder: not supported yet")
     for sub in ("unet", "vae", "scheduler"):
         (out / sub).mkdir()
     _write_unet_and_vae(model, out, dtype)

@@ -41,6 +41,17 @@ class Family:
     zero_empty_negative: bool = False
     # Trained for the last steps only (SDXL's refiner): it repaints images, it does not draw from noise.
     image_to_image_only: bool = False
+    # The denoiser: "unet" (models/unet.py) or "mmdit" (SD3's transformer, models/mmdit.py).
+    backbone: str = "unet"
+    # diffusers pipeline classes (model_index.json's _class_name) whose folders are this family's.
+    diffusers_pipelines: tuple[str, ...] = ()
+    # What a generation leaves out (steps, cfg, sampler), where the family's reference pipeline differs
+    # from the web UI's defaults; {}: those (pipelines/params.CALL_DEFAULTS).
+    call_defaults: dict = field(default_factory=dict)
+    # The autoencoder's latent shift (SD3's 16-channel VAE), which no weight holds.
+    vae_shift_factor: float = 0.0
+    # Its single files are read (a family may be read from diffusers folders first).
+    single_files: bool = True
 
 
 _SD1 = dict(text_kind="clip", unet_heads={"num_heads": 8, "num_head_channels": -1}, controlnet_context=768)
@@ -65,7 +76,20 @@ FAMILIES: dict[str, Family] = {
         Family(
             "sdxl-refiner", "SDXL refiner", text_kind="openclip", micro_conditions=5, image_to_image_only=True, **_XL
         ),
-        Family("sd3", "SD3", supported=False, markers=("*joint_blocks.",)),
+        Family(
+            "sd3",
+            "SD3 / SD3.5",
+            text_kind="sd3",
+            prediction="flow",
+            image_size=1024,
+            vae_scale_factor=1.5305,
+            vae_shift_factor=0.0609,
+            backbone="mmdit",
+            diffusers_pipelines=("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"),
+            call_defaults={"steps": 28, "cfg": 7.0, "sampler": "euler"},  # StableDiffusion3Pipeline's
+            single_files=False,
+            markers=("*joint_blocks.",),
+        ),
         Family("flux", "Flux", supported=False, markers=("double_blocks.", "model.diffusion_model.double_blocks.")),
     ]
 }
@@ -79,7 +103,7 @@ def unsupported_family(keys) -> Family | None:
     """The family of a single file ldmkit recognises but cannot read yet, from its keys."""
     keys = list(keys)
     for f in FAMILIES.values():
-        if not f.supported and any(_marks(m, k) for m in f.markers for k in keys):
+        if not (f.supported and f.single_files) and any(_marks(m, k) for m in f.markers for k in keys):
             return f
     return None
 
@@ -99,6 +123,11 @@ def sd_family(
     if not rows:
         raise CheckpointError(f"no model family has the text towers {towers} (kind, second kind, pooled)")
     return rows[0]
+
+
+def pipeline_family(class_name: str) -> Family | None:
+    """The family whose diffusers folders name this pipeline class (model_index.json), if a row says."""
+    return next((f for f in FAMILIES.values() if class_name in f.diffusers_pipelines), None)
 
 
 def controlnet_family(context_dim: int) -> Family | None:

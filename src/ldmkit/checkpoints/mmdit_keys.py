@@ -69,8 +69,14 @@ def rules(c: MMDiTConfig) -> list[Rule]:
         ("x_embedder.proj", ("pos_embed.proj",), "same"),
         ("t_embedder.mlp.0", ("time_text_embed.timestep_embedder.linear_1",), "same"),
         ("t_embedder.mlp.2", ("time_text_embed.timestep_embedder.linear_2",), "same"),
-        ("y_embedder.mlp.0", ("time_text_embed.text_embedder.linear_1",), "same"),
-        ("y_embedder.mlp.2", ("time_text_embed.text_embedder.linear_2",), "same"),
+        *(
+            [
+                ("y_embedder.mlp.0", ("time_text_embed.text_embedder.linear_1",), "same"),
+                ("y_embedder.mlp.2", ("time_text_embed.text_embedder.linear_2",), "same"),
+            ]
+            if c.pooled_dim
+            else []
+        ),
         ("context_embedder", ("context_embedder",), "same"),
         ("final_layer.linear", ("proj_out",), "same"),
         ("final_layer.adaLN_modulation.1", ("norm_out.linear",), "swap"),
@@ -212,7 +218,7 @@ def config_from_weights(
             hidden_size=hidden,
             head_dim=head_dim,
             context_dim=state["context_embedder.weight"].shape[1],
-            pooled_dim=state["y_embedder.mlp.0.weight"].shape[1],
+            pooled_dim=state["y_embedder.mlp.0.weight"].shape[1] if "y_embedder.mlp.0.weight" in state else 0,
             pos_embed_max_size=side,
             sample_size=sample_size,
             qk_norm="rms_norm" if "joint_blocks.0.x_block.attn.ln_q.weight" in state else None,

@@ -1,6 +1,8 @@
 """The latent diffusion model as one object: denoiser, autoencoder, text encoder and the training
 noise schedule they belong to. Attribute names make `state_dict()` the original single-file layout
-(`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`)."""
+(`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*`; SDXL's `conditioner.*`, SD3's
+`text_encoders.*`). The denoiser is a U-Net (models/unet.py) or SD3's transformer (models/mmdit.py); both
+take (x, t, context, y) and keep the U-Net's attribute name, `unet`."""
 
 import contextlib
 from dataclasses import dataclass, field
@@ -12,6 +14,8 @@ from ldmkit.config import from_dict, to_dict
 from ldmkit.errors import ConfigError
 from ldmkit.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldmkit.models.conditioner import Conditioner
+from ldmkit.models.mmdit import MMDiT, MMDiTConfig
+from ldmkit.models.sd3_text import SD3TextConfig, SD3TextEncoders
 from ldmkit.models.text import TextEncoder, TextEncoderConfig
 from ldmkit.models.unet import UNetConfig, UNetModel
 
@@ -38,9 +42,9 @@ class ScheduleConfig:
 @dataclass
 class ModelConfig:
     family: str
-    unet: UNetConfig
+    unet: UNetConfig | MMDiTConfig  # the denoiser: a U-Net, or SD3's transformer
     vae: AutoencoderConfig
-    text: TextEncoderConfig
+    text: TextEncoderConfig | SD3TextConfig  # SD3: its three towers together
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     # The resolution the model was trained at (SD 1: 512, SD 2-v: 768): the default output size.
     image_size: int = 512
@@ -59,12 +63,20 @@ class ModelConfig:
     zero_empty_negative: bool = False
 
     @property
+    def sd3(self) -> bool:
+        """Whether the text towers are SD3's (models/sd3_text.py)."""
+        return isinstance(self.text, SD3TextConfig)
+
+    @property
     def conditioner(self) -> bool:
         """Whether the text towers are SDXL's conditioner (pooled vector and micro-conditioning)."""
-        return self.text_2 is not None or self.text.pooled
+        return not self.sd3 and (self.text_2 is not None or self.text.pooled)
 
     @property
     def text_configs(self) -> list[TextEncoderConfig]:
+        """The CLIP-style towers (those a clip skip applies to)."""
+        if self.sd3:
+            return [self.text.clip_l, self.text.clip_g]
         return [self.text] if self.text_2 is None else [self.text, self.text_2]
 
     def to_dict(self) -> dict:
@@ -78,10 +90,14 @@ class ModelConfig:
         return from_dict(cls, d, where)
 
 
+def build_backbone(config: UNetConfig | MMDiTConfig) -> UNetModel | MMDiT:
+    return MMDiT(config) if isinstance(config, MMDiTConfig) else UNetModel(config)
+
+
 class _DiffusionWrapper(nn.Module):
     """Only here so the UNet's keys read `model.diffusion_model.*`, as in every SD file."""
 
-    def __init__(self, unet: UNetModel):
+    def __init__(self, unet: UNetModel | MMDiT):
         super().__init__()
         self.diffusion_model = unet
 
@@ -95,9 +111,11 @@ class LatentDiffusion(nn.Module):
         super().__init__()
         self.config = config
         with torch.device("meta") if empty else contextlib.nullcontext():
-            self.model = _DiffusionWrapper(UNetModel(config.unet).to(dtype))
+            self.model = _DiffusionWrapper(build_backbone(config.unet).to(dtype))
             self.first_stage_model = AutoencoderKL(config.vae).to(dtype)
-        if config.conditioner:
+        if config.sd3:  # T5-XXL's 4.7 G parameters are not drawn at random before a loader fills them
+            self.text_encoders = SD3TextEncoders(config.text, empty_t5=empty)
+        elif config.conditioner:
             self.conditioner = Conditioner(config.text_configs)
         else:
             self.cond_stage_model = TextEncoder(config.text)
@@ -119,7 +137,9 @@ class LatentDiffusion(nn.Module):
         model.config = config
         model.model = _DiffusionWrapper(unet)
         model.first_stage_model = vae
-        if config.conditioner:
+        if config.sd3:
+            model.text_encoders = text_encoder
+        elif config.conditioner:
             model.conditioner = text_encoder
         else:
             model.cond_stage_model = text_encoder
@@ -135,7 +155,9 @@ class LatentDiffusion(nn.Module):
         return self.first_stage_model
 
     @property
-    def text_encoder(self) -> TextEncoder | Conditioner:
+    def text_encoder(self) -> TextEncoder | Conditioner | SD3TextEncoders:
+        if self.config.sd3:
+            return self.text_encoders
         return self.conditioner if self.config.conditioner else self.cond_stage_model
 
     def use_measured_memory_format(self) -> "LatentDiffusion":

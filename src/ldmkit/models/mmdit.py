@@ -43,7 +43,8 @@ class MMDiTConfig:
     # Width of the text tokens entering context_embedder (diffusers' joint_attention_dim: T5-XXL's 4096,
     # the CLIP states zero-padded to it).
     context_dim: int = 4096
-    # Width of the pooled text vector y (diffusers' pooled_projection_dim: CLIP-L 768 + CLIP-G 1280).
+    # Width of the pooled text vector y (diffusers' pooled_projection_dim: CLIP-L 768 + CLIP-G 1280);
+    # 0: none (ldmkit's own models, whose one text tower pools nothing).
     pooled_dim: int = 2048
     # Side of the stored position table, in patches; a latent may use any centred crop of it.
     pos_embed_max_size: int = 192
@@ -71,6 +72,11 @@ class MMDiTConfig:
                 f"MMDiTConfig.dual_attention_layers={self.dual_attention_layers}; allowed: block indices below"
                 f" depth {self.depth}"
             )
+
+    # What code common to both backbones asks of a U-Net's config, which a transformer has not: no
+    # guidance embedding (LCM), no micro-conditioning (SD3's y is the pooled text vector itself).
+    time_cond_proj_dim = None
+    addition_time_embed_dim = 0
 
     @property
     def num_heads(self) -> int:
@@ -225,7 +231,8 @@ class MMDiT(nn.Module):
         table = sincos_2d_embedding(d, c.pos_embed_max_size, base_size=c.sample_size // c.patch_size)
         self.register_buffer("pos_embed", table[None])
         self.t_embedder = VectorEmbedder(TIME_FEATURES, d)
-        self.y_embedder = VectorEmbedder(c.pooled_dim, d)
+        if c.pooled_dim:  # 0: no pooled vector, the text reaches the image through joint attention alone
+            self.y_embedder = VectorEmbedder(c.pooled_dim, d)
         self.context_embedder = nn.Linear(c.context_dim, d)
         self.joint_blocks = nn.ModuleList(
             JointBlock(d, c.num_heads, c.qk_norm, last=i == c.depth - 1, dual=i in c.dual_attention_layers)
@@ -244,8 +251,9 @@ class MMDiT(nn.Module):
     def check_input(self, x: torch.Tensor, control, cache, timestep_cond, y) -> None:
         if control is not None or cache is not None or timestep_cond is not None:
             raise ConfigError("MMDiT: control, cache and timestep_cond are not supported; pass None")
-        if y is None:
-            raise ConfigError(f"MMDiT: y (the pooled text vector, [B, {self.config.pooled_dim}]) is required")
+        if (y is None) != (self.config.pooled_dim == 0):
+            want = f"y, the pooled text vector [B, {self.config.pooled_dim}]" if self.config.pooled_dim else "no y"
+            raise ConfigError(f"MMDiT: this transformer takes {want}")
         p, m = self.config.patch_size, self.config.pos_embed_max_size
         h, w = x.shape[-2:]
         if h % p or w % p:
@@ -278,7 +286,9 @@ class MMDiT(nn.Module):
         h, w = x.shape[-2] // p, x.shape[-1] // p
         tokens = self.x_embedder(x) + self.cropped_pos_embed(h, w)
         t = t.reshape(-1).expand(x.shape[0])
-        c = self.t_embedder(timestep_embedding(t, TIME_FEATURES).to(x.dtype)) + self.y_embedder(y)
+        c = self.t_embedder(timestep_embedding(t, TIME_FEATURES).to(x.dtype))
+        if y is not None:
+            c = c + self.y_embedder(y)
         context = self.context_embedder(context)
         for block in self.joint_blocks:
             context, tokens = block(context, tokens, c)

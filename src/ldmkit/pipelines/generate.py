@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldmkit import __version__
+from ldmkit.checkpoints.families import FAMILIES
 from ldmkit.checkpoints.files import sha256_file
 from ldmkit.checkpoints.lora_files import find_lora, read_lora
 from ldmkit.data.vocabulary import unknown_words
@@ -30,11 +31,11 @@ from ldmkit.diffusion.schedule import NoiseSchedule, SamplingSchedule
 from ldmkit.errors import ConfigError
 from ldmkit.images import latent_preview, mask_to_tensor, pil_to_tensor, tensor_to_pil
 from ldmkit.models.embeddings import Embeddings
-from ldmkit.models.ldm import LatentDiffusion
+from ldmkit.models.ldm import LatentDiffusion, build_backbone
 from ldmkit.models.lora import Lora, LoraSet, parse_lora_tags
 from ldmkit.models.precision import resolve_precision
 from ldmkit.models.prompts import encode_prompts
-from ldmkit.models.unet import FeatureCache, UNetModel
+from ldmkit.models.unet import FeatureCache
 from ldmkit.nn.embedding import guidance_scale_embedding
 from ldmkit.pipelines import hires
 from ldmkit.pipelines.codec import LatentCodec
@@ -88,8 +89,11 @@ class Pipeline:
         self.path = path
         # What a call leaves out: ours (consistency models: diffusers' LCM pipeline's), then the
         # settings chosen for this model (bundled models).
+        family = FAMILIES.get(model.config.family)
         base = LCM_DEFAULTS if model.config.unet.time_cond_proj_dim else CALL_DEFAULTS
-        self.defaults = {**base, **(defaults or {})}
+        if model.config.schedule.prediction_type == "flow":  # a flow model samples with euler or heun
+            base = {**base, "sampler": "euler"}
+        self.defaults = {**base, **(family.call_defaults if family else {}), **(defaults or {})}
         self._hash: str | None = None
         self.lora_dir: Path | None = None  # where <lora:NAME:WEIGHT> tags look
         self.upscaler_dir: Path | None = None  # where the hires fix's model upscalers are found by name
@@ -125,7 +129,7 @@ class Pipeline:
         def dtype_rule(config) -> torch.dtype:
             # decided from the config, before the weights are read, so a bf16 load converts as it reads
             with torch.device("meta"):
-                n = sum(p.numel() for p in UNetModel(config.unet).parameters())
+                n = sum(p.numel() for p in build_backbone(config.unet).parameters())
             return torch.bfloat16 if resolve_precision(precision, n) == "bf16" else torch.float32
 
         model = load_model(path, vae=vae, overrides=overrides, dtype_rule=dtype_rule).use_measured_memory_format()
@@ -195,7 +199,10 @@ class Pipeline:
         from_image = p.init_image is not None and not (c.unet.in_channels == 9 and p.strength >= 1.0)
         strength = p.strength if from_image else None
         spec = SAMPLERS[p.sampler]
-        return sampling_schedule(spec, noise, p.steps, p.timestep_spacing, c.schedule.diffusers, strength)
+        # a transformer's tokens: the latent's patches (a resolution-dependent shift counts them)
+        patch = c.vae.downsample_factor * getattr(c.unet, "patch_size", 1)
+        tokens = (p.height // patch) * (p.width // patch)
+        return sampling_schedule(spec, noise, p.steps, p.timestep_spacing, c.schedule.diffusers, strength, tokens)
 
     def _unknown_words(self, p: GenerationParams) -> list[str]:
         """Words of the prompts a closed-vocabulary model never saw: said, since they change nothing."""
@@ -232,15 +239,19 @@ class Pipeline:
         embedded_guidance = bool(c.unet.time_cond_proj_dim)
         use_uncond = p.cfg != 1.0 and not embedded_guidance
         negative = parse_lora_tags(p.negative_prompt)[0]
-        states = encode_prompts(
-            m.text_encoder,
-            [parse_lora_tags(x)[0] for x in p.prompts],
-            [negative] * p.batch if use_uncond else None,
-            p.prompt_mode,
-            self.embeddings,
-            clip_skip=p.clip_skip,
-            max_chunks=self.max_prompt_chunks,
-        )
+        prompts, negatives = [parse_lora_tags(x)[0] for x in p.prompts], [negative] * p.batch if use_uncond else None
+        if c.sd3:  # its three towers read prompts as diffusers' pipeline does (models/sd3_text.py)
+            states = m.text_encoder.encode_prompts(prompts, negatives, p.clip_skip)
+        else:
+            states = encode_prompts(
+                m.text_encoder,
+                prompts,
+                negatives,
+                p.prompt_mode,
+                self.embeddings,
+                clip_skip=p.clip_skip,
+                max_chunks=self.max_prompt_chunks,
+            )
         if use_uncond and c.zero_empty_negative and not negative.strip():
             states = states._replace(uncond=torch.zeros_like(states.context))
             if states.pooled is not None:
@@ -248,6 +259,8 @@ class Pipeline:
         cond = Conditioning(states.context, states.uncond, cfg_scale=p.cfg, guidance_rescale=p.guidance_rescale)
         if c.unet.addition_time_embed_dim:
             cond.y, cond.uncond_y = added_vectors(c.unet, states.pooled, states.uncond_pooled, p)
+        elif c.sd3:  # the pooled text vector is the transformer's y itself
+            cond.y, cond.uncond_y = states.pooled, states.uncond_pooled
         if embedded_guidance:
             w = torch.full((p.batch,), float(p.cfg))
             cond.timestep_cond = guidance_scale_embedding(w, c.unet.time_cond_proj_dim).to(device)

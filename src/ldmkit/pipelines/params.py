@@ -243,7 +243,7 @@ class GenerationParams:
                 f"{name} is {family.title}, trained on the last, low-noise steps only: give it an init image, "
                 "or use it as the refiner of a base model (--refiner / refiner_checkpoint)"
             )
-        clip_skip = c.text.clip_skip if p.clip_skip is None else p.clip_skip
+        clip_skip = c.text_configs[0].clip_skip if p.clip_skip is None else p.clip_skip
         for text in c.text_configs:
             check_clip_skip(text, clip_skip)
         for ci in p.control:

@@ -12,6 +12,7 @@ an uncropped image of the training size (original size = target size = the image
 Every random draw of sample g (latent noise, timestep, diffusion noise, dropout) comes from its own
 generator, so runs resume exactly and do not depend on how batches are split."""
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -46,7 +47,7 @@ class SampleConfig:
     seeds: tuple[int, ...] = (0, 1)
     steps: int = 20
     cfg: float = 5.0
-    sampler: str = "dpmpp_2m_karras"
+    sampler: str | None = None  # None: the model's own default (a flow model's euler, else DPM++ 2M Karras)
     size: int | None = None  # the images' side; None: the model's own default size
 
 
@@ -85,6 +86,10 @@ class DenoisingTrainConfig(LatentTrainConfig):
     cond_dropout: float = 0.0
     min_snr_gamma: float | None = None
     val_batches: int = 2
+    # A rectified flow's noise levels: σ = sigmoid(n), n ~ N(logit_mean, logit_std²), SD3's logit-normal
+    # sampling (Esser et al. 2024, sec. 3.1), which spends the training on the middle of the path.
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
 
     def check(self) -> None:
         check_cond_dropout(self.cond_dropout)
@@ -297,11 +302,25 @@ class LatentTask:
         if pooled is None:
             return None
         pooled = torch.where(drop[:, None], self.empty_pooled.expand_as(pooled), pooled)
+        if not self.unet.config.addition_time_embed_dim:  # a transformer's y: the pooled vector alone
+            return pooled
         f = self.model.vae.config.downsample_factor
         h, w = z0.shape[-2] * f, z0.shape[-1] * f
         numbers = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=pooled.device)
         micro = size_embedding(numbers.expand(len(pooled), -1), self.unet.config.addition_time_embed_dim)
         return torch.cat([pooled, micro.to(pooled.dtype)], dim=-1)
+
+    def noise_levels(self, k: torch.Tensor):
+        """(a, s, the model's timestep) of z_t = a·x0 + s·ε for drawn timestep indices k in [0, T): ᾱ's
+        (a = sqrt(ᾱ_k), s = sqrt(1 − ᾱ_k), timestep k), or a flow's (a = 1 − σ, s = σ, timestep σ·T)
+        with σ the logit-normal quantile (k + ½)/T -- the index spread evenly over the distribution."""
+        if not self.schedule.flow:
+            ab = self.schedule.alphas_cumprod[k][:, None, None, None]
+            return ab.sqrt(), (1 - ab).sqrt(), k
+        T, c = self.schedule.num_train_timesteps, self.config
+        normal = math.sqrt(2) * torch.erfinv(2 * (k.double() + 0.5) / T - 1)
+        sigma = torch.sigmoid(c.logit_mean + c.logit_std * normal).float()
+        return 1 - sigma[:, None, None, None], sigma[:, None, None, None], sigma * T
 
     def extra_for(self, images: torch.Tensor | None):
         return None
@@ -313,8 +332,7 @@ class LatentTask:
         text, drop = self.text_states(captions), u < c.cond_dropout
         context = torch.where(drop[:, None, None], self.empty.expand_as(text.context), text.context)
         y = self.added_vector(text.pooled, drop, z0)
-        ab = self.schedule.alphas_cumprod[t][:, None, None, None]
-        a, s = ab.sqrt(), (1 - ab).sqrt()
+        a, s, t = self.noise_levels(t)
         zt = a * z0 + s * eps
         with c.run.autocast():
             # y only for a UNet that takes it: a task's own predict may know no y (a ControlNet's)
@@ -323,7 +341,7 @@ class LatentTask:
         target = prediction.target(z0, eps, a, s)
         per_sample = F.mse_loss(out.float(), target, reduction="none").mean(dim=(1, 2, 3))
         if c.min_snr_gamma:
-            snr = (ab / (1 - ab)).flatten()
+            snr = (a / s).pow(2).flatten()
             per_sample = per_sample * snr.clamp(max=c.min_snr_gamma) / prediction.x0_error_scale(snr)
         return per_sample.mean() if reduce else per_sample
 

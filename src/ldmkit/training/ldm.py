@@ -1,5 +1,8 @@
 """Stage 2: the latent diffusion model (Rombach et al. 2022, sec. 3.3): a UNet learns to denoise
-latents of the frozen autoencoder, conditioned on a frozen text encoder through cross-attention.
+latents of the frozen autoencoder, conditioned on a frozen text encoder through cross-attention -- or a
+transformer (`mmdit`: SD3's joint blocks, text and image tokens in one attention). The objective is the
+schedule's prediction type: noise (epsilon), v, or a rectified flow's velocity ("flow", with SD3's
+logit-normal noise levels).
 
 A new UNet is built on a trained autoencoder (and our MiniLM text tower, or any text encoder config),
 or an existing model is fine-tuned. Latents are scaled to unit variance from the data (the paper's
@@ -15,6 +18,7 @@ import torch.nn.functional as F
 from ldmkit.data.images import DataConfig, load_batch
 from ldmkit.errors import ConfigError
 from ldmkit.models.ldm import LatentDiffusion, ModelConfig, ScheduleConfig
+from ldmkit.models.mmdit import MMDiTConfig
 from ldmkit.models.text import TextEncoderConfig
 from ldmkit.models.unet import UNetConfig
 from ldmkit.training.latent_task import DenoisingTrainConfig, LatentTask, SampleConfig
@@ -27,6 +31,7 @@ class LDMTrainConfig(DenoisingTrainConfig):
     autoencoder: str | None = None  # our autoencoder.safetensors (or any VAE file); not with init_from
     init_from: str | None = None  # fine-tune an existing model (SD 1.x/2.x file, diffusers folder, ours)
     unet: UNetConfig | None = None
+    mmdit: MMDiTConfig | None = None  # instead of a UNet: the transformer (in/out channels, sizes set here)
     text: str | TextEncoderConfig = "minilm"
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     cond_dropout: float = 0.1
@@ -40,8 +45,8 @@ class LDMTrainConfig(DenoisingTrainConfig):
         )
         if (self.autoencoder is None) == (self.init_from is None):
             raise ConfigError("give exactly one of autoencoder (train a new UNet on it) or init_from (fine-tune)")
-        if self.init_from is None and self.unet is None:
-            raise ConfigError("unet: the UNet architecture is needed when not fine-tuning (init_from)")
+        if self.init_from is None and (self.unet is None) == (self.mmdit is None):
+            raise ConfigError("give exactly one backbone, unet or mmdit, when not fine-tuning (init_from)")
         super().check()
 
 
@@ -55,9 +60,14 @@ def build_model(c: LDMTrainConfig) -> LatentDiffusion:
     text = minilm_text_config(max_length=32) if c.text == "minilm" else c.text
     if isinstance(text, str):
         raise ConfigError(f"text: {text!r}; allowed: minilm, or a text encoder config")
-    unet = replace(c.unet, context_dim=text.hidden_size)
+    if c.mmdit is not None:  # our one text tower pools nothing: the text enters by joint attention alone
+        latent, z = c.data.size // vae.config.downsample_factor, vae.config.z_channels
+        backbone = replace(c.mmdit, in_channels=z, out_channels=z, context_dim=text.hidden_size, pooled_dim=0)
+        backbone = replace(backbone, sample_size=latent, pos_embed_max_size=max(backbone.pos_embed_max_size, latent))
+    else:
+        backbone = replace(c.unet, context_dim=text.hidden_size)
     config = ModelConfig(
-        family="ldmkit", unet=unet, vae=vae.config, text=text, schedule=c.schedule, image_size=c.data.size
+        family="ldmkit", unet=backbone, vae=vae.config, text=text, schedule=c.schedule, image_size=c.data.size
     )
     torch.manual_seed(c.run.seed)
     model = LatentDiffusion(config)
