@@ -32,3 +32,16 @@ def test_bench_quick_sdxl_compares_like_for_like(tmp_path, capsys):
     assert set(r) == {"unet_pair_64", "vae_decode", "image"}
     assert r["unet_pair_64"]["max_abs_diff"] <= 1e-4 and r["vae_decode"]["max_abs_diff"] <= 1e-4
     assert r["image"]["mean_abs_pixel_diff"] <= 1.0
+
+
+def test_bench_quick_sd35_transformer_compares_like_for_like(tmp_path, capsys):
+    """The SD3.5 bench's smoke test: a tiny transformer of SD3.5 Medium's shape (QK-norm, dual attention)
+    run by both implementations on identical weights and inputs."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "sd3.5-medium", "--quick", "--precision", "fp32", "--json", str(out), "-q"]) == 0
+    capsys.readouterr()
+    report = json.loads(out.read_text())
+    r = report["results"]["fp32"]
+    assert report["mode"] == "sd3.5-medium-quick" and report["tflop"] > 0
+    assert r["max_abs_diff"] <= 1e-4 and r["ratio"] > 0 and 0 < r["ldmkit_peak_fraction"] < 1
+    assert r["ldmkit_peak_rss_mb"] > 100 and r["diffusers_peak_rss_mb"] > 100

@@ -6,21 +6,25 @@ from ldmkit.cli.common import _print_report
 
 
 def cmd_bench(args) -> int:
-    from ldmkit.evaluation.bench import run
+    from ldmkit.evaluation import bench, bench_transformer
 
     precisions = ("fp32", "bf16") if args.precision == "both" else (args.precision,)
-    report = run(
-        quick=args.quick,
-        precisions=precisions,
-        progress=(lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr)),
-        model=args.model,
-    )
+    progress = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+    if args.model == "sd3.5-medium":  # the transformer alone: one guidance pair
+        report = bench_transformer.run(quick=args.quick, precisions=precisions, progress=progress)
+    else:
+        report = bench.run(quick=args.quick, precisions=precisions, progress=progress, model=args.model)
     return _print_report(report, args.json, "bench")
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("bench", help="measure ldmkit against diffusers on the SD 1.5 or SDXL architecture")
-    p.add_argument("--model", default="sd15", choices=["sd15", "sdxl"], help="the architecture (random weights)")
+    p = sub.add_parser("bench", help="measure ldmkit against diffusers on the SD 1.5, SDXL or SD3.5 architecture")
+    p.add_argument(
+        "--model",
+        default="sd15",
+        choices=["sd15", "sdxl", "sd3.5-medium"],
+        help="the architecture (random weights); sd3.5-medium: its transformer's guidance pair at 1024²",
+    )
     p.add_argument("--vs", default="diffusers", choices=["diffusers"])
     p.add_argument("--quick", action="store_true", help="the tiny preset: a smoke test, not a measurement")
     p.add_argument("--precision", default="both", choices=["both", "fp32", "bf16"])

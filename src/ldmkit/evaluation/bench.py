@@ -88,8 +88,8 @@ def give_work(module: torch.nn.Module) -> torch.nn.Module:
     matrix gets N(0, 0.02), biases 0 and norms scale 1, and every layer does real work."""
     for p in module.parameters():
         p.normal_(0, 0.02) if p.ndim > 1 else p.zero_()
-    for m in module.modules():
-        if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+    for m in module.modules():  # group, layer and RMS norms (diffusers' own classes too), where they scale
+        if "norm" in type(m).__name__.lower() and isinstance(getattr(m, "weight", None), torch.Tensor):
             m.weight.fill_(1.0)
     return module
 
@@ -224,16 +224,21 @@ def _added(unet, impl: str, size: int, g: torch.Generator, dtype) -> dict:
 def measure(impl: str, folder: Path, mode: str, precision: str, env: dict | None = None, what: str = "all") -> dict:
     """`child` in a fresh process (with `env` added to this one's environment); its results. `what`:
     "all", or "image" for the whole image alone."""
+    return measure_module("ldmkit.evaluation.bench", impl, folder, mode, precision, what, env=env)
+
+
+def measure_module(module: str, impl: str, folder: Path, *args: str, env: dict | None = None) -> dict:
+    """`python -m module impl folder *args OUT` in a fresh process; the results it saved to OUT."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.pt"
         done = subprocess.run(
-            [sys.executable, "-m", "ldmkit.evaluation.bench", impl, str(folder), mode, precision, str(out), what],
+            [sys.executable, "-m", module, impl, str(folder), *args, str(out)],
             capture_output=True,
             text=True,
             env={**os.environ, **(env or {})},
         )
         if done.returncode != 0:
-            raise RuntimeError(f"bench child {impl} {precision} failed:\n{done.stderr[-4000:]}")
+            raise RuntimeError(f"bench child {impl} {' '.join(args)} failed:\n{done.stderr[-4000:]}")
         return torch.load(out, weights_only=True)
 
 
@@ -298,4 +303,5 @@ def run(
 
 
 if __name__ == "__main__":
-    child(*sys.argv[1:7])
+    impl, folder, mode, precision, what, out = sys.argv[1:7]
+    child(impl, folder, mode, precision, out, what)
