@@ -134,3 +134,16 @@ def test_many_random_sd3_pipelines_equal_diffusers(seed, t5_tokenizer, tmp_path)
     for sampler in ("euler", "heun"):
         for img2img in (False, True):
             check(seed, t5_tokenizer, tmp_path / f"{sampler}-{img2img}", sampler, img2img)
+
+
+def test_a_prompt_over_t5s_limit_is_truncated_and_said(t5_tokenizer, tmp_path):  # noqa: F811
+    """As diffusers, T5 reads the first 256 tokens; the result says, in one line, how many were dropped."""
+    spec = draw(5)
+    build(spec, tmp_path / "sd3", 5, t5_tokenizer, with_t5=True)
+    ours = Pipeline.load(tmp_path / "sd3", precision="fp32")
+    side = side_of(spec)
+    long = " ".join(["a red circle above a blue square"] * 60)
+    out = ours(long, negative_prompt="blurry", steps=1, seed=0, width=side, height=side)
+    notes = [w for w in out.warnings if "T5 reads its first 256 tokens" in w]
+    assert len(notes) == 1 and notes[0].startswith("prompt 1:") and "dropped" in notes[0] and "\n" not in notes[0]
+    assert not ours("a red circle", steps=1, seed=0, width=side, height=side).warnings

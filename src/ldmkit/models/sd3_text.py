@@ -219,21 +219,33 @@ class SD3TextEncoders(nn.Module):
                     "(this model has no T5 tower to read further): shorten it"
                 )
 
-    def _say_truncation(self, prompts: list[str], max_sequence_length: int, what: str) -> None:
+    def truncation_notes(self, prompts: list[str], max_sequence_length: int, what: str = "prompt") -> list[str]:
+        """One line per prompt that T5 truncates (without T5: that the CLIP towers truncate)."""
+        notes = []
         for i, (clip, clip_lost, t5_lost) in enumerate(self.tokens_over(prompts, max_sequence_length)):
             if t5_lost:
-                log.warning(
-                    "%s %d: T5 reads its first %d tokens (max_sequence_length); %d dropped",
+                notes.append(
+                    f"{what} {i + 1}: T5 reads its first {max_sequence_length} tokens (max_sequence_length); "
+                    f"{t5_lost} dropped"
+                )
+            elif clip_lost and self.t5xxl is None:
+                notes.append(
+                    f"{what} {i + 1}: the CLIP towers read its first {clip - clip_lost} tokens; {clip_lost} dropped"
+                )
+        return notes
+
+    def _say_truncation(self, prompts: list[str], max_sequence_length: int, what: str) -> None:
+        for note in self.truncation_notes(prompts, max_sequence_length, what):
+            log.warning(note)
+        for i, (clip, clip_lost, _) in enumerate(self.tokens_over(prompts, max_sequence_length)):
+            if clip_lost and self.t5xxl is not None:  # SD3's normal case for a long prompt: T5 reads on
+                log.info(
+                    "%s %d: the CLIP towers read its first %d tokens; %d dropped",
                     what,
                     i + 1,
-                    max_sequence_length,
-                    t5_lost,
+                    clip - clip_lost,
+                    clip_lost,
                 )
-            if clip_lost:
-                # With T5 this is SD3's normal case for a long prompt (T5 reads on); without it, words are lost.
-                level = logging.INFO if self.t5xxl is not None else logging.WARNING
-                message = "%s %d: the CLIP towers read its first %d tokens; %d dropped"
-                log.log(level, message, what, i + 1, clip - clip_lost, clip_lost)
 
     def encode_texts(
         self,

@@ -114,9 +114,11 @@ class Pipeline:
         vae: str | Path | None = None,
         overrides: dict | None = None,
         precision: str = "auto",
+        text_encoders: str | Path | None = None,
     ) -> "Pipeline":
         """A model file or folder, or a bundled model by name ("shapes"; the default when no path is
-        given), computing in `precision` (see set_precision)."""
+        given), computing in `precision` (see set_precision); text_encoders: a folder with the text towers
+        an SD3 single file lacks (checkpoints/sd3_towers.py)."""
         from ldmkit.bundled import bundled_entry, resolve
         from ldmkit.checkpoints.single_file import load_model
         from ldmkit.data.vocabulary import shapes_vocabulary
@@ -132,7 +134,8 @@ class Pipeline:
                 n = sum(p.numel() for p in build_backbone(config.unet).parameters())
             return torch.bfloat16 if resolve_precision(precision, n) == "bf16" else torch.float32
 
-        model = load_model(path, vae=vae, overrides=overrides, dtype_rule=dtype_rule).use_measured_memory_format()
+        model = load_model(path, vae=vae, overrides=overrides, dtype_rule=dtype_rule, text_encoders=text_encoders)
+        model.use_measured_memory_format()
         pipe = cls(model, name=path.stem if path.is_file() else path.name, path=path, defaults=defaults)
         pipe.set_precision(precision)
         if not pipe.vocabulary and getattr(bundled_entry(path), "world", None) == "shapes":
@@ -170,6 +173,8 @@ class Pipeline:
             p = GenerationParams(prompt=prompt, **params)
         p = p.for_model(self.model, self.defaults, self.name)
         warnings = self._unknown_words(p)
+        if self.model.config.sd3:  # a prompt over T5's limit is truncated, as diffusers does: said
+            warnings += self.model.text_encoder.truncation_notes([*dict.fromkeys(p.prompts), p.negative_prompt], 256)
         walk = self._walk(p)  # a spacing or scheduler config the sampler cannot follow: refused before any work
         self._split(p, walk)  # a refiner that cannot continue, or a switch leaving a side no steps: likewise
         self._model_upscaler(p)  # a hires upscaler that is no model upscaler file: refused before any work
