@@ -30,6 +30,12 @@ def draw(seed: int) -> dict:
 def reference(sampler: str, cfg: dict):
     import diffusers
 
+    if sampler == "dpmpp_2m":  # DPM-Solver++(2M) on flow sigmas, as diffusers' docs configure it for SD3
+        return diffusers.DPMSolverMultistepScheduler(
+            num_train_timesteps=cfg.get("num_train_timesteps", 1000), use_flow_sigmas=True,
+            prediction_type="flow_prediction", flow_shift=cfg.get("shift", 1.0), algorithm_type="dpmsolver++",
+            solver_order=2, solver_type="midpoint",
+        )  # fmt: skip
     cls = diffusers.FlowMatchEulerDiscreteScheduler if sampler == "euler" else diffusers.FlowMatchHeunDiscreteScheduler
     return cls.from_config(cfg)
 
@@ -91,10 +97,10 @@ def diffusers_run(sampler, cfg, steps, x_init, noise, strength, context, uncond,
 def test_sigmas_and_timesteps_equal_diffusers(seed):
     cfg = draw(seed)
     r = random.Random(seed)
-    for sampler in ("euler", "heun"):
+    for sampler in ("euler", "heun", "dpmpp_2m"):
         steps, mu_len = r.randint(1, 40), r.choice([64, 256, 1024, 4096])
-        if sampler == "heun" and cfg.get("use_dynamic_shifting"):
-            with pytest.raises(ConfigError, match="sampler 'heun' with a resolution-dependent shift"):
+        if sampler != "euler" and cfg.get("use_dynamic_shifting"):
+            with pytest.raises(ConfigError, match=f"sampler '{sampler}' with a resolution-dependent shift"):
                 sampling_schedule(get_sampler(sampler), FlowSchedule.from_config(cfg), steps, None, cfg)
             continue
         walk = sampling_schedule(get_sampler(sampler), FlowSchedule.from_config(cfg), steps, None, cfg, None, mu_len)
@@ -102,15 +108,16 @@ def test_sigmas_and_timesteps_equal_diffusers(seed):
         kwargs = {"mu": resolution_mu(mu_len, {**ref.config})} if cfg.get("use_dynamic_shifting") else {}
         ref.set_timesteps(steps, **kwargs)
         # Heun's lists repeat each inner sigma for its two stages; ours are the step boundaries
-        want_sigmas = ref.sigmas if sampler == "euler" else torch.cat([ref.sigmas[:1], ref.sigmas[1::2]])
-        want_t = ref.timesteps if sampler == "euler" else torch.cat([ref.timesteps[:1], ref.timesteps[1::2]])
+        heun = sampler == "heun"
+        want_sigmas = torch.cat([ref.sigmas[:1], ref.sigmas[1::2]]) if heun else ref.sigmas
+        want_t = torch.cat([ref.timesteps[:1], ref.timesteps[1::2]]) if heun else ref.timesteps
         assert torch.equal(walk.sigmas, want_sigmas.float()), f"seed {seed} {sampler}"
         assert torch.equal(walk.timesteps.float(), want_t.float()), f"seed {seed} {sampler}"
 
 
 def check_run(seed: int, sampler: str, strength: float | None) -> None:
     cfg = draw(seed)
-    if sampler == "heun" and cfg.get("use_dynamic_shifting"):
+    if sampler != "euler" and cfg.get("use_dynamic_shifting"):
         cfg = {k: v for k, v in cfg.items() if k not in ("use_dynamic_shifting", "time_shift_type")}
     r = random.Random(seed)
     steps, mu_len = r.randint(2, 12), r.choice([64, 1024])
@@ -132,17 +139,26 @@ def test_sampling_runs_equal_diffusers(seed, sampler, strength):
     check_run(seed, sampler, strength)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_dpm_solver_on_flow_sigmas_equals_diffusers(seed):
+    """diffusers' SD3 image-to-image pipeline cannot run DPM-Solver (it has no scale_noise): from noise."""
+    check_run(seed, "dpmpp_2m", None)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(2, 40))
 def test_many_sampling_runs_equal_diffusers(seed):
     for sampler in ("euler", "heun"):
         for strength in (None, 0.3, 0.75, 1.0):
             check_run(seed, sampler, strength)
+    check_run(seed, "dpmpp_2m", None)
 
 
 def test_what_a_flow_model_cannot_do_is_refused_in_one_line():
     noise = FlowSchedule.from_config({"shift": 3.0})
-    with pytest.raises(ConfigError, match="sampler 'dpmpp_2m_karras' with a flow-matching model; allowed: euler, heun"):
+    with pytest.raises(
+        ConfigError, match="sampler 'dpmpp_2m_karras' with a flow-matching model; allowed: euler, heun, dpmpp_2m"
+    ):
         sampling_schedule(get_sampler("dpmpp_2m_karras"), noise, 10)
     with pytest.raises(ConfigError, match="timestep spacing with a flow-matching model"):
         sampling_schedule(get_sampler("euler"), noise, 10, "trailing")

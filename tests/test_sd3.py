@@ -100,8 +100,13 @@ def check(seed: int, t5_tok, tmp_path, sampler: str, img2img: bool) -> None:
     spec = draw(seed)
     with_t5 = spec["scheduler"]["t5"]
     pipe = build(spec, tmp_path / "sd3", seed, t5_tok, with_t5)
-    cls = FlowMatchEulerDiscreteScheduler if sampler == "euler" else FlowMatchHeunDiscreteScheduler
-    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    if sampler == "dpmpp_2m":
+        from test_flow import reference
+
+        pipe.scheduler = reference("dpmpp_2m", {"shift": spec["scheduler"]["shift"]})
+    else:
+        cls = FlowMatchEulerDiscreteScheduler if sampler == "euler" else FlowMatchHeunDiscreteScheduler
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
     side = side_of(spec)
     where = f"seed {seed}, {sampler}, {'img2img' if img2img else 'txt2img'}, T5 {with_t5}, {side}px: {spec}"
     ours = Pipeline.load(tmp_path / "sd3", precision="fp32")
@@ -123,7 +128,10 @@ def check(seed: int, t5_tok, tmp_path, sampler: str, img2img: bool) -> None:
     assert diff.mean() <= 1.0, f"{where}: {diff.mean():.2f}/255"
 
 
-@pytest.mark.parametrize(("seed", "sampler", "img2img"), [(5, "euler", False), (7, "heun", False), (11, "euler", True)])
+CASES = [(5, "euler", False), (7, "heun", False), (11, "euler", True), (13, "dpmpp_2m", False)]
+
+
+@pytest.mark.parametrize(("seed", "sampler", "img2img"), CASES)
 def test_random_sd3_pipelines_equal_diffusers(seed, sampler, img2img, t5_tokenizer, tmp_path):  # noqa: F811
     check(seed, t5_tokenizer, tmp_path, sampler, img2img)
 
@@ -134,6 +142,7 @@ def test_many_random_sd3_pipelines_equal_diffusers(seed, t5_tokenizer, tmp_path)
     for sampler in ("euler", "heun"):
         for img2img in (False, True):
             check(seed, t5_tokenizer, tmp_path / f"{sampler}-{img2img}", sampler, img2img)
+    check(seed, t5_tokenizer, tmp_path / "dpmpp_2m", "dpmpp_2m", False)  # diffusers' SD3 img2img cannot run it
 
 
 def test_a_prompt_over_t5s_limit_is_truncated_and_said(t5_tokenizer, tmp_path):  # noqa: F811

@@ -19,8 +19,16 @@ import torch
 from ldmkit.diffusion.schedule import SamplingSchedule
 from ldmkit.errors import ConfigError
 
-# Our flow samplers and the diffusers class each equals (tests/test_flow.py).
-FLOW_SAMPLERS = {"euler": "FlowMatchEulerDiscreteScheduler", "heun": "FlowMatchHeunDiscreteScheduler"}
+# Our flow samplers and the diffusers class each equals (tests/test_flow.py); DPM-Solver++ as diffusers
+# runs it on a flow (use_flow_sigmas, flow_prediction, flow_shift = the model's shift).
+FLOW_SAMPLERS = {
+    "euler": "FlowMatchEulerDiscreteScheduler",
+    "heun": "FlowMatchHeunDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+}
+# Samplers whose updates are written for x0 + σ·ε (exponential integrators in log σ): they walk the
+# flow in that form (walk_in_ve_form).
+VE_FORM = {"dpmpp_2m"}
 
 # FlowMatchEulerDiscreteScheduler's settings and defaults; a folder's config is read over them.
 DEFAULTS = {
@@ -121,6 +129,8 @@ def flow_schedule(
         raise ConfigError(f"steps: {steps}; allowed: 1 or more")
     cfg = {**DEFAULTS, "shift": noise.shift, **settings(folder)}
     T = noise.num_train_timesteps
+    if sampler in VE_FORM:
+        return _solver_schedule(noise, steps)
     train = noise.sigmas.numpy()
     sigmas = np.linspace(float(train[0]) * T, float(train[-1]) * T, steps) / T
     if noise.dynamic:
@@ -147,3 +157,31 @@ def flow_start(steps: int, strength: float) -> int:
     if not 0.0 <= strength <= 1.0:
         raise ConfigError(f"strength: {strength}; allowed: 0 to 1")
     return int(max(steps - min(steps * strength, steps), 0))
+
+
+def _solver_schedule(noise: FlowSchedule, steps: int) -> SamplingSchedule:
+    """DPM-Solver's flow sigmas: 1 − linspace(1, 1/T, n + 1) shifted, highest first, the last dropped,
+    then 0; the model runs at σ·T truncated to an integer, as diffusers casts its timesteps."""
+    if noise.dynamic:
+        raise ConfigError("sampler 'dpmpp_2m' with a resolution-dependent shift; allowed: euler (as diffusers)")
+    T = noise.num_train_timesteps
+    sigmas = np.flip(shift_sigmas(1.0 - np.linspace(1, 1 / T, steps + 1), noise.shift))[:-1].copy()
+    timesteps = (sigmas * T).astype(np.int64)
+    sigmas = torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))
+    return SamplingSchedule(sigmas, torch.from_numpy(timesteps).double(), 1.0, sigma_space_output=True, flow=True)
+
+
+def walk_in_ve_form(fn, denoiser, x: torch.Tensor, sigmas: torch.Tensor, extra: dict, callback, noise, **options):
+    """Run sampler `fn`, written for x = x0 + s·ε, on a flow: x_σ/(1 − σ) at s = σ/(1 − σ) is that form
+    (the same path, each level divided by 1 − σ), so its exponential updates are diffusers' DPM-Solver on
+    flow sigmas. The denoiser is called at the walk's own σ (its timesteps are looked up by them)."""
+    flow = [float(v) for v in sigmas]
+    ve = [v / (1 - v) if v < 1 else math.inf for v in flow]
+    back = dict(zip(ve, flow))
+
+    def model(x_ve, s_ve, **kwargs):
+        s_ve = float(s_ve)
+        return denoiser(x_ve / (1 + s_ve), back[s_ve], **kwargs)
+
+    out = fn(model, x / (1 - flow[0]), torch.tensor(ve, dtype=torch.float64), extra, callback, noise, **options)
+    return out * (1 - flow[-1])

@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 
 from ldmkit.diffusion.denoiser import Conditioning, Denoiser
-from ldmkit.diffusion.flow import flow_schedule, flow_start
+from ldmkit.diffusion.flow import VE_FORM, flow_schedule, flow_start, walk_in_ve_form
 from ldmkit.diffusion.registry import SamplerSpec
 from ldmkit.diffusion.schedule import NoiseSchedule, SamplingSchedule
 from ldmkit.errors import ConfigError
@@ -101,7 +101,10 @@ def _walk(denoiser, spec, x, sigmas, cond, generators, callback, options) -> tor
     def ancestral_noise(like: torch.Tensor) -> torch.Tensor:
         return per_image_noise(generators, tuple(like.shape[1:])).to(like)
 
-    x = spec.fn(denoiser, x, sigmas, {"cond": cond}, callback, ancestral_noise, **options)
+    if denoiser.walk.flow and spec.name in VE_FORM:
+        x = walk_in_ve_form(spec.fn, denoiser, x, sigmas, {"cond": cond}, callback, ancestral_noise, **options)
+    else:
+        x = spec.fn(denoiser, x, sigmas, {"cond": cond}, callback, ancestral_noise, **options)
     # Back to the variance-preserving latent of the last sigma (≠ x when it is not 0, as DDIM's) --
     # unless the reference scheduler hands back its sigma-space latent (diffusers' Euler family).
     return x if denoiser.walk.sigma_space_output else x / (float(sigmas[-1]) ** 2 + 1) ** 0.5
