@@ -93,6 +93,18 @@ class _Hostile:
         return (Path.touch, (self.marker,))
 
 
+def _tiny_sd3_file(path):
+    """An SD3 file as Stability ships sd3_medium.safetensors (transformer and autoencoder, no text towers),
+    tiny and random."""
+    from ldmkit.models.autoencoder import AutoencoderConfig, AutoencoderKL
+    from ldmkit.models.mmdit import MMDiT, MMDiTConfig
+
+    unet = MMDiT(MMDiTConfig(depth=1, hidden_size=64, context_dim=16, pooled_dim=8, pos_embed_max_size=4))
+    vae = AutoencoderKL(AutoencoderConfig(channels=(8,), num_res_blocks=1, z_channels=16, embed_dim=16, norm_groups=8))
+    state = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
+    save_file(state | {f"first_stage_model.{k}": v for k, v in vae.state_dict().items()}, path)
+
+
 def _folder_of_everything(root):
     """One file of each kind a models folder holds, a broken one, and one that is not a checkpoint."""
     write_sd_file(root / "sd1.safetensors", kind="clip")
@@ -100,8 +112,9 @@ def _folder_of_everything(root):
     write_sd_file(root / "sub" / "sd2.ckpt", kind="openclip", fmt="ckpt")
     xl = {"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(4)}
     save_file({**xl, "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)}, root / "xl.safetensors")
+    _tiny_sd3_file(root / "sd3.safetensors")
     sd3 = {"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": torch.zeros(8)}
-    save_file(sd3, root / "sd3.safetensors")
+    save_file(sd3, root / "sd3-cut.safetensors")
     save_file({"encoder.down.0.block.0.conv1.weight": torch.zeros(8, 3, 3, 3)}, root / "vae.safetensors")
     save_file(
         {
@@ -149,7 +162,8 @@ def test_models_says_what_each_file_in_a_folder_is_from_headers_alone(tmp_path, 
     assert (got["sd1.safetensors"]["kind"], got["sd1.safetensors"]["family"]) == ("model", "sd1")
     assert got["sd1.safetensors"]["image_size"] == 512 and got["sd1.safetensors"]["supported"]
     assert (got["sub/sd2.ckpt"]["kind"], got["sub/sd2.ckpt"]["family"]) == ("model", "sd2-v")
-    assert got["sd3.safetensors"]["family"] == "sd3" and got["sd3.safetensors"]["supported"] is False
+    sd3 = got["sd3.safetensors"]
+    assert (sd3["family"], sd3["supported"], sd3["image_size"], sd3["text_encoders"]) == ("sd3", True, 1024, [])
     assert (got["pipe"]["kind"], got["pipe"]["family"], got["pipe"]["image_size"]) == ("model", "sd1", 512)
     assert (got["xl-pipe"]["family"], got["xl-pipe"]["image_size"], got["xl-pipe"]["supported"]) == ("sdxl", 1024, True)
     assert got["vae.safetensors"]["kind"] == "vae"
@@ -162,6 +176,7 @@ def test_models_says_what_each_file_in_a_folder_is_from_headers_alone(tmp_path, 
         ("loha.safetensors", "LoHa"),
         ("odd-pipe", "addition_embed_type"),
         ("xl.safetensors", "conditioner.embedders.0"),  # an SDXL file whose text tower is cut short
+        ("sd3-cut.safetensors", "SD3 / SD3.5 file, not loadable"),  # a transformer key alone
         ("hostile.ckpt", "refused"),
     ]:
         assert got[name]["kind"] == "unknown" and reason in got[name]["note"], got[name]
@@ -172,7 +187,7 @@ def test_models_says_what_each_file_in_a_folder_is_from_headers_alone(tmp_path, 
     assert "not recognised: " in rows["broken.safetensors"] and "truncated" in rows["broken.safetensors"]
     assert "Stable Diffusion 1.x" in rows["sd1.safetensors"] and "--model" in rows["sd1.safetensors"]
     assert "--controlnet" in rows["canny.safetensors"] and "--vae" in rows["vae.safetensors"]
-    assert "SD3" in rows["sd3.safetensors"] and "not supported" in rows["sd3.safetensors"]
+    assert "SD3" in rows["sd3.safetensors"] and "--model" in rows["sd3.safetensors"]
     for name in got:
         assert name in rows, name
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ldmkit.checkpoints.detect import UNET, VAE_FILE_PREFIXES, detect
-from ldmkit.checkpoints.families import FAMILIES, unsupported_family
+from ldmkit.checkpoints.families import FAMILIES, pipeline_family, unsupported_family
 from ldmkit.checkpoints.files import (
     ALLOWED_GLOBALS,
     DIFFUSERS,
@@ -181,6 +181,10 @@ def _classify(state: dict[str, torch.Tensor], metadata: dict, where: str) -> dic
 
 
 def _model(state, metadata, where) -> dict:
+    from ldmkit.checkpoints import sd3_files
+
+    if sd3_files.file_family(state) is not None:  # listed with the towers it carries: others may be elsewhere
+        return sd3_files.summary(state, metadata, where)
     try:
         config = detect(state, metadata, where)
     except UnsupportedModelError:
@@ -251,6 +255,9 @@ def _folder(p: Path) -> dict:
     if not index.is_file() and not (p / "unet").is_dir():
         return _component(read_json(p / "config.json"))
     cls = read_json(index).get("_class_name", "diffusers") if index.is_file() else "diffusers"
+    family = pipeline_family(str(cls))
+    if family is not None and family.backbone == "mmdit":
+        return _transformer_folder(p, family)
     if not (p / "unet" / "config.json").is_file():
         raise CheckpointError(f"a {cls} folder without unet/config.json; ldmkit loads UNet pipelines")
     try:
@@ -269,6 +276,20 @@ def _folder(p: Path) -> dict:
         raise CheckpointError(f"a {cls} folder with a config value of the wrong kind ({str(e)[:120]})") from None
     family = family_of(text, text_2, unet.in_channels, prediction)
     return _model_entry(family, unet_json.get("sample_size", 64) * vae.downsample_factor)
+
+
+def _transformer_folder(p: Path, family) -> dict:
+    """An SD3 pipeline folder, from its transformer's and autoencoder's configs."""
+    from ldmkit.checkpoints.diffusers_configs import vae_config_from_diffusers
+    from ldmkit.checkpoints.diffusers_folder import read_json
+    from ldmkit.checkpoints.mmdit_keys import config_from_diffusers
+
+    try:
+        backbone = config_from_diffusers(read_json(p / "transformer" / "config.json"), "transformer/config.json")
+        vae = vae_config_from_diffusers(read_json(p / "vae" / "config.json"), "vae/config.json")
+    except LdmkitError as e:
+        raise CheckpointError(f"a {family.title} folder, not loadable: {str(e).removeprefix(f'{p}/')}") from None
+    return _model_entry(family.name, backbone.sample_size * vae.downsample_factor)
 
 
 def _component(config: dict) -> dict:

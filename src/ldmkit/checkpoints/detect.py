@@ -201,6 +201,11 @@ def detect(
     state: dict[str, torch.Tensor], metadata: dict, where: str = "checkpoint", overrides: dict | None = None
 ) -> ModelConfig:
     """The ModelConfig of a single-file checkpoint (original layout keys)."""
+    from ldmkit.checkpoints import sd3_files  # imported here: it imports this module
+
+    if sd3_files.file_family(state) is not None:
+        sd3_files.refuse_overrides(overrides, where)
+        return sd3_files.sd3_config(state, metadata, where)
     overrides = dict(overrides or {})
     state = keymaps.clip_with_text_model_level(state)
     keys = set(state)

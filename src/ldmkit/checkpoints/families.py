@@ -19,7 +19,8 @@ class Family:
     inpainting: bool = False  # a 9-channel UNet: latent, mask and masked-image latent
     # The prediction type the family's weights are trained for; None: the scheduler config or a rule says.
     prediction: str | None = None
-    # UNet heads, which no tensor shape reveals: a count, or channels per head.
+    # Denoiser heads, which no tensor shape reveals: a U-Net's count or channels per head, an MMDiT's
+    # channels per head (`head_dim`).
     unet_heads: dict = field(default_factory=dict)
     image_size: int = 512  # native output side (default generation size)
     # Cross-attention width of its ControlNets, which tells a ControlNet file's base family.
@@ -27,7 +28,8 @@ class Family:
     # SDXL ControlNets: each micro-conditioning number's width in their addition embedding (`label_emb`),
     # which a ControlNet's weights alone cannot say (no text tower beside it gives the pooled width).
     controlnet_micro_width: int | None = None
-    # Unsupported families: key fragments that betray a single file (prefixes, or a substring).
+    # Key fragments that betray a single file (prefixes, or a substring after "*"): how files of the
+    # families told apart by their layout, not by their text towers, are recognised (SD3, FLUX).
     markers: tuple[str, ...] = ()
     # SDXL's conditioner: a second tower ("openclip": OpenCLIP-bigG) and a pooled vector for the UNet.
     text_2_kind: str | None = None
@@ -52,6 +54,9 @@ class Family:
     vae_shift_factor: float = 0.0
     # Its single files are read (a family may be read from diffusers folders first).
     single_files: bool = True
+    # The diffusers scheduler config its single files mean, which they do not carry (a folder's
+    # scheduler/ says it); {}: the schedule's defaults.
+    scheduler: dict = field(default_factory=dict)
 
 
 _SD1 = dict(text_kind="clip", unet_heads={"num_heads": 8, "num_head_channels": -1}, controlnet_context=768)
@@ -87,8 +92,10 @@ FAMILIES: dict[str, Family] = {
             backbone="mmdit",
             diffusers_pipelines=("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"),
             call_defaults={"steps": 28, "cfg": 7.0, "sampler": "euler"},  # StableDiffusion3Pipeline's
-            single_files=False,
             markers=("*joint_blocks.",),
+            unet_heads={"head_dim": 64},  # every release: 64 channels per head (heads = depth)
+            # Stability's SD3 / SD3.5 folders' scheduler_config.json
+            scheduler={"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0},
         ),
         Family("flux", "Flux", supported=False, markers=("double_blocks.", "model.diffusion_model.double_blocks.")),
     ]
@@ -99,13 +106,16 @@ def _marks(marker: str, key: str) -> bool:
     return marker[1:] in key if marker.startswith("*") else key.startswith(marker)
 
 
+def marked_family(keys) -> Family | None:
+    """The family whose markers a single file's keys carry, if a row's do."""
+    keys = list(keys)
+    return next((f for f in FAMILIES.values() if any(_marks(m, k) for m in f.markers for k in keys)), None)
+
+
 def unsupported_family(keys) -> Family | None:
     """The family of a single file ldmkit recognises but cannot read yet, from its keys."""
-    keys = list(keys)
-    for f in FAMILIES.values():
-        if not (f.supported and f.single_files) and any(_marks(m, k) for m in f.markers for k in keys):
-            return f
-    return None
+    f = marked_family(keys)
+    return f if f is not None and not (f.supported and f.single_files) else None
 
 
 def sd_family(

@@ -15,6 +15,10 @@ def _params(module) -> int:
 
 def describe(model: LatentDiffusion) -> dict:
     c = model.config
+    if c.sd3:
+        from ldmkit.checkpoints.sd3_files import TOWERS, describe_config
+
+        return describe_config(c, {n: getattr(c.text, n) for n in TOWERS}) | {"parameters": model.parameter_counts()}
     info = {
         "family": c.family,
         "supported": True,
@@ -40,7 +44,14 @@ def describe(model: LatentDiffusion) -> dict:
     return info
 
 
-def inspect_path(path: str | Path, vae: str | Path | None = None, overrides: dict | None = None) -> dict:
+def inspect_path(
+    path: str | Path,
+    vae: str | Path | None = None,
+    overrides: dict | None = None,
+    text_encoders: str | Path | None = None,
+) -> dict:
+    """text_encoders: a folder with the text towers an SD3 file lacks (the file is then loaded whole)."""
+    from ldmkit.checkpoints import sd3_files
     from ldmkit.checkpoints.controlnet_files import describe_controlnet, is_controlnet_path, load_controlnet
 
     fmt = sniff(path)
@@ -52,7 +63,7 @@ def inspect_path(path: str | Path, vae: str | Path | None = None, overrides: dic
         info["dtype"] = sorted(set().union(*(safetensors_dtypes(f) for f in files if sniff(f) == "safetensors")))
         return info
     if fmt == DIFFUSERS:
-        model = load_model(path, vae=vae, overrides=overrides)
+        model = load_model(path, vae=vae, overrides=overrides, text_encoders=text_encoders)
         info.update(describe(model))
         stored = set()
         for f in Path(path).glob("*/*.safetensors"):
@@ -61,6 +72,15 @@ def inspect_path(path: str | Path, vae: str | Path | None = None, overrides: dic
         return info
     state, metadata = read_tensors(path)
     info["dtype"] = stored_dtypes(state)
+    if sd3_files.file_family(state) is not None:  # described from names and shapes: its towers may be elsewhere
+        info.update(sd3_files.describe_file(state, metadata, str(path)))
+        if vae is not None or text_encoders is not None or overrides:
+            present = info["text_encoders"]
+            info.update(describe(load_model(path, vae=vae, overrides=overrides, text_encoders=text_encoders)))
+            for name, tower in info["text_encoders"].items():
+                tower["in_file"] = present[name]["present"]
+        return info
+    sd3_files.refuse_text_encoders(text_encoders, path)
     unsupported = unsupported_note(set(state))
     if unsupported and "ldmkit" not in metadata:
         info.update({"family": unsupported[0], "supported": False, "note": unsupported[1]})

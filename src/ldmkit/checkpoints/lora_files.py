@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ldmkit.checkpoints.families import FAMILIES
 from ldmkit.checkpoints.files import file_in_folder, listed, names_in_folder, read_tensors, sha256_file
 from ldmkit.checkpoints.keymaps import rename, unet_to_diffusers
 from ldmkit.errors import CheckpointError, ConfigError
@@ -127,6 +128,7 @@ def read_lora(path: str | Path, model, name: str | None = None) -> Lora:
             pairs.setdefault(m.group(1), {})[role] = value
     if not pairs:
         raise CheckpointError(f"{where}: not a LoRA file (no lora_down/lora_up or lora_A/lora_B weights)")
+    _refuse_without_unet(pairs, model, where)
     names = module_names(model)
     unet_modules = dict(model.unet.named_modules())
     text_modules = dict(model.text_encoder.named_modules())
@@ -156,6 +158,17 @@ def read_lora(path: str | Path, model, name: str | None = None) -> Lora:
         what += ("; " if what else "") + (f"wrong shapes: {misfit[0]}" if misfit else "")
         raise CheckpointError(f"{where}: a LoRA for another architecture: {what}")
     return Lora(name or path.stem, path, patches, lora_hash(path))
+
+
+def _refuse_without_unet(pairs: dict, model, where: str) -> None:
+    """The layouts read here name U-Net models' layers: a model whose denoiser is a transformer (its family
+    row's backbone) takes none of them."""
+    family = FAMILIES.get(model.config.family)
+    if family is None or family.backbone == "unet":
+        return
+    unet = any(p.startswith(("lora_unet_", "unet.")) for p in pairs)
+    what = "a LoRA for a U-Net model" if unet else "a LoRA"
+    raise CheckpointError(f"{where}: {what}; this model is {family.title} (a transformer), which takes no LoRAs yet")
 
 
 def find_lora(name: str, folder: str | Path | None) -> Path:

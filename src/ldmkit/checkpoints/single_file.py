@@ -2,7 +2,8 @@
 
 Our own files are the same layout plus the model config as JSON in the safetensors header, so a
 file written by ldmkit loads in tools that read SD files, and ldmkit needs no guessing to read it.
-SDXL's text towers have their own names there (`conditioner.embedders.N`, sgm.py)."""
+SDXL's text towers have their own names there (`conditioner.embedders.N`, sgm.py); SD3's files, whose
+denoiser is a transformer and whose towers may come separately, are read and written by sd3_files.py."""
 
 import json
 from collections.abc import Callable
@@ -103,10 +104,21 @@ def _tokenizer_key(index: int) -> str:
 DtypeRule = Callable[[ModelConfig], torch.dtype]
 
 
-def load_single_file(path: str | Path, overrides: dict | None = None, dtype_rule: DtypeRule | None = None):
+def load_single_file(
+    path: str | Path,
+    overrides: dict | None = None,
+    dtype_rule: DtypeRule | None = None,
+    text_encoders: str | Path | None = None,
+):
     """dtype_rule: the UNet's and autoencoder's dtype for the detected config (default fp32). Not fp32
-    and a safetensors file: their tensors are converted as they are read (files.read_tensors)."""
+    and a safetensors file: their tensors are converted as they are read (files.read_tensors).
+    text_encoders: a folder with the text towers an SD3 file lacks (sd3_towers.TextEncodersFolder)."""
+    from ldmkit.checkpoints import sd3_files
+
     state, metadata = read_tensors(path)  # mapped, not read: detection needs only names and shapes
+    if sd3_files.file_family(state) is not None:
+        return sd3_files.load_sd3_file(path, state, metadata, overrides, dtype_rule, text_encoders)
+    sd3_files.refuse_text_encoders(text_encoders, path)
     config = detect(state, metadata, str(path), overrides)
     dtype = dtype_rule(config) if dtype_rule else torch.float32
     if dtype != torch.float32 and sniff(path) == SAFETENSORS:
@@ -121,16 +133,22 @@ def load_single_file(path: str | Path, overrides: dict | None = None, dtype_rule
 
 
 def load_model(
-    path: str | Path, vae: str | Path | None = None, overrides: dict | None = None, dtype_rule: DtypeRule | None = None
+    path: str | Path,
+    vae: str | Path | None = None,
+    overrides: dict | None = None,
+    dtype_rule: DtypeRule | None = None,
+    text_encoders: str | Path | None = None,
 ) -> LatentDiffusion:
     """Load a model from a single file or a diffusers folder; `vae` replaces its autoencoder.
-    dtype_rule: see load_single_file."""
+    dtype_rule, text_encoders: see load_single_file."""
     if sniff(path) == DIFFUSERS:
         from ldmkit.checkpoints.diffusers_folder import load_diffusers
 
+        if text_encoders is not None:
+            raise CheckpointError(f"--text-encoders {text_encoders}: for SD3 single files; {path} is a folder")
         model = load_diffusers(path, overrides, dtype_rule)
     else:
-        model = load_single_file(path, overrides, dtype_rule)
+        model = load_single_file(path, overrides, dtype_rule, text_encoders)
     if vae is not None:
         replace_vae(model, vae)
     return model
@@ -190,6 +208,10 @@ def replace_vae(model: LatentDiffusion, path: str | Path) -> None:
 
 def model_state(model: LatentDiffusion, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Our model's tensors in the original single-file layout."""
+    if model.config.sd3:
+        from ldmkit.checkpoints.sd3_files import sd3_state
+
+        return sd3_state(model, dtype)
     own = model.state_dict()
     text = {k[len(TEXT) :]: v for k, v in own.items() if k.startswith(TEXT)}
     state = {k: v for k, v in own.items() if not k.startswith((TEXT, CONDITIONER)) and not NOT_WEIGHTS.search(k)}
@@ -216,6 +238,10 @@ def model_state(model: LatentDiffusion, dtype: torch.dtype | None = None) -> dic
 
 
 def save_single_file(model: LatentDiffusion, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    if model.config.sd3:
+        from ldmkit.checkpoints.sd3_files import save_sd3_file
+
+        return save_sd3_file(model, path, dtype)
     config = model.config.to_dict()
     tc = model.config.text
     if tc.kind == "openclip" and tc.skip_last_layers == 0 and not tc.package and not model.config.conditioner:

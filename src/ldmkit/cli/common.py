@@ -30,6 +30,12 @@ def _model_path(text: str) -> Path:
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", help="a separate VAE file or folder that replaces the model's own")
     p.add_argument(
+        "--text-encoders",
+        metavar="DIR",
+        help="SD3 / SD3.5 single files: where the text encoders the file lacks are (clip_l.safetensors,"
+        " clip_g.safetensors, t5xxl_fp16.safetensors as ComfyUI keeps them, or a diffusers SD3 folder)",
+    )
+    p.add_argument(
         "--prediction-type",
         choices=["epsilon", "v_prediction", "sample"],
         help="what the UNet predicts (SD 2.x files do not say; 768 models are v_prediction)",

@@ -187,7 +187,11 @@ def cmd_generate(args) -> int:
         raise LdmkitError("--controlnet needs --control TYPE:IMAGE[:STRENGTH]")
     upscalers = _upscalers(params, args.upscaler_dir)
     pipe = Pipeline.load(
-        args.model, vae=args.vae, overrides=_overrides(args, skip=("clip_skip",)), precision=args.precision
+        args.model,
+        vae=args.vae,
+        overrides=_overrides(args, skip=("clip_skip",)),
+        precision=args.precision,
+        text_encoders=args.text_encoders,
     )
     bars = []  # drawn at the first step, so that a refused request prints its error line alone
     done = [0]  # the steps of the batches before this one: one bar for the whole run

@@ -10,7 +10,9 @@ from ldmkit.errors import LdmkitError
 def cmd_inspect(args) -> int:
     from ldmkit.checkpoints.inspect import inspect_path
 
-    info = inspect_path(_model_path(args.path), vae=args.vae, overrides=_overrides(args))
+    info = inspect_path(
+        _model_path(args.path), vae=args.vae, overrides=_overrides(args), text_encoders=args.text_encoders
+    )
     print(json.dumps(info, indent=2))
     return 0
 
@@ -41,7 +43,7 @@ def cmd_convert(args) -> int:
             save_controlnet_diffusers(net, dst, dtype)
         print(json.dumps({"written": str(dst), "format": args.to, "family": family_of(net.config)}))
         return 0
-    model = load_model(src, vae=args.vae, overrides=_overrides(args))
+    model = load_model(src, vae=args.vae, overrides=_overrides(args), text_encoders=args.text_encoders)
     if args.to == "single-file":
         if dst.is_dir():
             raise LdmkitError(

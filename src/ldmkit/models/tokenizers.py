@@ -2,8 +2,9 @@
 tokens such as textual-inversion words, special tokens and length). A single-file checkpoint carries
 none, so the CLIP BPE vocabulary ships with ldmkit (clip_bpe/, MIT, OpenAI) and is rebuilt here into
 the vocabulary transformers' CLIPTokenizer takes; ldmkit's own single files carry the folder's
-tokenizer in their header when it is not that one. The BERT-family tokenizer and T5's (SD3's third
-tower) come from the folder of the encoder they belong to."""
+tokenizer in their header when it is not that one. So does T5 v1.1's (SD3's third tower; t5_tokenizer/,
+Apache-2.0, Google), for SD3 single files and standalone T5 files, which carry none. The BERT-family
+tokenizer comes from the folder of the encoder it belongs to."""
 
 import functools
 import gzip
@@ -155,14 +156,19 @@ class BertTokenizer:
         return self.hf.cls_token_id, self.hf.sep_token_id, self.hf.pad_token_id
 
 
+T5_FILES_FOLDER = "t5_tokenizer"
+
+
 class T5Tokenizer:
     """T5's SentencePiece (Unigram) tokenizer, from a model folder's own files (transformers'
-    T5TokenizerFast, offline): no start token, the end-of-text token `</s>` last, padded with `<pad>`.
-    The length is the caller's (SD3: its max_sequence_length), not the tokenizer's."""
+    T5TokenizerFast, offline), or without a folder T5 v1.1's, which ships with ldmkit: no start token,
+    the end-of-text token `</s>` last, padded with `<pad>`. The length is the caller's (SD3: its
+    max_sequence_length), not the tokenizer's."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path | None = None):
         from transformers import T5TokenizerFast
 
+        folder = bundled_t5_folder() if folder is None else folder
         self.hf = T5TokenizerFast.from_pretrained(str(folder), local_files_only=True)
 
     def __len__(self) -> int:
@@ -179,3 +185,37 @@ class T5Tokenizer:
 
     def save(self, folder: Path) -> None:
         self.hf.save_pretrained(str(folder))
+
+    def is_bundled(self) -> bool:
+        """Whether this is T5 v1.1's vocabulary, the one ldmkit ships (so a single file need not carry it)."""
+        return _t5_model(self.hf) == _t5_model(T5Tokenizer().hf)
+
+    def to_header(self) -> str:
+        """The whole tokenizer as one string (the files save_pretrained writes), for a single file's header."""
+        with tempfile.TemporaryDirectory() as d:
+            self.hf.save_pretrained(d)
+            return json.dumps({p.name: p.read_text() for p in sorted(Path(d).iterdir()) if p.is_file()})
+
+    @classmethod
+    def from_header(cls, text: str, where: str) -> "T5Tokenizer":
+        try:
+            files = json.loads(text)
+            with tempfile.TemporaryDirectory() as d:
+                for name, content in files.items():
+                    if Path(name).name != name:
+                        raise ValueError(f"file name {name!r}")
+                    (Path(d) / name).write_text(content)
+                return cls(Path(d))
+        except (ValueError, TypeError, AttributeError, OSError) as e:
+            from ldmkit.errors import CheckpointError
+
+            raise CheckpointError(f"{where}: the T5 tokenizer in the file header cannot be read ({e})") from None
+
+
+def bundled_t5_folder() -> Path:
+    return Path(str(resources.files("ldmkit.models") / T5_FILES_FOLDER))
+
+
+def _t5_model(hf) -> dict:
+    """The vocabulary and scores of a fast tokenizer (its `model` section)."""
+    return json.loads(hf.backend_tokenizer.to_str())["model"]
