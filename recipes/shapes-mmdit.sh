@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The transformer counterpart of the bundled shapes model (configs/shapes-mmdit.yaml): its autoencoder is
+# The transformer counterpart of the bundled shapes model (configs/shapes-mmdit-ldm.yaml): its autoencoder is
 # the bundled model's own, written out once as a standalone file, then stage 2 is trained at the U-Net's
 # training compute. Resumable: run it again after an interruption.
 set -euo pipefail
@@ -16,4 +16,4 @@ from ldmkit.training.autoencoder import save_autoencoder
 save_autoencoder(load_model(resolve('shapes')[0]).vae.float(), Path('$AE'))"
 fi
 resume() { if compgen -G "$1/checkpoints/step-*.pt" > /dev/null; then echo --resume; fi; }
-[ -f "$RUN/model.safetensors" ] || ldmkit train --config configs/shapes-mmdit.yaml $(resume "$RUN")
+[ -f "$RUN/model.safetensors" ] || ldmkit train --config configs/shapes-mmdit-ldm.yaml $(resume "$RUN")

@@ -3,6 +3,7 @@
 target ε − x0, σ the logit-normal quantile of the drawn index, the model's timestep σ·T -- and a tiny run
 end to end whose model then generates from the command line."""
 
+import json
 import math
 
 import numpy as np
@@ -71,6 +72,10 @@ def test_a_transformer_trained_on_the_flow_objective_generates(tmp_path, autoenc
     from ldmkit.pipelines.params import from_infotext
 
     assert from_infotext(read_png_parameters(out))[0]["sampler"] == "euler"  # a flow model's default
+    # its keys are a transformer's (joint_blocks), but its header says it is ours, with one text tower
+    out, _ = capsys.readouterr()
+    assert main(["inspect", str(run / "model.safetensors")]) == 0
+    assert json.loads(capsys.readouterr().out)["family"] == "ldmkit"
     capsys.readouterr()
     assert main(["generate", "x", "--model", str(run / "model.safetensors"), "--sampler", "ddim", "-q"]) == 2
     assert "error: sampler 'ddim' with a flow-matching model; allowed: euler, heun" in capsys.readouterr().err

@@ -183,7 +183,7 @@ def _classify(state: dict[str, torch.Tensor], metadata: dict, where: str) -> dic
 def _model(state, metadata, where) -> dict:
     from ldmkit.checkpoints import sd3_files
 
-    if sd3_files.file_family(state) is not None:  # listed with the towers it carries: others may be elsewhere
+    if sd3_files.file_family(state, metadata) is not None:  # listed with the towers it carries: others may be elsewhere
         return sd3_files.summary(state, metadata, where)
     try:
         config = detect(state, metadata, where)

@@ -203,7 +203,7 @@ def detect(
     """The ModelConfig of a single-file checkpoint (original layout keys)."""
     from ldmkit.checkpoints import sd3_files  # imported here: it imports this module
 
-    if sd3_files.file_family(state) is not None:
+    if sd3_files.file_family(state, metadata) is not None:
         sd3_files.refuse_overrides(overrides, where)
         return sd3_files.sd3_config(state, metadata, where)
     overrides = dict(overrides or {})

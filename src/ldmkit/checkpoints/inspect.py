@@ -72,7 +72,7 @@ def inspect_path(
         return info
     state, metadata = read_tensors(path)
     info["dtype"] = stored_dtypes(state)
-    if sd3_files.file_family(state) is not None:  # described from names and shapes: its towers may be elsewhere
+    if sd3_files.file_family(state, metadata) is not None:  # described from names and shapes: towers may be elsewhere
         info.update(sd3_files.describe_file(state, metadata, str(path)))
         if vae is not None or text_encoders is not None or overrides:
             present = info["text_encoders"]

@@ -116,7 +116,7 @@ def load_single_file(
     from ldmkit.checkpoints import sd3_files
 
     state, metadata = read_tensors(path)  # mapped, not read: detection needs only names and shapes
-    if sd3_files.file_family(state) is not None:
+    if sd3_files.file_family(state, metadata) is not None:
         return sd3_files.load_sd3_file(path, state, metadata, overrides, dtype_rule, text_encoders)
     sd3_files.refuse_text_encoders(text_encoders, path)
     config = detect(state, metadata, str(path), overrides)
