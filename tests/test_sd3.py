@@ -156,3 +156,41 @@ def test_a_prompt_over_t5s_limit_is_truncated_and_said(t5_tokenizer, tmp_path): 
     notes = [w for w in out.warnings if "T5 reads its first 256 tokens" in w]
     assert len(notes) == 1 and notes[0].startswith("prompt 1:") and "dropped" in notes[0] and "\n" not in notes[0]
     assert not ours("a red circle", steps=1, seed=0, width=side, height=side).warnings
+
+
+def test_the_web_ui_api_serves_sd3(t5_tokenizer, tmp_path):  # noqa: F811
+    """txt2img and img2img through the web UI's API draw what the Python API draws (the PNG's bytes
+    aside, the same pixels), with SD3's defaults (Euler, CFG 7) where the request leaves them out."""
+    import base64
+    import io
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from ldmkit.server.app import ServeConfig, create_app
+
+    spec = draw(5)
+    build(spec, tmp_path / "models" / "sd3", 5, t5_tokenizer, with_t5=True)
+    side = side_of(spec)
+    app = create_app(ServeConfig(str(tmp_path / "models" / "sd3"), models_dir=str(tmp_path / "models")))
+    app.state.ready.result()
+    body = {"prompt": PROMPTS[0], "negative_prompt": "blurry", "steps": 3, "seed": 2, "width": side, "height": side}
+    picture = Image.new("RGB", (side, side), (200, 40, 40))
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    init = {"init_images": [base64.b64encode(buf.getvalue()).decode()], "denoising_strength": 0.6}
+    with TestClient(app) as client:
+        txt = client.post("/sdapi/v1/txt2img", json=body)
+        img = client.post("/sdapi/v1/img2img", json={**body, **init})
+    assert txt.status_code == img.status_code == 200, (txt.text, img.text)
+    info = json.loads(txt.json()["info"])["infotexts"][0]
+    assert "Sampler: Euler," in info and "CFG scale: 7," in info
+    ours = Pipeline.load(tmp_path / "models" / "sd3", precision="fp32")
+    kw = dict(negative_prompt="blurry", steps=3, seed=2, width=side, height=side)
+    for response, want in (
+        (txt, ours(PROMPTS[0], **kw)),
+        (img, ours(PROMPTS[0], **kw, init_image=picture, strength=0.6)),
+    ):
+        got = Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0])))
+        diff = np.abs(pixels(got) - pixels(want.images[0]))
+        assert diff.mean() <= 0.5, diff.mean()
