@@ -188,6 +188,7 @@ def test_models_says_what_each_file_in_a_folder_is_from_headers_alone(tmp_path, 
     assert "Stable Diffusion 1.x" in rows["sd1.safetensors"] and "--model" in rows["sd1.safetensors"]
     assert "--controlnet" in rows["canny.safetensors"] and "--vae" in rows["vae.safetensors"]
     assert "SD3" in rows["sd3.safetensors"] and "--model" in rows["sd3.safetensors"]
+    assert "text encoders: none (--text-encoders DIR)" in rows["sd3.safetensors"]
     for name in got:
         assert name in rows, name
 

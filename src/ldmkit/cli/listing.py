@@ -131,7 +131,10 @@ def _what(e: dict) -> str:
     if kind == "model":
         if not e["supported"]:
             return f"{e['family']} model: {e['title']}, recognised but not supported yet"
-        return f"{e['family']} model: {e['title']}, {e['image_size']}x{e['image_size']}"
+        what = f"{e['family']} model: {e['title']}, {e['image_size']}x{e['image_size']}"
+        if "text_encoders" in e:  # a file whose towers may be elsewhere (SD3): which it carries
+            what += f", text encoders: {', '.join(e['text_encoders']) or 'none (--text-encoders DIR)'}"
+        return what
     if kind == "vae":
         return "VAE (an autoencoder alone)"
     if kind == "upscaler":
