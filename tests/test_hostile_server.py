@@ -129,6 +129,13 @@ def test_wrong_typed_and_huge_fields_are_4xx(client, models):
     init = b64(png_bytes(Image.new("RGB", (32, 32))))
     body = {**SMALL, "init_images": [init], "mask": init, "mask_blur": 10**12, "inpaint_full_res": False}
     refused(client.post("/sdapi/v1/img2img", json={**body, "inpainting_fill": 1}), 422, "mask_blur")
+    body["mask_blur"] = 4
+    for blend in ("sideways", 5, ["noised"], "x" * 100_000):
+        refused(
+            client.post("/sdapi/v1/img2img", json={**body, "inpainting_fill": 1, "inpaint_blend": blend}),
+            422,
+            "inpaint_blend",
+        )
     refused(
         client.post("/sdapi/v1/txt2img", json={**SMALL, "override_settings": {"sd_model_checkpoint": "broken"}}), 422
     )

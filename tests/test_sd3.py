@@ -9,7 +9,6 @@ import random
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from test_mmdit import draw as draw_transformer
 from test_sd3_text import clip_tokenizer, t5_tokenizer  # noqa: F401  (a fixture)
@@ -42,20 +41,9 @@ def build(spec: dict, folder, seed: int, t5_tok, with_t5: bool = True):
         StableDiffusion3Pipeline,
     )
     from test_mmdit import reference
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from test_sd3_text import random_towers
 
-    t = spec["towers"]
-    towers = [
-        randomize(CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=49408, **t[k])), seed=seed + i, std=0.05)
-        for i, k in enumerate(("clip_l", "clip_g"))
-    ]
-    t5 = None
-    if with_t5:
-        t5 = randomize(T5EncoderModel(T5Config(vocab_size=len(t5_tok) + 3, **t["t5"])), seed=seed + 2)
-        with torch.no_grad():  # T5's RMS norms near 1, as trained ones are
-            for m in t5.modules():
-                if type(m).__name__ == "T5LayerNorm":
-                    m.weight.add_(1)
+    towers, t5 = random_towers(spec["towers"], t5_tok, seed, with_t5)
     n = spec["vae_levels"]
     vae = AutoencoderKL(
         block_out_channels=[8 * (i + 1) for i in range(n)], down_block_types=["DownEncoderBlock2D"] * n,

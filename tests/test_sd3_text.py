@@ -88,13 +88,8 @@ def draw(seed: int) -> dict:
     return dict(clip_l=clip_l, clip_g=clip_g, t5=t5, clip_skip=clip_skip, msl=rng.choice([16, 77, 120, 300, 512]))
 
 
-def diffusers_pipeline(spec: dict, t5_tokenizer, seed: int, with_t5: bool = True):
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
+def random_towers(spec: dict, t5_tokenizer, seed: int, with_t5: bool = True) -> tuple[list, object]:
+    """([CLIP-L, bigG], T5 or None) built by transformers from a drawn spec, with random weights."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     towers = [
@@ -108,6 +103,18 @@ def diffusers_pipeline(spec: dict, t5_tokenizer, seed: int, with_t5: bool = True
             for m in t5.modules():
                 if type(m).__name__ == "T5LayerNorm":
                     m.weight.add_(1)
+    return towers, t5
+
+
+def diffusers_pipeline(spec: dict, t5_tokenizer, seed: int, with_t5: bool = True):
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    towers, t5 = random_towers(spec, t5_tokenizer, seed, with_t5)
     pooled = sum(spec[k]["projection_dim"] for k in ("clip_l", "clip_g"))
     transformer = SD3Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=16, num_layers=1, attention_head_dim=8, num_attention_heads=2,

@@ -38,8 +38,8 @@ def made(tmp_path, channels: int, sampler: str, seed: int = 2):
     return diffusers.StableDiffusionXLInpaintPipeline(**pipe.components), side + (-side % 8)
 
 
-def compare(tmp_path, channels: int, sampler: str, strength: float, blend: str) -> None:
-    ref_pipe, side = made(tmp_path, channels, sampler)
+def compare(tmp_path, channels: int, sampler: str, strength: float, blend: str, seed: int = 2) -> None:
+    ref_pipe, side = made(tmp_path, channels, sampler, seed)
     picture, mask = picture_and_mask(side, 7)
     ours = Pipeline.load(tmp_path / "model", precision="fp32")
     kw = dict(negative_prompt="blurry", steps=8, cfg=5.0, sampler=sampler, seed=4, width=side, height=side)
@@ -50,12 +50,12 @@ def compare(tmp_path, channels: int, sampler: str, strength: float, blend: str) 
     ref = ref_pipe(PROMPTS[0], generator=generators_for(4, 1), output_type="latent", **ref_kw).images
     scale = float(ref.abs().max())
     gap = float((out.latents - ref).abs().max())
-    assert gap <= 1e-4 * scale, f"{sampler} at {strength}: latents differ by {gap:.2e} (of {scale:.2f})"
+    assert gap <= 1e-4 * scale, f"seed {seed}, {sampler} at {strength}: latents differ by {gap:.2e} (of {scale:.2f})"
     image = ref_pipe(PROMPTS[0], generator=generators_for(4, 1), **ref_kw).images[0]
     inside = np.asarray(mask) >= 128
     ours_px, ref_px = (np.asarray(x, dtype=np.float64) for x in (out.images[0], image))
     diff = np.abs(ours_px - ref_px)[inside]
-    assert diff.mean() <= 1.0, f"{sampler} at {strength}: {diff.mean():.2f}/255 inside the mask"
+    assert diff.mean() <= 1.0, f"seed {seed}, {sampler} at {strength}: {diff.mean():.2f}/255 inside the mask"
     assert np.array_equal(ours_px[~inside], np.asarray(picture, dtype=np.float64)[~inside])
 
 
@@ -75,15 +75,17 @@ SAMPLERS = ["ddpm", "ddim", "plms", "euler", "euler_a", "heun", "dpmpp_2m", "dpm
 # with its timesteps (at strength 0.5 of 8 steps the latent of t=376 is evaluated at t=251); ldmkit
 # runs PLMS's own warm-up on the steps that remain.
 CASES = [(s, strength) for s in SAMPLERS for strength in (1.0, 0.9999, 0.5) if s != "plms" or strength == 1.0]
+# configurations drawn at random (test_sdxl.draw), base models only: one per case
+SEEDS = [s for s in range(100, 200) if not draw(s)["refiner"]]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("sampler", "strength"), CASES)
-def test_all_ten_samplers_inpaint_as_diffusers(tmp_path, sampler, strength):
-    compare(tmp_path, 4, sampler, strength, "noised")
+@pytest.mark.parametrize(("case", "seed"), list(zip(CASES, SEEDS)))
+def test_all_ten_samplers_inpaint_as_diffusers(tmp_path, case, seed):
+    compare(tmp_path, 4, *case, "noised", seed)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m", "ddim"])
-def test_every_sampler_with_an_inpainting_model(tmp_path, sampler):
-    compare(tmp_path, 9, sampler, 0.9999, "denoised")
+@pytest.mark.parametrize(("sampler", "seed"), list(zip(["euler_a", "dpmpp_2m", "ddim"] * 3, SEEDS[-9:])))
+def test_every_sampler_with_an_inpainting_model(tmp_path, sampler, seed):
+    compare(tmp_path, 9, sampler, 0.9999, "denoised", seed)

@@ -46,8 +46,6 @@ def unsupported_note(keys) -> tuple[str, str] | None:
     f = unsupported_family(keys)
     if f is None:
         return None
-    if f.supported:
-        return f.name, f"a {f.title} single file; ldmkit reads {f.title} from diffusers folders, not single files yet"
     return f.name, f"a {f.title} checkpoint; ldmkit does not support {f.title} yet"
 
 

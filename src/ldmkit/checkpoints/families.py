@@ -52,8 +52,6 @@ class Family:
     call_defaults: dict = field(default_factory=dict)
     # The autoencoder's latent shift (SD3's 16-channel VAE), which no weight holds.
     vae_shift_factor: float = 0.0
-    # Its single files are read (a family may be read from diffusers folders first).
-    single_files: bool = True
     # The diffusers scheduler config its single files mean, which they do not carry (a folder's
     # scheduler/ says it); {}: the schedule's defaults.
     scheduler: dict = field(default_factory=dict)
@@ -115,7 +113,7 @@ def marked_family(keys) -> Family | None:
 def unsupported_family(keys) -> Family | None:
     """The family of a single file ldmkit recognises but cannot read yet, from its keys."""
     f = marked_family(keys)
-    return f if f is not None and not (f.supported and f.single_files) else None
+    return f if f is not None and not f.supported else None
 
 
 def sd_family(

@@ -66,7 +66,7 @@ def file_family(keys, metadata: dict | None = None) -> Family | None:
     """The family of a single file read here: one whose denoiser is the MMDiT, from its keys -- unless our
     header says it is another model (ldmkit's own transformers have those keys and one text tower)."""
     f = marked_family(keys)
-    if f is None or f.backbone != "mmdit" or not (f.supported and f.single_files):
+    if f is None or f.backbone != "mmdit" or not f.supported:
         return None
     if METADATA_KEY in (metadata or {}) and not config_from_metadata(metadata, "header").sd3:
         return None  # our config says another model
