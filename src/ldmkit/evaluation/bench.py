@@ -1,22 +1,32 @@
-"""`ldmkit bench`: ldmkit against diffusers on the same model and the same CPU, measured side by side.
+"""`ldmkit bench`: ldmkit against its peers on the same model and the same CPU, measured side by side.
 
 The SD 1.5 architecture with random weights (seed 0) is built once by us and written as a diffusers
-folder, so both implementations hold identical weights. Each implementation runs in a fresh process
-of its own (its own allocator settings and memory, as a user runs it); each timing is the median of
-several calls after a warm-up, and its peak resident memory is read at the end. Reported: seconds,
-the ratio ldmkit / diffusers (< 1: ldmkit is faster), the largest difference between the two
-outputs, the UNet's FLOPs per call and the fraction of this machine's measured matmul peak each
-reaches. `--quick` uses the tiny preset: a smoke test, seconds not minutes."""
+folder (and, for stable-diffusion.cpp, as one original-layout `.safetensors` file), so every
+implementation holds identical weights. Each implementation runs in a fresh process of its own (its own
+allocator settings and memory, as a user runs it); each timing is the median of several calls after a
+warm-up, and its peak resident memory is read at the end. The peers (`--vs`): diffusers (its own
+pipeline), OpenVINO (diffusers' UNet and VAE decoder converted and compiled, evaluation/bench_peers.py)
+and stable-diffusion.cpp (the whole image, bench_peers.py). Reported per row and peer: seconds, the
+ratio ldmkit / peer (< 1: ldmkit is faster), the largest difference between the two outputs and
+whether it is within this precision's tolerance (a peer that computes something else has a time that
+means nothing), the UNet's FLOPs per call and the fraction of this machine's measured matmul peak each
+reaches. Every report names the machine it was measured on (`describe_machine`): results from different
+CPUs are never to be mixed. `--quick` uses the tiny preset: a smoke test, seconds not minutes."""
 
+import importlib.util
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+
+from ldmkit.errors import LdmkitError
+from ldmkit.evaluation.bench_report import TOLERANCE, compare, describe_cpu
 
 # mode -> what is measured. SDXL's whole image runs 4 steps (a 1024² step costs what 8 of SD 1.5's
 # at 512² do, and a 20-step image per implementation and precision would take hours on 2 cores): its
@@ -28,6 +38,21 @@ SETTINGS = {
     "sdxl-quick": {"preset": "tiny-xl", "sizes": (64,), "steps": 2, "runs": 1, "ctx": 128, "image_warmup": False},
 }
 MODES = {("sd15", False): "full", ("sd15", True): "quick", ("sdxl", False): "sdxl", ("sdxl", True): "sdxl-quick"}
+PROMPT = "a photograph of an astronaut riding a horse"
+CFG = 7.5
+
+# peer -> (the module whose `__main__` runs its child, the import it needs, the distribution and how to
+# get it). Checked before anything is built, so a missing one costs a line, not a half-run bench.
+PEERS = {
+    "diffusers": ("ldmkit.evaluation.bench", "diffusers", "diffusers", "pip install 'ldmkit[test]'"),
+    "openvino": ("ldmkit.evaluation.bench_peers", "openvino", "openvino", "pip install 'ldmkit[bench]'"),
+    "sdcpp": (
+        "ldmkit.evaluation.bench_peers",
+        "stable_diffusion_cpp",
+        "stable-diffusion-cpp-python",
+        "pip install 'ldmkit[bench-sdcpp]': it compiles stable-diffusion.cpp, minutes",
+    ),
+}
 
 
 def median_seconds(fn, runs: int) -> float:
@@ -71,7 +96,9 @@ def unet_flops(unet, x, t, ctx, **kwargs) -> float:
     return counter.get_total_flops() + sum(extra)
 
 
-def _build(preset_name: str, folder: Path):
+def _build(preset_name: str, folder: Path, single_file: Path | None = None):
+    """The bench's model, written as a diffusers folder (and as one original-layout file when
+    `single_file` is given: stable-diffusion.cpp reads only that), the same numbers in both."""
     from ldmkit.checkpoints.diffusers_folder import save_diffusers
     from ldmkit.models.ldm import LatentDiffusion
     from ldmkit.models.presets import preset
@@ -79,6 +106,10 @@ def _build(preset_name: str, folder: Path):
     torch.manual_seed(0)
     model = give_work(LatentDiffusion(preset(preset_name)))
     save_diffusers(model, folder)
+    if single_file is not None:
+        from ldmkit.checkpoints.single_file import save_single_file
+
+        save_single_file(model, single_file)
     return folder
 
 
@@ -122,14 +153,13 @@ def _image(impl: str, pipe, s: dict):
     from ldmkit.diffusion.sampling import generators_for
 
     size, steps = s["sizes"][0], s["steps"]
-    prompt = "a photograph of an astronaut riding a horse"
     if impl == "ldmkit":
 
         def run():
             return pipe(
-                prompt,
+                PROMPT,
                 steps=steps,
-                cfg=7.5,
+                cfg=CFG,
                 sampler="dpmpp_2m",
                 seed=0,
                 width=size,
@@ -140,9 +170,9 @@ def _image(impl: str, pipe, s: dict):
 
         def run():
             return pipe(
-                prompt,
+                PROMPT,
                 num_inference_steps=steps,
-                guidance_scale=7.5,
+                guidance_scale=CFG,
                 width=size,
                 height=size,
                 generator=generators_for(0, 1),
@@ -166,10 +196,24 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def seeded_inputs(s: dict, f: int, dtype: torch.dtype, added=None) -> tuple[dict, torch.Tensor]:
+    """The inputs every implementation is measured on, drawn from one seeded generator in one order (so
+    every child, whatever it runs, sees the same numbers): per size the guidance pair's latents, timesteps,
+    context and `added(size, g)` (SDXL's vectors; {} without), then the one latent to decode."""
+    g = torch.Generator().manual_seed(0)
+    calls = {}
+    for size in s["sizes"]:
+        x = torch.randn(2, 4, size // f, size // f, generator=g).to(dtype)
+        ctx = torch.randn(2, 77, s["ctx"], generator=g).to(dtype)
+        calls[size] = (x, torch.tensor([500, 500]), ctx, added(size, g) if added is not None else {})
+    z = torch.randn(1, 4, s["sizes"][0] // f, s["sizes"][0] // f, generator=g).to(dtype)
+    return calls, z
+
+
 def child(impl: str, folder: str, mode: str, precision: str, out: str, what: str = "all") -> None:
     """Everything measured for one implementation, in a fresh process of its own: its allocator
     settings, memory and thread state are its own, as when a user runs it. The UNet calls at each size
-    and one VAE decode on seeded inputs (the same in both children), then a whole image; outputs and
+    and one VAE decode on seeded inputs (the same in every child), then a whole image; outputs and
     seconds are saved to `out` for the parent to compare, and the process's peak resident memory."""
     s = SETTINGS[mode]
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -177,13 +221,9 @@ def child(impl: str, folder: str, mode: str, precision: str, out: str, what: str
     unet, vae = (pipe.model.unet, pipe.model.vae) if impl == "ldmkit" else (pipe.unet, pipe.vae)
     f = pipe.vae_scale_factor if impl == "diffusers" else vae.config.downsample_factor
     r: dict = {}
-    g = torch.Generator().manual_seed(0)
+    calls, z = seeded_inputs(s, f, dtype, lambda size, g: _added(unet, impl, size, g, dtype))
     with torch.no_grad():
-        for size in s["sizes"] if what == "all" else ():
-            x = torch.randn(2, 4, size // f, size // f, generator=g).to(dtype)
-            t = torch.tensor([500, 500])
-            ctx = torch.randn(2, 77, s["ctx"], generator=g).to(dtype)
-            extra = _added(unet, impl, size, g, dtype)
+        for size, (x, t, ctx, extra) in calls.items() if what == "all" else ():
 
             def call():
                 y = unet(x, t, ctx, **extra)
@@ -192,7 +232,6 @@ def child(impl: str, folder: str, mode: str, precision: str, out: str, what: str
             r[f"unet_pair_{size}"] = {"seconds": median_seconds(call, s["runs"]), "out": call().float()}
             if impl == "ldmkit":
                 r[f"unet_pair_{size}"]["flops"] = unet_flops(unet, x, t, ctx, **extra)
-        z = torch.randn(1, 4, s["sizes"][0] // f, s["sizes"][0] // f, generator=g).to(dtype)
 
         def decode():
             y = vae.decode(z)
@@ -222,9 +261,10 @@ def _added(unet, impl: str, size: int, g: torch.Generator, dtype) -> dict:
 
 
 def measure(impl: str, folder: Path, mode: str, precision: str, env: dict | None = None, what: str = "all") -> dict:
-    """`child` in a fresh process (with `env` added to this one's environment); its results. `what`:
-    "all", or "image" for the whole image alone."""
-    return measure_module("ldmkit.evaluation.bench", impl, folder, mode, precision, what, env=env)
+    """`impl`'s child (ldmkit or a peer) in a fresh process (with `env` added to this one's environment);
+    its results. `what`: "all", or "image" for the whole image alone."""
+    module = PEERS[impl][0] if impl in PEERS else "ldmkit.evaluation.bench"
+    return measure_module(module, impl, folder, mode, precision, what, env=env)
 
 
 def measure_module(module: str, impl: str, folder: Path, *args: str, env: dict | None = None) -> dict:
@@ -242,63 +282,87 @@ def measure_module(module: str, impl: str, folder: Path, *args: str, env: dict |
         return torch.load(out, weights_only=True)
 
 
-def _compare(a: dict, b: dict | None, peak: float) -> dict:
-    """Rows of the report from the ldmkit child's results `a` and diffusers' `b` (or None)."""
-    r: dict = {}
-    for name, entry in a.items():
-        row = {"ldmkit_s": entry["seconds"]}
-        if "flops" in entry:
-            row["tflop"] = round(entry["flops"] / 1e12, 3)
-            row["ldmkit_peak_fraction"] = round(entry["flops"] / entry["seconds"] / 1e9 / peak, 3)
-        if name == "image":
-            row["ldmkit_peak_rss_mb"] = round(entry["peak_rss_mb"])
-        if b is not None:
-            other = b[name]
-            row["diffusers_s"] = other["seconds"]
-            row["ratio"] = round(entry["seconds"] / other["seconds"], 3)
-            diff = (entry["out"] - other["out"]).abs()
-            if name == "image":
-                row["max_abs_pixel_diff"] = float(diff.max())
-                row["mean_abs_pixel_diff"] = float(diff.mean())
-                row["diffusers_peak_rss_mb"] = round(other["peak_rss_mb"])
-            else:
-                row["max_abs_diff"] = float(diff.max())
-                if "flops" in entry:
-                    row["diffusers_peak_fraction"] = round(entry["flops"] / other["seconds"] / 1e9 / peak, 3)
-        r[name] = row
-    return r
+def describe_machine() -> dict:
+    """describe_cpu, the threads torch uses and this machine's measured matmul peaks (GFLOP/s)."""
+    return {
+        **describe_cpu(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "peak_gflops": {"fp32": round(matmul_peak(torch.float32)), "bf16": round(matmul_peak(torch.bfloat16))},
+    }
+
+
+def check_peers(vs, model: str = "sd15", quick: bool = False) -> tuple[str, ...]:
+    """The peers asked for, refused in one line before anything is built when one is unknown, not
+    installed, or cannot run this model."""
+    vs = tuple(dict.fromkeys(v.strip() for v in vs if v.strip()))
+    unknown = [v for v in vs if v not in PEERS]
+    if unknown or not vs:
+        raise LdmkitError(f"--vs {','.join(unknown) or '(empty)'}: unknown peer; allowed: {', '.join(PEERS)}")
+    for v in vs:
+        if v != "diffusers" and model != "sd15":
+            raise LdmkitError(f"--vs {v}: only with --model sd15 (its {model} child is not written)")
+        if v == "sdcpp" and quick:
+            # sd.cpp builds the real SD architectures from a file's keys: the tiny preset is none of them
+            raise LdmkitError("--vs sdcpp: not with --quick (stable-diffusion.cpp loads only real SD shapes)")
+        module, package, dist, how = PEERS[v]
+        if importlib.util.find_spec(package) is None:
+            raise LdmkitError(f"--vs {v}: needs the {dist} package, which is not installed ({how})")
+    return vs
+
+
+def _version(dist: str) -> str:
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def run(
-    quick: bool = False, vs_diffusers: bool = True, precisions=("fp32", "bf16"), progress=print, model: str = "sd15"
+    quick: bool = False, vs=("diffusers",), precisions=("fp32", "bf16"), progress=print, model: str = "sd15"
 ) -> dict:
+    vs = check_peers(vs, model, quick)
     mode = MODES[(model, quick)]
     s = SETTINGS[mode]
+    machine = describe_machine()
+    for peer in vs:
+        machine[peer] = _version(PEERS[peer][2])
     report: dict = {
         "mode": mode,
-        "model": SETTINGS[mode]["preset"],
-        "image_steps": SETTINGS[mode]["steps"],
-        "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__},
-        "peak_gflops": {"fp32": round(matmul_peak(torch.float32)), "bf16": round(matmul_peak(torch.bfloat16))},
+        "model": s["preset"],
+        "image_steps": s["steps"],
+        "image_size": s["sizes"][0],
+        "cfg": CFG,
+        "machine": machine,
+        "vs": list(vs),
+        "tolerance": TOLERANCE,
         "results": {},
+        "peer_settings": {},
     }
-    if vs_diffusers:
-        import diffusers
-
-        report["machine"]["diffusers"] = diffusers.__version__
     with tempfile.TemporaryDirectory() as tmp:
-        folder = _build(s["preset"], Path(tmp) / "model")
+        single_file = Path(tmp) / "model.safetensors" if "sdcpp" in vs else None
+        folder = _build(s["preset"], Path(tmp) / "model", single_file)
         for precision in precisions:
             progress(f"{precision}: ldmkit")
             ours = measure("ldmkit", folder, mode, precision)
-            theirs = None
-            if vs_diffusers:
-                progress(f"{precision}: diffusers")
-                theirs = measure("diffusers", folder, mode, precision)
-            r = _compare(ours, theirs, report["peak_gflops"][precision])
+            theirs = {}
+            for peer in vs:
+                progress(f"{precision}: {peer}")
+                theirs[peer] = measure(peer, single_file if peer == "sdcpp" else folder, mode, precision)
+                settings = theirs[peer].pop("settings", None)
+                if settings:
+                    report["peer_settings"].setdefault(precision, {})[peer] = settings
+            r = compare(ours, theirs, machine["peak_gflops"][precision], precision)
             for name, row in r.items():
                 progress(f"{precision}: {name}: {row}")
             report["results"][precision] = r
+    report["disagreements"] = [
+        f"{precision} {name} {peer}"
+        for precision, rows in report["results"].items()
+        for name, row in rows.items()
+        for peer in vs
+        if row.get(peer, {}).get("agrees") is False
+    ]
     return report
 
 
