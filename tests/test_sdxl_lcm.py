@@ -183,3 +183,19 @@ def test_from_the_command_line(xl, tmp_path):
     assert main(["generate", *again, "--precision", "fp32", "-q", "-o", str(tmp_path / "again.png")]) == 0
     same = [np.asarray(Image.open(tmp_path / f"{name}.png").convert("RGB")) for name in ("tag", "again")]
     assert np.array_equal(*same)
+
+
+def test_fast_with_the_lcm_lora_file(xl, tmp_path):
+    """`--fast FILE` on SDXL: the LoRA merged at weight 1 and the settings of diffusers' LCM-LoRA guide (lcm,
+    4 steps, guidance 1) with none given: diffusers' unguided image (cli/fast.py)."""
+    spec, root, lora, want = xl
+    width, height = image_size(spec)
+    out = tmp_path / "fast.png"
+    args = [PROMPT, "--fast", str(lora), "--model", str(root / "pipe"), "--seed", "3", "--prompt-mode", "truncate"]
+    args += ["--width", str(width), "--height", str(height), "--precision", "fp32", "-q", "-o", str(out)]
+    assert main(["generate", *args]) == 0
+    image = Image.open(out)
+    diff = mean_diff(image.convert("RGB"), want[1.0][0])
+    assert diff <= 1.0, f"--fast FILE: images differ by {diff:.2f}/255"
+    info = image.info["parameters"]
+    assert f"Steps: {STEPS}, Sampler: LCM," in info and "CFG scale: 1," in info and "lcm-lora-sdxl: " in info, info

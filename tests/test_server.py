@@ -92,6 +92,29 @@ def test_web_ui_sampler_names_map_to_ours(client, fields, ours):
     assert f"ldmkit sampler: {ours}" in json.loads(r.json()["info"])["infotexts"][0]
 
 
+def test_the_sgm_uniform_schedule_type_is_a_timestep_spacing(client):
+    """The web UI's "SGM Uniform" (by label, name or alias): the sampler's uniform row walking sgm_uniform,
+    written back as the web UI writes it; the samplers it offers no schedule types with, a different
+    timestep_spacing beside it, or a hires pass of another schedule type are refused in one line."""
+    for scheduler in ("SGM Uniform", "sgm_uniform", "SGMUniform"):
+        r = client.post("/sdapi/v1/txt2img", json={**SMALL, "sampler_name": "Euler a", "scheduler": scheduler})
+        assert r.status_code == 200, r.text
+        info = json.loads(r.json()["info"])["infotexts"][0]
+        assert "Schedule type: SGM Uniform" in info and "Timestep spacing: sgm_uniform" in info, info
+        assert "ldmkit sampler: euler_a" in info
+    names = [s["label"] for s in client.get("/sdapi/v1/schedulers").json()]
+    assert "SGM Uniform" in names
+    sgm = {"sampler_name": "Euler", "scheduler": "SGM Uniform"}
+    for fields, needle in [
+        ({"sampler_name": "DDIM", "scheduler": "SGM Uniform"}, "schedule type 'SGM Uniform' with DDIM; allowed"),
+        ({**sgm, "timestep_spacing": "trailing"}, "give one"),
+        ({**sgm, "enable_hr": True, "hr_scheduler": "Uniform"}, "hr_scheduler"),
+        ({"sampler_name": "Euler", "enable_hr": True, "hr_scheduler": "SGM Uniform"}, "hr_scheduler"),
+    ]:
+        r = client.post("/sdapi/v1/txt2img", json={**SMALL, **fields})
+        assert r.status_code == 422 and needle in r.json()["detail"], (fields, r.text)
+
+
 def test_inert_fields_are_accepted_and_the_rest_refused(client):
     inert = {
         "enable_hr": False,

@@ -460,6 +460,7 @@ def test_every_committed_config_parses():
     from ldmkit.training.lcm import DistillConfig
     from ldmkit.training.ldm import LDMTrainConfig
     from ldmkit.training.lora import LoraTrainConfig
+    from ldmkit.training.tiny_autoencoder import TinyDistillConfig
 
     kinds = {
         "autoencoder": AutoencoderTrainConfig,
@@ -468,6 +469,7 @@ def test_every_committed_config_parses():
         "lcm": DistillConfig,
         "lora": LoraTrainConfig,
         "embedding": EmbeddingTrainConfig,
+        "tiny": TinyDistillConfig,
     }
     files = sorted((ROOT / "configs").glob("*.yaml"))
     assert len(files) >= 8

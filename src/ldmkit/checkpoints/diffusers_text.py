@@ -169,8 +169,9 @@ def load_text_tower(model: LatentDiffusion, folder: Path, text: TextEncoderConfi
         state = {"transformer." + (k if k.startswith("text_model.") else "text_model." + k): v for k, v in te.items()}
     state.update({k[len("text_encoder.") :]: v for k, v in extra.items() if k.startswith("text_encoder.")})
     if text.kind == "openclip" and "text_projection" not in state:
-        # diffusers keeps neither of these (SD 2 never reads them); zeros stand in for them.
-        state["text_projection"] = torch.zeros(text.hidden_size, text.hidden_size)
+        # diffusers keeps neither of these (SD 2 never reads them); zeros stand in for them, of the
+        # config's projection_dim (transformers' default 512 under a tower 1024 wide), which need not be the width
+        state["text_projection"] = torch.zeros(text.hidden_size, text.projection_dim or text.hidden_size)
         state["logit_scale"] = torch.zeros(())
     strict_load(model.text_encoder, state, "text encoder", f"{folder / 'text_encoder'}")
     if (folder / "tokenizer").is_dir():

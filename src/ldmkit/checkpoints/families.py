@@ -55,12 +55,27 @@ class Family:
     # The diffusers scheduler config its single files mean, which they do not carry (a folder's
     # scheduler/ says it); {}: the schedule's defaults.
     scheduler: dict = field(default_factory=dict)
+    # The tiny autoencoder (TAESD) distilled for its latents, by the name its published files carry
+    # (taesd_decoder.pth, taesdxl_decoder.safetensors; models/tiny_autoencoder.py); "": none is published.
+    tiny_autoencoder: str = ""
 
 
-_SD1 = dict(text_kind="clip", unet_heads={"num_heads": 8, "num_head_channels": -1}, controlnet_context=768)
-_SD2 = dict(text_kind="openclip", unet_heads={"num_head_channels": 64}, controlnet_context=1024)
+_SD1 = dict(
+    text_kind="clip",
+    unet_heads={"num_heads": 8, "num_head_channels": -1},
+    controlnet_context=768,
+    tiny_autoencoder="taesd",
+)
+_SD2 = dict(
+    text_kind="openclip", unet_heads={"num_head_channels": 64}, controlnet_context=1024, tiny_autoencoder="taesd"
+)
 _XL = dict(
-    pooled=True, prediction="epsilon", unet_heads={"num_head_channels": 64}, image_size=1024, vae_scale_factor=0.13025
+    pooled=True,
+    prediction="epsilon",
+    unet_heads={"num_head_channels": 64},
+    image_size=1024,
+    vae_scale_factor=0.13025,
+    tiny_autoencoder="taesdxl",
 )
 _REFINER = dict(image_to_image_only=True)
 _XL_BASE = dict(text_kind="clip", text_2_kind="openclip", micro_conditions=6, zero_empty_negative=True, **_XL)
@@ -92,10 +107,19 @@ FAMILIES: dict[str, Family] = {
             call_defaults={"steps": 28, "cfg": 7.0, "sampler": "euler"},  # StableDiffusion3Pipeline's
             markers=("*joint_blocks.",),
             unet_heads={"head_dim": 64},  # every release: 64 channels per head (heads = depth)
+            tiny_autoencoder="taesd3",
             # Stability's SD3 / SD3.5 folders' scheduler_config.json
             scheduler={"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0},
         ),
-        Family("flux", "Flux", supported=False, markers=("double_blocks.", "model.diffusion_model.double_blocks.")),
+        Family(
+            "flux",
+            "Flux",
+            supported=False,
+            markers=("double_blocks.", "model.diffusion_model.double_blocks."),
+            vae_scale_factor=0.3611,  # FLUX's autoencoder (diffusers' AutoencoderKL config for FLUX.1)
+            vae_shift_factor=0.1159,
+            tiny_autoencoder="taef1",
+        ),
     ]
 }
 

@@ -51,7 +51,7 @@ def inspect_path(
     text_encoders: str | Path | None = None,
 ) -> dict:
     """text_encoders: a folder with the text towers an SD3 file lacks (the file is then loaded whole)."""
-    from ldmkit.checkpoints import sd3_files
+    from ldmkit.checkpoints import sd3_files, taesd_files
     from ldmkit.checkpoints.controlnet_files import describe_controlnet, is_controlnet_path, load_controlnet
 
     fmt = sniff(path)
@@ -61,6 +61,10 @@ def inspect_path(
         info.update(describe_controlnet(net))
         files = Path(path).glob("*.safetensors") if Path(path).is_dir() else [Path(path)]
         info["dtype"] = sorted(set().union(*(safetensors_dtypes(f) for f in files if sniff(f) == "safetensors")))
+        return info
+    if fmt == DIFFUSERS and taesd_files.is_tiny_autoencoder_folder(path):
+        info.update(taesd_files.read_tiny_autoencoder(path).describe())
+        info["dtype"] = sorted(set().union(*(safetensors_dtypes(f) for f in Path(path).glob("*.safetensors"))))
         return info
     if fmt == DIFFUSERS:
         model = load_model(path, vae=vae, overrides=overrides, text_encoders=text_encoders)
@@ -72,6 +76,9 @@ def inspect_path(
         return info
     state, metadata = read_tensors(path)
     info["dtype"] = stored_dtypes(state)
+    if taesd_files.is_tiny_autoencoder_state(state):  # TAESD: a file of one part's layers, or both parts'
+        info.update(taesd_files.tiny_autoencoder_from_state(state, metadata, path).describe())
+        return info
     if sd3_files.file_family(state, metadata) is not None:  # described from names and shapes: towers may be elsewhere
         info.update(sd3_files.describe_file(state, metadata, str(path)))
         if vae is not None or text_encoders is not None or overrides:

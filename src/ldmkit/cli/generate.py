@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ldmkit.cli.common import _overrides, _parse_lora
+from ldmkit.cli.fast import bundled_fast, fast_lora_settings, plain_fast
 from ldmkit.cli.generate_options import add_options
 from ldmkit.errors import LdmkitError
 
@@ -53,6 +54,7 @@ def _params(args):
         settings["mask"] = load_image(args.mask, "--mask")
     settings["loras"] = [_parse_lora(text) for text in args.loras or []]
     settings["control"] = ()  # ControlInputs need the model: _controls
+    settings = fast_lora_settings(settings, args)  # --fast FILE: the LCM-LoRA and its settings
     return GenerationParams(**settings)
 
 
@@ -150,6 +152,15 @@ def _upscalers(params, folder: str | None):
     return cache
 
 
+def _tiny_decoder(args) -> str | None:
+    """--tiny-decoder's file or folder; --decoder tiny needs one."""
+    if args.decoder == "tiny" and not args.tiny_decoder:
+        from ldmkit.checkpoints.taesd_files import NO_TINY_DECODER
+
+        raise LdmkitError(f"--decoder tiny: {NO_TINY_DECODER}")
+    return args.tiny_decoder
+
+
 def cmd_generate(args) -> int:
     from dataclasses import replace
 
@@ -160,17 +171,8 @@ def cmd_generate(args) -> int:
     from ldmkit.pipelines import Pipeline
     from ldmkit.pipelines.refiner import DEFAULT_SWITCH
 
-    if args.fast:
-        from ldmkit.bundled import DEFAULT, FAST
-
-        name = (args.model or DEFAULT).removeprefix("bundled:")
-        if name not in FAST:
-            which = f"only these bundled models have one: {', '.join(FAST)}" if FAST else "no bundled one ships yet"
-            raise LdmkitError(
-                f"--fast: a few-step version of {name}: {which}; "
-                "distil your own with ldmkit distill-lcm and pass it with --model"
-            )
-        args.model = FAST[name]
+    if plain_fast(args):  # not --fast FILE, an LCM-LoRA (cli/fast.py)
+        args.model = bundled_fast(args.model)
     params = _seeded(_params(args), args.n_iter)  # every check that needs no model runs here, before one is loaded
     if args.refiner and params.refiner_switch_at is None:
         params = replace(params, refiner_switch_at=DEFAULT_SWITCH)
@@ -192,6 +194,7 @@ def cmd_generate(args) -> int:
         overrides=_overrides(args, skip=("clip_skip",)),
         precision=args.precision,
         text_encoders=args.text_encoders,
+        tiny_decoder=_tiny_decoder(args),  # --decoder tiny without a file is refused before the model loads
     )
     bars = []  # drawn at the first step, so that a refused request prints its error line alone
     done = [0]  # the steps of the batches before this one: one bar for the whole run
@@ -211,6 +214,7 @@ def cmd_generate(args) -> int:
     if args.compile:
         pipe.compile()
     pipe.tiled_vae = {"auto": None, "on": True, "off": False}[args.tiled_vae]
+    pipe.codec.decoder = args.decoder or ("tiny" if args.tiny_decoder else "full")
     if args.embeddings_dir:
         pipe.embeddings.load_folder(args.embeddings_dir)
     images, infotexts = [], []

@@ -51,8 +51,9 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--timestep-spacing",
-        choices=["leading", "trailing", "linspace"],
-        help="override the sampler's timestep spacing (as diffusers' scheduler option)",
+        choices=["leading", "trailing", "linspace", "sgm_uniform"],
+        help="override the sampler's timestep spacing (as diffusers' scheduler option); sgm_uniform: the web UI's"
+        " SGM Uniform schedule type, for few-step models (euler, euler_a, heun, dpmpp_2m, unipc)",
     )
 
 
@@ -147,7 +148,27 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="decode in bands (same image, less memory), encode in tiles (auto: only when a whole pass would not "
         "fit in free memory)",
     )
-    p.add_argument("--fast", action="store_true", help="the bundled model's consistency-distilled version (4 steps)")
+    p.add_argument(
+        "--decoder",
+        choices=["full", "tiny"],
+        help="what decodes the images: full, the model's autoencoder, or tiny, a TAESD decoder (fast, less detail;"
+        " needs --tiny-decoder). Default: tiny when --tiny-decoder is given, full otherwise",
+    )
+    p.add_argument(
+        "--tiny-decoder",
+        metavar="FILE_OR_DIR",
+        help="a TAESD decoder file (taesd_decoder.* for SD 1.x/2.x, taesdxl_decoder.* for SDXL, taesd3_decoder.*"
+        " for SD3) or diffusers folder, or a folder holding them (ComfyUI's vae_approx): the model's is found by name",
+    )
+    p.add_argument(
+        "--fast",
+        nargs="?",
+        const=True,
+        metavar="LCM_LORA",
+        help="alone: the bundled model's consistency-distilled version (4 steps). With an LCM-LoRA file"
+        " (lcm-lora-sdv1-5 for SD 1.x models, lcm-lora-sdxl for SDXL): that LoRA merged at weight 1 into --model,"
+        " run with the lcm sampler, 4 steps and guidance 1 unless --sampler, --steps or --cfg say otherwise",
+    )
     p.add_argument("--from-png", help="reuse the settings stored in a PNG's parameters")
     p.add_argument("-o", "--output", help="output .png (with --batch N: one file per seed)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

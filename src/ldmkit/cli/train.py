@@ -1,4 +1,5 @@
-"""The training commands: train-autoencoder, train, train-controlnet, distill-lcm, train-lora, train-embedding."""
+"""The training commands: train-autoencoder, train, train-controlnet, distill-lcm, train-lora, train-embedding,
+distill-tiny-autoencoder."""
 
 import json
 
@@ -75,6 +76,12 @@ def cmd_distill_lcm(args) -> int:
     return _train(args, DistillConfig, DistillTask, "model.safetensors")
 
 
+def cmd_distill_tiny(args) -> int:
+    from ldmkit.training.tiny_autoencoder import TinyDistillConfig, TinyDistillTask
+
+    return _train(args, TinyDistillConfig, TinyDistillTask, "tiny-autoencoder.safetensors")
+
+
 def add_parsers(sub) -> None:
     for name, func, text in [
         ("train-autoencoder", cmd_train_autoencoder, "stage 1: train a KL autoencoder"),
@@ -87,6 +94,11 @@ def add_parsers(sub) -> None:
         ("distill-lcm", cmd_distill_lcm, "latent consistency distillation: a few-step student of a model"),
         ("train-lora", cmd_train_lora, "train a LoRA for a frozen model (saved in the kohya and diffusers layouts)"),
         ("train-embedding", cmd_train_embedding, "textual inversion: train a new word's vectors for a frozen model"),
+        (
+            "distill-tiny-autoencoder",
+            cmd_distill_tiny,
+            "a tiny autoencoder (TAESD architecture) distilled from a model's autoencoder: fast previews and decodes",
+        ),
     ]:
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", required=True, help="YAML file (see configs/)")

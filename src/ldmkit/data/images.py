@@ -206,6 +206,13 @@ def open_dataset(config: DataConfig):
     return {"shapes": ShapesData, "folder": ImageFolder, "shards": ShardData}[config.kind](config)
 
 
+def validation_images(val: DataConfig | None, n: int, size: int) -> torch.Tensor:
+    """The first `n` readable images of a held-out set: `val`, or the shapes world's val split."""
+    dataset = open_dataset(val or DataConfig(kind="shapes", split="val", n=n, size=size))
+    items = [dataset.load(i) for i in range(min(n, len(dataset)))]
+    return torch.stack([item[0] for item in items if item is not None])
+
+
 class Order:
     """Which item is global sample g: a fresh permutation of the dataset each epoch, from the seed."""
 

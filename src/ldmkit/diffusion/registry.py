@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 
 from ldmkit.diffusion import samplers
 from ldmkit.diffusion.diffusers_schedulers import DIFFUSERS_CLASSES, SchedulerClass, sampler_options
-from ldmkit.diffusion.schedule import SPACINGS, NoiseSchedule, SamplingSchedule, diffusers_schedule, sigma_conversion
+from ldmkit.diffusion.schedule import (
+    DIFFUSERS_SPACINGS,
+    SGM_UNIFORM,
+    SPACINGS,
+    NoiseSchedule,
+    SamplingSchedule,
+    diffusers_schedule,
+    sigma_conversion,
+)
 from ldmkit.errors import ConfigError
 
 # How each family of diffusers schedulers turns a step count into sigmas (docs/samplers.md's names):
@@ -31,12 +39,19 @@ from ldmkit.errors import ConfigError
 #   "karras":      Karras sigmas between the training min and max; the UNet runs at their timesteps
 #                  rounded to integers (diffusers' DPM-Solver does this), the sigmas stay exact.
 #   "lcm":         the consistency model's skipping-step grid.
-# A model folder's scheduler config can change any of these (see diffusers_schedulers.py).
+# A model folder's scheduler config can change any of these (see diffusers_schedulers.py), and so can a
+# timestep spacing given with the run -- "sgm_uniform" (the web UI's SGM Uniform) only for the families
+# in SGM_FAMILIES, whose samplers walk any sigma list at fractional timesteps.
 SCHEDULE_KINDS = ("vp-leading", "vp-leading-to-zero", "ve-linspace", "solver", "karras", "lcm")
+SGM_FAMILIES = ("ve", "dpm", "unipc")
+# Timestep spacings the popular web UI offers as schedule types: spacing -> the label its infotexts
+# write; its API also takes the name (sgm_uniform) and an alias (SGMUniform).
+SPACING_SCHEDULE_TYPES = {SGM_UNIFORM: "SGM Uniform"}
 
 
 _WHY = {
     "timestep_spacing": "it steps to t - T//n, which with linspace is not the next timestep it evaluates",
+    SGM_UNIFORM: "a sigma list at fractional timesteps, for the samplers that walk sigmas",
     "rescale_betas_zero_snr": "its scheduler has no zero terminal SNR",
 }
 
@@ -72,6 +87,16 @@ class SamplerSpec:
             cfg["timestep_spacing"] = spacing
         return cfg
 
+    def schedule_type(self, scheduler_config: dict | None = None, spacing: str | None = None) -> str:
+        """The web UI's schedule type of the sigmas this sampler walks with these settings: a folder's
+        scheduler config can turn on Karras or exponential sigmas for samplers that are uniform otherwise."""
+        settings = self.scheduler_settings(scheduler_config, spacing)
+        if settings.get("use_karras_sigmas"):
+            return "Karras"
+        if settings.get("use_exponential_sigmas"):
+            return "Exponential"
+        return SPACING_SCHEDULE_TYPES.get(settings.get("timestep_spacing"), self.webui_schedule)  # SGM Uniform
+
     def build_schedule(
         self,
         noise: NoiseSchedule,
@@ -103,14 +128,31 @@ class SamplerSpec:
         where = f"with {self.name} ({self.diffusers_class})"
         if spacing is not None:
             # Karras / exponential sigmas of the multistep solvers, and LCM's grid, ignore any spacing.
-            spaced = "timestep_spacing" in cfg and not (cls.family in ("dpm", "unipc") and sigma_conversion(cfg))
+            spaced = "timestep_spacing" in cls.defaults and not (
+                cls.family in ("dpm", "unipc") and sigma_conversion(cfg)
+            )
             allowed = cls.only.get("timestep_spacing", SPACINGS) if spaced else ()
+            allowed = tuple(a for a in allowed if a != SGM_UNIFORM or cls.family in SGM_FAMILIES)
             if spacing not in allowed:
                 if not spaced:
                     why = " (its sigmas do not depend on a spacing)"
                 else:
-                    why = f" ({_WHY['timestep_spacing']})" if spacing in SPACINGS else ""
+                    why = f" ({_WHY.get(spacing, _WHY['timestep_spacing'])})" if spacing in SPACINGS else ""
                 raise ConfigError(f"timestep spacing {spacing!r} {where}; allowed: {', '.join(allowed) or 'none'}{why}")
+            converted = [key for key in ("use_karras_sigmas", "use_exponential_sigmas") if cfg.get(key)]
+            if spacing == SGM_UNIFORM and converted:
+                # the folder's Karras / exponential sigmas would replace sgm_uniform's, and the image's
+                # "Schedule type" would then name neither truthfully
+                raise ConfigError(
+                    f"timestep spacing 'sgm_uniform' {where} and scheduler config {converted[0]}: True; allowed: "
+                    f"{', '.join(DIFFUSERS_SPACINGS)} (sgm_uniform is a sigma list of its own)"
+                )
+        elif cfg.get("timestep_spacing", DIFFUSERS_SPACINGS[0]) not in DIFFUSERS_SPACINGS:
+            # diffusers takes no other value from a folder; sgm_uniform is ldmkit's, given with the run
+            raise ConfigError(
+                f"scheduler config timestep_spacing: {cfg['timestep_spacing']!r} {where}; allowed: "
+                f"{', '.join(map(repr, DIFFUSERS_SPACINGS))} (diffusers' values)"
+            )
         for key, allowed in cls.only.items():
             if key in cfg and cfg[key] not in allowed:
                 raise ConfigError(
@@ -128,6 +170,10 @@ class SamplerSpec:
 
 def _defaults(spec: SamplerSpec) -> dict:
     return DIFFUSERS_CLASSES[spec.diffusers_class].defaults
+
+
+def _family(spec: SamplerSpec) -> str:
+    return DIFFUSERS_CLASSES[spec.diffusers_class].family
 
 
 _SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "clip_sample": False}
@@ -277,9 +323,21 @@ def get_sampler(name: str) -> SamplerSpec:
 WEBUI_AUTOMATIC = {"DPM++ 2M": "Karras"}
 
 
+def webui_spacing(schedule: str | None) -> str | None:
+    """The timestep spacing a web UI schedule type is here ("SGM Uniform", "sgm_uniform", "SGMUniform":
+    sgm_uniform), or None for the schedule types that pick a sampler row (from_webui)."""
+    text = (schedule or "").strip().lower()
+    for spacing, label in SPACING_SCHEDULE_TYPES.items():
+        if text in (spacing, label.lower(), label.lower().replace(" ", "")):
+            return spacing
+    return None
+
+
 def from_webui(name: str, schedule: str | None = None) -> str:
     """Our sampler for a web UI sampler display name ("DPM++ 2M Karras", or "DPM++ 2M" with
-    schedule "karras"), case-insensitive as its API is."""
+    schedule "karras"), case-insensitive as its API is. A schedule type that is a timestep spacing
+    here (webui_spacing: SGM Uniform) picks the sampler's uniform row, whose sigma list it replaces;
+    the caller sets the spacing."""
     schedule = (schedule or "automatic").strip().lower()
     if name.endswith(" Karras"):
         name, schedule = name[: -len(" Karras")], "karras"
@@ -287,11 +345,20 @@ def from_webui(name: str, schedule: str | None = None) -> str:
     if not matches:
         allowed = sorted({s.webui_name for s in SAMPLERS.values()})
         raise ConfigError(f"sampler {name!r} has no ldmkit equivalent; allowed: {', '.join(allowed)}")
+    # The web UI offers its schedule types with the k-diffusion samplers, our rows it calls "Uniform".
+    uniform = [s for s in matches if s.webui_schedule == "Uniform" and _family(s) in SGM_FAMILIES]
+    allowed = sorted({s.webui_schedule for s in matches} | {"Automatic"})
+    allowed += list(SPACING_SCHEDULE_TYPES.values()) if uniform else []
+    spacing = webui_spacing(schedule)
+    if spacing is not None:
+        if not uniform:
+            label = SPACING_SCHEDULE_TYPES[spacing]
+            raise ConfigError(f"schedule type {label!r} with {matches[0].webui_name}; allowed: {', '.join(allowed)}")
+        return uniform[0].name
     if schedule == "automatic":
         schedule = WEBUI_AUTOMATIC.get(matches[0].webui_name, "automatic").lower()
     exact = [s for s in matches if s.webui_schedule.lower() == schedule]
     if not exact and schedule not in ("automatic", "uniform"):
-        allowed = sorted({s.webui_schedule for s in matches} | {"Automatic"})
         raise ConfigError(f"schedule type {schedule!r} with {matches[0].webui_name}; allowed: {', '.join(allowed)}")
     return (exact or matches)[0].name
 

@@ -18,7 +18,12 @@ import torch
 from ldmkit.errors import ConfigError
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-SPACINGS = ("leading", "trailing", "linspace")
+DIFFUSERS_SPACINGS = ("leading", "trailing", "linspace")  # the values diffusers' timestep_spacing takes
+# ComfyUI's sgm_uniform scheduler, the popular web UI's "SGM Uniform" schedule type: not a diffusers value, a
+# sigma list of its own (sgm_uniform below). Named after Stability's sgm code (generative-models), whose
+# LegacyDDPMDiscretization takes the same grid of timesteps, floored to integers there.
+SGM_UNIFORM = "sgm_uniform"
+SPACINGS = (*DIFFUSERS_SPACINGS, SGM_UNIFORM)
 
 
 def make_betas(kind: str, n: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
@@ -121,6 +126,11 @@ class NoiseSchedule:
         """Sigma at (fractional) timesteps, interpolated linearly in sigma as diffusers does."""
         return np.interp(t, np.arange(len(self.sigmas)), self.sigmas.numpy())
 
+    def sigma_at_log(self, t: np.ndarray) -> np.ndarray:
+        """Sigma at (fractional) timesteps, interpolated linearly in log sigma: k-diffusion's
+        DiscreteSchedule.t_to_sigma, ComfyUI's ModelSamplingDiscrete.sigma (the inverse of sigma_to_t)."""
+        return np.exp(np.interp(t, np.arange(len(self.log_sigmas)), self.log_sigmas))
+
 
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
     """Karras et al. 2022, eq. 5: n sigmas evenly spaced in sigma^(1/rho)."""
@@ -139,8 +149,8 @@ def spaced_timesteps(spacing: str, n: int, T: int, steps_offset: int = 0, style:
     table 2). diffusers' schedulers differ in one detail: the Euler family ("float") uses n points
     of linspace as floats, DDIM/PNDM/DDPM ("int") the same points rounded to integers, the multistep
     solvers (DPM-Solver, UniPC; "solver") n of n + 1 points, rounded."""
-    if spacing not in SPACINGS:
-        raise ConfigError(f"timestep spacing {spacing!r}; allowed: {list(SPACINGS)}")
+    if spacing not in DIFFUSERS_SPACINGS:  # sgm_uniform is a sigma list of its own: sgm_uniform()
+        raise ConfigError(f"timestep spacing {spacing!r}; allowed: {list(DIFFUSERS_SPACINGS)}")
     if style == "solver":  # DPM-Solver and UniPC
         if spacing == "linspace":
             return np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64)
@@ -155,6 +165,18 @@ def spaced_timesteps(spacing: str, n: int, T: int, steps_offset: int = 0, style:
     if spacing == "leading":
         return (np.arange(0, n) * (T // n)).round()[::-1].astype(dtype) + steps_offset
     return (np.arange(T, 0, -T / n)).round().astype(dtype) - 1
+
+
+def sgm_uniform(noise: NoiseSchedule, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps, sigmas) of the "SGM Uniform" schedule: n + 1 timesteps evenly spaced from the last
+    training timestep (sigma_max's) down to 0 (sigma_min's), the last one dropped, and each one's sigma
+    interpolated in log sigma; the sampler then steps to sigma 0. The timesteps are fractional (999,
+    749.25, 499.5, 249.75 for 4 steps of 1000) where diffusers' "trailing" rounds the same grid's
+    T - k*T/n to integers (999, 749, 499, 249). The UNet runs at them as they are, as k-diffusion does
+    unquantised (the web UI's default); ComfyUI rounds each to the nearest training step instead."""
+    T = noise.num_train_timesteps
+    t = np.linspace(T - 1, 0, n + 1)[:-1]
+    return t, noise.sigma_at_log(t)
 
 
 def lcm_timesteps(n: int, T: int = 1000, original_steps: int = 50) -> np.ndarray:
@@ -224,9 +246,12 @@ def _ve(cfg: dict, noise: NoiseSchedule, n: int):
     """Euler, Euler ancestral, Heun: float timesteps, sigmas interpolated between training steps;
     Karras / exponential sigmas span those sigmas' own ends (so the spacing moves them) unless
     sigma_min / sigma_max are given, the UNet then runs at their fractional timesteps."""
-    t = spaced_timesteps(cfg["timestep_spacing"], n, noise.num_train_timesteps, cfg["steps_offset"])
-    sigmas = noise.sigma_at(t)
-    convert = sigma_conversion(cfg)
+    if cfg["timestep_spacing"] == SGM_UNIFORM:
+        t, sigmas = sgm_uniform(noise, n)
+    else:
+        t = spaced_timesteps(cfg["timestep_spacing"], n, noise.num_train_timesteps, cfg["steps_offset"])
+        sigmas = noise.sigma_at(t)
+    convert = sigma_conversion(cfg)  # never with sgm_uniform: the registry refuses the two together
     if convert is not None:
         lo, hi = _or(cfg.get("sigma_min"), float(sigmas[-1])), _or(cfg.get("sigma_max"), float(sigmas[0]))
         sigmas = convert(lo, hi, n)
@@ -243,7 +268,9 @@ def _solver(cfg: dict, noise: NoiseSchedule, n: int, unipc: bool):
     DPM-Solver's the training sigma_min."""
     train = noise.sigmas.numpy()
     convert = sigma_conversion(cfg)
-    if convert is None:
+    if convert is None and cfg["timestep_spacing"] == SGM_UNIFORM:  # fractional timesteps, log-interpolated
+        (t, sigmas), end = sgm_uniform(noise, n), float(train[0])
+    elif convert is None:
         t = spaced_timesteps(cfg["timestep_spacing"], n, len(train), cfg["steps_offset"], style="solver")
         sigmas, end = train[t], float(train[0])
     else:

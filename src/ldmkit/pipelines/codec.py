@@ -3,10 +3,14 @@ dtype, whole (as diffusers and the popular web UI decode) unless asked for tiles
 pass would not fit in free memory."""
 
 import logging
+from pathlib import Path
 
 import torch
 
+from ldmkit.checkpoints.taesd_files import NO_TINY_DECODER, check_fits, find_tiny_decoder, read_tiny_autoencoder
+from ldmkit.errors import ConfigError
 from ldmkit.models.autoencoder import AutoencoderKL, DiagonalGaussian
+from ldmkit.models.tiny_autoencoder import TinyAutoencoder
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +39,46 @@ def available_memory() -> int | None:
 
 
 class LatentCodec:
-    """`tiled`: True always in bands/tiles, False never, None (auto) only when memory requires it."""
+    """`tiled`: True always in bands/tiles, False never, None (auto) only when memory requires it.
+    `tiny`: a tiny decoder (TAESD, models/tiny_autoencoder.py; set_tiny_decoder) for previews, and for
+    the images too when `decoder` is "tiny". `family`: the model's, whose published tiny decoder a folder
+    is searched for."""
 
-    def __init__(self, vae: AutoencoderKL, image_size: int, tiled: bool | None = None):
+    def __init__(self, vae: AutoencoderKL, image_size: int, family: str = "", tiled: bool | None = None):
         self.vae = vae
         self.image_size = image_size
+        self.family = family
         self.tiled = tiled
+        self.tiny: TinyAutoencoder | None = None
+        self._decoder = "full"
+
+    @property
+    def decoder(self) -> str:
+        """What decodes the images: "full", the autoencoder (the default), or "tiny", the tiny decoder."""
+        return self._decoder
+
+    @decoder.setter
+    def decoder(self, value: str) -> None:
+        if value not in ("full", "tiny"):
+            raise ConfigError(f"decoder {value!r}; allowed: full, tiny")
+        if value == "tiny" and self.tiny is None:
+            raise ConfigError(NO_TINY_DECODER)
+        self._decoder = value
+
+    def set_tiny_decoder(self, path: str | Path | None) -> None:
+        """A tiny autoencoder (TAESD) file or diffusers folder; a folder of such files (ComfyUI's vae_approx)
+        is searched for the family's published name (checkpoints/taesd_files.py). Refused in one line if
+        it cannot decode this autoencoder's latents. None: none (images decoded by the autoencoder again).
+        It stays fp32 whatever the precision: it is cheap, and its parity with diffusers is fp32's."""
+        if path is None:
+            self.tiny, self._decoder = None, "full"
+            return
+        path = Path(path)
+        if path.is_dir() and not (path / "config.json").is_file():
+            path = find_tiny_decoder(path, self.family)
+        tiny = read_tiny_autoencoder(path)
+        check_fits(tiny, self.family, self.vae.config, str(path))
+        self.tiny = tiny.autoencoder.to(next(self.vae.parameters()).device)
 
     def tile(self, x: torch.Tensor, factor: int = 1) -> int | None:
         """The autoencoder's tile (latent pixels) for a tensor of `factor` x latent size, or None (whole).
@@ -58,8 +96,11 @@ class LatentCodec:
             log.info("autoencoder in bands/tiles: a whole pass needs ~%d MB, %d MB are free", need >> 20, free >> 20)
         return native
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Diffusion latents -> images in [-1, 1], fp32."""
+    def decode(self, z: torch.Tensor, decoder: str | None = None) -> torch.Tensor:
+        """Diffusion latents -> images in [-1, 1], fp32, by `decoder` ("full" or "tiny"; None: self.decoder).
+        The tiny decoder takes diffusion latents as they are (no unscale: TAESD was trained on them)."""
+        if (decoder or self.decoder) == "tiny":
+            return self.tiny.decode(z.to(next(self.tiny.parameters()).dtype)).float()
         dtype = next(self.vae.parameters()).dtype
         return self.vae.decode(self.vae.unscale(z).to(dtype), self.tile(z)).float()
 

@@ -101,7 +101,7 @@ class Pipeline:
         self.refiner: Pipeline | None = None  # SDXL's refiner, for runs with refiner_switch_at
         self.loras = LoraSet(model)  # merged LoRAs; each call makes its own set the merged one
         self.embeddings = Embeddings(model.text_encoder)  # textual inversion, used by name in prompts
-        self.codec = LatentCodec(model.vae, model.config.image_size)
+        self.codec = LatentCodec(model.vae, model.config.image_size, model.config.family)
         self.precision = "fp32"  # set_precision
         self.max_prompt_chunks: int | None = None  # 75-token chunks a prompt may take (a server's bound)
         self.vocabulary: tuple[str, ...] = model.config.vocabulary  # a closed world's words (data/vocabulary.py)
@@ -115,10 +115,11 @@ class Pipeline:
         overrides: dict | None = None,
         precision: str = "auto",
         text_encoders: str | Path | None = None,
+        tiny_decoder: str | Path | None = None,
     ) -> "Pipeline":
         """A model file or folder, or a bundled model by name ("shapes"; the default when no path is
         given), computing in `precision` (see set_precision); text_encoders: a folder with the text towers
-        an SD3 single file lacks (checkpoints/sd3_towers.py)."""
+        an SD3 single file lacks (checkpoints/sd3_towers.py); tiny_decoder: see codec.set_tiny_decoder."""
         from ldmkit.bundled import bundled_entry, resolve
         from ldmkit.checkpoints.single_file import load_model
         from ldmkit.data.vocabulary import shapes_vocabulary
@@ -138,6 +139,7 @@ class Pipeline:
         model.use_measured_memory_format()
         pipe = cls(model, name=path.stem if path.is_file() else path.name, path=path, defaults=defaults)
         pipe.set_precision(precision)
+        pipe.codec.set_tiny_decoder(tiny_decoder)
         if not pipe.vocabulary and getattr(bundled_entry(path), "world", None) == "shapes":
             pipe.vocabulary = shapes_vocabulary()  # trained before models stored their vocabulary
         return pipe
@@ -343,7 +345,8 @@ class Pipeline:
             z = hires.run_second_pass(self, p, z, cond, noise, lambda i, x, x0: on_step(p.steps + i, x, x0))
         if cond.blend is not None:  # the last step's blend: the original itself
             z = cond.blend.keep * z + (1 - cond.blend.keep) * cond.blend.z_init
-        images = (self.refiner if rest is not None else self).decode(z)
+        # the refiner continues the base's latent space (check_refiner): the base's tiny decoder reads it too
+        images = (self.refiner if rest is not None and self.codec.decoder == "full" else self).decode(z)
         if pixel_mask is not None:
             images = pixel_mask * images + (1 - pixel_mask) * pixels
         return z, images, control_images
@@ -363,8 +366,10 @@ class Pipeline:
 
     @torch.no_grad()
     def preview(self, x0: torch.Tensor) -> list[Image.Image]:
-        """Cheap RGB previews of latents: the model's fitted linear map, SD's, or (small models, where
-        decoding is cheap) the decoder itself."""
+        """Cheap RGB previews of latents: a tiny decoder (the web UI's "TAESD" preview), the model's fitted
+        linear map, SD's, or (small models, where decoding is cheap) the decoder itself."""
+        if self.codec.tiny is not None:
+            return tensor_to_pil(self.codec.decode(x0, "tiny"))
         c = self.model.config
         if c.latent_rgb is not None:
             return latent_preview(x0, c.latent_rgb)
@@ -420,17 +425,6 @@ class Pipeline:
         unet.forward = torch.compile(unet.forward, options={"freezing": freezing})
         unet._ldmkit_compiled = True
 
-    def schedule_type(self, p: GenerationParams) -> str:
-        """The web UI's schedule type of the sigmas this run walked: a folder's scheduler config can turn
-        on Karras or exponential sigmas for samplers that are uniform otherwise."""
-        spec = SAMPLERS[p.sampler]
-        settings = spec.scheduler_settings(self.model.config.schedule.diffusers, p.timestep_spacing)
-        if settings.get("use_karras_sigmas"):
-            return "Karras"
-        if settings.get("use_exponential_sigmas"):
-            return "Exponential"
-        return spec.webui_schedule
-
     def infotext(self, p: GenerationParams, index: int = 0) -> str:
         """Image `index`'s parameters text, as the web UI writes it (pipelines/params.py)."""
         used = [(self._read_lora(path), w) for path, w in p.loras] + self._tagged_loras(p)
@@ -440,9 +434,10 @@ class Pipeline:
         run = RunFacts(
             model_name=self.name,
             model_hash=self.model_hash,
-            schedule_type=self.schedule_type(p),
+            schedule_type=SAMPLERS[p.sampler].schedule_type(self.model.config.schedule.diffusers, p.timestep_spacing),
             precision=self.precision,
             lora_hashes=", ".join(f"{lora.name}: {lora.hash}" for lora in merged),
             refiner=f"{self.refiner.name} [{self.refiner.model_hash}]" if p.refiner_switch_at and self.refiner else "",
+            vae_decoder="TAESD" if self.codec.decoder == "tiny" else "",
         )
         return to_infotext(p, index, run, f"ldmkit {__version__}")

@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from ldmkit.checkpoints.families import FAMILIES
-from ldmkit.diffusion.registry import SAMPLERS, from_webui, get_sampler
+from ldmkit.diffusion.registry import SAMPLERS, from_webui, get_sampler, webui_spacing
 from ldmkit.errors import ConfigError
 from ldmkit.images import format_infotext, parse_infotext
 from ldmkit.models.prompts import check_prompt_mode
@@ -337,6 +337,7 @@ class RunFacts:
     precision: str = "fp32"
     lora_hashes: str = ""  # "name: hash, ..." of the LoRAs merged
     refiner: str = ""  # "name [hash]" of SDXL's refiner, when one took over
+    vae_decoder: str = ""  # "TAESD" when the tiny decoder made the images (the web UI's "VAE Decoder")
 
 
 def to_infotext(p: GenerationParams, index: int, run: RunFacts, version: str) -> str:
@@ -360,6 +361,7 @@ def to_infotext(p: GenerationParams, index: int, run: RunFacts, version: str) ->
         "Prompt mode": p.prompt_mode if p.prompt_mode != "webui" else None,
         "Timestep spacing": p.timestep_spacing,
         "Precision": run.precision if run.precision != "fp32" else None,
+        "VAE Decoder": run.vae_decoder or None,
         "Feature cache": p.feature_cache if p.feature_cache > 1 else None,
         **hires_fields(p, index),
         **micro_fields(p),
@@ -420,6 +422,8 @@ def from_infotext(text: str) -> tuple[dict, bool]:
         out["sampler"] = f["ldmkit sampler"]
     elif "Sampler" in f:
         out["sampler"] = from_webui(f["Sampler"], f.get("Schedule type"))
+    if webui_spacing(f.get("Schedule type")):  # the web UI's SGM Uniform; "Timestep spacing" (ours) says it too
+        out["timestep_spacing"] = webui_spacing(f["Schedule type"])
     try:
         for entry, name, kind in INFOTEXT_FIELDS:
             if entry in f:

@@ -104,13 +104,15 @@ def validate(req: GenerationRequest, lim: "Limits") -> None:
             raise RequestError(f"{name}: {len(text)} characters; allowed: {lim.max_prompt_chars}")
 
 
-SCHEDULE_TYPES = ("automatic", "uniform", "karras", "exponential")  # the web UI's, lower-case
+# the web UI's, lower-case; "sgm uniform" (also "sgm_uniform", "sgmuniform") is a timestep spacing here
+SCHEDULE_TYPES = ("automatic", "uniform", "karras", "exponential", "sgm uniform")
 
 
 def sampler_of(req: GenerationRequest) -> str | None:
-    from ldmkit.diffusion.registry import from_webui
+    from ldmkit.diffusion.registry import from_webui, webui_spacing
 
-    if req.scheduler is not None and req.scheduler.strip().lower() not in SCHEDULE_TYPES:
+    known = req.scheduler is None or req.scheduler.strip().lower() in SCHEDULE_TYPES or webui_spacing(req.scheduler)
+    if not known:
         raise RequestError(f"scheduler: {req.scheduler!r}; allowed: {', '.join(SCHEDULE_TYPES)}")
     name = req.sampler_name or req.sampler_index
     if not name and (req.scheduler or "automatic").strip().lower() != "automatic":
@@ -118,10 +120,28 @@ def sampler_of(req: GenerationRequest) -> str | None:
     return from_webui(name, req.scheduler) if name else None
 
 
-def hires_sampler_of(req: GenerationRequest) -> str | None:
-    from ldmkit.diffusion.registry import from_webui
+def spacing_of(req: GenerationRequest) -> str | None:
+    """The run's timestep spacing: ldmkit's `timestep_spacing` field, or the one the web UI's schedule type
+    is here (SGM Uniform: sgm_uniform); given both, they must agree."""
+    from ldmkit.diffusion.registry import webui_spacing
 
-    if not getattr(req, "enable_hr", False) or req.hr_sampler_name in (None, "", "Use same sampler"):
+    implied = webui_spacing(req.scheduler)
+    if implied and req.timestep_spacing not in (None, implied):
+        raise RequestError(f"scheduler {req.scheduler!r} with timestep_spacing {req.timestep_spacing!r}: give one")
+    return req.timestep_spacing or implied
+
+
+def hires_sampler_of(req: GenerationRequest) -> str | None:
+    from ldmkit.diffusion.registry import from_webui, webui_spacing
+
+    if not getattr(req, "enable_hr", False):
+        return None
+    hr = req.hr_scheduler
+    if hr not in (None, "", "Use same scheduler") and webui_spacing(hr) != webui_spacing(req.scheduler):
+        # both passes walk one timestep spacing (GenerationParams has one): a second pass of another
+        # schedule type than SGM Uniform's first, or the reverse, would silently walk the first's
+        raise RequestError(f"hr_scheduler {hr!r} with scheduler {req.scheduler!r}: give both or neither SGM Uniform")
+    if req.hr_sampler_name in (None, "", "Use same sampler"):
         return None
     return from_webui(req.hr_sampler_name, req.hr_scheduler)
 
@@ -179,6 +199,7 @@ def resolve(req: GenerationRequest, server: "ServerState") -> Plan:
         raise RequestError(f"CLIP_stop_at_last_layers: {clip_skip}; allowed: 1 to 12")
     table = {**FROM_REQUEST, **(HIRES_FROM_REQUEST if getattr(req, "enable_hr", False) else {})}
     read = {field: (getattr(req, attr, None), kind) for field, (attr, kind) in table.items()}
+    read["timestep_spacing"] = (spacing_of(req), str)  # the field, or the web UI's SGM Uniform
     params = GenerationParams(
         **{field: kind(value) for field, (value, kind) in read.items() if value is not None},
         sampler=sampler_of(req),

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldmkit.config import to_dict
-from ldmkit.data.images import DataConfig, Order, load_batch, open_dataset, sample_generator
+from ldmkit.data.images import DataConfig, Order, load_batch, open_dataset, sample_generator, validation_images
 from ldmkit.errors import ConfigError
 from ldmkit.evaluation.metrics import psnr, ssim
 from ldmkit.images import tensor_to_pil
@@ -87,10 +87,7 @@ class AutoencoderTask:
         self.opt_disc = torch.optim.Adam(self.disc.parameters(), lr=c.loss.disc_lr, betas=(0.5, 0.9))
         self.data = open_dataset(c.data)
         self.order = Order(len(self.data), c.run.seed)
-        val_config = c.val or DataConfig(kind="shapes", split="val", n=c.val_images, size=c.data.size)
-        val = open_dataset(val_config)
-        items = [val.load(i) for i in range(min(c.val_images, len(val)))]
-        self.val_images = torch.stack([it[0] for it in items if it is not None])
+        self.val_images = validation_images(c.val, c.val_images, c.data.size)
 
     # state ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

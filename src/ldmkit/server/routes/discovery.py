@@ -9,6 +9,14 @@ SCHEDULERS = [
     {"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False},
     {"name": "uniform", "label": "Uniform", "aliases": None, "default_rho": -1, "need_inner_model": True},
     {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False},
+    # a timestep spacing here (diffusion/registry.SPACING_SCHEDULE_TYPES)
+    {
+        "name": "sgm_uniform",
+        "label": "SGM Uniform",
+        "aliases": ["SGMUniform"],
+        "default_rho": -1,
+        "need_inner_model": True,
+    },
 ]
 EMPTY_LISTS = (
     "sd-vae",
