@@ -29,11 +29,10 @@ def test_bench_quick_compares_like_for_like(tmp_path, capsys):
 
 
 def test_bench_quick_vs_openvino_agrees_with_ldmkit(tmp_path, capsys):
-    """OpenVINO (the bench extra; CI installs only the test extra, so there this test skips): diffusers'
+    """OpenVINO (in the test extra, as a reference): diffusers'
     UNet and decoder converted and compiled for the CPU in f32 give ldmkit's outputs within 1e-4, and
     the whole image (diffusers' scheduler around them) within one level of 255 on average. The table
     on stderr starts with the machine."""
-    pytest.importorskip("openvino", reason="openvino is in the bench extra: pip install 'ldmkit[bench]'")
     out = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--vs", "openvino", "--precision", "fp32", "--json", str(out)]) == 0
     err = capsys.readouterr().err
