@@ -62,6 +62,21 @@ def tiny_diffusers_vae(block_out_channels=(16, 32), layers_per_block=1, **overri
     return randomize(AutoencoderKL(**cfg), seed=1)
 
 
+def write_tiny_decoder(path, latent_channels: int = 4, seed: int = 0) -> Path:
+    """A random two-level tiny decoder (2x, as the tiny preset's autoencoder) in the original published
+    layout (taesd_decoder.*'s keys), for the tiny models of the server and browser tests."""
+    from safetensors.torch import save_file
+
+    from ldmkit.models.tiny_autoencoder import TinyAutoencoder, TinyAutoencoderConfig
+
+    config = TinyAutoencoderConfig(
+        decoder_block_out_channels=(8, 8), num_decoder_blocks=(1, 1), latent_channels=latent_channels
+    )
+    decoder = randomize(TinyAutoencoder(config, encoder=False).decoder, seed=seed, std=0.2)
+    save_file({k: v.contiguous() for k, v in decoder.state_dict().items()}, str(path))
+    return Path(path)
+
+
 def tiny_clip(hidden_act="quick_gelu", layers=3, hidden=32, heads=4):
     from transformers import CLIPTextConfig, CLIPTextModel
 

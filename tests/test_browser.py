@@ -1,7 +1,8 @@
 """The web page in a real browser: Debian's headless Chromium driven by Playwright. It opens the page,
-enters a prompt, generates, sees the progress and the image appear, and reuses the settings. The
-screenshot is kept in artifacts/ (not in git). .ci/run installs Chromium and sets
-LDMKIT_REQUIRE_BROWSER=1, so there the test cannot be skipped."""
+enters a prompt, generates, sees the progress and the image appear, and reuses the settings; with a
+tiny decoder, it sees the TAESD live preview before the final image. The screenshot is kept in
+artifacts/ (not in git). .ci/run installs Chromium and sets LDMKIT_REQUIRE_BROWSER=1, so there the test
+cannot be skipped."""
 
 import os
 import socket
@@ -55,11 +56,13 @@ def serve(config):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    from conftest import write_tiny_decoder
     from ldmkit.server.app import ServeConfig
 
     folder = tmp_path_factory.mktemp("browser")
     assert main(["init-model", str(folder / "tiny.safetensors")]) == 0
-    url, stop = serve(ServeConfig(str(folder / "tiny.safetensors"), outputs=str(folder / "out")))
+    tiny = str(write_tiny_decoder(folder / "mine.safetensors"))
+    url, stop = serve(ServeConfig(str(folder / "tiny.safetensors"), outputs=str(folder / "out"), tiny_decoder=tiny))
     yield url
     stop()
 
@@ -84,6 +87,8 @@ def test_the_page_untouched_draws_what_the_cli_draws(tmp_path):
             page = browser.new_page()
             page.goto(url)
             expect(page.get_by_test_id("status")).to_have_text("ready", timeout=30000)
+            expect(page.get_by_test_id("decode-method")).to_be_hidden()  # no tiny decoder: no TAESD offered
+            assert page.locator("#show_progress_type option[value=TAESD]").count() == 0
             page.get_by_test_id("prompt").fill("a red circle")
             page.get_by_test_id("seed").fill("3")
             page.get_by_test_id("generate").click()
@@ -125,3 +130,41 @@ def test_generate_from_the_page(server):
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "browser.png"), full_page=True)
         browser.close()
+
+
+# The order in which the page first shows a live preview and a final image, as the DOM changes.
+SEEN_ORDER = """
+window.seen = [];
+new MutationObserver(() => {
+  const note = (what, found) => { if (found && !window.seen.includes(what)) window.seen.push(what); };
+  note("preview", document.querySelector("#preview img"));
+  note("final", document.querySelector("#gallery .item img"));
+}).observe(document, {childList: true, subtree: true});
+"""
+
+
+def test_the_tiny_decoder_previews_then_decodes_from_the_page(server):
+    """With a tiny decoder the page offers TAESD (the web UI's name) for the live preview and the final
+    decode: the TAESD preview shows before the final image, which says TAESD decoded it."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page()
+        page.add_init_script(SEEN_ORDER)
+        sent = []
+        page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/sdapi/v1/txt2img") else None)
+        page.goto(server)
+        expect(page.get_by_test_id("status")).to_have_text("ready", timeout=30000)
+        page.get_by_test_id("preview-method").select_option("TAESD")
+        page.get_by_test_id("decode-method").select_option("TAESD")
+        page.locator("#steps").fill("60")  # long enough for a few progress polls
+        page.get_by_test_id("generate").click()
+        item = page.get_by_test_id("gallery").locator(".item").first
+        expect(item.locator("img")).to_be_visible(timeout=60000)
+        assert page.evaluate("window.seen") == ["preview", "final"]
+        assert "VAE Decoder: TAESD" in item.locator("pre").inner_text()
+        assert page.get_by_test_id("error").inner_text() == ""
+        browser.close()
+    settings = sent[0]["override_settings"]
+    assert settings["show_progress_type"] == "TAESD" and settings["sd_vae_decode_method"] == "TAESD"

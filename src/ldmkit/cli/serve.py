@@ -100,6 +100,7 @@ def cmd_serve(args) -> int:
         args.api_auth,
         limits,
         upscaler_dir=args.upscaler_dir,
+        tiny_decoder=args.tiny_decoder,
     )
     from ldmkit.bundled import resolve
 
@@ -128,6 +129,13 @@ def add_parsers(sub) -> None:
     p.add_argument("--embeddings-dir", help="textual-inversion embeddings, used by file name in prompts")
     p.add_argument(
         "--upscaler-dir", help="model upscalers (ESRGAN...): /sdapi/v1/upscalers lists them, hr_upscaler names them"
+    )
+    p.add_argument(
+        "--tiny-decoder",
+        metavar="FILE_OR_DIR",
+        help="a TAESD decoder, or a folder searched per model for its family's (taesd_decoder.* for SD 1.x/2.x, "
+        "taesdxl_decoder.* for SDXL...): live previews (show_progress_type TAESD) and fast decodes "
+        "(sd_vae_decode_method TAESD)",
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860, help="0: a free port, named at start")

@@ -100,6 +100,8 @@ class LatentCodec:
         """Diffusion latents -> images in [-1, 1], fp32, by `decoder` ("full" or "tiny"; None: self.decoder).
         The tiny decoder takes diffusion latents as they are (no unscale: TAESD was trained on them)."""
         if (decoder or self.decoder) == "tiny":
+            if self.tiny is None:
+                raise ConfigError(NO_TINY_DECODER)
             return self.tiny.decode(z.to(next(self.tiny.parameters()).dtype)).float()
         dtype = next(self.vae.parameters()).dtype
         return self.vae.decode(self.vae.unscale(z).to(dtype), self.tile(z)).float()

@@ -46,6 +46,7 @@ from ldmkit.pipelines.refiner import check_refiner, refine
 from ldmkit.pipelines.upscalers import ModelUpscaler, UpscalerCache
 
 log = logging.getLogger(__name__)
+PREVIEW_METHODS = ("auto", "tiny", "full", "cheap")  # Pipeline.preview's
 
 
 class Interrupted(Exception):
@@ -59,7 +60,8 @@ class Interrupted(Exception):
 
 @dataclass
 class StepInfo:
-    """What the per-step callback sees. `preview()` makes cheap RGB previews of the current x0."""
+    """What the per-step callback sees. `preview(method="auto")` makes RGB previews of the current x0
+    (Pipeline.preview)."""
 
     step: int
     steps: int
@@ -332,7 +334,7 @@ class Pipeline:
 
         def on_step(i, x, x0):
             if callback is not None:
-                callback(StepInfo(i + 1, total, x, x0, lambda: self.preview(x0)))
+                callback(StepInfo(i + 1, total, x, x0, lambda method="auto": self.preview(x0, method)))
 
         options = {"eta": p.eta} if p.sampler == "ddim" else {}
         z = sample_latents(
@@ -365,17 +367,20 @@ class Pipeline:
         return self.upscalers.get(hires.model_upscaler(p.hires_upscaler, self.upscaler_dir))
 
     @torch.no_grad()
-    def preview(self, x0: torch.Tensor) -> list[Image.Image]:
-        """Cheap RGB previews of latents: a tiny decoder (the web UI's "TAESD" preview), the model's fitted
-        linear map, SD's, or (small models, where decoding is cheap) the decoder itself."""
-        if self.codec.tiny is not None:
-            return tensor_to_pil(self.codec.decode(x0, "tiny"))
+    def preview(self, x0: torch.Tensor, method: str = "auto") -> list[Image.Image]:
+        """RGB previews of latents by the web UI's live preview methods: "tiny", the tiny decoder (its TAESD);
+        "full", the autoencoder (its Full); "cheap", the model's fitted linear map, SD's, or (small models,
+        where decoding is cheap) the decoder itself (its Approx cheap); "auto": tiny if loaded, else cheap."""
+        if method not in PREVIEW_METHODS:
+            raise ConfigError(f"preview method {method!r}; allowed: {', '.join(PREVIEW_METHODS)}")
+        if method in ("tiny", "full") or (method == "auto" and self.codec.tiny is not None):
+            return tensor_to_pil(self.codec.decode(x0, "full" if method == "full" else "tiny"))
         c = self.model.config
         if c.latent_rgb is not None:
             return latent_preview(x0, c.latent_rgb)
         if c.family.startswith("sd"):
             return latent_preview(x0)
-        return tensor_to_pil(self.decode(x0))
+        return tensor_to_pil(self.codec.decode(x0, "full"))  # the autoencoder even when the images are tiny's
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Diffusion latents -> images in [-1, 1], fp32 (pipelines/codec.py)."""

@@ -24,6 +24,7 @@ from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from ldmkit import __version__
 from ldmkit.errors import BusyError, CheckpointError, LdmkitError, NotFoundError
 from ldmkit.server.console import RequestLog, announce_models, announce_ready, note_generation
+from ldmkit.server.decoding import DEFAULTS as DECODING_DEFAULTS
 from ldmkit.server.errors import RETRY_AFTER, DeclaredBodyLimit, body_limit_detail, document_errors, error_body
 from ldmkit.server.outputs import Outputs
 from ldmkit.server.registry import Models
@@ -62,6 +63,7 @@ class ServeConfig:
     api_auth: str | None = None  # USER:PASS for HTTP Basic
     limits: Limits = field(default_factory=Limits)
     upscaler_dir: str | None = None  # the hires fix's model upscalers (ESRGAN...), named by hr_upscaler
+    tiny_decoder: str | None = None  # a TAESD decoder file or a folder of them: previews and decodes (decoding.py)
 
 
 def _check_auth(config: ServeConfig, request: Request) -> bool:
@@ -113,6 +115,7 @@ def _answer_errors(app: FastAPI, config: ServeConfig) -> None:
 
 
 def create_app(config: ServeConfig) -> FastAPI:
+    models = Models(config)  # first: what it refuses (a missing --tiny-decoder) leaves no worker thread behind
     worker = Worker(config.limits.max_queue)
 
     @asynccontextmanager
@@ -129,13 +132,14 @@ def create_app(config: ServeConfig) -> FastAPI:
         lifespan=lifespan,
         dependencies=[Depends(note_generation)],  # a generation's size, steps and images for its log line
     )
-    models = Models(config)
     announce_models(models)
     outputs = Outputs(config.outputs)
     options: dict[str, Any] = {
         "sd_model_checkpoint": models.title(models.default),
         "CLIP_stop_at_last_layers": 1,
         "sd_vae": "Automatic",
+        **DECODING_DEFAULTS,  # show_progress_type, sd_vae_decode_method
+        "sd_vae_encode_method": "Full",
         "samples_format": "png",
         "outdir_samples": str(outputs.root),
     }

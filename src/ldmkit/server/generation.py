@@ -15,6 +15,7 @@ from ldmkit import __version__
 from ldmkit.errors import RequestError
 from ldmkit.pipelines.hires import is_builtin, model_upscaler
 from ldmkit.pipelines.params import MICRO_PAIRS, GenerationParams
+from ldmkit.server import decoding
 from ldmkit.server.webui import (
     GenerationRequest,
     Img2ImgRequest,
@@ -42,6 +43,8 @@ class Plan:
     clip_skip: int  # the web UI's setting (1 = the model's own layer)
     uploads: dict[str, bytes] = field(default_factory=dict)  # init_images[0], mask: checked, not decoded
     refiner: str | None = None  # SDXL's refiner, a name in Models.paths
+    preview: str = "Approx NN"  # the web UI's show_progress_type (server/decoding.py)
+    decode: str = "Full"  # the web UI's sd_vae_decode_method
 
 
 # GenerationParams field <- the request field it is read from, and its type (None in the request:
@@ -210,7 +213,12 @@ def resolve(req: GenerationRequest, server: "ServerState") -> Plan:
     )
     if params.hires and not is_builtin(params.hires_upscaler):
         model_upscaler(params.hires_upscaler, server.config.upscaler_dir)  # found here, read on the worker
-    return Plan(name, params, clip_skip, uploads, refiner)
+    tiny = server.config.tiny_decoder  # TAESD is refused here when there is none; per model on the worker
+    preview, decode = (
+        decoding.check(key, setting(overrides, server.options, key, str), tiny, "override_settings.")
+        for key in ("show_progress_type", "sd_vae_decode_method")
+    )
+    return Plan(name, params, clip_skip, uploads, refiner, preview, decode)
 
 
 def number(unit: dict, key: str, default: float, where: str) -> float:
@@ -271,6 +279,7 @@ def run(server: "ServerState", req: GenerationRequest, plan: Plan, w: Worker) ->
     limits = server.config.limits
     max_pixels = limits.max_input_pixels
     pipe = server.load(plan.model)
+    w.progress.preview_method = decoding.for_job(pipe, server.models, plan.model, plan.preview, plan.decode)
     pipe.refiner = server.models.refiner(plan.refiner)
     pipe.max_prompt_chunks = limits.max_prompt_chunks
     params = decode_uploads(req, plan, max_pixels).for_model(pipe.model, pipe.defaults, pipe.name)

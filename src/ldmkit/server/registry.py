@@ -1,10 +1,13 @@
-"""The checkpoints `ldmkit serve` offers, titled as the web UI titles them, the one loaded, and the
-ControlNets offered by name."""
+"""The checkpoints `ldmkit serve` offers, titled as the web UI titles them, the one loaded (with its tiny
+decoder, if --tiny-decoder has one for it), and the ControlNets offered by name."""
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ldmkit.errors import LdmkitError, NotFoundError, RequestError
+from ldmkit.errors import ConfigError, LdmkitError, NotFoundError, RequestError
+
+log = logging.getLogger("ldmkit.server")
 
 if TYPE_CHECKING:
     from ldmkit.server.app import ServeConfig
@@ -38,6 +41,10 @@ class Models:
         self._controlnet_files: dict[Path, Any] = {}
         self.embeddings_dir = config.embeddings_dir
         self.refiner_pipe, self.refiner_loaded = None, None  # SDXL's refiner, the last one asked for
+        self.tiny_decoder = config.tiny_decoder  # a TAESD file or a folder of them (give_tiny_decoder)
+        if self.tiny_decoder and not Path(self.tiny_decoder).expanduser().exists():
+            raise ConfigError(f"--tiny-decoder {self.tiny_decoder}: no such file or folder")
+        self.tiny_notes: dict[str, str] = {}  # model name -> why it has no tiny decoder
 
     def short_hash(self, name: str) -> str | None:
         """The file's full sha256 hex digest (titles show its first 10 digits), read once; None for a folder
@@ -79,8 +86,33 @@ class Models:
             self.pipe.upscaler_dir = self.upscaler_dir
             if self.embeddings_dir:
                 self.pipe.embeddings.load_folder(self.embeddings_dir)
+            self.give_tiny_decoder(self.pipe, name)
             self.loaded = name
         return self.pipe
+
+    def give_tiny_decoder(self, pipe, name: str) -> None:
+        """Model `name`'s tiny decoder from --tiny-decoder. A folder is searched for the family's published
+        file, as `ldmkit generate` does: none there, the model simply has none. A file (or one found) that
+        cannot decode this model's latents is refused for this model alone, in one warning line: the model
+        still serves, with the full decoder. Why a model has none is kept for the 422 of a TAESD request."""
+        from ldmkit.checkpoints.taesd_files import find_tiny_decoder
+
+        self.tiny_notes.pop(name, None)
+        if not self.tiny_decoder:
+            return
+        path = Path(self.tiny_decoder).expanduser()
+        try:
+            if path.is_dir() and not (path / "config.json").is_file():  # a folder of files, not a diffusers one
+                path = find_tiny_decoder(path, pipe.model.config.family)
+        except ConfigError as e:
+            self.tiny_notes[name] = " ".join(str(e).split())
+            log.info("model %s: no tiny decoder (%s)", name, self.tiny_notes[name])
+            return
+        try:
+            pipe.codec.set_tiny_decoder(path)
+        except LdmkitError as e:
+            self.tiny_notes[name] = " ".join(str(e).split())
+            log.warning("model %s: tiny decoder refused: %s", name, self.tiny_notes[name])
 
     def refiner(self, name: str | None):
         """The refiner a request names (None: none), loaded once and kept while it is asked for. On the

@@ -113,7 +113,9 @@ class PngInfoRequest(BaseModel):
 
 # Settings in `override_settings` (and POST /options) we act on; any other override changes nothing
 # we could honour, so it is refused unless it is inert.
-INERT_OVERRIDES = {"sd_vae": {"Automatic", "None", None}, "samples_format": {"png"}}
+INERT_OVERRIDES = {"sd_vae": {"Automatic", "None", None}, "samples_format": {"png"}, "sd_vae_encode_method": {"Full"}}
+# Settings read and checked where they are used (server/generation.py resolve, server/decoding.py).
+READ_OVERRIDES = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "show_progress_type", "sd_vae_decode_method")
 
 
 def read_upload(data: str, what: str, max_pixels: int) -> bytes:
@@ -194,8 +196,8 @@ def refuse_unsupported(req: GenerationRequest, controlnet_ok: bool = True) -> No
     if req.script_name not in (None, "", "None"):
         problems.append(f"script_name {req.script_name!r} (unknown script; available: none)")
     for name, value in (req.override_settings or {}).items():
-        if name in ("sd_model_checkpoint", "CLIP_stop_at_last_layers"):
-            continue  # checked where they are read (server/generation.py)
+        if name in READ_OVERRIDES:
+            continue
         if name in INERT_OVERRIDES and isinstance(value, str | None) and value in INERT_OVERRIDES[name]:
             continue
         problems.append(f"override_settings.{name} (not supported)")

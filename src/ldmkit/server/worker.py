@@ -26,6 +26,8 @@ class Progress:
     started: float = 0.0
     interrupted: bool = False
     step_info: Any = None  # the last StepInfo: previews are made from it only when asked for
+    preview_method: str = "auto"  # Pipeline.preview's, from the job's show_progress_type
+    preview: tuple[Any, str] | None = None  # (StepInfo, its preview as base64 PNG): drawn once per step
 
     @property
     def fraction(self) -> float:
@@ -104,11 +106,16 @@ class Worker:
                     continue  # its request went away while it waited: nothing to run, nobody to answer
                 self.current = job
                 self.progress = Progress(job=job.kind, started=time.time())
+            result, error = None, None
             try:
-                job.future.set_result(job.run(self))
+                result = job.run(self)
             except BaseException as e:  # handed to the waiting request, which turns it into a 4xx/5xx
-                job.future.set_exception(e)
-            finally:
-                with self._cond:
-                    self.completed.append(job.id)
-                    self.current = None
+                error = e
+            # recorded before the request is answered: a client that has its answer finds the job completed
+            with self._cond:
+                self.completed.append(job.id)
+                self.current = None
+            if error is None:
+                job.future.set_result(result)
+            else:
+                job.future.set_exception(error)

@@ -23,8 +23,13 @@ def add_routes(app: FastAPI, server: ServerState) -> None:
     @app.get("/ldmkit/info", include_in_schema=False)
     def ldmkit_info(model: str | None = None) -> dict:
         """What the page needs besides the web UI's API: a model's own settings (the loaded one's unless
-        `model` names another), so that the page starts from what the model was made for."""
-        return {"version": __version__, **model_settings(server, model)}
+        `model` names another), so that the page starts from what the model was made for, and whether
+        the server has a tiny decoder (the page then offers TAESD previews and decodes)."""
+        return {
+            "version": __version__,
+            "tiny_decoder": bool(server.config.tiny_decoder),
+            **model_settings(server, model),
+        }
 
 
 def model_settings(server: ServerState, title: str | None) -> dict:

@@ -2,15 +2,32 @@
 reads and sets (the model among them)."""
 
 import asyncio
+import threading
 import time
 from typing import Any
 
 from fastapi import FastAPI
 
 from ldmkit.errors import RequestError
+from ldmkit.server import decoding
 from ldmkit.server.state import ServerState
 from ldmkit.server.webui import encode_png
-from ldmkit.server.worker import Worker
+from ldmkit.server.worker import Progress, Worker
+
+PREVIEWING = threading.Lock()  # one preview drawn at a time, however many clients poll
+
+
+def current_image(p: Progress) -> str | None:
+    """The running job's current image as base64 PNG, drawn by its show_progress_type (Pipeline.preview)
+    on this request thread, once per step: polls within a step get the same one, and a Full preview
+    (a whole autoencoder pass) is not repeated per client."""
+    info = p.step_info
+    if info is None:
+        return None
+    with PREVIEWING:
+        if p.preview is None or p.preview[0] is not info:
+            p.preview = (info, encode_png(info.preview(p.preview_method)[0]))
+        return p.preview[1]
 
 
 def progress_json(worker: Worker, skip_current_image: bool, id_task: str | None) -> dict:
@@ -19,9 +36,7 @@ def progress_json(worker: Worker, skip_current_image: bool, id_task: str | None)
     running = worker.current is not None
     elapsed = time.time() - p.started if running else 0.0
     frac = p.fraction if running else 0.0
-    image = None
-    if running and not skip_current_image and p.step_info is not None:
-        image = encode_png(p.step_info.preview()[0])
+    image = current_image(p) if running and not skip_current_image else None
     out = {
         "progress": frac,
         "eta_relative": (elapsed / frac - elapsed) if frac > 0 else 0.0,
@@ -57,6 +72,8 @@ def check_option(server: ServerState, key: str, value: Any) -> None:
     elif key == "CLIP_stop_at_last_layers":
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 12:
             raise RequestError(f"CLIP_stop_at_last_layers: {value!r}; allowed: 1 to 12")
+    elif key in decoding.CHOICES:
+        decoding.check(key, value, server.config.tiny_decoder)
     elif key in INERT_OVERRIDES:
         if not isinstance(value, str | None) or value not in INERT_OVERRIDES[key]:
             allowed = ", ".join(sorted(str(v) for v in INERT_OVERRIDES[key] if v is not None))
