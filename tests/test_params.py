@@ -26,6 +26,7 @@ from ldmkit.pipelines.params import (
     to_infotext,
 )
 from ldmkit.server.app import Limits, ServeConfig, create_app
+from ldmkit.server.decoding import DEFAULTS as DECODING_DEFAULTS
 from ldmkit.server.generation import FROM_REQUEST, HIRES_FROM_REQUEST, NOT_FROM_REQUEST, decode_uploads, resolve
 from ldmkit.server.webui import Img2ImgRequest, Txt2ImgRequest
 
@@ -135,8 +136,8 @@ def test_every_field_reaches_the_http_api():
     )
     body.update(inpaint_full_res=False, override_settings={"CLIP_stop_at_last_layers": PROBE["clip_skip"]})
     server = SimpleNamespace(
-        config=SimpleNamespace(limits=Limits()),
-        options={"sd_model_checkpoint": "m", "CLIP_stop_at_last_layers": 1},
+        config=SimpleNamespace(limits=Limits(), tiny_decoder=None),
+        options={"sd_model_checkpoint": "m", "CLIP_stop_at_last_layers": 1, **DECODING_DEFAULTS},
         models=SimpleNamespace(find=lambda wanted: wanted),
     )
     req = Img2ImgRequest(**body)
