@@ -1,26 +1,25 @@
 """Time to a good image: a 512² image from the SD 1.5 architecture the way CPU users make one fast -- an
 LCM-LoRA merged at weight 1, 4 LCM steps at guidance 1 (no unconditional pass) and the tiny decoder --
 against the default, 20 guided DPM++ 2M steps and the full decoder, in one warm process (each run once to
-warm up, then timed; the median of `runs`). Weights are random (the bench's, seed 0), the LCM-LoRA is a
-random rank-64 one over the layers lcm-lora-sdv1-5 adapts and the tiny decoder a random TAESD of the
-published shape: their time is what is measured, not their pictures (docs/performance.md).
+warm up, then timed; the median of `runs`, by the bench's median_seconds). Weights are random (the
+bench's, seed 0), the LCM-LoRA is a random rank-64 one over the layers lcm-lora-sdv1-5 adapts and the
+tiny decoder a random TAESD of the published shape: their time is what is measured, not their pictures
+(docs/performance.md).
 
     python benchmarks/time_to_image.py [fp32|bf16] [RUNS] [PRESET SIZE]    (defaults: fp32 2 sd15 512;
                                                                             tiny 64 is a smoke test)
 """
 
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from ldmkit.checkpoints.taesd_files import write_tiny_autoencoder
-from ldmkit.evaluation.bench import _build, describe_machine, give_work
+from ldmkit.evaluation.bench import _build, describe_machine, give_work, median_seconds
 from ldmkit.models.tiny_autoencoder import TinyAutoencoder, TinyAutoencoderConfig
 from ldmkit.pipelines import Pipeline
 
@@ -47,16 +46,6 @@ def random_lcm_lora(unet: torch.nn.Module, path: Path) -> int:
         state[f"{key}.alpha"] = torch.tensor(float(RANK)).half()
     save_file(state, str(path))
     return sum(t.numel() for t in state.values())
-
-
-def timed(fn, runs: int) -> float:
-    fn()  # warm-up: kernel selection, the LoRA merge, first-call allocations
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -95,8 +84,8 @@ def main() -> None:
             "model": preset,
             "size": side,
             "lcm_lora_parameters": lora_parameters,
-            "default_s": round(timed(default, runs), 2),  # 20 steps DPM++ 2M, cfg 7.5, full decoder
-            "fast_s": round(timed(fast, runs), 2),  # the LCM-LoRA, 4 steps LCM, cfg 1, tiny decoder
+            "default_s": round(median_seconds(default, runs), 2),  # 20 steps DPM++ 2M, cfg 7.5, full decoder
+            "fast_s": round(median_seconds(fast, runs), 2),  # the LCM-LoRA, 4 steps LCM, cfg 1, tiny decoder
         }
     report["ratio"] = round(report["default_s"] / report["fast_s"], 2)
     report["command"] = "python benchmarks/time_to_image.py " + " ".join(sys.argv[1:])
