@@ -99,3 +99,18 @@ def test_bench_quick_sd35_transformer_compares_like_for_like(tmp_path, capsys):
     assert report["mode"] == "sd3.5-medium-quick" and report["tflop"] > 0 and report["machine"]["cpu"]
     assert r["max_abs_diff"] <= 1e-4 and r["ratio"] > 0 and 0 < r["ldmkit_peak_fraction"] < 1
     assert r["ldmkit_peak_rss_mb"] > 100 and r["diffusers_peak_rss_mb"] > 100
+
+
+def test_bench_quick_unet_rows_of_ours_on_openvino(tmp_path, capsys):
+    """`--rows unet` measures the UNet calls alone; `ldmkit-openvino` is ours with `--backend openvino`: the
+    same outputs as ours within 1e-4, its conversion and compilation reported apart as setup."""
+    pytest.importorskip("openvino")
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--quick", "--vs", "ldmkit-openvino", "--rows", "unet", "--precision", "fp32"]
+    assert main(argv + ["--json", str(out), "-q"]) == 0
+    report = json.loads(out.read_text())
+    r = report["results"]["fp32"]
+    assert report["rows"] == "unet" and set(r) == {"unet_pair_64", "unet_pair_32"} and not report["disagreements"]
+    for name in r:
+        ours_ov = r[name]["ldmkit-openvino"]
+        assert ours_ov["max_abs_diff"] <= 1e-4 and ours_ov["agrees"] and ours_ov["setup_s"] > 0 and ours_ov["s"] > 0

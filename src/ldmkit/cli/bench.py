@@ -18,7 +18,7 @@ def cmd_bench(args) -> int:
         report = bench_transformer.run(quick=args.quick, precisions=precisions, progress=progress)
         report["machine"].update(bench_report.describe_cpu())  # its peaks stay where that report keeps them
     else:
-        report = bench.run(quick=args.quick, vs=vs, precisions=precisions, progress=progress, model=args.model)
+        report = bench.run(args.quick, vs, precisions, progress, args.model, args.rows)
         progress("\n" + bench_report.format_table(report))  # stdout stays the JSON report alone
     return _print_report(report, args.json, "bench")
 
@@ -36,9 +36,15 @@ def add_parsers(sub) -> None:
         default="diffusers",
         metavar="PEER[,PEER...]",
         help="the peers, comma-separated: diffusers (default), openvino, sdcpp (stable-diffusion.cpp; not "
-        "with --quick); openvino and sdcpp only with --model sd15",
+        "with --quick), ldmkit-openvino (ours with --backend openvino); all but diffusers only with --model sd15",
     )
     p.add_argument("--quick", action="store_true", help="the tiny preset: a smoke test, not a measurement")
+    p.add_argument(
+        "--rows",
+        choices=["all", "unet"],
+        default="all",
+        help="all (default): UNet calls, VAE decode and a whole image; unet: the UNet calls alone",
+    )
     p.add_argument("--precision", default="both", choices=["both", "fp32", "bf16"])
     p.add_argument("--json", help="also write the report here")
     p.add_argument("-q", "--quiet", action="store_true")

@@ -188,6 +188,10 @@ def cmd_generate(args) -> int:
     if args.controlnet and not controls:
         raise LdmkitError("--controlnet needs --control TYPE:IMAGE[:STRENGTH]")
     upscalers = _upscalers(params, args.upscaler_dir)
+    if args.backend == "openvino":
+        from ldmkit.models.openvino_backend import require_openvino
+
+        require_openvino()  # refused in one line before the model is read
     pipe = Pipeline.load(
         args.model,
         vae=args.vae,
@@ -213,6 +217,7 @@ def cmd_generate(args) -> int:
     pipe.upscaler_dir, pipe.upscalers = args.upscaler_dir, upscalers
     if args.compile:
         pipe.compile()
+    pipe.set_backend(args.backend)
     pipe.tiled_vae = {"auto": None, "on": True, "off": False}[args.tiled_vae]
     pipe.codec.decoder = args.decoder or ("tiny" if args.tiny_decoder else "full")
     if args.embeddings_dir:

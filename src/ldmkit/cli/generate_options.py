@@ -142,6 +142,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first call; faster steps)")
     p.add_argument(
+        "--backend",
+        choices=["torch", "openvino"],
+        default="torch",
+        help="what runs the UNet/transformer: torch (default), or openvino (converted once per set of weights and"
+        " cached on disk, compiled per size; needs pip install 'ldmkit[openvino]')",
+    )
+    p.add_argument(
         "--tiled-vae",
         choices=["auto", "on", "off"],
         default="auto",

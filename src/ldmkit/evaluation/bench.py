@@ -46,6 +46,8 @@ CFG = 7.5
 PEERS = {
     "diffusers": ("ldmkit.evaluation.bench", "diffusers", "diffusers", "pip install 'ldmkit[test]'"),
     "openvino": ("ldmkit.evaluation.bench_peers", "openvino", "openvino", "pip install 'ldmkit[bench]'"),
+    # ours, its UNet executed by OpenVINO (`--backend openvino`, models/openvino_backend.py)
+    "ldmkit-openvino": ("ldmkit.evaluation.bench", "openvino", "openvino", "pip install 'ldmkit[openvino]'"),
     "sdcpp": (
         "ldmkit.evaluation.bench_peers",
         "stable_diffusion_cpp",
@@ -153,7 +155,7 @@ def _image(impl: str, pipe, s: dict):
     from ldmkit.diffusion.sampling import generators_for
 
     size, steps = s["sizes"][0], s["steps"]
-    if impl == "ldmkit":
+    if impl.startswith("ldmkit"):
 
         def run():
             return pipe(
@@ -217,30 +219,42 @@ def child(impl: str, folder: str, mode: str, precision: str, out: str, what: str
     seconds are saved to `out` for the parent to compare, and the process's peak resident memory."""
     s = SETTINGS[mode]
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    pipe = _ours(Path(folder), precision) if impl == "ldmkit" else _theirs(Path(folder), dtype)
-    unet, vae = (pipe.model.unet, pipe.model.vae) if impl == "ldmkit" else (pipe.unet, pipe.vae)
+    ours = impl.startswith("ldmkit")
+    pipe = _ours(Path(folder), precision) if ours else _theirs(Path(folder), dtype)
+    backend = None
+    if impl == "ldmkit-openvino":
+        cache = tempfile.TemporaryDirectory()  # a fresh cache: its conversion is part of the setup measured
+        pipe.set_backend("openvino", Path(cache.name))
+        backend = pipe.model.unet.forward
+    unet, vae = (pipe.model.unet, pipe.model.vae) if ours else (pipe.unet, pipe.vae)
     f = pipe.vae_scale_factor if impl == "diffusers" else vae.config.downsample_factor
     r: dict = {}
     calls, z = seeded_inputs(s, f, dtype, lambda size, g: _added(unet, impl, size, g, dtype))
     with torch.no_grad():
-        for size, (x, t, ctx, extra) in calls.items() if what == "all" else ():
+        for size, (x, t, ctx, extra) in calls.items() if what in ("all", "unet") else ():
 
             def call():
                 y = unet(x, t, ctx, **extra)
-                return y if impl == "ldmkit" else y.sample
+                return y if ours else y.sample
 
+            set_up = sum(backend.seconds.values()) if backend else 0.0
             r[f"unet_pair_{size}"] = {"seconds": median_seconds(call, s["runs"]), "out": call().float()}
             if impl == "ldmkit":
                 r[f"unet_pair_{size}"]["flops"] = unet_flops(unet, x, t, ctx, **extra)
+            if backend:  # the first call converted (at the first size) and compiled: reported apart
+                r[f"unet_pair_{size}"]["setup_seconds"] = sum(backend.seconds.values()) - set_up
 
         def decode():
             y = vae.decode(z)
-            return y if impl == "ldmkit" else y.sample
+            return y if ours else y.sample
 
         if what == "all":
             r["vae_decode"] = {"seconds": median_seconds(decode, s["runs"]), "out": decode().float()}
-    seconds, image = _image(impl, pipe, s)
-    r["image"] = {"seconds": seconds, "out": torch.from_numpy(image), "peak_rss_mb": peak_rss_mb()}
+    if what != "unet":  # the UNet rows alone skip the whole image
+        seconds, image = _image(impl, pipe, s)
+        r["image"] = {"seconds": seconds, "out": torch.from_numpy(image), "peak_rss_mb": peak_rss_mb()}
+        if backend:
+            r["image"]["setup_seconds"] = sum(backend.seconds.values())
     torch.save(r, out)
 
 
@@ -252,10 +266,11 @@ def _added(unet, impl: str, size: int, g: torch.Generator, dtype) -> dict:
         return {}
     from ldmkit.nn.embedding import size_embedding
 
-    adm = unet.config.adm_in_channels if impl == "ldmkit" else unet.config.projection_class_embeddings_input_dim
+    ours = impl.startswith("ldmkit")
+    adm = unet.config.adm_in_channels if ours else unet.config.projection_class_embeddings_input_dim
     pooled = torch.randn(2, adm - 6 * time_dim, generator=g)
     time_ids = torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.float32)
-    if impl == "ldmkit":
+    if ours:
         return {"y": torch.cat([pooled, size_embedding(time_ids, time_dim)], dim=-1).to(dtype)}
     return {"added_cond_kwargs": {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}}
 
@@ -319,9 +334,17 @@ def _version(dist: str) -> str:
 
 
 def run(
-    quick: bool = False, vs=("diffusers",), precisions=("fp32", "bf16"), progress=print, model: str = "sd15"
+    quick: bool = False,
+    vs=("diffusers",),
+    precisions=("fp32", "bf16"),
+    progress=print,
+    model: str = "sd15",
+    rows: str = "all",
 ) -> dict:
+    """rows: "all", or "unet" for the UNet rows alone (minutes instead of an hour at 512²)."""
     vs = check_peers(vs, model, quick)
+    if rows == "unet" and "sdcpp" in vs:
+        raise LdmkitError("--vs sdcpp: not with --rows unet (stable-diffusion.cpp is timed on whole images only)")
     mode = MODES[(model, quick)]
     s = SETTINGS[mode]
     machine = describe_machine()
@@ -335,6 +358,7 @@ def run(
         "cfg": CFG,
         "machine": machine,
         "vs": list(vs),
+        "rows": rows,
         "tolerance": TOLERANCE,
         "results": {},
         "peer_settings": {},
@@ -344,11 +368,11 @@ def run(
         folder = _build(s["preset"], Path(tmp) / "model", single_file)
         for precision in precisions:
             progress(f"{precision}: ldmkit")
-            ours = measure("ldmkit", folder, mode, precision)
+            ours = measure("ldmkit", folder, mode, precision, what=rows)
             theirs = {}
             for peer in vs:
                 progress(f"{precision}: {peer}")
-                theirs[peer] = measure(peer, single_file if peer == "sdcpp" else folder, mode, precision)
+                theirs[peer] = measure(peer, single_file if peer == "sdcpp" else folder, mode, precision, what=rows)
                 settings = theirs[peer].pop("settings", None)
                 if settings:
                     report["peer_settings"].setdefault(precision, {})[peer] = settings

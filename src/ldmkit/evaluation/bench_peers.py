@@ -85,11 +85,11 @@ def openvino_child(folder: str, mode: str, precision: str, out: str, what: str =
     calls, z = seeded_inputs(s, pipe.vae_scale_factor, dtype)
     unets, setup = {}, {}
     for size, (x, t, ctx, _) in calls.items():
-        if what != "all" and size != s["sizes"][0]:
+        if what == "image" and size != s["sizes"][0]:
             continue
         inputs = (x.float(), t, ctx.float())
         unets[size], setup[size] = convert_and_compile(_UNetPair(pipe.unet), inputs)
-        if what == "all":
+        if what in ("all", "unet"):
             arrays = [i.numpy() for i in inputs]
 
             def call(c=unets[size], arrays=arrays):
@@ -100,21 +100,8 @@ def openvino_child(folder: str, mode: str, precision: str, out: str, what: str =
                 "out": torch.from_numpy(call()),
                 "setup_seconds": setup[size],
             }
-    decoder, decoder_setup = convert_and_compile(_Decoder(pipe.vae), (z.float(),))
-    if what == "all":
-        latent = [z.float().numpy()]
-        r["vae_decode"] = {
-            "seconds": median_seconds(lambda: decoder(latent)[0], s["runs"]),
-            "out": torch.from_numpy(decoder(latent)[0]),
-            "setup_seconds": decoder_setup,
-        }
-    seconds, image = _openvino_image(pipe, unets[s["sizes"][0]], decoder, s)
-    r["image"] = {
-        "seconds": seconds,
-        "out": torch.from_numpy(image),
-        "peak_rss_mb": peak_rss_mb(),  # conversion holds torch's and OpenVINO's copies at once: the peak
-        "setup_seconds": setup[s["sizes"][0]] + decoder_setup,  # the UNet and decoder above, reused
-    }
+    if what != "unet":  # the UNet rows alone skip the decoder and the whole image
+        _decode_and_image(r, pipe, unets[s["sizes"][0]], setup[s["sizes"][0]], convert_and_compile, z, s, what)
     compiled = unets[s["sizes"][0]]
     r["settings"] = {  # read back from the compiled model: what it runs, not what was asked
         "inference_precision": compiled.get_property(hints.inference_precision).get_type_name(),
@@ -123,6 +110,25 @@ def openvino_child(folder: str, mode: str, precision: str, out: str, what: str =
         "image": "diffusers' DPMSolverMultistepScheduler (dpmpp_2m settings) and text encoder (torch fp32)",
     }
     torch.save(r, out)
+
+
+def _decode_and_image(r: dict, pipe, unet, unet_setup: float, convert_and_compile, z, s: dict, what: str) -> None:
+    """The VAE decode row (`what` "all") and the whole image: OpenVINO's decoder and `unet` in diffusers' loop."""
+    decoder, decoder_setup = convert_and_compile(_Decoder(pipe.vae), (z.float(),))
+    if what == "all":
+        latent = [z.float().numpy()]
+        r["vae_decode"] = {
+            "seconds": median_seconds(lambda: decoder(latent)[0], s["runs"]),
+            "out": torch.from_numpy(decoder(latent)[0]),
+            "setup_seconds": decoder_setup,
+        }
+    seconds, image = _openvino_image(pipe, unet, decoder, s)
+    r["image"] = {
+        "seconds": seconds,
+        "out": torch.from_numpy(image),
+        "peak_rss_mb": peak_rss_mb(),  # conversion holds torch's and OpenVINO's copies at once: the peak
+        "setup_seconds": unet_setup + decoder_setup,  # the UNet and decoder above, reused
+    }
 
 
 def _openvino_image(pipe, unet, decoder, s: dict):

@@ -106,7 +106,7 @@ def format_table(report: dict) -> str:
         f"model: {report['model']} (random weights), whole image: {report['image_steps']} steps DPM++ 2M at"
         f" {report['image_size']}², cfg {report['cfg']}",
         "",
-        f"{'precision':<9} {'measurement':<16} {'ldmkit s':>9} {'peer':<10} {'peer s':>9} {'ldmkit/peer':>11}"
+        f"{'precision':<9} {'measurement':<16} {'ldmkit s':>9} {'peer':<15} {'peer s':>9} {'ldmkit/peer':>11}"
         f" {'largest diff':>13} {'setup s':>8}",
     ]
     for precision, rows in report["results"].items():
@@ -122,7 +122,7 @@ def format_table(report: dict) -> str:
                     str(col.get("setup_s", "")),
                 ]
                 lines.append(
-                    f"{precision:<9} {label:<16} {row['ldmkit_s']:>9.4g} {peer:<10} {cells[0]:>9} {cells[1]:>11}"
+                    f"{precision:<9} {label:<16} {row['ldmkit_s']:>9.4g} {peer:<15} {cells[0]:>9} {cells[1]:>11}"
                     f" {cells[2]:>13} {cells[3]:>8}"
                 )
     lines.append("largest diff: of the outputs; for the whole image the mean, in levels of 255")

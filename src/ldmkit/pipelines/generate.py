@@ -30,6 +30,7 @@ from ldmkit.diffusion.sampling import generators_for, per_image_noise, sample_la
 from ldmkit.diffusion.schedule import NoiseSchedule, SamplingSchedule
 from ldmkit.errors import ConfigError
 from ldmkit.images import latent_preview, mask_to_tensor, pil_to_tensor, tensor_to_pil
+from ldmkit.models.backends import compile_forward, set_backend
 from ldmkit.models.embeddings import Embeddings
 from ldmkit.models.ldm import LatentDiffusion, build_backbone
 from ldmkit.models.lora import Lora, LoraSet, parse_lora_tags
@@ -105,6 +106,7 @@ class Pipeline:
         self.embeddings = Embeddings(model.text_encoder)  # textual inversion, used by name in prompts
         self.codec = LatentCodec(model.vae, model.config.image_size, model.config.family)
         self.precision = "fp32"  # set_precision
+        self.backend = "torch"  # set_backend
         self.max_prompt_chunks: int | None = None  # 75-token chunks a prompt may take (a server's bound)
         self.vocabulary: tuple[str, ...] = model.config.vocabulary  # a closed world's words (data/vocabulary.py)
         self._lora_files: dict[Path, Lora] = {}
@@ -418,17 +420,14 @@ class Pipeline:
         return precision
 
     def compile(self, freezing: bool = True) -> None:
-        """Opt-in torch.compile (inductor) of the UNet's forward. The first call at each shape compiles
-        (tens of seconds on two cores); measured here: a 13M UNet in bf16 with freezing 1.8x over eager
-        (../shared/reference/cpu-performance.md), the SD 1.5 UNet 0.97x after an 84 s first call
-        (benchmarks/compile_unet.py): worth it for small models only. Options are passed per compile: no
-        global setting changes.
-        Only the forward is compiled, so the module, its weights and its state dict stay as they are."""
-        unet = self.model.unet
-        if getattr(unet, "_ldmkit_compiled", False):
-            return
-        unet.forward = torch.compile(unet.forward, options={"freezing": freezing})
-        unet._ldmkit_compiled = True
+        """Opt-in torch.compile of the UNet's forward (models/backends.py: when it pays)."""
+        compile_forward(self.model.unet, freezing)
+
+    def set_backend(self, backend: str = "torch", cache: Path | None = None) -> None:
+        """What executes the backbone: torch (the default) or openvino (models/openvino_backend.py; its disk
+        cache in `cache`). ControlNet and feature-cache calls stay on PyTorch."""
+        set_backend(self.model.unet, backend, cache)
+        self.backend = backend
 
     def infotext(self, p: GenerationParams, index: int = 0) -> str:
         """Image `index`'s parameters text, as the web UI writes it (pipelines/params.py)."""
