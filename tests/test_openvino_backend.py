@@ -192,3 +192,21 @@ def test_a_missing_openvino_is_one_line_before_the_model_is_read(tmp_path, capsy
     code = main(["generate", "x", "--model", str(tmp_path / "absent.safetensors"), "--backend", "openvino"])
     err = capsys.readouterr().err
     assert code == 2 and err.strip().count("\n") == 0 and "pip install 'ldmkit[openvino]'" in err
+
+
+def test_serve_runs_its_models_on_the_backend_it_was_given(tmp_path, capsys, monkeypatch):
+    """`serve --backend openvino`: each model the server loads gets the backend; without the package, the
+    command stops in one line before binding."""
+    import sys
+
+    from ldmkit.cli import main
+    from ldmkit.server.app import ServeConfig
+    from ldmkit.server.registry import Models
+
+    models = Models(ServeConfig(outputs=str(tmp_path), backend="openvino"))
+    pipe = models.load(models.default)
+    assert pipe.backend == "openvino" and isinstance(pipe.model.unet.forward, OpenVINOBackbone)
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    assert main(["serve", "--backend", "openvino", "--port", "0", "--outputs", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'ldmkit[openvino]'" in err and "Traceback" not in err

@@ -101,7 +101,12 @@ def cmd_serve(args) -> int:
         limits,
         upscaler_dir=args.upscaler_dir,
         tiny_decoder=args.tiny_decoder,
+        backend=args.backend,
     )
+    if args.backend == "openvino":
+        from ldmkit.models.openvino_backend import require_openvino
+
+        require_openvino()
     from ldmkit.bundled import resolve
 
     resolve(args.model)  # a missing model is one line now, not a failure inside the server
@@ -136,6 +141,12 @@ def add_parsers(sub) -> None:
         help="a TAESD decoder, or a folder searched per model for its family's (taesd_decoder.* for SD 1.x/2.x, "
         "taesdxl_decoder.* for SDXL...): live previews (show_progress_type TAESD) and fast decodes "
         "(sd_vae_decode_method TAESD)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=["torch", "openvino"],
+        default="torch",
+        help="what runs each model's UNet/transformer: torch (default) or openvino (see generate --backend)",
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860, help="0: a free port, named at start")

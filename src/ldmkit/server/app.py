@@ -64,6 +64,7 @@ class ServeConfig:
     limits: Limits = field(default_factory=Limits)
     upscaler_dir: str | None = None  # the hires fix's model upscalers (ESRGAN...), named by hr_upscaler
     tiny_decoder: str | None = None  # a TAESD decoder file or a folder of them: previews and decodes (decoding.py)
+    backend: str = "torch"  # what runs each model's backbone: torch or openvino (models/backends.py)
 
 
 def _check_auth(config: ServeConfig, request: Request) -> bool:

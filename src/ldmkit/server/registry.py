@@ -45,6 +45,7 @@ class Models:
         if self.tiny_decoder and not Path(self.tiny_decoder).expanduser().exists():
             raise ConfigError(f"--tiny-decoder {self.tiny_decoder}: no such file or folder")
         self.tiny_notes: dict[str, str] = {}  # model name -> why it has no tiny decoder
+        self.backend = config.backend
 
     def short_hash(self, name: str) -> str | None:
         """The file's full sha256 hex digest (titles show its first 10 digits), read once; None for a folder
@@ -87,6 +88,7 @@ class Models:
             if self.embeddings_dir:
                 self.pipe.embeddings.load_folder(self.embeddings_dir)
             self.give_tiny_decoder(self.pipe, name)
+            self.pipe.set_backend(self.backend)
             self.loaded = name
         return self.pipe
 
