@@ -210,3 +210,18 @@ def test_serve_runs_its_models_on_the_backend_it_was_given(tmp_path, capsys, mon
     assert main(["serve", "--backend", "openvino", "--port", "0", "--outputs", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "pip install 'ldmkit[openvino]'" in err and "Traceback" not in err
+
+
+def test_bf16_weights_convert_and_agree_within_bf16_rounding(tiny_unet, tmp_path):
+    """bf16 weights (--precision bf16) are converted from an fp32 copy and compiled with the bf16 hint,
+    the way OpenVINO's own pipelines run bf16; inputs and output keep the module's dtype."""
+    import copy
+
+    unet = copy.deepcopy(tiny_unet).to(torch.bfloat16)
+    x, t, ctx = torch.randn(2, 4, 8, 8).bfloat16(), torch.tensor([500.0, 500.0]), torch.randn(2, 7, 8).bfloat16()
+    backend = OpenVINOBackbone(unet, tmp_path)
+    out = backend(x, t, ctx)
+    with torch.no_grad():
+        ours = unet(x, t, ctx).float()
+    assert out.dtype == torch.bfloat16 and [c for c in backend.compiled.values()], "ran on OpenVINO"
+    assert (out.float() - ours).abs().max().item() <= 5e-2 * max(1.0, ours.abs().max().item())

@@ -63,7 +63,8 @@ def weights_key(module: torch.nn.Module, inputs: tuple[str, ...]) -> str:
 
 
 class _Positional(torch.nn.Module):
-    """The backbone with the inputs present as positional arguments: what tracing records."""
+    """The backbone with the inputs present as positional arguments: what tracing records (fp32 in and out:
+    numpy, which OpenVINO is fed, has no bf16)."""
 
     def __init__(self, module: torch.nn.Module, forward, inputs: tuple[str, ...]):
         super().__init__()
@@ -110,6 +111,12 @@ def converted_model(forward, module: torch.nn.Module, example: tuple, inputs: tu
         os.utime(xml)  # recently used: kept by the eviction
     else:
         folder.mkdir(parents=True, exist_ok=True)
+        if next(module.parameters()).dtype != torch.float32:
+            # OpenVINO's graph passes reject bf16 weights next to fp32 ones (our norms compute in fp32):
+            # convert an fp32 copy, and let the compile hint run it in bf16, as OpenVINO's own pipelines do
+            fp32 = type(module)(module.config).eval()
+            fp32.load_state_dict({k: v.float() for k, v in module.state_dict().items()})
+            module, forward = fp32, fp32.forward
         with torch.no_grad():
             traced = torch.jit.trace(_Positional(module, forward, inputs).eval(), example, check_trace=False)
         model = ov.convert_model(traced, example_input=example, input=_dynamic_shapes(ov, example, inputs))
@@ -141,7 +148,8 @@ class OpenVINOBackbone:
 
     def _compile(self, inputs: tuple[str, ...], args: tuple[torch.Tensor, ...]):
         if inputs not in self.models:
-            model, key, seconds = converted_model(self.torch_forward, self.module, args, inputs, self.folder)
+            example = tuple(a.float() if a.is_floating_point() else a for a in args)  # fp32 in (_Positional)
+            model, key, seconds = converted_model(self.torch_forward, self.module, example, inputs, self.folder)
             self.models[inputs] = model
             self.seconds["convert"] += seconds
         model = self.models[inputs].clone()
@@ -160,7 +168,7 @@ class OpenVINOBackbone:
         return compiled
 
     def _run(self, compiled, args: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
-        arrays = [a.float().numpy() if a.dtype == torch.bfloat16 else a.numpy() for a in args]
+        arrays = [a.float().numpy() if a.is_floating_point() else a.numpy() for a in args]
         out = torch.from_numpy(np.asarray(compiled(arrays)[0]))
         return out.to(dtype)
 
