@@ -240,3 +240,37 @@ def test_a_mistyped_model_name_suggests_the_bundled_one(tmp_path, capsys, monkey
     assert "no model 'qwerty'" in err and all(name in err for name in bundled.BUNDLED) and "ldmkit models" in err
     err = one_line_error(capsys, "inspect", tmp_path / "missing.safetensors")  # a path: the reader says why
     assert "no such file" in err
+
+
+def test_models_names_tiny_autoencoders_and_the_family_they_decode_for(tmp_path, capsys):
+    """Ours (the family in the header), a decoder in the original repository's layout named as published
+    (its family from the name), and the same weights under another name (family unknown)."""
+    from ldmkit.checkpoints.taesd_files import write_tiny_autoencoder
+    from ldmkit.models.tiny_autoencoder import TinyAutoencoder, TinyAutoencoderConfig
+
+    config = TinyAutoencoderConfig(
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        num_encoder_blocks=(1, 2),
+        num_decoder_blocks=(2, 1),
+    )
+    tiny = TinyAutoencoder(config)
+    write_tiny_autoencoder(tiny, tmp_path / "ours.safetensors", family="sd1")
+    save_file(
+        {f"taesd_decoder.{k}": v for k, v in tiny.decoder.state_dict().items()},
+        tmp_path / "taesdxl_decoder.safetensors",
+    )
+    save_file({f"taesd_decoder.{k}": v for k, v in tiny.decoder.state_dict().items()}, tmp_path / "mystery.safetensors")
+    report = json.loads(run(capsys, "models", tmp_path, "--json")[0])
+    got = {e["name"]: e for e in report["folders"][0]["entries"]}
+    assert {k: got["ours.safetensors"][k] for k in ("kind", "for", "parts")} == {
+        "kind": "tiny-autoencoder",
+        "for": "sd1",
+        "parts": ["decoder", "encoder"],
+    }
+    xl = got["taesdxl_decoder.safetensors"]
+    assert (xl["kind"], xl["for"], xl["parts"]) == ("tiny-autoencoder", "SDXL", ["decoder"])
+    assert got["mystery.safetensors"]["kind"] == "tiny-autoencoder" and got["mystery.safetensors"]["for"] == ""
+    rows = {line.split()[0]: line for line in run(capsys, "models", tmp_path)[0].splitlines() if line.strip()}
+    assert "tiny autoencoder (TAESD) decoder for SDXL" in rows["taesdxl_decoder.safetensors"]
+    assert "--tiny-decoder" in rows["taesdxl_decoder.safetensors"] and "unknown" in rows["mystery.safetensors"]

@@ -174,6 +174,12 @@ def _classify(state: dict[str, torch.Tensor], metadata: dict, where: str) -> dic
         return _embedding(state["emb_params"].shape)
     if len(state) == 1 and next(iter(state.values())).ndim in (1, 2):  # diffusers' learned_embeds: {token: [d]}
         return _embedding(next(iter(state.values())).shape)
+    from ldmkit.checkpoints import taesd_files
+
+    if taesd_files.METADATA_KEY in metadata or taesd_files.is_tiny_autoencoder_state(
+        {k: v for k, v in state.items() if k not in taesd_files.COMBINED_EXTRAS}
+    ):
+        return taesd_files.listing_summary(state, metadata, where)
     if any(k.startswith(VAE_FILE_PREFIXES) for k in keys):
         return {"kind": "vae", "note": "an autoencoder alone"}
     detect(state, metadata, where)  # raises the reason it is no model

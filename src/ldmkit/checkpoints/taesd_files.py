@@ -368,6 +368,21 @@ def is_tiny_autoencoder_state(state: dict[str, torch.Tensor]) -> bool:
     return True
 
 
+def listing_summary(state: dict[str, torch.Tensor], metadata: dict, where: str) -> dict:
+    """What `ldmkit models` says of a tiny autoencoder file from its keys and header alone: its parts and the
+    family it decodes for (our header's, or the published file name's), or CheckpointError if it is none."""
+    _, parts, _ = _split({k: v for k, v in state.items() if k not in COMBINED_EXTRAS}, where)
+    family = ""
+    if METADATA_KEY in metadata:
+        try:
+            family = json.loads(metadata[METADATA_KEY]).get("family", "")
+        except (ValueError, AttributeError):
+            raise CheckpointError(f"{where}: its {METADATA_KEY} header is not a JSON object") from None
+    name = published_name(where)
+    made_for = family or (PUBLISHED[name][0] if name else "")
+    return {"kind": "tiny-autoencoder", "parts": sorted(parts), "for": made_for}
+
+
 # --- a model's tiny decoder ----------------------------------------------------------------------
 
 

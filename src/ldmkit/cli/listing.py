@@ -13,6 +13,7 @@ USE = {
     "lora": "--lora FILE[:WEIGHT], or --lora-dir FOLDER and <lora:NAME:W> in a prompt",
     "embedding": "--embeddings-dir FOLDER and its file name in a prompt",
     "vae": "--vae",
+    "tiny-autoencoder": "--tiny-decoder (a decoder; or the folder it is in)",
     "upscaler": "--upscaler-dir FOLDER and --hires-upscaler NAME (its file name)",
 }
 
@@ -139,6 +140,9 @@ def _what(e: dict) -> str:
         return "VAE (an autoencoder alone)"
     if kind == "upscaler":
         return f"{e['architecture']} upscaler, {e['scale']}x"
+    if kind == "tiny-autoencoder":
+        made_for = f" for {e['for']}" if e["for"] else " (its family unknown: name it as published, e.g. taesd_*)"
+        return f"tiny autoencoder (TAESD) {' and '.join(e['parts'])}{made_for}"
     name = {"controlnet": "ControlNet", "lora": "LoRA", "embedding": "embedding"}[kind]
     if kind == "embedding":
         name += f" of {e['vectors']} vector{'s' if e['vectors'] != 1 else ''}"
