@@ -56,6 +56,7 @@ PROBE = {
     "timestep_spacing": "trailing",
     "loras": ((Path("style.safetensors"), 0.5),),
     "control": "set once a model is loaded",  # ControlInputs hold a loaded ControlNet: checked apart
+    "image_prompts": "set once read",  # ImagePromptInputs hold a loaded adapter: tests/test_ip_adapter_use.py
     "feature_cache": 2,
     "hires_scale": 1.5,
     "hires_width": 96,
@@ -111,15 +112,15 @@ def test_every_field_reaches_the_cli(tmp_path, left_out):
     argv += ["--lora", "style.safetensors:0.5", "--control", f"canny:{tmp_path / 'init.png'}"]
     probe = probe_without(left_out)
     for name in probe:
-        if name not in ("prompt", "init_image", "mask", "loras", "control"):
+        if name not in ("prompt", "init_image", "mask", "loras", "control", "image_prompts"):
             argv += [FLAGS.get(name, "--" + name.replace("_", "-")), CLI_TEXT.get(name, str(PROBE[name]))]
     args = build_parser().parse_args(argv)
-    assert {a.dest for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions} >= set(
-        PARAM_NAMES
-    )
+    dests = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions}
+    assert dests >= set(PARAM_NAMES) - {"image_prompts"}  # that one from --ip-adapter and --ip-image
+    assert {"ip_adapter", "ip_image"} <= dests
     params = _params(args)
     for name in probe:
-        if name != "control":
+        if name not in ("control", "image_prompts"):
             assert same(name, getattr(params, name), PROBE[name]), name
     assert args.control == [f"canny:{tmp_path / 'init.png'}"]  # made ControlInputs once the model is loaded
 
@@ -157,7 +158,7 @@ def test_every_field_reaches_the_http_api():
     reached.add("refiner_switch_at")
     # ControlNet units (alwayson_scripts) become ControlInputs on the worker, once the model is loaded:
     # tests/test_controlnet.py sends them. LoRAs come from prompt tags only.
-    assert set(PARAM_NAMES) - reached == {"control"} | set(NOT_FROM_REQUEST)
+    assert set(PARAM_NAMES) - reached == {"control", "image_prompts"} | set(NOT_FROM_REQUEST)
 
 
 def test_every_field_reaches_the_python_api(monkeypatch):
@@ -174,7 +175,7 @@ def test_every_field_reaches_the_python_api(monkeypatch):
     monkeypatch.setattr("ldmkit.pipelines.params.check_clip_skip", lambda config, clip_skip: None)
     monkeypatch.setattr("ldmkit.pipelines.params.check_micro_conditioning", lambda config, p: None)  # SDXL's
     for left_out in (HIRES, IMAGES):
-        probe = probe_without(left_out, {"control"})
+        probe = probe_without(left_out, {"control", "image_prompts"})
         with pytest.raises(KeyboardInterrupt):
             pipe(**probe)
         for name, value in probe.items():
@@ -183,7 +184,7 @@ def test_every_field_reaches_the_python_api(monkeypatch):
 
 def test_infotext_reads_back_what_it_wrote():
     for left_out in (HIRES, IMAGES):
-        kept = probe_without(left_out, {"control", "loras", "batch"})
+        kept = probe_without(left_out, {"control", "image_prompts", "loras", "batch"})
         params = GenerationParams(**{**kept, "sampler": "ddim"})  # DDIM: its eta is written too
         text = to_infotext(params, 0, RunFacts("model"), "ldmkit test")
         read, ours = from_infotext(text)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ldmkit.checkpoints import ip_adapter_files
 from ldmkit.checkpoints.detect import UNET, VAE_FILE_PREFIXES, detect
 from ldmkit.checkpoints.families import FAMILIES, pipeline_family, unsupported_family
 from ldmkit.checkpoints.files import (
@@ -43,7 +44,7 @@ def families_summary() -> tuple[list[str], list[str]]:
 def fits(width: int | None) -> list[str]:
     """The supported families whose cross-attention width (the text encoder's) is `width`: the models
     a ControlNet, LoRA or embedding of that width can be used with."""
-    return [f.name for f in FAMILIES.values() if f.supported and width and f.controlnet_context == width]
+    return [f.name for f in FAMILIES.values() if f.supported and width and f.adapter_context == width]
 
 
 def scan(folder: str | Path) -> list[dict]:
@@ -123,6 +124,7 @@ def _file(p: Path) -> dict:
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         metadata = {k: str(obj[k]) for k in ("global_step", "epoch") if isinstance(obj.get(k), int)}
         obj = obj["state_dict"]
+    obj = ip_adapter_files.flatten(obj)  # the original IP-Adapter .bin: two nested dicts
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
     if not state:
         raise CheckpointError("a PyTorch file, but it holds no state dict of tensors")
@@ -180,6 +182,8 @@ def _classify(state: dict[str, torch.Tensor], metadata: dict, where: str) -> dic
         {k: v for k, v in state.items() if k not in taesd_files.COMBINED_EXTRAS}
     ):
         return taesd_files.listing_summary(state, metadata, where)
+    if ip_adapter_files.is_ip_adapter_state(state):
+        return ip_adapter_files.describe(ip_adapter_files.config_from_state(state, where))
     if any(k.startswith(VAE_FILE_PREFIXES) for k in keys):
         return {"kind": "vae", "note": "an autoencoder alone"}
     detect(state, metadata, where)  # raises the reason it is no model

@@ -18,7 +18,7 @@ import torch
 from ldmkit.checkpoints import keymaps
 from ldmkit.checkpoints.components import strict_load, strip_prefix
 from ldmkit.checkpoints.detect import NOT_WEIGHTS, groups_for, unet_config_from_weights
-from ldmkit.checkpoints.families import FAMILIES, controlnet_family
+from ldmkit.checkpoints.families import FAMILIES, adapter_family
 from ldmkit.checkpoints.files import read_tensors, write_json, write_safetensors
 from ldmkit.config import from_dict, to_dict
 from ldmkit.errors import CheckpointError, ConfigError
@@ -77,7 +77,7 @@ def describe_controlnet(net: ControlNet) -> dict:
 
 
 def family_of(c: UNetConfig) -> str:
-    family = controlnet_family(c.context_dim)
+    family = adapter_family(c.context_dim)
     return f"{family.name}-controlnet" if family else "controlnet"
 
 
@@ -192,7 +192,7 @@ def _rules(config: ControlNetConfig, base: UNetConfig | None) -> ControlNetConfi
     (SD's 32, or the most that divide every width) and, for an addition embedding (SDXL), each
     micro-conditioning number's width."""
     c = config.unet
-    family = controlnet_family(c.context_dim)
+    family = adapter_family(c.context_dim)
     src = base
     if src is None:
         heads = {"num_heads": 8, "num_head_channels": -1, **(family or FAMILIES["sd1"]).unet_heads}
@@ -219,7 +219,7 @@ def check_fits(config: UNetConfig, base: UNetConfig, where: str) -> None:
     why = misfit(config, base)
     if why is None:
         return
-    mine, theirs = controlnet_family(config.context_dim), controlnet_family(base.context_dim)
+    mine, theirs = adapter_family(config.context_dim), adapter_family(base.context_dim)
     if mine is not None and theirs is not None and mine.name != theirs.name:
         a, b = (f.title.split(" (")[0] for f in (mine, theirs))
         raise ConfigError(

@@ -23,8 +23,9 @@ class Family:
     # channels per head (`head_dim`).
     unet_heads: dict = field(default_factory=dict)
     image_size: int = 512  # native output side (default generation size)
-    # Cross-attention width of its ControlNets, which tells a ControlNet file's base family.
-    controlnet_context: int | None = None
+    # Cross-attention width of the adapters made for it (ControlNets, IP-Adapters), which tells an adapter
+    # file's base family.
+    adapter_context: int | None = None
     # SDXL ControlNets: each micro-conditioning number's width in their addition embedding (`label_emb`),
     # which a ControlNet's weights alone cannot say (no text tower beside it gives the pooled width).
     controlnet_micro_width: int | None = None
@@ -63,12 +64,10 @@ class Family:
 _SD1 = dict(
     text_kind="clip",
     unet_heads={"num_heads": 8, "num_head_channels": -1},
-    controlnet_context=768,
+    adapter_context=768,
     tiny_autoencoder="taesd",
 )
-_SD2 = dict(
-    text_kind="openclip", unet_heads={"num_head_channels": 64}, controlnet_context=1024, tiny_autoencoder="taesd"
-)
+_SD2 = dict(text_kind="openclip", unet_heads={"num_head_channels": 64}, adapter_context=1024, tiny_autoencoder="taesd")
 _XL = dict(
     pooled=True,
     prediction="epsilon",
@@ -89,7 +88,7 @@ FAMILIES: dict[str, Family] = {
         Family("sd2-v", "Stable Diffusion 2.x (v, 768)", prediction="v_prediction", image_size=768, **_SD2),
         Family("sd2-inpainting", "Stable Diffusion 2.x inpainting", inpainting=True, prediction="epsilon", **_SD2),
         Family("ldmkit", "ldmkit's own (BERT-family text encoder)", text_kind="bert"),
-        Family("sdxl", "SDXL", controlnet_context=2048, controlnet_micro_width=256, **_XL_BASE),
+        Family("sdxl", "SDXL", adapter_context=2048, controlnet_micro_width=256, **_XL_BASE),
         Family("sdxl-inpainting", "SDXL inpainting", inpainting=True, **_XL_BASE),
         Family(
             "sdxl-refiner", "SDXL refiner", text_kind="openclip", micro_conditions=5, image_to_image_only=True, **_XL
@@ -162,6 +161,6 @@ def pipeline_family(class_name: str) -> Family | None:
     return next((f for f in FAMILIES.values() if class_name in f.diffusers_pipelines), None)
 
 
-def controlnet_family(context_dim: int) -> Family | None:
-    """The base family of a ControlNet, from its cross-attention width."""
-    return next((f for f in FAMILIES.values() if f.controlnet_context == context_dim and not f.inpainting), None)
+def adapter_family(context_dim: int) -> Family | None:
+    """The base family of an adapter (ControlNet, IP-Adapter), from its cross-attention width."""
+    return next((f for f in FAMILIES.values() if f.adapter_context == context_dim and not f.inpainting), None)

@@ -51,7 +51,7 @@ def inspect_path(
     text_encoders: str | Path | None = None,
 ) -> dict:
     """text_encoders: a folder with the text towers an SD3 file lacks (the file is then loaded whole)."""
-    from ldmkit.checkpoints import sd3_files, taesd_files
+    from ldmkit.checkpoints import ip_adapter_files, sd3_files, taesd_files
     from ldmkit.checkpoints.controlnet_files import describe_controlnet, is_controlnet_path, load_controlnet
 
     fmt = sniff(path)
@@ -65,6 +65,9 @@ def inspect_path(
     if fmt == DIFFUSERS and taesd_files.is_tiny_autoencoder_folder(path):
         info.update(taesd_files.read_tiny_autoencoder(path).describe())
         info["dtype"] = sorted(set().union(*(safetensors_dtypes(f) for f in Path(path).glob("*.safetensors"))))
+        return info
+    if fmt != DIFFUSERS and ip_adapter_files.is_ip_adapter_file(path):
+        info.update(ip_adapter_files.describe(ip_adapter_files.read_ip_adapter(path).config))
         return info
     if fmt == DIFFUSERS:
         model = load_model(path, vae=vae, overrides=overrides, text_encoders=text_encoders)

@@ -47,7 +47,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _parse_lora(text: str) -> tuple[str, float]:
+def _parse_lora(text: str, option: str = "--lora") -> tuple[str, float]:
     """FILE[:WEIGHT]"""
     path, sep, weight = text.rpartition(":")
     if sep and path:
@@ -56,7 +56,7 @@ def _parse_lora(text: str) -> tuple[str, float]:
         except ValueError:
             pass  # a path with a colon in it
     if not Path(text).is_file():
-        raise LdmkitError(f"--lora {text}: no such file (expected FILE[:WEIGHT])")
+        raise LdmkitError(f"{option} {text}: no such file (expected FILE[:WEIGHT])")
     return text, 1.0
 
 

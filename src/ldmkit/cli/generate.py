@@ -10,6 +10,7 @@ from pathlib import Path
 from ldmkit.cli.common import _overrides, _parse_lora
 from ldmkit.cli.fast import bundled_fast, fast_lora_settings, plain_fast
 from ldmkit.cli.generate_options import add_options
+from ldmkit.cli.image_prompt import read_image_prompts
 from ldmkit.errors import LdmkitError
 
 log = logging.getLogger("ldmkit")
@@ -187,6 +188,7 @@ def cmd_generate(args) -> int:
     control_images = [load_image(path, "--control image") for _, path, _ in controls]
     if args.controlnet and not controls:
         raise LdmkitError("--controlnet needs --control TYPE:IMAGE[:STRENGTH]")
+    params = replace(params, image_prompts=tuple(read_image_prompts(args)))
     upscalers = _upscalers(params, args.upscaler_dir)
     if args.backend == "openvino":
         from ldmkit.models.openvino_backend import require_openvino

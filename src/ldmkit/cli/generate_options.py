@@ -3,6 +3,7 @@
 import argparse
 
 from ldmkit.cli.common import DEFAULT_NOTE, MODEL_HELP, _add_model_options
+from ldmkit.cli.image_prompt import add_image_prompt_options
 
 
 def _sampler_names() -> list[str]:
@@ -14,6 +15,7 @@ def _sampler_names() -> list[str]:
 def add_options(p: argparse.ArgumentParser) -> None:
     _add_sampling_options(p)
     _add_control_options(p)
+    add_image_prompt_options(p)
     _add_hires_options(p)
     _add_micro_conditioning_options(p)
     _add_run_options(p)

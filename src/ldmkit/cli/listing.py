@@ -15,6 +15,7 @@ USE = {
     "vae": "--vae",
     "tiny-autoencoder": "--tiny-decoder (a decoder; or the folder it is in)",
     "upscaler": "--upscaler-dir FOLDER and --hires-upscaler NAME (its file name)",
+    "ip-adapter": "--ip-adapter FILE[:SCALE] --ip-image IMAGE",
 }
 
 
@@ -143,6 +144,8 @@ def _what(e: dict) -> str:
     if kind == "tiny-autoencoder":
         made_for = f" for {e['for']}" if e["for"] else " (its family unknown: name it as published, e.g. taesd_*)"
         return f"tiny autoencoder (TAESD) {' and '.join(e['parts'])}{made_for}"
+    if kind == "ip-adapter":
+        return f"IP-Adapter ({e['adapter']}) for {e['base family']}, reads {e['image encoder']}"
     name = {"controlnet": "ControlNet", "lora": "LoRA", "embedding": "embedding"}[kind]
     if kind == "embedding":
         name += f" of {e['vectors']} vector{'s' if e['vectors'] != 1 else ''}"

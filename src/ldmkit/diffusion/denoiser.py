@@ -15,6 +15,7 @@ import torch
 from ldmkit.diffusion.schedule import NoiseSchedule, SamplingSchedule
 from ldmkit.errors import ConfigError
 from ldmkit.models.controlnet import ControlNet, guess_mode_scales
+from ldmkit.models.ip_adapter import ImagePrompt, bound
 from ldmkit.models.unet import FeatureCache, UNetModel
 
 
@@ -63,6 +64,7 @@ class Conditioning:
     uncond_y: torch.Tensor | None = None  # the negative prompts' vectors, where they differ (SDXL); None: y
     blend: Blend | None = None  # inpainting by latent blending
     control: list[Control] = field(default_factory=list)
+    image_prompts: list[ImagePrompt] = field(default_factory=list)  # IP-Adapters' image tokens
 
 
 def to_x0(out: torch.Tensor, x: torch.Tensor, sigma: float, prediction_type: str) -> torch.Tensor:
@@ -90,6 +92,15 @@ def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> to
     dims = list(range(1, guided.ndim))
     rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
     return phi * rescaled + (1 - phi) * guided
+
+
+def with_image_tokens(context: torch.Tensor, prompts: list[ImagePrompt], guided: bool) -> torch.Tensor:
+    """The context with each adapter's image tokens after the text's (models/ip_adapter.py splits them off);
+    with guidance the batch is [negative, prompt] halves."""
+    if not prompts:
+        return context
+    extra = [torch.cat([ip.uncond, ip.tokens]) if guided else ip.tokens for ip in prompts]
+    return torch.cat([context, *(e.to(context) for e in extra)], dim=1)
 
 
 class Denoiser:
@@ -167,23 +178,30 @@ class Denoiser:
         x_in = x_in.to(dtype)
         t = torch.full((x.shape[0],), self.timestep(sigma), dtype=torch.float32, device=x.device)
         guided = cond.uncond is not None and cond.cfg_scale != 1.0
+        with bound(self.unet, cond.image_prompts, *self.step_of(sigma)):
+            out = self._predict(x_in, t, cond, sigma, guided, dtype)
+        x0 = to_x0(out.float(), x, sigma, self.prediction_type)
+        if b is not None and b.noise is None:
+            x0 = b.keep * x0 + (1 - b.keep) * b.z_init
+        return x0
+
+    def _predict(self, x_in, t, cond: Conditioning, sigma: float, guided: bool, dtype) -> torch.Tensor:
+        """The UNet's output, guided; the ControlNets see the text context, the UNet the image tokens too."""
         if guided:
-            n = x.shape[0]
+            n = x_in.shape[0]
             x2, t2, ctx2 = torch.cat([x_in, x_in]), torch.cat([t, t]), torch.cat([cond.uncond, cond.context]).to(dtype)
             y2 = None if cond.y is None else torch.cat([cond.y if cond.uncond_y is None else cond.uncond_y, cond.y])
             control = self.control_residuals(x2, t2, ctx2, cond, sigma, True, y2) if cond.control else None
+            ctx2 = with_image_tokens(ctx2, cond.image_prompts, True)
             both = self.unet(x2, t2, ctx2, y=y2, control=control, cache=self.cache).float()
             out_uncond, out_cond = both[:n], both[n:]
             out = out_uncond + cond.cfg_scale * (out_cond - out_uncond)
             if cond.guidance_rescale > 0:
                 out = rescale_guidance(out, out_cond, cond.guidance_rescale)
-        else:
-            context = cond.context.to(dtype)
-            control = self.control_residuals(x_in, t, context, cond, sigma, False, cond.y) if cond.control else None
-            out = self.unet(
-                x_in, t, context, y=cond.y, timestep_cond=cond.timestep_cond, control=control, cache=self.cache
-            ).float()
-        x0 = to_x0(out.float(), x, sigma, self.prediction_type)
-        if b is not None and b.noise is None:
-            x0 = b.keep * x0 + (1 - b.keep) * b.z_init
-        return x0
+            return out
+        context = cond.context.to(dtype)
+        control = self.control_residuals(x_in, t, context, cond, sigma, False, cond.y) if cond.control else None
+        context = with_image_tokens(context, cond.image_prompts, False)
+        return self.unet(
+            x_in, t, context, y=cond.y, timestep_cond=cond.timestep_cond, control=control, cache=self.cache
+        ).float()

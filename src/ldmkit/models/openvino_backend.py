@@ -9,7 +9,8 @@ our own module, weights included, through OpenVINO's CPU plugin. The steps, each
 - per input shape: the model is reshaped to that static shape and compiled (fp32, or bf16 for bf16 weights),
   and its first output is compared with the PyTorch module's on the same input; outside the tolerance the
   backend says so once and that shape runs on PyTorch.
-Calls the converted graph cannot take (ControlNet residuals, DeepCache's feature cache) run on PyTorch.
+Calls the converted graph cannot take (ControlNet residuals, DeepCache's feature cache, IP-Adapters' image
+attention) run on PyTorch.
 Weights changed in place (LoRAs merged or removed, a state dict loaded) are noticed through the tensors'
 version counters, and the next call converts (or finds in the cache) the model for the new weights."""
 
@@ -174,7 +175,8 @@ class OpenVINOBackbone:
 
     def __call__(self, x, timesteps, context=None, y=None, timestep_cond=None, control=None, cache=None):
         kw = {"y": y, "timestep_cond": timestep_cond}
-        if control is not None or cache is not None or context is None:
+        attached = getattr(self.module, "image_prompts_attached", 0)
+        if control is not None or cache is not None or context is None or attached:
             return self.torch_forward(x, timesteps, context, control=control, cache=cache, **kw)
         state = self._weights_state()
         if state != self.state:  # new weights: every converted and compiled model is stale

@@ -21,13 +21,28 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+        # Image prompts' decoupled attention (models/ip_adapter.py attaches them): not submodules, so the
+        # UNet's own weights stay what its file holds.
+        self.image_prompts: list = []
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        b, n, _ = q.shape
-        q, k, v = (t.view(b, t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        images = []
+        for ip in reversed(self.image_prompts):  # their tokens follow the text's, in the adapters' order
+            n = ip.adapter.bound_tokens
+            if n is not None:
+                context, tokens = context[:, : context.shape[1] - n], context[:, context.shape[1] - n :]
+                images.append((ip, tokens))
+        q = self._heads(self.to_q(x))
+        out = F.scaled_dot_product_attention(q, self._heads(self.to_k(context)), self._heads(self.to_v(context)))
+        for ip, tokens in reversed(images):
+            if ip.scale != 0.0 and ip.adapter.active:  # scale 0 computes nothing: exactly no adapter
+                k, v = self._heads(ip.kv.to_k_ip(tokens)), self._heads(ip.kv.to_v_ip(tokens))
+                out = out + ip.scale * F.scaled_dot_product_attention(q, k, v)
+        b, n = x.shape[0], x.shape[1]
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 

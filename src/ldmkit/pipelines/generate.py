@@ -41,6 +41,7 @@ from ldmkit.nn.embedding import guidance_scale_embedding
 from ldmkit.pipelines import hires
 from ldmkit.pipelines.codec import LatentCodec
 from ldmkit.pipelines.hires import second_pass_steps
+from ldmkit.pipelines.image_prompt import attached
 from ldmkit.pipelines.micro_conditioning import added_vectors
 from ldmkit.pipelines.params import CALL_DEFAULTS, LCM_DEFAULTS, GenerationParams, RunFacts, to_infotext
 from ldmkit.pipelines.refiner import check_refiner, refine
@@ -191,7 +192,7 @@ class Pipeline:
             ci.net.to(next(self.model.unet.parameters()).dtype)  # residuals join the UNet in its dtype
         interrupted, control_images = False, []
         try:
-            with torch.no_grad():
+            with torch.no_grad(), attached(self.model.unet, p.image_prompts):
                 z, images, control_images = self._generate(p, walk, callback)
         except Interrupted as stop:
             if stop.x0 is None:
@@ -281,6 +282,7 @@ class Pipeline:
             control_images.append(image)
             hint = hint.to(device).expand(p.batch, -1, -1, -1)
             cond.control.append(Control(ci.net, hint, ci.strength, ci.start, ci.end, ci.guess_mode))
+        cond.image_prompts = [ip.prompt(p.batch, use_uncond, device) for ip in p.image_prompts]
         return cond, control_images
 
     def _start(self, p: GenerationParams, cond: Conditioning, generators, latent_shape, device):

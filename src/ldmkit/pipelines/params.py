@@ -23,6 +23,7 @@ from ldmkit.models.text import check_clip_skip
 from ldmkit.models.unet import FeatureCache
 from ldmkit.pipelines.hires import Target, check_upscaler
 from ldmkit.pipelines.hires import target as hires_target
+from ldmkit.pipelines.image_prompt import infotext_fields
 from ldmkit.pipelines.micro_conditioning import (
     AESTHETIC_SCORE,
     NEGATIVE_AESTHETIC_SCORE,
@@ -67,6 +68,7 @@ class GenerationParams:
     timestep_spacing: str | None = None  # None: the sampler's (or the model folder's scheduler config)
     loras: tuple[tuple[Path, float], ...] = ()  # (file, strength) merged for this call, besides <lora:> tags
     control: tuple = ()  # ControlInput (pipelines/control.py), one per ControlNet
+    image_prompts: tuple = ()  # ImagePromptInput (pipelines/image_prompt.py), one per IP-Adapter
     feature_cache: int = 1  # DeepCache interval (models/unet.FeatureCache); 1 = off
     # Hires fix (pipelines/hires.py), on when a scale or a width/height is given: a second pass at
     # the first pass's size x scale (or at the given size), of `strength`
@@ -143,6 +145,7 @@ class GenerationParams:
                 raise ConfigError(f"{name}: {v!r}; allowed: 0 to 10")
         set_("loras", tuple((Path(f), float(w)) for f, w in self.loras or ()))
         set_("control", tuple(self.control or ()))
+        set_("image_prompts", tuple(self.image_prompts or ()))
 
     def _check_images(self) -> None:
         if self.mask is not None and self.init_image is None:
@@ -246,6 +249,8 @@ class GenerationParams:
         clip_skip = c.text_configs[0].clip_skip if p.clip_skip is None else p.clip_skip
         for text in c.text_configs:
             check_clip_skip(text, clip_skip)
+        for ip in p.image_prompts:
+            ip.check(None if c.sd3 else model.unet, name)
         for ci in p.control:
             ci.check()
             ci.net.check_base(c.unet)
@@ -323,6 +328,7 @@ INFOTEXT_FIELDS = (
 # Parameters an infotext does not carry: the images and files a run was given (ControlNets and
 # LoRAs are recorded by name and hash, for people, not read back).
 NOT_IN_INFOTEXT = {"prompt", "negative_prompt", "width", "height", "batch", "init_image", "mask", "loras", "control"}
+NOT_IN_INFOTEXT |= {"image_prompts"}
 # read from entries of their own form: Hires resize (WxH), Hires sampler (the web UI's name)
 NOT_IN_INFOTEXT |= {"hires_width", "hires_height", "hires_sampler"}
 
@@ -375,6 +381,7 @@ def to_infotext(p: GenerationParams, index: int, run: RunFacts, version: str) ->
             )
             for i, ci in enumerate(p.control)
         },
+        **infotext_fields(p.image_prompts),
         "ldmkit sampler": p.sampler,
         "Version": version,
     }

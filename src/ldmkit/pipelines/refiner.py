@@ -32,8 +32,9 @@ def check_refiner(base, refiner) -> None:
 
 
 def for_refiner(p):
-    """The refiner's parameters: the run's, without the base model's target sizes."""
-    return replace(p, target_size=None, negative_target_size=None)
+    """The refiner's parameters: the run's, without the base model's target sizes and image prompts (its
+    own UNet has no IP-Adapter attached, as in diffusers' refiner pipeline)."""
+    return replace(p, target_size=None, negative_target_size=None, image_prompts=())
 
 
 def refine(refiner, p, z: torch.Tensor, rest: SamplingSchedule, generators, on_step) -> torch.Tensor:

@@ -1,0 +1,218 @@
+"""Image prompts in use: several adapters and several images at once against diffusers, the start/end
+range, the command line, `inspect` and `models`, a single-file image tower, and bad input refused in one
+line (an adapter for another family, a tower of the wrong width, FaceID files, pickled code, unreadable
+images)."""
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_ip_adapter import draw_adapter, make_adapter, prompt_image, save_adapter, write_tower
+
+from conftest import tiny_pipeline
+from ldmkit.checkpoints.image_encoder_files import load_image_encoder
+from ldmkit.checkpoints.ip_adapter_files import read_ip_adapter
+from ldmkit.cli import main
+from ldmkit.diffusion.sampling import generators_for
+from ldmkit.errors import CheckpointError, ConfigError
+from ldmkit.models.ip_adapter import IPAdapter, IPAdapterConfig, cross_attentions
+from ldmkit.pipelines import Pipeline
+from ldmkit.pipelines.image_prompt import ImagePromptInput
+
+PROMPT = "a red circle above a blue square"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny SD pipeline folder, a tower in adapters/image_encoder, a base and a plus adapter beside it."""
+    root = tmp_path_factory.mktemp("ip")
+    pipe = tiny_pipeline(root / "pipe")
+    ours = Pipeline.load(root / "pipe", precision="fp32")
+    spec = draw_adapter(random.Random(0), "base")
+    encoder = write_tower(spec, root / "adapters" / "image_encoder", 5)
+    paths = {}
+    for i, kind in enumerate(("base", "plus")):
+        a = draw_adapter(random.Random(i), kind)
+        paths[kind] = root / "adapters" / f"ip-adapter-{kind}.safetensors"
+        save_adapter(make_adapter(a, ours.model.unet, encoder, 10 + i), paths[kind])
+    return root, pipe, ours, encoder, paths
+
+
+def images_close(a, b) -> float:
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).mean())
+
+
+def test_two_adapters_and_two_images_equal_diffusers(setup):
+    root, pipe, ours, encoder, paths = setup
+    base, plus = read_ip_adapter(paths["base"]).adapter, read_ip_adapter(paths["plus"]).adapter
+    first, second, third = prompt_image(1), prompt_image(2), prompt_image(3)
+    pipe.load_ip_adapter(
+        [str(root / "adapters")] * 2,
+        subfolder=["", ""],
+        weight_name=[paths["base"].name, paths["plus"].name],
+        image_encoder_folder="image_encoder",
+    )
+    pipe.set_ip_adapter_scale([0.7, 0.4])
+    inputs = [ImagePromptInput(base, encoder, [first, second], 0.7), ImagePromptInput(plus, encoder, [third], 0.4)]
+    image = ours(PROMPT, image_prompts=inputs, steps=4, cfg=5.0, sampler="ddim", seed=3, width=48, height=40).images[0]
+    from diffusers import DDIMScheduler
+
+    saved = json.loads((root / "pipe" / "scheduler" / "scheduler_config.json").read_text())  # as the folder says
+    pipe.scheduler = DDIMScheduler.from_config(saved, timestep_spacing="leading")
+    ref = pipe(
+        PROMPT,
+        ip_adapter_image=[[first, second], third],
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        width=48,
+        height=40,
+        generator=generators_for(3, 1),
+    ).images[0]
+    pipe.unload_ip_adapter()
+    assert images_close(image, ref) <= 1.0
+    one = ours(PROMPT, image_prompts=inputs[:1], steps=4, cfg=5.0, sampler="ddim", seed=3, width=48, height=40)
+    assert not np.array_equal(np.asarray(one.images[0]), np.asarray(image)), "the second adapter changes nothing"
+
+
+def test_the_step_range(setup):
+    """Out of its range an adapter adds nothing: a range no step lies in gives the image without it."""
+    _, _, ours, encoder, paths = setup
+    adapter = read_ip_adapter(paths["base"]).adapter
+    kw = dict(steps=4, cfg=5.0, sampler="euler", seed=1, width=32, height=32)
+    plain = ours(PROMPT, **kw).images[0]
+
+    def run(start, end):
+        ip = ImagePromptInput(adapter, encoder, [prompt_image(1)], 1.0, start, end)
+        return ours(PROMPT, image_prompts=[ip], **kw)
+
+    whole, none, half = run(0.0, 1.0), run(0.9, 1.0), run(0.0, 0.5)
+    assert np.array_equal(np.asarray(none.images[0]), np.asarray(plain))
+    assert not np.array_equal(np.asarray(whole.images[0]), np.asarray(plain))
+    assert len({np.asarray(x).tobytes() for x in (whole.images[0], half.images[0], plain)}) == 3
+    assert "IP-Adapter 0: " in whole.infotexts[0] and "Start: 0, End: 0.5" in half.infotexts[0]
+    assert all(not attn.image_prompts for *_, attn in cross_attentions(ours.model.unet)), "left attached"
+
+
+def test_the_command_line(setup, tmp_path, capsys):
+    root, _, _, _, paths = setup
+    prompt_image(4).save(tmp_path / "prompt.png")
+    out = tmp_path / "out.png"
+    argv = ["generate", PROMPT, "--model", root / "pipe", "--steps", 2, "--seed", 1, "--width", 32, "--height", 32]
+    argv += ["--ip-adapter", f"{paths['plus']}:0.8", "--ip-image", tmp_path / "prompt.png", "-o", out, "--quiet"]
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["written"] == [str(out)]
+    text = Image.open(out).text["parameters"]
+    assert 'IP-Adapter 0: "Model: ip-adapter-plus, Weight: 0.8, Start: 0, End: 1"' in text
+    assert main(["inspect", str(paths["plus"])]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "ip-adapter" and info["adapter"] == "plus" and "hidden states" in info["image encoder"]
+    assert main(["models", str(root / "adapters")]) == 0
+    listing = capsys.readouterr().out
+    assert "IP-Adapter (base)" in listing and "IP-Adapter (plus)" in listing and "--ip-adapter" in listing
+
+
+def error_line(capsys, argv) -> str:
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_bad_input_is_one_line(setup, tmp_path, capsys):
+    root, _, ours, encoder, paths = setup
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    prompt_image(5).save(tmp_path / "ok.png")
+    base = ["generate", PROMPT, "--model", root / "pipe", "--steps", 1, "-o", tmp_path / "o.png"]
+    err = error_line(capsys, base + ["--ip-adapter", paths["base"], "--ip-image", tmp_path / "broken.png"])
+    assert "--ip-image" in err and "broken.png" in err
+    assert "needs --ip-image" in error_line(capsys, base + ["--ip-adapter", paths["base"]])
+    alone = tmp_path / "alone" / "ip.safetensors"
+    alone.parent.mkdir()
+    alone.write_bytes(paths["base"].read_bytes())
+    err = error_line(capsys, base + ["--ip-adapter", alone, "--ip-image", tmp_path / "ok.png"])
+    assert "--image-encoder" in err and "image embeddings" in err
+    # an adapter for SDXL's 2048-wide cross-attention, given to this SD model
+    mine = read_ip_adapter(paths["base"]).config
+    xl = tmp_path / "adapters" / "sdxl.safetensors"
+    xl.parent.mkdir()
+    wide = IPAdapterConfig(image_dim=mine.image_dim, context_dim=2048, layer_widths=mine.layer_widths)
+    save_adapter(IPAdapter(wide), xl)
+    os.symlink(root / "adapters" / "image_encoder", tmp_path / "adapters" / "image_encoder")
+    err = error_line(capsys, base + ["--ip-adapter", xl, "--ip-image", tmp_path / "ok.png"])
+    assert "is for SDXL (2048-wide cross-attention)" in err and "32 wide" in err
+    # a tower of another width than the adapter reads
+    other = write_tower(
+        {"tower": {**draw_adapter(random.Random(0))["tower"], "projection_dim": 8}}, tmp_path / "enc", 1
+    )
+    want = f"reads {encoder.embed_dim}-wide image embeddings; the image encoder .* gives 8-wide"
+    with pytest.raises(ConfigError, match=want):
+        ip = ImagePromptInput(read_ip_adapter(paths["base"]).adapter, other, [prompt_image(1)])
+        ours(PROMPT, image_prompts=[ip], steps=1)
+
+
+def test_hostile_and_unknown_adapter_files(tmp_path):
+    from safetensors.torch import save_file
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"image_proj": {"proj.weight": Payload()}, "ip_adapter": {}}, tmp_path / "evil.bin")
+    with pytest.raises(CheckpointError, match="refused to load"):
+        read_ip_adapter(tmp_path / "evil.bin")
+    assert not marker.exists()
+    faceid = {"image_proj.proj.0.weight": torch.zeros(8, 4), "image_proj.proj.2.weight": torch.zeros(8, 8)}
+    faceid |= {"image_proj.norm.weight": torch.ones(8), "ip_adapter.1.to_k_ip.weight": torch.zeros(8, 8)}
+    save_file(faceid, tmp_path / "faceid.safetensors")
+    with pytest.raises(CheckpointError, match="FaceID"):
+        read_ip_adapter(tmp_path / "faceid.safetensors")
+    gaps = {"image_proj.proj.weight": torch.zeros(32, 4), "image_proj.norm.weight": torch.ones(8)}
+    gaps |= {"ip_adapter.1.to_k_ip.weight": torch.zeros(8, 8), "ip_adapter.5.to_k_ip.weight": torch.zeros(8, 8)}
+    save_file(gaps, tmp_path / "gaps.safetensors")
+    with pytest.raises(CheckpointError, match="numbered"):
+        read_ip_adapter(tmp_path / "gaps.safetensors")
+
+
+def test_a_single_file_tower_equals_its_folder(tmp_path):
+    """A CLIP vision tower in transformers' layout as one file (ComfyUI's clip_vision) of a published width:
+    its architecture read off the shapes, and the published tower's heads and activation."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from conftest import randomize
+
+    config = CLIPVisionConfig(
+        hidden_size=768,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=12,
+        image_size=28,
+        patch_size=14,
+        projection_dim=16,
+        hidden_act="quick_gelu",
+    )
+    model = randomize(CLIPVisionModelWithProjection(config), seed=1, std=0.02)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "clip_vision_b.safetensors")
+    model.save_pretrained(str(tmp_path / "folder"))
+    one, folder = load_image_encoder(tmp_path / "clip_vision_b.safetensors"), load_image_encoder(tmp_path / "folder")
+    pixels = folder.pixels([prompt_image(2)])
+    for hidden in (False, True):
+        assert torch.equal(one.features(pixels, hidden), folder.features(pixels, hidden))
+    save_file({"vision_model.embeddings.class_embedding": torch.zeros(40)}, tmp_path / "odd.safetensors")
+    with pytest.raises(CheckpointError, match="not a CLIP vision tower"):
+        load_image_encoder(tmp_path / "odd.safetensors")
+
+
+def test_published_bin_layout_reads_as_safetensors(setup, tmp_path):
+    _, _, _, _, paths = setup
+    adapter = read_ip_adapter(paths["plus"]).adapter
+    save_adapter(adapter, tmp_path / "plus.bin")
+    again = read_ip_adapter(tmp_path / "plus.bin").adapter
+    assert again.config == adapter.config
+    assert all(torch.equal(a, b) for a, b in zip(adapter.state_dict().values(), again.state_dict().values()))
