@@ -168,3 +168,47 @@ def test_the_tiny_decoder_previews_then_decodes_from_the_page(server):
         browser.close()
     settings = sent[0]["override_settings"]
     assert settings["show_progress_type"] == "TAESD" and settings["sd_vae_decode_method"] == "TAESD"
+
+
+def test_an_image_prompt_from_the_page(tmp_path):
+    """With an IP-Adapter offered, the page shows its picker; an uploaded prompt image is sent as the
+    ControlNet extension's IP-Adapter unit and the image's parameters name the adapter."""
+    import random
+
+    from playwright.sync_api import expect, sync_playwright
+    from test_ip_adapter import draw_adapter, make_adapter, prompt_image, save_adapter, write_tower
+
+    from ldmkit.pipelines import Pipeline
+    from ldmkit.server.app import ServeConfig
+
+    assert main(["init-model", str(tmp_path / "tiny.safetensors")]) == 0
+    unet = Pipeline.load(tmp_path / "tiny.safetensors").model.unet
+    spec = draw_adapter(random.Random(1), "plus")
+    encoder = write_tower(spec, tmp_path / "adapters" / "image_encoder", 1)
+    save_adapter(make_adapter(spec, unet, encoder, 2), tmp_path / "adapters" / "style.safetensors")
+    prompt_image(7).save(tmp_path / "prompt.png")
+    config = ServeConfig(
+        str(tmp_path / "tiny.safetensors"),
+        outputs=str(tmp_path / "out"),
+        ip_adapters=[str(tmp_path / "adapters" / "style.safetensors")],
+    )
+    url, stop = serve(config)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+            page = browser.new_page()
+            page.goto(url)
+            expect(page.get_by_test_id("status")).to_have_text("ready", timeout=30000)
+            page.locator("#ip_section summary").click()
+            page.get_by_test_id("ip-image").set_input_files(str(tmp_path / "prompt.png"))
+            page.get_by_test_id("prompt").fill("a red circle")
+            page.locator("#steps").fill("4")
+            page.get_by_test_id("generate").click()
+            item = page.get_by_test_id("gallery").locator(".item").first
+            expect(item.locator("img")).to_be_visible(timeout=60000)
+            text = item.locator("pre").inner_text()
+            assert page.get_by_test_id("error").inner_text() == ""
+            browser.close()
+    finally:
+        stop()
+    assert 'IP-Adapter 0: "Model: style, Weight: 0.6' in text

@@ -216,3 +216,37 @@ def test_published_bin_layout_reads_as_safetensors(setup, tmp_path):
     again = read_ip_adapter(tmp_path / "plus.bin").adapter
     assert again.config == adapter.config
     assert all(torch.equal(a, b) for a, b in zip(adapter.state_dict().values(), again.state_dict().values()))
+
+
+def test_the_web_ui_api_takes_an_ip_adapter_unit(setup, tmp_path):
+    """An IP-Adapter unit of the ControlNet extension (its module names the tower, its model the adapter):
+    the same image as the Python API; an adapter not offered is a 4xx in one line."""
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from ldmkit.server.app import ServeConfig, create_app
+
+    root, _, ours, encoder, paths = setup
+    buf = io.BytesIO()
+    prompt_image(6).save(buf, format="PNG")
+    unit = {"enabled": True, "image": base64.b64encode(buf.getvalue()).decode(), "module": "ip-adapter_clip_sd15"}
+    unit.update(model="ip-adapter-plus [0123abcd]", weight=0.6, guidance_start=0.0, guidance_end=0.8)
+    body = {"prompt": PROMPT, "width": 32, "height": 40, "steps": 3, "cfg_scale": 5, "seed": 4, "sampler_name": "Euler"}
+    body["alwayson_scripts"] = {"ControlNet": {"args": [unit]}}
+    config = ServeConfig(str(root / "pipe"), outputs=str(tmp_path / "out"), ip_adapters=[str(paths["plus"])])
+    with TestClient(create_app(config), raise_server_exceptions=False) as c:
+        assert "ip-adapter-plus" in c.get("/controlnet/model_list").json()["model_list"]
+        assert "ip-adapter_clip_sd15" in c.get("/controlnet/module_list").json()["module_list"]
+        r = c.post("/sdapi/v1/txt2img", json=body)
+        unknown = c.post(
+            "/sdapi/v1/txt2img",
+            json={**body, "alwayson_scripts": {"ControlNet": {"args": [{**unit, "model": "ip-adapter-nope"}]}}},
+        )
+    assert r.status_code == 200, r.text
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))))
+    ip = ImagePromptInput(read_ip_adapter(paths["plus"]).adapter, encoder, [prompt_image(6)], 0.6, 0.0, 0.8)
+    direct = ours(PROMPT, steps=3, cfg=5.0, sampler="euler", seed=4, width=32, height=40, image_prompts=[ip])
+    assert np.array_equal(got, np.asarray(direct.images[0]))
+    assert unknown.status_code in (404, 422) and "ip-adapter-nope" in unknown.text and "Traceback" not in unknown.text

@@ -89,6 +89,11 @@ def cmd_serve(args) -> int:
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_mb * 2**20,
     )
+    from ldmkit.checkpoints.ip_adapter_files import is_ip_adapter_file
+
+    for path in args.ip_adapter or []:
+        if not is_ip_adapter_file(path):
+            raise LdmkitError(f"--ip-adapter {path}: no IP-Adapter file there (image_proj.* and ip_adapter.* weights)")
     config = ServeConfig(
         args.model,
         args.models_dir,
@@ -102,6 +107,8 @@ def cmd_serve(args) -> int:
         upscaler_dir=args.upscaler_dir,
         tiny_decoder=args.tiny_decoder,
         backend=args.backend,
+        ip_adapters=list(args.ip_adapter or []),
+        image_encoders=list(args.image_encoder or []),
     )
     if args.backend == "openvino":
         from ldmkit.models.openvino_backend import require_openvino
@@ -130,6 +137,14 @@ def add_parsers(sub) -> None:
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--models-dir", help="a folder of checkpoints to offer in the model list")
     p.add_argument("--controlnet", action="append", help="a ControlNet file to offer by name (repeatable)")
+    p.add_argument("--ip-adapter", action="append", help="an IP-Adapter file to offer by name (repeatable)")
+    p.add_argument(
+        "--image-encoder",
+        action="append",
+        metavar="DIR_OR_FILE",
+        help="a CLIP vision tower for the IP-Adapters (repeatable; each adapter takes the one of its width; default:"
+        " image_encoder/ beside the adapter)",
+    )
     p.add_argument("--lora-dir", help="LoRA folder: /sdapi/v1/loras lists it, prompts use <lora:NAME:WEIGHT>")
     p.add_argument("--embeddings-dir", help="textual-inversion embeddings, used by file name in prompts")
     p.add_argument(

@@ -65,6 +65,8 @@ class ServeConfig:
     upscaler_dir: str | None = None  # the hires fix's model upscalers (ESRGAN...), named by hr_upscaler
     tiny_decoder: str | None = None  # a TAESD decoder file or a folder of them: previews and decodes (decoding.py)
     backend: str = "torch"  # what runs each model's backbone: torch or openvino (models/backends.py)
+    ip_adapters: list[str] = field(default_factory=list)  # IP-Adapter files offered by name (image_prompts.py)
+    image_encoders: list[str] = field(default_factory=list)  # the CLIP vision towers they read
 
 
 def _check_auth(config: ServeConfig, request: Request) -> bool:

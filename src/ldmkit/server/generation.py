@@ -234,14 +234,15 @@ def number(unit: dict, key: str, default: float, where: str) -> float:
     return x
 
 
-def control_inputs(req: GenerationRequest, pipe, models: "Models", max_pixels: int, size: tuple[int, int]) -> list:
+def control_inputs(req: GenerationRequest, pipe, models: "Models", max_pixels: int, size: tuple[int, int]):
     """The enabled ControlNet units of `alwayson_scripts`, each with its image decoded and its model read
-    and checked (on the worker)."""
+    and checked (on the worker): (ControlInputs, ImagePromptInputs for the IP-Adapter units)."""
     from ldmkit.pipelines.control import ControlInput
+    from ldmkit.pipelines.image_prompt import ImagePromptInput
 
     found = [v for k, v in (req.alwayson_scripts or {}).items() if k.lower() == "controlnet"]
     units = (found[0].get("args") or []) if found and isinstance(found[0], dict) else []
-    out = []
+    out, prompts = [], []
     for i, u in enumerate(units):
         if not isinstance(u, dict) or not u.get("enabled", True):
             continue
@@ -251,23 +252,28 @@ def control_inputs(req: GenerationRequest, pipe, models: "Models", max_pixels: i
             image = image.get("image")
         if not image:
             raise RequestError(f"{where}: no image")
+        weight, start, end = (
+            number(u, k, d, where) for k, d in (("weight", 1), ("guidance_start", 0), ("guidance_end", 1))
+        )
+        img = decode_image(image, f"{where}.image", max_pixels)
+        if models.image_prompts.is_unit(u):  # an IP-Adapter: the image is a prompt, not a map
+            adapter, encoder = models.image_prompts.read(str(u.get("model", "")))
+            name = str(u.get("model", "")).split(" [")[0]
+            prompts.append(ImagePromptInput(adapter, encoder, [img], weight, start, end, name))
+            continue
         module = str(u.get("module", "none"))
         module = {"invert (from white bg & black line)": "scribble", "depth": "depth"}.get(module, module)
         mode = u.get("control_mode", 0)
         if mode in (1, "My prompt is more important"):
             raise RequestError(f"{where}.control_mode: 'My prompt is more important' is not supported")
         resize = u.get("resize_mode", 1)
-        weight, start, end = (
-            number(u, k, d, where) for k, d in (("weight", 1), ("guidance_start", 0), ("guidance_end", 1))
-        )
-        img = decode_image(image, f"{where}.image", max_pixels)
         same_aspect = img.width * size[1] == img.height * size[0]
         if resize not in (0, "Just Resize") and not same_aspect:
             raise RequestError(f"{where}.resize_mode: only 'Just Resize' for images of another aspect ratio")
         net = models.controlnet(str(u.get("model", "")), pipe.model.unet.config)
         guess = mode in (2, "ControlNet is more important")
         out.append(ControlInput(net, img, module, weight, start, end, guess, name=str(u.get("model"))))
-    return out
+    return out, prompts
 
 
 def run(server: "ServerState", req: GenerationRequest, plan: Plan, w: Worker) -> tuple[list, bool]:
@@ -287,7 +293,7 @@ def run(server: "ServerState", req: GenerationRequest, plan: Plan, w: Worker) ->
     if params.hires:
         size = params.hires_target(pipe.model.config.vae.downsample_factor)
         within_limits(size.width, size.height, params.hires_steps or None, limits)
-    control = control_inputs(req, pipe, server.models, max_pixels, (params.width, params.height))
+    control, prompts = control_inputs(req, pipe, server.models, max_pixels, (params.width, params.height))
     w.progress.job_count = req.n_iter
     results = []
 
@@ -300,7 +306,7 @@ def run(server: "ServerState", req: GenerationRequest, plan: Plan, w: Worker) ->
     for i in range(req.n_iter):
         if w.progress.interrupted:
             break
-        batch = replace(params, seed=params.seed + i * params.batch, control=control)
+        batch = replace(params, seed=params.seed + i * params.batch, control=control, image_prompts=tuple(prompts))
         results.append(pipe(batch, callback=on_step))
         w.progress.job_no, w.progress.sampling_step = i + 1, 0  # together: the fraction never goes back
     return results, w.progress.interrupted

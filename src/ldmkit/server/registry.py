@@ -1,11 +1,12 @@
 """The checkpoints `ldmkit serve` offers, titled as the web UI titles them, the one loaded (with its tiny
-decoder, if --tiny-decoder has one for it), and the ControlNets offered by name."""
+decoder, if --tiny-decoder has one for it), and the ControlNets and IP-Adapters offered by name."""
 
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ldmkit.errors import ConfigError, LdmkitError, NotFoundError, RequestError
+from ldmkit.server.image_prompts import ImagePrompts
 
 log = logging.getLogger("ldmkit.server")
 
@@ -39,6 +40,7 @@ class Models:
         self.lora_dir = config.lora_dir
         self.upscaler_dir = config.upscaler_dir
         self._controlnet_files: dict[Path, Any] = {}
+        self.image_prompts = ImagePrompts(config.ip_adapters, config.image_encoders)
         self.embeddings_dir = config.embeddings_dir
         self.refiner_pipe, self.refiner_loaded = None, None  # SDXL's refiner, the last one asked for
         self.tiny_decoder = config.tiny_decoder  # a TAESD file or a folder of them (give_tiny_decoder)

@@ -105,13 +105,14 @@ def _add_what_we_have(app: FastAPI, server: ServerState) -> None:
 
     @app.get("/controlnet/model_list")
     def controlnet_models() -> dict:
-        return {"model_list": models.controlnet_names()}
+        return {"model_list": models.controlnet_names() + models.image_prompts.names()}
 
     @app.get("/controlnet/module_list")
     def controlnet_modules() -> dict:
         from ldmkit.pipelines.control import PREPROCESSORS
+        from ldmkit.server.image_prompts import MODULES
 
-        return {"module_list": list(PREPROCESSORS)}
+        return {"module_list": list(PREPROCESSORS) + list(MODULES)}
 
 
 def _add_fixed(app: FastAPI) -> None:

@@ -28,6 +28,7 @@ def add_routes(app: FastAPI, server: ServerState) -> None:
         return {
             "version": __version__,
             "tiny_decoder": bool(server.config.tiny_decoder),
+            "ip_adapters": server.models.image_prompts.names(),  # the page's image-prompt picker
             **model_settings(server, model),
         }
 
