@@ -250,3 +250,31 @@ def test_the_web_ui_api_takes_an_ip_adapter_unit(setup, tmp_path):
     direct = ours(PROMPT, steps=3, cfg=5.0, sampler="euler", seed=4, width=32, height=40, image_prompts=[ip])
     assert np.array_equal(got, np.asarray(direct.images[0]))
     assert unknown.status_code in (404, 422) and "ip-adapter-nope" in unknown.text and "Traceback" not in unknown.text
+
+
+def test_the_image_prompt_evaluation(setup):
+    """At scale 0 the adapter is absent: "image against text" is the text prompt's own image, judged."""
+    from ldmkit.data.shapes import sample_scene
+    from ldmkit.evaluation.image_prompt_eval import evaluate_image_prompts
+    from ldmkit.evaluation.judge import judge
+
+    _, _, ours, encoder, paths = setup
+    adapter = read_ip_adapter(paths["base"]).adapter
+    report = evaluate_image_prompts(ours, adapter, encoder, "val", 3, (0.0, 1.0), 3.0, 2, "euler", 5)
+    size = ours.model.config.image_size
+    plain = [
+        judge(
+            ours(s.caption, steps=2, cfg=3.0, sampler="euler", seed=5 + 1000 * i, width=size, height=size).images[0],
+            s.intent,
+        ).correct
+        for i, s in enumerate(sample_scene("val", i, 5, size) for i in range(3))
+    ]
+    zero, one = report["scales"]
+    assert zero["image_against_text"]["text_scene_fully_correct"] == round(float(np.mean(plain)), 4)
+    assert set(one["image_alone"]) >= {"colour", "shape", "fully_correct", "by_kind"}
+    from ldmkit.data.shapes import render
+
+    truth = [
+        judge(render(sample_scene("val", i, 5, size)), sample_scene("val", i, 5, size).intent).correct for i in range(3)
+    ]
+    assert report["judge_on_renders"]["fully_correct"] == round(float(np.mean(truth)), 4)

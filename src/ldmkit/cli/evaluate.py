@@ -46,7 +46,8 @@ def cmd_eval(args) -> int:
     loras = [_parse_lora(text) for text in args.lora or []]
     words = dict(_parse_word(text) for text in args.word or [])
     shapes = ALL_SHAPES if args.novel_shapes else None
-    pipe = Pipeline.load(args.model)
+    pipe = Pipeline.load(args.model, tiny_decoder=args.tiny_decoder)
+    pipe.codec.decoder = "tiny" if args.tiny_decoder else "full"  # the final images by the tiny decoder
     for path in args.embedding or []:
         pipe.embeddings.load(path)
     cfgs = cfgs or [pipe.defaults["cfg"]]
@@ -54,6 +55,8 @@ def cmd_eval(args) -> int:
     samplers = samplers or [pipe.defaults["sampler"]]
     if args.control:
         report = _eval_control(args, pipe, cfgs[0], steps[0], samplers[0])
+    elif args.ip_adapter:
+        report = _eval_image_prompts(args, pipe, cfgs[0], steps[0], samplers[0])
     else:
         total = args.n * len(cfgs) * len(steps) * len(samplers) * len(caches)
         with tqdm(total=total, desc="prompts", disable=args.quiet, file=sys.stderr) as bar:
@@ -72,7 +75,36 @@ def cmd_eval(args) -> int:
                 words,
                 caches,
             )
+    report["decoder"] = pipe.codec.decoder
     return _print_report(report, args.out, "eval")
+
+
+def _eval_image_prompts(args, pipe, cfg: float, steps: int, sampler: str) -> dict:
+    from tqdm import tqdm
+
+    from ldmkit.checkpoints.image_encoder_files import load_image_encoder
+    from ldmkit.checkpoints.ip_adapter_files import find_image_encoder, read_ip_adapter
+    from ldmkit.evaluation.image_prompt_eval import evaluate_image_prompts
+
+    found = read_ip_adapter(args.ip_adapter)
+    where = args.image_encoder or find_image_encoder(args.ip_adapter)
+    if where is None:
+        raise LdmkitError(f"--ip-adapter {args.ip_adapter} needs {found.encoder}: give --image-encoder DIR_OR_FILE")
+    scales = _list(args.ip_scales, float, "ip-scales")
+    with tqdm(total=args.n * len(scales), desc="prompts", disable=args.quiet, file=sys.stderr) as bar:
+        return evaluate_image_prompts(
+            pipe,
+            found.adapter,
+            load_image_encoder(where),
+            args.split,
+            args.n,
+            scales,
+            cfg,
+            steps,
+            sampler,
+            args.seed,
+            bar.update,
+        )
 
 
 def _eval_control(args, pipe, cfg: float, steps: int, sampler: str) -> dict:
@@ -161,6 +193,10 @@ def add_eval(sub) -> None:
     p.add_argument("--controlnet", help="the ControlNet to measure (default: the bundled model's own)")
     p.add_argument("--control-strength", type=float, default=1.0)
     p.add_argument("--grid", help="with --control: also write a picture, rows of control | without | with")
+    p.add_argument("--tiny-decoder", metavar="FILE", help="decode the final images with this tiny decoder (TAESD)")
+    p.add_argument("--ip-adapter", help="measure image prompts instead: this IP-Adapter, renders as the prompts")
+    p.add_argument("--image-encoder", help="the tower the IP-Adapter reads (default: image_encoder/ beside it)")
+    p.add_argument("--ip-scales", default="1", help="comma-separated IP-Adapter scales to measure (default 1)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
 

@@ -1,5 +1,5 @@
 """The training commands: train-autoencoder, train, train-controlnet, distill-lcm, train-lora, train-embedding,
-distill-tiny-autoencoder."""
+distill-tiny-autoencoder, train-image-encoder, train-ip-adapter."""
 
 import json
 
@@ -82,6 +82,18 @@ def cmd_distill_tiny(args) -> int:
     return _train(args, TinyDistillConfig, TinyDistillTask, "tiny-autoencoder.safetensors")
 
 
+def cmd_train_image_encoder(args) -> int:
+    from ldmkit.training.image_tower import ImageTowerTask, ImageTowerTrainConfig
+
+    return _train(args, ImageTowerTrainConfig, ImageTowerTask, "image-encoder")
+
+
+def cmd_train_ip_adapter(args) -> int:
+    from ldmkit.training.ip_adapter import IPAdapterTask, IPAdapterTrainConfig
+
+    return _train(args, IPAdapterTrainConfig, IPAdapterTask, lambda c: f"{c.name}.safetensors")
+
+
 def add_parsers(sub) -> None:
     for name, func, text in [
         ("train-autoencoder", cmd_train_autoencoder, "stage 1: train a KL autoencoder"),
@@ -94,6 +106,12 @@ def add_parsers(sub) -> None:
         ("distill-lcm", cmd_distill_lcm, "latent consistency distillation: a few-step student of a model"),
         ("train-lora", cmd_train_lora, "train a LoRA for a frozen model (saved in the kohya and diffusers layouts)"),
         ("train-embedding", cmd_train_embedding, "textual inversion: train a new word's vectors for a frozen model"),
+        (
+            "train-image-encoder",
+            cmd_train_image_encoder,
+            "a small CLIP vision tower, contrastive against a model's text encoder (for image prompts)",
+        ),
+        ("train-ip-adapter", cmd_train_ip_adapter, "train an IP-Adapter (image prompts) for a frozen model"),
         (
             "distill-tiny-autoencoder",
             cmd_distill_tiny,
