@@ -457,6 +457,8 @@ def test_every_committed_config_parses():
     from ldmkit.training.autoencoder import AutoencoderTrainConfig
     from ldmkit.training.controlnet import ControlNetTrainConfig
     from ldmkit.training.embedding import EmbeddingTrainConfig
+    from ldmkit.training.image_tower import ImageTowerTrainConfig
+    from ldmkit.training.ip_adapter import IPAdapterTrainConfig
     from ldmkit.training.lcm import DistillConfig
     from ldmkit.training.ldm import LDMTrainConfig
     from ldmkit.training.lora import LoraTrainConfig
@@ -470,6 +472,8 @@ def test_every_committed_config_parses():
         "lora": LoraTrainConfig,
         "embedding": EmbeddingTrainConfig,
         "tiny": TinyDistillConfig,
+        "encoder": ImageTowerTrainConfig,
+        "adapter": IPAdapterTrainConfig,
     }
     files = sorted((ROOT / "configs").glob("*.yaml"))
     assert len(files) >= 8
