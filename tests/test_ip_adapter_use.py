@@ -278,3 +278,16 @@ def test_the_image_prompt_evaluation(setup):
         judge(render(sample_scene("val", i, 5, size)), sample_scene("val", i, 5, size).intent).correct for i in range(3)
     ]
     assert report["judge_on_renders"]["fully_correct"] == round(float(np.mean(truth)), 4)
+
+
+def test_one_adapter_twice_is_refused(setup):
+    """Two inputs sharing one adapter would share its token count: refused, naming the fix."""
+    _, _, ours, encoder, paths = setup
+    adapter = read_ip_adapter(paths["base"]).adapter
+    twice = [
+        ImagePromptInput(adapter, encoder, [prompt_image(1)]),
+        ImagePromptInput(adapter, encoder, [prompt_image(2)]),
+    ]
+    with pytest.raises(ConfigError, match="given twice"):
+        ours(PROMPT, image_prompts=twice, steps=1)
+    assert all(not attn.image_prompts for *_, attn in cross_attentions(ours.model.unet))

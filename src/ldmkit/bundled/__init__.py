@@ -19,6 +19,7 @@ class Bundled:
     defaults: dict = field(default_factory=dict)  # sampler, steps, cfg: what `generate` uses unless told
     controlnet: str | None = None  # its bundled ControlNet's file, used when no --controlnet is given
     world: str | None = None  # the closed world whose captions it learned ("shapes"), for its vocabulary
+    tiny_decoder: str | None = None  # its bundled tiny autoencoder (TAESD), used by --decoder tiny
 
 
 BUNDLED = {
@@ -28,10 +29,15 @@ BUNDLED = {
         {"sampler": "euler_a", "steps": 20, "cfg": 2.0},
         controlnet="shapes-canny.safetensors",
         world="shapes",
+        tiny_decoder="shapes-tiny.safetensors",
     ),
     # shapes' latent consistency distillation (configs/shapes-lcm.yaml): lcm, 4 steps, one UNet call each
     "shapes-fast": Bundled(
-        "shapes-fast.safetensors", "recipes/shapes.sh", {"sampler": "lcm", "steps": 4, "cfg": 2.0}, world="shapes"
+        "shapes-fast.safetensors",
+        "recipes/shapes.sh",
+        {"sampler": "lcm", "steps": 4, "cfg": 2.0},
+        world="shapes",
+        tiny_decoder="shapes-tiny.safetensors",  # the same autoencoder as shapes'
     ),
     # 64x64 emoji from words (Noto and Twemoji art; NOTICE-emoji.txt), trained by recipes/emoji.sh
     "emoji": Bundled("emoji.safetensors", "recipes/emoji.sh", {"sampler": "dpmpp_2m_karras", "steps": 20, "cfg": 3.0}),
@@ -108,3 +114,15 @@ def bundled_controlnet(model_path: Path | None) -> Path:
                 raise LdmkitError(f"the bundled model {name!r} has no bundled ControlNet yet: give --controlnet FILE")
             return HERE / entry.controlnet
     raise LdmkitError("--control needs --controlnet FILE for this model (only bundled models have their own)")
+
+
+def bundled_tiny_decoder(model: str | Path | None) -> Path | None:
+    """The bundled tiny decoder of a bundled model (by name or by its file), or None."""
+    try:
+        path, _ = resolve(model)
+    except LdmkitError:
+        return None
+    entry = bundled_entry(path)
+    if entry is None or entry.tiny_decoder is None or not (HERE / entry.tiny_decoder).is_file():
+        return None
+    return HERE / entry.tiny_decoder

@@ -154,11 +154,15 @@ def _upscalers(params, folder: str | None):
 
 
 def _tiny_decoder(args) -> str | None:
-    """--tiny-decoder's file or folder; --decoder tiny needs one."""
+    """--tiny-decoder's file or folder; --decoder tiny needs one, or a bundled model's own."""
     if args.decoder == "tiny" and not args.tiny_decoder:
+        from ldmkit.bundled import bundled_tiny_decoder
         from ldmkit.checkpoints.taesd_files import NO_TINY_DECODER
 
-        raise LdmkitError(f"--decoder tiny: {NO_TINY_DECODER}")
+        own = bundled_tiny_decoder(args.model)
+        if own is None:
+            raise LdmkitError(f"--decoder tiny: {NO_TINY_DECODER}")
+        return str(own)
     return args.tiny_decoder
 
 
@@ -221,7 +225,7 @@ def cmd_generate(args) -> int:
         pipe.compile()
     pipe.set_backend(args.backend)
     pipe.tiled_vae = {"auto": None, "on": True, "off": False}[args.tiled_vae]
-    pipe.codec.decoder = args.decoder or ("tiny" if args.tiny_decoder else "full")
+    pipe.codec.decoder = args.decoder or ("tiny" if args.tiny_decoder else "full")  # a bundled one: only asked
     if args.embeddings_dir:
         pipe.embeddings.load_folder(args.embeddings_dir)
     images, infotexts = [], []

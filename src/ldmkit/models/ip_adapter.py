@@ -261,6 +261,10 @@ def layer_scales(unet, scale: float | dict) -> list[float]:
 def attach(unet, adapters: list[tuple[IPAdapter, float | dict]]) -> None:
     """Give every cross-attention of `unet` the adapters' image attention, replacing any attached before."""
     layers = cross_attentions(unet)
+    if len({id(a) for a, _ in adapters}) != len(adapters):
+        raise ConfigError("one IP-Adapter given twice: give it once, with all its images")
+    if any(unet.config.self_attention_disabled_at(level) for level in range(unet.config.levels)):
+        raise ConfigError("IP-Adapters need a UNet whose first attention attends to itself (no only_cross_attention)")
     for adapter, _ in adapters:
         if len(adapter.ip_adapter) != len(layers):
             raise ConfigError(

@@ -84,7 +84,7 @@ def attached(unet, inputs):
     if not inputs:
         yield
         return
-    attach(unet, [(ip.adapter, ip.scale) for ip in inputs])
+    attach(unet, [(ip.adapter, ip.scale) for ip in inputs])  # refuses an adapter given twice
     try:
         yield
     finally:
