@@ -291,3 +291,88 @@ def test_one_adapter_twice_is_refused(setup):
     with pytest.raises(ConfigError, match="given twice"):
         ours(PROMPT, image_prompts=twice, steps=1)
     assert all(not attn.image_prompts for *_, attn in cross_attentions(ours.model.unet))
+
+
+def test_declared_sizes_cost_nothing_and_malformed_files_are_one_line(tmp_path):
+    """Sizes taken from names or a config.json are checked against the file's tensors before anything of
+    that size is built; malformed names and shapes are refused in one line."""
+    import time
+
+    from safetensors.torch import save_file
+
+    from ldmkit.checkpoints.ip_adapter_files import is_ip_adapter_file
+
+    base = {"image_proj.latents": torch.zeros(1, 4, 8), "image_proj.proj_in.weight": torch.zeros(8, 8)}
+    base |= {
+        "image_proj.layers.0.0.to_q.weight": torch.zeros(64, 8),
+        "image_proj.layers.0.1.1.weight": torch.zeros(32, 8),
+    }
+    cases = {
+        "deep": {
+            **base,
+            "image_proj.layers.99999999.x": torch.zeros(1),
+            "ip_adapter.1.to_k_ip.weight": torch.zeros(8, 8),
+        },
+        "wide": {
+            "image_proj.proj.weight": torch.zeros(32, 4),
+            "image_proj.norm.weight": torch.ones(8),
+            "ip_adapter.1.to_k_ip.weight": torch.zeros(8, 8),
+            "ip_adapter.3.to_k_ip.weight": torch.zeros(10**6, 1),
+        },
+        "empty": {"image_proj.proj.weight": torch.zeros(32, 4), "ip_adapter.1.to_k_ip.weight": torch.zeros(4, 0)},
+        "flat": {"image_proj.proj.weight": torch.zeros(32), "ip_adapter.1.to_k_ip.weight": torch.zeros(8, 8)},
+        "numbered": {"image_proj.proj.weight": torch.zeros(32, 4), "ip_adapter.².to_k_ip.weight": torch.zeros(8, 8)},
+    }
+    for name, state in cases.items():
+        save_file(state, tmp_path / f"{name}.safetensors")
+        t = time.perf_counter()
+        with pytest.raises(CheckpointError) as e:
+            read_ip_adapter(tmp_path / f"{name}.safetensors")
+        assert time.perf_counter() - t < 5 and "\n" not in str(e.value), name
+    torch.save(3, tmp_path / "int.bin")
+    assert not is_ip_adapter_file(tmp_path / "int.bin")
+    # a tower whose config.json declares a huge model: refused by the shapes, nothing that size built
+    tower = tmp_path / "tower"
+    write_tower(draw_adapter(random.Random(0)), tower, 1)
+    config = json.loads((tower / "config.json").read_text())
+    for change in ({"hidden_size": 100000}, {"image_size": 10**6}, {"num_hidden_layers": 10**8}, {"patch_size": 0}):
+        (tower / "config.json").write_text(json.dumps({**config, **change}))
+        t = time.perf_counter()
+        with pytest.raises(CheckpointError):
+            load_image_encoder(tower)
+        assert time.perf_counter() - t < 5, change
+
+
+def test_units_for_one_adapter_are_its_images(setup, tmp_path):
+    """Two web-UI units naming the same adapter with the same weight and range: one adapter with both
+    images (diffusers' side by side); another weight for it, or too many units: a 4xx naming it."""
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from ldmkit.server.app import ServeConfig, create_app
+
+    root, _, ours, encoder, paths = setup
+
+    def b64(image):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    unit = {"enabled": True, "module": "ip-adapter_clip_sd15", "model": "ip-adapter-base", "weight": 0.7}
+    units = [{**unit, "image": b64(prompt_image(1))}, {**unit, "image": b64(prompt_image(2))}]
+    body = {"prompt": PROMPT, "width": 32, "height": 32, "steps": 2, "cfg_scale": 4, "seed": 2, "sampler_name": "Euler"}
+    config = ServeConfig(str(root / "pipe"), outputs=str(tmp_path / "out"), ip_adapters=[str(paths["base"])])
+    with TestClient(create_app(config), raise_server_exceptions=False) as c:
+        r = c.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"ControlNet": {"args": units}}})
+        other = [units[0], {**units[1], "weight": 0.3}]
+        mixed = c.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"ControlNet": {"args": other}}})
+        many = c.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"ControlNet": {"args": units * 9}}})
+    assert r.status_code == 200, r.text
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))))
+    ip = ImagePromptInput(read_ip_adapter(paths["base"]).adapter, encoder, [prompt_image(1), prompt_image(2)], 0.7)
+    direct = ours(PROMPT, steps=2, cfg=4.0, sampler="euler", seed=2, width=32, height=32, image_prompts=[ip])
+    assert np.array_equal(got, np.asarray(direct.images[0]))
+    assert mixed.status_code == 422 and "ip-adapter-base again" in mixed.text
+    assert many.status_code == 422 and "at most 16 units" in many.text

@@ -13,7 +13,10 @@ def _few(keys) -> str:
     return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
 
 
-def strict_load(module: nn.Module, state: dict[str, torch.Tensor], component: str, where: str) -> None:
+def check_state(module: nn.Module, state: dict[str, torch.Tensor], component: str, where: str) -> None:
+    """The checks strict_load makes, alone: the same names, shapes and (non-float) dtypes. On an empty
+    (meta) module it allocates nothing, so declared sizes are checked against the file's before a model of
+    those sizes is built."""
     expected = module.state_dict()
     missing = set(expected) - set(state)
     unexpected = set(state) - set(expected)
@@ -28,6 +31,11 @@ def strict_load(module: nn.Module, state: dict[str, torch.Tensor], component: st
             )
         if not (state[k].is_floating_point() or state[k].dtype == v.dtype):
             raise CheckpointError(f"{where}: {component}: weight {k} has dtype {state[k].dtype}, expected {v.dtype}")
+
+
+def strict_load(module: nn.Module, state: dict[str, torch.Tensor], component: str, where: str) -> None:
+    check_state(module, state, component, where)
+    expected = module.state_dict()
     if any(t.is_meta for t in expected.values()):
         # An empty module (LatentDiffusion(..., empty=True)): it takes the file's tensors themselves, in
         # the dtype it was declared with, instead of copying them into a second, randomly initialised set.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ldmkit.checkpoints.components import strict_load
+from ldmkit.checkpoints.components import check_state, strict_load
 from ldmkit.checkpoints.files import read_tensors
 from ldmkit.errors import CheckpointError
 from ldmkit.models.vision import ImageEncoder
@@ -32,6 +32,23 @@ def tower_name(width: int) -> str:
     return TOWERS[width][0] if width in TOWERS else f"a CLIP vision tower {width} wide"
 
 
+LAYER_PREFIX = "vision_model.encoder.layers."
+
+
+def _layer_count(state: dict, where: str) -> int:
+    """Encoder layers 0..n-1 as the keys number them (a count the file itself bounds)."""
+    found = set()
+    for k in state:
+        if k.startswith(LAYER_PREFIX):
+            part = k[len(LAYER_PREFIX) :].split(".")[0]
+            if not (part.isascii() and part.isdigit()):
+                raise CheckpointError(f"{where}: {k}: {part!r} is no layer number")
+            found.add(int(part))
+    if sorted(found) != list(range(len(found))):
+        raise CheckpointError(f"{where}: the tower's layers are not numbered 0, 1, 2, ...")
+    return len(found)
+
+
 def _config_from_weights(state: dict[str, torch.Tensor], where: str) -> dict:
     """A transformers CLIPVisionConfig read off a single file's shapes."""
     try:
@@ -40,21 +57,20 @@ def _config_from_weights(state: dict[str, torch.Tensor], where: str) -> dict:
         positions = state["vision_model.embeddings.position_embedding.weight"].shape[0]
         projection = state["visual_projection.weight"].shape[0]
         intermediate = state["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0]
-    except KeyError as e:
-        raise CheckpointError(f"{where}: not a CLIP vision tower in transformers' layout (no {e.args[0]})") from None
+    except (KeyError, IndexError) as e:
+        raise CheckpointError(f"{where}: not a CLIP vision tower in transformers' layout ({e})") from None
     if width not in TOWERS:
         raise CheckpointError(
             f"{where}: a CLIP vision tower {width} wide; a single file can be of the published widths only "
             f"({', '.join(str(w) for w in TOWERS)}): give its folder with config.json instead"
         )
-    layers = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("vision_model.encoder.layers."))
     side = round((positions - 1) ** 0.5)
     _, heads, act = TOWERS[width]
     return dict(
         hidden_size=width,
         intermediate_size=intermediate,
         projection_dim=projection,
-        num_hidden_layers=layers,
+        num_hidden_layers=_layer_count(state, where),
         num_attention_heads=heads,
         image_size=side * patch,
         patch_size=patch,
@@ -93,8 +109,16 @@ def load_image_encoder(path: str | Path) -> ImageEncoder:
     state = {k: v for k, v in state.items() if k not in NOT_WEIGHTS}
     try:
         config = CLIPVisionConfig(**{k: v for k, v in config.items() if k in CLIPVisionConfig().to_dict()})
+        layers = _layer_count(state, where)
+        if config.num_hidden_layers != layers:
+            raise CheckpointError(
+                f"{where}: config.json says {config.num_hidden_layers} layers; the weights have {layers}"
+            )
+        # every shape checked on an empty model first: sizes a config declares cost nothing unless the file has them
+        with torch.device("meta"):
+            check_state(CLIPVisionModelWithProjection(config), state, "image encoder", where)
         model = CLIPVisionModelWithProjection(config)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, KeyError, ZeroDivisionError, RuntimeError, IndexError) as e:
         raise CheckpointError(f"{where}: a vision tower config transformers refuses ({str(e)[:160]})") from None
     strict_load(model, state, "image encoder", where)
     return ImageEncoder(model.eval(), where)

@@ -18,7 +18,7 @@ from ldmkit.checkpoints.components import strict_load
 from ldmkit.checkpoints.families import adapter_family
 from ldmkit.checkpoints.files import SAFETENSORS, _header, read_tensors, safe_torch_load, sniff
 from ldmkit.checkpoints.image_encoder_files import TOWERS
-from ldmkit.errors import CheckpointError
+from ldmkit.errors import CheckpointError, ConfigError
 from ldmkit.models.ip_adapter import IPAdapter, IPAdapterConfig
 
 PARTS = ("image_proj", "ip_adapter")
@@ -83,10 +83,27 @@ def _read(p: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _shape(state: dict, key: str, where: str) -> tuple[int, ...]:
+def _shape(state: dict, key: str, where: str, ndim: int = 2) -> tuple[int, ...]:
+    """A weight's shape, which must have `ndim` positive sizes."""
     if key not in state:
         raise CheckpointError(f"{where}: missing weight {key}")
-    return tuple(state[key].shape)
+    shape = tuple(state[key].shape)
+    if len(shape) != ndim or min(shape) <= 0:
+        raise CheckpointError(f"{where}: weight {key} has shape {shape}; expected {ndim} positive sizes")
+    return shape
+
+
+def _indices(keys, prefix: str, where: str) -> list[int]:
+    """The numbers after `prefix` in the keys, which must be whole numbers: 0..n-1 is a count the file
+    itself bounds (every index has a key), so a depth is never taken from a name alone."""
+    found = set()
+    for k in keys:
+        if k.startswith(prefix):
+            part = k[len(prefix) :].split(".")[0]
+            if not (part.isascii() and part.isdigit()):
+                raise CheckpointError(f"{where}: {k}: {part!r} is no layer number")
+            found.add(int(part))
+    return sorted(found)
 
 
 def _projection(proj: dict, context_dim: int, where: str) -> dict:
@@ -99,8 +116,10 @@ def _projection(proj: dict, context_dim: int, where: str) -> dict:
     if "proj.3.weight" in proj:
         return dict(kind="full", image_dim=_shape(proj, "proj.0.weight", where)[1], tokens=0)
     if "latents" in proj:
-        _, tokens, width = _shape(proj, "latents", where)
-        depth = 1 + max((int(k.split(".")[1]) for k in proj if k.startswith("layers.")), default=-1)
+        _, tokens, width = _shape(proj, "latents", where, ndim=3)
+        depth = len(_indices(proj, "layers.", where))
+        if _indices(proj, "layers.", where) != list(range(depth)):
+            raise CheckpointError(f"{where}: the resampler's layers are not numbered 0, 1, 2, ...")
         inner = _shape(proj, "layers.0.0.to_q.weight", where)[0]
         hidden = _shape(proj, "layers.0.1.1.weight", where)[0]
         return dict(
@@ -127,7 +146,7 @@ def config_from_state(state: dict[str, torch.Tensor], where: str) -> IPAdapterCo
     layers = {k for k in state if k.startswith("ip_adapter.")}
     if not proj or not layers:
         raise CheckpointError(f"{where}: not an IP-Adapter file (no image_proj.* and ip_adapter.* weights)")
-    ids = sorted({int(k.split(".")[1]) for k in layers if k.split(".")[1].isdigit()})
+    ids = _indices(layers, "ip_adapter.", where)
     if ids != list(range(1, 2 * len(ids), 2)):
         raise CheckpointError(f"{where}: ip_adapter layers numbered {ids[:6]}...; expected 1, 3, 5, ...")
     widths = tuple(_shape(state, f"ip_adapter.{i}.to_k_ip.weight", where)[0] for i in ids)
@@ -139,7 +158,11 @@ def config_from_state(state: dict[str, torch.Tensor], where: str) -> IPAdapterCo
 
 
 def adapter_from_state(state: dict[str, torch.Tensor], where: str) -> IPAdapter:
-    adapter = IPAdapter(config_from_state(state, where))
+    """Built empty (on the meta device) and given the file's tensors: every shape is checked against the
+    file's before anything is allocated, so sizes a file declares cost nothing until they are there."""
+    config = config_from_state(state, where)
+    with torch.device("meta"):
+        adapter = IPAdapter(config)
     strict_load(adapter, state, "IP-Adapter", where)
     return adapter.eval()
 
@@ -148,7 +171,11 @@ def read_ip_adapter(path: str | Path) -> IPAdapterFile:
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: no such IP-Adapter file")
-    return IPAdapterFile(adapter_from_state(_read(p), str(p)), str(p))
+    state = _read(p)
+    try:
+        return IPAdapterFile(adapter_from_state(state, str(p)), str(p))
+    except (ConfigError, ValueError, TypeError, ZeroDivisionError, IndexError, RuntimeError) as e:
+        raise CheckpointError(f"{p}: not a readable IP-Adapter ({str(e).splitlines()[0][:160]})") from None
 
 
 def is_ip_adapter_state(state: dict) -> bool:
@@ -165,21 +192,22 @@ def is_ip_adapter_file(path: str | Path) -> bool:
         with open(p, "rb") as f:
             try:
                 return is_ip_adapter_state(_header(f)[0])
-            except (OSError, ValueError, OverflowError, MemoryError, struct.error):
+            except (OSError, ValueError, OverflowError, MemoryError, RecursionError, struct.error):
                 return False
     if p.suffix.lower() != ".bin":
         return False
     try:
-        return is_ip_adapter_state(flatten(safe_torch_load(p)))
-    except CheckpointError:
+        state = flatten(safe_torch_load(p))
+        return isinstance(state, dict) and is_ip_adapter_state(state)
+    except (CheckpointError, TypeError, ValueError, RecursionError):  # however malformed: not an adapter
         return False
 
 
 def find_image_encoder(adapter_path: str | Path) -> Path | None:
     """Where the published adapters keep their tower: image_encoder/ beside the file or one folder up
     (h94/IP-Adapter: models/image_encoder, sdxl_models/image_encoder)."""
-    here = Path(adapter_path).resolve().parent
-    for folder in (here / "image_encoder", here.parent / "image_encoder"):
+    here = Path(adapter_path).absolute().parent
+    for folder in (here / "image_encoder", here.parent / "image_encoder"):  # not resolved: a cache's symlinks
         if (folder / "config.json").is_file():
             return folder
     return None

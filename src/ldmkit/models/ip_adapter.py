@@ -23,6 +23,7 @@ signature, the guidance batch carries the negative image tokens beside the negat
 is given the text alone. Outside `bound(...)` an attached layer takes no tokens and adds nothing."""
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -232,7 +233,7 @@ def layer_scales(unet, scale: float | dict) -> list[float]:
     the block — and blocks it does not name get 0 (InstantStyle's "style only", "layout only")."""
     layers = cross_attentions(unet)
     if not isinstance(scale, dict):
-        return [float(scale)] * len(layers)
+        return [_scale_value(scale, "IP-Adapter scale")] * len(layers)
     unknown = set(scale) - {"down", "mid", "up"}
     if unknown:
         raise ConfigError(f"IP-Adapter scale part {sorted(unknown)[0]!r}; allowed: down, mid, up")
@@ -240,7 +241,13 @@ def layer_scales(unet, scale: float | dict) -> list[float]:
     for part in ("down", "up"):
         given = scale.get(part, {})
         for name in given if isinstance(given, dict) else ():
-            if not (name.startswith("block_") and name[6:].isdigit() and (part, int(name[6:])) in blocks):
+            digits = str(name)[6:]
+            if not (
+                str(name).startswith("block_")
+                and digits.isascii()
+                and digits.isdigit()
+                and (part, int(digits)) in blocks
+            ):
                 raise ConfigError(f"IP-Adapter scale {part}.{name}: this UNet has no attention there")
     out = []
     for part, block, index, _ in layers:
@@ -254,31 +261,48 @@ def layer_scales(unet, scale: float | dict) -> list[float]:
                     f"IP-Adapter scale {part}.block_{block}: {len(value)} values; its attentions: {count}"
                 )
             value = value[0] if len(value) == 1 else value[index]
-        out.append(float(value))
+        out.append(_scale_value(value, f"IP-Adapter scale {part}.block_{block}"))
     return out
 
 
-def attach(unet, adapters: list[tuple[IPAdapter, float | dict]]) -> None:
-    """Give every cross-attention of `unet` the adapters' image attention, replacing any attached before."""
+def _scale_value(value, what: str) -> float:
+    """A finite number within ±10 (as a ControlNet's strength)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or abs(value) > 10:
+        raise ConfigError(f"{what}: {value!r}; allowed: a number from -10 to 10")
+    return float(value)
+
+
+def check_fits(unet, adapter: IPAdapter) -> None:
+    """The adapter's layers are this UNet's cross-attentions: as many, and of their widths."""
     layers = cross_attentions(unet)
+    if len(adapter.ip_adapter) != len(layers):
+        raise ConfigError(
+            f"IP-Adapter with {len(adapter.ip_adapter)} cross-attention layers; this UNet has {len(layers)}"
+        )
+    for (_, _, _, attn), kv in zip(layers, adapter.ip_adapter.values()):
+        if kv.to_k_ip.out_features != attn.to_q.out_features or kv.to_k_ip.in_features != attn.to_k.in_features:
+            raise ConfigError(
+                f"IP-Adapter layer widths {kv.to_k_ip.in_features}->{kv.to_k_ip.out_features} do not fit this "
+                f"UNet's cross-attention ({attn.to_k.in_features}->{attn.to_q.out_features})"
+            )
+
+
+def attach(unet, adapters: list[tuple[IPAdapter, float | dict]]) -> None:
+    """Give every cross-attention of `unet` the adapters' image attention, replacing any attached before.
+    Everything is checked before anything changes: a refusal leaves the UNet as it was."""
     if len({id(a) for a, _ in adapters}) != len(adapters):
         raise ConfigError("one IP-Adapter given twice: give it once, with all its images")
     if any(unet.config.self_attention_disabled_at(level) for level in range(unet.config.levels)):
         raise ConfigError("IP-Adapters need a UNet whose first attention attends to itself (no only_cross_attention)")
-    for adapter, _ in adapters:
-        if len(adapter.ip_adapter) != len(layers):
-            raise ConfigError(
-                f"IP-Adapter with {len(adapter.ip_adapter)} cross-attention layers; this UNet has {len(layers)}"
-            )
-    detach(unet)
+    scales = []
     for adapter, scale in adapters:
+        check_fits(unet, adapter)
+        scales.append(layer_scales(unet, scale))
+    layers = cross_attentions(unet)
+    detach(unet)
+    for (adapter, _), per_layer in zip(adapters, scales):
         adapter.to(next(unet.parameters()).dtype)
-        for (_, _, _, attn), kv, s in zip(layers, adapter.ip_adapter.values(), layer_scales(unet, scale)):
-            if kv.to_k_ip.out_features != attn.to_q.out_features or kv.to_k_ip.in_features != attn.to_k.in_features:
-                raise ConfigError(
-                    f"IP-Adapter layer widths {kv.to_k_ip.in_features}->{kv.to_k_ip.out_features} do not fit this "
-                    f"UNet's cross-attention ({attn.to_k.in_features}->{attn.to_q.out_features})"
-                )
+        for (_, _, _, attn), kv, s in zip(layers, adapter.ip_adapter.values(), per_layer):
             attn.image_prompts.append(Attached(adapter, kv, s))
     unet.image_prompts_attached = len(adapters)  # what the OpenVINO backend reads: such calls run on PyTorch
 

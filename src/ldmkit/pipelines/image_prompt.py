@@ -14,7 +14,7 @@ from PIL import Image
 from ldmkit.checkpoints.families import adapter_family
 from ldmkit.errors import ConfigError
 from ldmkit.images import to_rgb
-from ldmkit.models.ip_adapter import ImagePrompt, IPAdapter, attach, cross_attentions, detach, layer_scales
+from ldmkit.models.ip_adapter import ImagePrompt, IPAdapter, attach, check_fits, cross_attentions, detach, layer_scales
 from ldmkit.models.vision import ImageEncoder
 
 MAX_IMAGES = 16  # prompt images per adapter
@@ -42,8 +42,6 @@ class ImagePromptInput:
             )
         if not 1 <= len(self.images) <= MAX_IMAGES:
             raise ConfigError(f"IP-Adapter {self.name}: {len(self.images)} images; allowed: 1 to {MAX_IMAGES}")
-        if not isinstance(self.scale, dict) and not -10.0 <= float(self.scale) <= 10.0:
-            raise ConfigError(f"IP-Adapter {self.name}: scale {self.scale}; allowed: -10 to 10")
         given = self.encoder.width if c.reads_hidden_states else self.encoder.embed_dim
         what = "hidden states" if c.reads_hidden_states else "image embeddings"
         if given != c.image_dim:
@@ -64,7 +62,8 @@ class ImagePromptInput:
                 f"IP-Adapter {self.name} has {len(c.layer_widths)} cross-attention layers; {model_name}'s UNet has "
                 f"{len(layers)}"
             )
-        layer_scales(unet, self.scale)  # a per-block dict naming blocks this UNet lacks: refused here
+        check_fits(unet, self.adapter)
+        layer_scales(unet, self.scale)  # a scale out of range, or a per-block dict naming blocks this UNet lacks
 
     def prompt(self, batch: int, guided: bool, device) -> ImagePrompt:
         hidden = self.adapter.config.reads_hidden_states

@@ -234,15 +234,20 @@ def number(unit: dict, key: str, default: float, where: str) -> float:
     return x
 
 
+MAX_UNITS = 16  # ControlNet and IP-Adapter units in one request
+
+
 def control_inputs(req: GenerationRequest, pipe, models: "Models", max_pixels: int, size: tuple[int, int]):
     """The enabled ControlNet units of `alwayson_scripts`, each with its image decoded and its model read
     and checked (on the worker): (ControlInputs, ImagePromptInputs for the IP-Adapter units)."""
     from ldmkit.pipelines.control import ControlInput
-    from ldmkit.pipelines.image_prompt import ImagePromptInput
+    from ldmkit.pipelines.image_prompt import MAX_IMAGES, ImagePromptInput
 
     found = [v for k, v in (req.alwayson_scripts or {}).items() if k.lower() == "controlnet"]
     units = (found[0].get("args") or []) if found and isinstance(found[0], dict) else []
-    out, prompts = [], []
+    if not isinstance(units, list) or len(units) > MAX_UNITS:
+        raise RequestError(f"alwayson_scripts.ControlNet.args: at most {MAX_UNITS} units")
+    out, prompts = [], {}
     for i, u in enumerate(units):
         if not isinstance(u, dict) or not u.get("enabled", True):
             continue
@@ -257,9 +262,15 @@ def control_inputs(req: GenerationRequest, pipe, models: "Models", max_pixels: i
         )
         img = decode_image(image, f"{where}.image", max_pixels)
         if models.image_prompts.is_unit(u):  # an IP-Adapter: the image is a prompt, not a map
-            adapter, encoder = models.image_prompts.read(str(u.get("model", "")))
             name = str(u.get("model", "")).split(" [")[0]
-            prompts.append(ImagePromptInput(adapter, encoder, [img], weight, start, end, name))
+            if name in prompts:  # another image for the same adapter: side by side, as diffusers takes a list
+                same = prompts[name]
+                if (same.scale, same.start, same.end) != (weight, start, end) or len(same.images) >= MAX_IMAGES:
+                    raise RequestError(f"{where}: {name} again, with another weight or range (or over {MAX_IMAGES})")
+                same.images.append(img)
+                continue
+            adapter, encoder = models.image_prompts.read(str(u.get("model", "")))
+            prompts[name] = ImagePromptInput(adapter, encoder, [img], weight, start, end, name)
             continue
         module = str(u.get("module", "none"))
         module = {"invert (from white bg & black line)": "scribble", "depth": "depth"}.get(module, module)
@@ -273,7 +284,7 @@ def control_inputs(req: GenerationRequest, pipe, models: "Models", max_pixels: i
         net = models.controlnet(str(u.get("model", "")), pipe.model.unet.config)
         guess = mode in (2, "ControlNet is more important")
         out.append(ControlInput(net, img, module, weight, start, end, guess, name=str(u.get("model"))))
-    return out, prompts
+    return out, list(prompts.values())
 
 
 def run(server: "ServerState", req: GenerationRequest, plan: Plan, w: Worker) -> tuple[list, bool]:

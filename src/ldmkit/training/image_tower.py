@@ -92,7 +92,11 @@ class ImageTowerTask:
         self.text_proj = torch.nn.Linear(width, c.tower.projection_dim, bias=False)
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
         self.params = [*self.tower.parameters(), *self.text_proj.parameters(), self.logit_scale]
-        self.opt = torch.optim.AdamW(self.params, lr=c.run.lr, weight_decay=c.run.weight_decay)
+        # weight decay on matrices only: not on biases, norms, embeddings' class token or the temperature (CLIP's)
+        decayed = [p for p in self.params if p.ndim >= 2]
+        rest = [p for p in self.params if p.ndim < 2]
+        groups = [{"params": decayed, "weight_decay": c.run.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        self.opt = torch.optim.AdamW(groups, lr=c.run.lr)
         self.data = open_dataset(c.data)
         self.order = Order(len(self.data), c.run.seed)
         val = c.val or DataConfig(kind="shapes", split="val", n=c.val_images, size=c.data.size)
@@ -144,8 +148,11 @@ class ImageTowerTask:
             return {"loss": 0.0, "skipped": float(len(indices) * dist.size())}
         self.tower.train()
         self.opt.zero_grad(set_to_none=True)
-        with c.run.autocast():
-            loss = self.loss(images, captions)
+        if kept:
+            with c.run.autocast():
+                loss = self.loss(images, captions)
+        else:  # nothing readable here while other processes have images: zero gradients to share
+            loss = sum(p.sum() for p in self.params) * 0.0
         loss.backward()
         dist.sum_grads_(self.params)
         self.opt.step()

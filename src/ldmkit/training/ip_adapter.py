@@ -63,6 +63,8 @@ class IPAdapterTask(LatentTask):
         self.encoder = load_image_encoder(Path(config.image_encoder).expanduser())
         self.encoder.model.requires_grad_(False).eval()
         c = config
+        if self.encoder.size != c.data.size:  # the training images go to the tower as they are
+            raise ConfigError(f"the image tower reads {self.encoder.size}² images; data.size is {c.data.size}")
         hidden = c.kind == "plus"
         image_dim = self.encoder.width if hidden else self.encoder.embed_dim
         widths = tuple(attn.to_q.out_features for *_, attn in cross_attentions(model.unet))
@@ -124,14 +126,16 @@ class IPAdapterTask(LatentTask):
         pipe = Pipeline(self.model, name=f"step-{step}")
         s = c.sample
         rows = [renders]
-        with self.ema.applied(), torch.no_grad():
-            self.adapter.eval()
-            for seed in s.seeds:
-                row = []
-                for image in renders:
-                    ip = ImagePromptInput(self.adapter, self.encoder, [image], 1.0)
-                    row.append(pipe(s.prompts[0], seed=seed, steps=s.steps, cfg=s.cfg, image_prompts=[ip]).images[0])
-                rows.append(row)
+        try:
+            with self.ema.applied(), torch.no_grad():
+                self.adapter.eval()
+                for seed in s.seeds:
+                    row = []
+                    for image in renders:
+                        ip = [ImagePromptInput(self.adapter, self.encoder, [image], 1.0)]
+                        row.append(pipe(s.prompts[0], seed=seed, steps=s.steps, cfg=s.cfg, image_prompts=ip).images[0])
+                    rows.append(row)
+        finally:
             attach(self.model.unet, [(self.adapter, 1.0)])  # the pipeline took it out after each call
         self.save_grid(rows, step, folder)
 
