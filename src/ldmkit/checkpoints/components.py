@@ -51,3 +51,16 @@ def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch
 
 def stored_dtypes(state: dict[str, torch.Tensor]) -> list[str]:
     return sorted({str(v.dtype).replace("torch.", "") for v in state.values() if v.is_floating_point()})
+
+
+def layer_indices(keys, prefix: str, where: str) -> list[int]:
+    """The layer numbers after `prefix` in the keys, sorted. Each must be a whole number: a depth is then a
+    count the file itself bounds (every layer has a key), never a number read off one name."""
+    found = set()
+    for k in keys:
+        if k.startswith(prefix):
+            part = k[len(prefix) :].split(".")[0]
+            if not (part.isascii() and part.isdigit()):
+                raise CheckpointError(f"{where}: {k}: {part!r} is no layer number")
+            found.add(int(part))
+    return sorted(found)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ldmkit.checkpoints.components import check_state, strict_load
+from ldmkit.checkpoints.components import check_state, layer_indices, strict_load
 from ldmkit.checkpoints.files import read_tensors
 from ldmkit.errors import CheckpointError
 from ldmkit.models.vision import ImageEncoder
@@ -36,15 +36,9 @@ LAYER_PREFIX = "vision_model.encoder.layers."
 
 
 def _layer_count(state: dict, where: str) -> int:
-    """Encoder layers 0..n-1 as the keys number them (a count the file itself bounds)."""
-    found = set()
-    for k in state:
-        if k.startswith(LAYER_PREFIX):
-            part = k[len(LAYER_PREFIX) :].split(".")[0]
-            if not (part.isascii() and part.isdigit()):
-                raise CheckpointError(f"{where}: {k}: {part!r} is no layer number")
-            found.add(int(part))
-    if sorted(found) != list(range(len(found))):
+    """Encoder layers 0..n-1 as the keys number them."""
+    found = layer_indices(state, LAYER_PREFIX, where)
+    if found != list(range(len(found))):
         raise CheckpointError(f"{where}: the tower's layers are not numbered 0, 1, 2, ...")
     return len(found)
 

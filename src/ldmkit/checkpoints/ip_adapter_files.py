@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ldmkit.checkpoints.components import strict_load
+from ldmkit.checkpoints.components import layer_indices, strict_load
 from ldmkit.checkpoints.families import adapter_family
 from ldmkit.checkpoints.files import SAFETENSORS, _header, read_tensors, safe_torch_load, sniff
 from ldmkit.checkpoints.image_encoder_files import TOWERS
@@ -93,19 +93,6 @@ def _shape(state: dict, key: str, where: str, ndim: int = 2) -> tuple[int, ...]:
     return shape
 
 
-def _indices(keys, prefix: str, where: str) -> list[int]:
-    """The numbers after `prefix` in the keys, which must be whole numbers: 0..n-1 is a count the file
-    itself bounds (every index has a key), so a depth is never taken from a name alone."""
-    found = set()
-    for k in keys:
-        if k.startswith(prefix):
-            part = k[len(prefix) :].split(".")[0]
-            if not (part.isascii() and part.isdigit()):
-                raise CheckpointError(f"{where}: {k}: {part!r} is no layer number")
-            found.add(int(part))
-    return sorted(found)
-
-
 def _projection(proj: dict, context_dim: int, where: str) -> dict:
     """The kind and widths of the projection (keys without the image_proj. prefix)."""
     if "proj.weight" in proj:
@@ -117,8 +104,8 @@ def _projection(proj: dict, context_dim: int, where: str) -> dict:
         return dict(kind="full", image_dim=_shape(proj, "proj.0.weight", where)[1], tokens=0)
     if "latents" in proj:
         _, tokens, width = _shape(proj, "latents", where, ndim=3)
-        depth = len(_indices(proj, "layers.", where))
-        if _indices(proj, "layers.", where) != list(range(depth)):
+        depth = len(layer_indices(proj, "layers.", where))
+        if layer_indices(proj, "layers.", where) != list(range(depth)):
             raise CheckpointError(f"{where}: the resampler's layers are not numbered 0, 1, 2, ...")
         inner = _shape(proj, "layers.0.0.to_q.weight", where)[0]
         hidden = _shape(proj, "layers.0.1.1.weight", where)[0]
@@ -146,7 +133,7 @@ def config_from_state(state: dict[str, torch.Tensor], where: str) -> IPAdapterCo
     layers = {k for k in state if k.startswith("ip_adapter.")}
     if not proj or not layers:
         raise CheckpointError(f"{where}: not an IP-Adapter file (no image_proj.* and ip_adapter.* weights)")
-    ids = _indices(layers, "ip_adapter.", where)
+    ids = layer_indices(layers, "ip_adapter.", where)
     if ids != list(range(1, 2 * len(ids), 2)):
         raise CheckpointError(f"{where}: ip_adapter layers numbered {ids[:6]}...; expected 1, 3, 5, ...")
     widths = tuple(_shape(state, f"ip_adapter.{i}.to_k_ip.weight", where)[0] for i in ids)
