@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Reproduces the bundled shapes model (src/ldmkit/bundled/shapes.safetensors) end to end with the
 # project's own commands: stage 1 (configs/shapes-autoencoder.yaml), stage 2 (configs/shapes-ldm.yaml),
-# its ControlNet (configs/shapes-controlnet.yaml) and its few-step version (configs/shapes-lcm.yaml),
-# then fp16 exports. Resumable: after an interruption, run it again and each stage continues from
-# its last checkpoint. Run folders are the configs' run.dir (~/runs/shapes-ae, ~/runs/shapes-ldm).
+# its ControlNet (configs/shapes-controlnet.yaml), its few-step version (configs/shapes-lcm.yaml) and its
+# tiny decoder (configs/shapes-tiny.yaml), then fp16 exports. Resumable: after an interruption, run it
+# again and each stage continues from its last checkpoint. Run folders are the configs' run.dir (~/runs/shapes-ae, ~/runs/shapes-ldm).
 # The tables in README come from recipes/shapes-eval.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,4 +22,9 @@ ldmkit convert "$LDM/model.safetensors" src/ldmkit/bundled/shapes.safetensors --
 ldmkit convert "$CN/controlnet.safetensors" src/ldmkit/bundled/shapes-canny.safetensors --to single-file --dtype fp16
 [ -f "$LCM/model.safetensors" ] || ldmkit distill-lcm --config configs/shapes-lcm.yaml $(resume "$LCM")
 ldmkit convert "$LCM/model.safetensors" src/ldmkit/bundled/shapes-fast.safetensors --to single-file --dtype fp16
+TINY=~/runs/shapes-tiny  # the tiny decoder (TAESD architecture) of the bundled autoencoder
+[ -f "$TINY/tiny-autoencoder.safetensors" ] || ldmkit distill-tiny-autoencoder --config configs/shapes-tiny.yaml $(resume "$TINY")
+python -c "import sys; from safetensors import safe_open; from safetensors.torch import save_file
+with safe_open(sys.argv[1], 'pt') as f: save_file({k: f.get_tensor(k).half() for k in f.keys()}, sys.argv[2], f.metadata())" \
+    "$TINY/tiny-autoencoder.safetensors" src/ldmkit/bundled/shapes-tiny.safetensors  # fp16, as every bundled file
 ls -l src/ldmkit/bundled/

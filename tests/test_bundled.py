@@ -137,3 +137,30 @@ def test_emoji_model_draws_the_colour_named():
         return out
 
     assert min(red_minus_green("red heart")) > 100 and max(red_minus_green("green heart")) < 0
+
+
+def test_the_bundled_tiny_decoder_needs_no_file(tmp_path, capsys):
+    """`--decoder tiny` with a bundled model that has its own tiny decoder: no --tiny-decoder needed, and
+    the image is that decoder's; a model without one is still refused in one line."""
+    import torch
+
+    from ldmkit.bundled import bundled_tiny_decoder
+    from ldmkit.checkpoints.taesd_files import read_tiny_autoencoder
+    from ldmkit.images import tensor_to_pil
+
+    assert bundled_tiny_decoder("shapes") == bundled.HERE / "shapes-tiny.safetensors"
+    assert bundled_tiny_decoder("shapes-fast") == bundled_tiny_decoder("shapes")
+    assert bundled_tiny_decoder("emoji") is None
+    out = tmp_path / "t.png"
+    assert (
+        main(["generate", "a red circle", "--steps", "4", "--seed", "2", "--decoder", "tiny", "-q", "-o", str(out)])
+        == 0
+    )
+    capsys.readouterr()
+    latents = Pipeline.load("shapes")("a red circle", steps=4, seed=2).latents
+    with torch.no_grad():
+        want = tensor_to_pil(read_tiny_autoencoder(bundled_tiny_decoder("shapes")).autoencoder.decode(latents))[0]
+    assert Image.open(out).convert("RGB").tobytes() == want.tobytes()
+    assert "VAE Decoder: TAESD" in Image.open(out).info["parameters"]
+    assert main(["generate", "a cat", "--model", "emoji", "--decoder", "tiny", "-o", str(tmp_path / "e.png")]) == 2
+    assert capsys.readouterr().err.startswith("error: --decoder tiny: no tiny decoder is given")

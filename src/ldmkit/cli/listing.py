@@ -67,7 +67,7 @@ def _upscalers(entries: list[dict]) -> list[dict]:
 
 
 def _bundled() -> list[dict]:
-    from ldmkit.bundled import BUNDLED, FAST, HERE
+    from ldmkit.bundled import BUNDLED, FAST, HERE, bundled_tiny_decoder
     from ldmkit.checkpoints.catalog import identify
 
     out = []
@@ -86,6 +86,7 @@ def _bundled() -> list[dict]:
                 "controlnet": Path(controlnet).stem if controlnet else None,
                 "fast": FAST.get(name),
                 "fast_of": fast_of.get(name),
+                "tiny_decoder": getattr(bundled_tiny_decoder(name), "stem", None),
                 "recipe": entry.recipe,
                 "note": found.get("note"),
             }
@@ -109,6 +110,7 @@ def _bundled_table(models: list[dict]) -> list[str]:
         also = [f"ControlNet {m['controlnet']}"] if m["controlnet"] else []
         also += [f"--fast: {m['fast']}"] if m["fast"] else []
         also += [f"few-step version of {m['fast_of']}"] if m["fast_of"] else []
+        also += [f"tiny decoder {m['tiny_decoder']} (--decoder tiny)"] if m["tiny_decoder"] else []
         also += [f"not readable: {m['note']}"] if m["family"] is None else []
         rows.append(
             [
