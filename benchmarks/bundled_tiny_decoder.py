@@ -6,28 +6,16 @@ decode seconds of each (warm, median of `runs`) at batch 1 and 16, 64x64.
 """
 
 import json
-import statistics
 import sys
-import time
 
 import torch
 
 from ldmkit.bundled import bundled_tiny_decoder
 from ldmkit.checkpoints.taesd_files import read_tiny_autoencoder
 from ldmkit.data.images import DataConfig, open_dataset
-from ldmkit.evaluation.bench import describe_machine
+from ldmkit.evaluation.bench import describe_machine, median_seconds
 from ldmkit.evaluation.metrics import psnr
 from ldmkit.pipelines import Pipeline
-
-
-def seconds(fn, runs: int) -> float:
-    fn()  # warm
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main(n: int = 256, runs: int = 20) -> dict:
@@ -51,8 +39,8 @@ def main(n: int = 256, runs: int = 20) -> dict:
         for batch in (1, 16):
             z = raw[:batch]
             out["decode_seconds"][f"batch {batch}"] = {
-                "full": round(seconds(lambda: vae.decode(z), runs), 5),
-                "tiny": round(seconds(lambda: tiny.decode(vae.scale(z)), runs), 5),
+                "full": round(median_seconds(lambda: vae.decode(z), runs), 5),
+                "tiny": round(median_seconds(lambda: tiny.decode(vae.scale(z)), runs), 5),
             }
     out["machine"] = describe_machine()
     out["command"] = "python benchmarks/bundled_tiny_decoder.py " + " ".join(sys.argv[1:])
