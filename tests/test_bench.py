@@ -21,7 +21,8 @@ def test_bench_quick_compares_like_for_like(tmp_path, capsys):
     for name in ("unet_pair_64", "unet_pair_32", "vae_decode"):
         theirs = r[name]["diffusers"]
         assert theirs["max_abs_diff"] <= 1e-4 and theirs["ratio"] > 0 and theirs["agrees"]
-    assert r["unet_pair_64"]["tflop"] > 0 and 0 < r["unet_pair_64"]["ldmkit_peak_fraction"] < 1
+    # a ratio of two timings: no upper bound, a loaded machine measures its peak low
+    assert r["unet_pair_64"]["tflop"] > 0 and r["unet_pair_64"]["ldmkit_peak_fraction"] > 0
     assert r["image"]["diffusers"]["mean_abs_pixel_diff"] <= 1.0 and r["image"]["ldmkit_peak_rss_mb"] > 100
     m = report["machine"]
     assert m["peak_gflops"]["fp32"] > 0 and m["diffusers"] == "0.42.1"
@@ -97,7 +98,8 @@ def test_bench_quick_sd35_transformer_compares_like_for_like(tmp_path, capsys):
     report = json.loads(out.read_text())
     r = report["results"]["fp32"]
     assert report["mode"] == "sd3.5-medium-quick" and report["tflop"] > 0 and report["machine"]["cpu"]
-    assert r["max_abs_diff"] <= 1e-4 and r["ratio"] > 0 and 0 < r["ldmkit_peak_fraction"] < 1
+    # the peak fraction is a ratio of two timings: on a loaded machine the peak measures low, so no upper bound
+    assert r["max_abs_diff"] <= 1e-4 and r["ratio"] > 0 and r["ldmkit_peak_fraction"] > 0
     assert r["ldmkit_peak_rss_mb"] > 100 and r["diffusers_peak_rss_mb"] > 100
 
 
