@@ -5,6 +5,7 @@ IP-Adapter for a frozen model, each a few steps with the shared loop; the files 
 import json
 import math
 
+import pytest
 import torch
 
 from conftest import config_file, losses
@@ -68,12 +69,19 @@ def test_train_a_tower_then_an_adapter(tmp_path, base_model, capsys):
 
 
 def test_the_papers_dropout_shares():
-    """u < 0.05 drops both prompts, 0.05-0.10 the caption alone, 0.10-0.15 the image alone."""
-    from ldmkit.training.ip_adapter import BOTH, IMAGE_ONLY, TEXT_ONLY
+    """By default 5 % of samples drop both prompts, 5 % the caption alone, 5 % the image alone; the caption's
+    share is cond_dropout (what the shared loss drops)."""
+    from ldmkit.config import from_dict
+    from ldmkit.errors import ConfigError
+    from ldmkit.training.ip_adapter import IPAdapterTrainConfig
 
+    c = from_dict(IPAdapterTrainConfig, {"base": "b.safetensors", "image_encoder": "tower"})
     u = torch.linspace(0, 1, 100001)
-    text = u < TEXT_ONLY
-    image = (u < BOTH) | ((u >= TEXT_ONLY) & (u < IMAGE_ONLY))
+    text, image = u < c.cond_dropout, c.image_dropped(u)
     share = lambda m: m.float().mean().item()  # noqa: E731
     assert abs(share(text & image) - 0.05) < 1e-3
     assert abs(share(text & ~image) - 0.05) < 1e-3 and abs(share(image & ~text) - 0.05) < 1e-3
+    c = from_dict(IPAdapterTrainConfig, {"base": "b", "image_encoder": "t", "drop_text": 0.5})
+    assert abs(share((u < c.cond_dropout) & ~c.image_dropped(u)) - 0.5) < 1e-3
+    with pytest.raises(ConfigError, match="summing below 1"):
+        from_dict(IPAdapterTrainConfig, {"base": "b", "image_encoder": "t", "drop_text": 0.95})

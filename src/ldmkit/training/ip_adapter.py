@@ -3,8 +3,9 @@ paper trains one (Ye et al. 2023, sec. 3.3): the base UNet, text encoder and ima
 projection and every cross-attention's to_k_ip / to_v_ip learn, on the ordinary denoising loss, to use the
 training image itself as the image prompt beside its caption.
 
-Dropout as the paper's, from each sample's one uniform number u (its own generator: runs resume exactly):
-u < 0.05 drops both prompts, 0.05-0.10 the caption alone, 0.10-0.15 the image alone -- a dropped caption
+Each layer's to_k_ip / to_v_ip start as its to_k / to_v (the paper's initialisation). Dropout as the
+paper's by default, from each sample's one uniform number u (its own generator: runs resume exactly): 5 %
+of samples lose both prompts, 5 % the caption alone, 5 % the image alone (`drop_*`) -- a dropped caption
 is the empty prompt's states, a dropped image the negative image prompt inference uses (zeros in the
 embedding for base adapters, the tower's reading of an all-zero image for plus). The tower runs on each
 batch (it is small). The result, RUN/NAME.safetensors, is in the published
@@ -21,8 +22,6 @@ from ldmkit.models.ip_adapter import KINDS, ImagePrompt, IPAdapter, IPAdapterCon
 from ldmkit.training.image_tower import normalise
 from ldmkit.training.latent_task import DenoisingTrainConfig, LatentTask, SampleConfig, load_frozen
 
-BOTH, TEXT_ONLY, IMAGE_ONLY = 0.05, 0.10, 0.15  # the u thresholds of the paper's 5 % / 5 % / 5 % dropout
-
 
 @dataclass
 class IPAdapterTrainConfig(DenoisingTrainConfig):
@@ -34,7 +33,12 @@ class IPAdapterTrainConfig(DenoisingTrainConfig):
     depth: int = 4
     heads: int = 4
     name: str = "ip-adapter"
-    cond_dropout: float = TEXT_ONLY  # the caption is dropped for u < 0.10 (both, then text alone)
+    # Shares of the samples that lose both prompts, the caption alone, the image alone (the paper's 5 % each).
+    # Where captions already say all an image shows (the shapes world), the image-only share is what teaches
+    # the adapter anything: raise drop_text.
+    drop_both: float = 0.05
+    drop_text: float = 0.05
+    drop_image: float = 0.05
     sample: SampleConfig = field(default_factory=lambda: SampleConfig(prompts=("",), cfg=3.0))
     sample_images: int = 4  # held-out renders used as image prompts in the sample grid
 
@@ -47,9 +51,18 @@ class IPAdapterTrainConfig(DenoisingTrainConfig):
             raise ConfigError(
                 "image_encoder: the frozen image tower is required (ldmkit train-image-encoder makes one)"
             )
-        if self.cond_dropout != TEXT_ONLY:
-            raise ConfigError(f"cond_dropout: {self.cond_dropout}; the paper's dropout fixes it at {TEXT_ONLY}")
+        shares = (self.drop_both, self.drop_text, self.drop_image)
+        if min(shares) < 0 or sum(shares) >= 1:
+            raise ConfigError(f"drop_both, drop_text, drop_image: {shares}; allowed: 0 or more, summing below 1")
+        if self.cond_dropout not in (0.0, self.drop_both + self.drop_text):
+            raise ConfigError("cond_dropout: set by drop_both + drop_text here; leave it out")
+        self.cond_dropout = self.drop_both + self.drop_text  # the caption is dropped for u below it
         super().check()
+
+    def image_dropped(self, u: torch.Tensor) -> torch.Tensor:
+        """From each sample's uniform number: u < both drops both prompts, then text alone, then image alone."""
+        text_end = self.drop_both + self.drop_text
+        return (u < self.drop_both) | ((u >= text_end) & (u < text_end + self.drop_image))
 
 
 class IPAdapterTask(LatentTask):
@@ -81,6 +94,10 @@ class IPAdapterTask(LatentTask):
                 layer_widths=widths,
             )
         )
+        with torch.no_grad():  # the paper's start: each layer's image projections are its text projections
+            for (*_, attn), kv in zip(cross_attentions(model.unet), self.adapter.ip_adapter.values()):
+                kv.to_k_ip.weight.copy_(attn.to_k.weight)
+                kv.to_v_ip.weight.copy_(attn.to_v.weight)
         super().__init__(config, model, self.adapter)
         self.adapter.requires_grad_(True)
         self.model.unet.eval()
@@ -105,7 +122,7 @@ class IPAdapterTask(LatentTask):
 
     def predict(self, zt, t, context, extra, y=None):
         u = self.u
-        drop = ((u < BOTH) | ((u >= TEXT_ONLY) & (u < IMAGE_ONLY)))[:, None] if u is not None else None
+        drop = self.config.image_dropped(u)[:, None] if u is not None else None
         feats = extra if drop is None else torch.where(drop.view(-1, *[1] * (extra.ndim - 1)), self.negative, extra)
         tokens = self.adapter.image_proj(feats)
         prompt = ImagePrompt(self.adapter, tokens)
