@@ -9,7 +9,7 @@ TOWER=~/runs/shapes-image-encoder/image-encoder
 ADAPTER=~/runs/shapes-ip-adapter/shapes-ip-adapter.safetensors
 [ -f "$TOWER/model.safetensors" ] || ldmkit train-image-encoder --config configs/shapes-image-encoder.yaml
 [ -f "$ADAPTER" ] || ldmkit train-ip-adapter --config configs/shapes-ip-adapter.yaml
-N=${N:-400}
+N=${N:-100}
 ldmkit eval --split val --n "$N" --seed 1 --cfg 3 --ip-adapter "$ADAPTER" --image-encoder "$TOWER" \
   --ip-scales 0.5,1 -q --out reports/shapes-ip-adapter-val.json > /dev/null
 ldmkit eval --split val --n "$N" --seed 1 --seeds 1 --cfg 3 -q --out reports/shapes-ip-adapter-text-baseline.json > /dev/null
