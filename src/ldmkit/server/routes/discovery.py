@@ -3,6 +3,7 @@ ControlNets; and the web UI's other lists, answered empty or fixed because we ha
 
 from fastapi import FastAPI
 
+from ldmkit.server.image_prompts import MODULES as IP_MODULES
 from ldmkit.server.state import ServerState
 
 SCHEDULERS = [
@@ -110,9 +111,8 @@ def _add_what_we_have(app: FastAPI, server: ServerState) -> None:
     @app.get("/controlnet/module_list")
     def controlnet_modules() -> dict:
         from ldmkit.pipelines.control import PREPROCESSORS
-        from ldmkit.server.image_prompts import MODULES
 
-        return {"module_list": list(PREPROCESSORS) + list(MODULES)}
+        return {"module_list": [*PREPROCESSORS, *IP_MODULES]}
 
 
 def _add_fixed(app: FastAPI) -> None:
