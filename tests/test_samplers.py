@@ -430,8 +430,11 @@ def folder_config(rng: random.Random) -> dict:
         "clip_sample": [False, True],  # DDIM's default is True
         "skip_prk_steps": [True],
         "rescale_betas_zero_snr": [False, True] if v else [False],
+        "timestep_type": ["discrete", "discrete", "continuous"],  # continuous: EDM's ¼ ln σ with v (SVD)
     }
     settings.update({key: rng.choice(values) for key, values in choices.items() if key in takes})
+    if settings.get("use_karras_sigmas") and "sigma_min" in takes and rng.random() < 0.5:
+        settings.update(sigma_min=0.002, sigma_max=rng.choice([14.6, 80.0, 700.0]))  # EDM's / SVD's ends
     config = json.loads(cls(**settings).to_json_string())
     if rng.random() < 0.3:
         config = {"clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True, **config}
@@ -620,7 +623,6 @@ def test_clip_sample_is_active_in_those_loops(folder_pipe, name):
         ("dpmpp_2m", {"use_beta_sigmas": True}, "use_beta_sigmas"),
         ("dpmpp_2m", {"lambda_min_clipped": -5.1}, "lambda_min_clipped"),
         ("unipc", {"use_dynamic_shifting": True}, "use_dynamic_shifting"),
-        ("euler", {"timestep_type": "continuous"}, "timestep_type"),
         ("euler", {"interpolation_type": "log_linear"}, "interpolation_type"),
         ("ddpm", {"variance_type": "fixed_large"}, "variance_type"),
         ("plms", {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),

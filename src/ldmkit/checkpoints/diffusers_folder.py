@@ -6,8 +6,6 @@ What diffusers has no place for travels in two extra files that diffusers ignore
 training schedule, and the parts of SD 2's OpenCLIP tower that diffusers drops: its unused last
 block and `text_projection`)."""
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -36,7 +34,7 @@ from ldmkit.checkpoints.diffusers_text import (
     write_tokenizer,
 )
 from ldmkit.checkpoints.families import pipeline_family
-from ldmkit.checkpoints.files import read_tensors, write_json, write_safetensors
+from ldmkit.checkpoints.files import atomic_folder, read_tensors, write_json, write_safetensors
 from ldmkit.checkpoints.sd3_folder import load_sd3_folder
 from ldmkit.errors import CheckpointError, ConfigError
 from ldmkit.models.autoencoder import AutoencoderKL
@@ -82,6 +80,8 @@ def load_diffusers(path: str | Path, overrides: dict | None = None, dtype_rule=N
     where = str(folder)
     index = read_json(folder / "model_index.json") if (folder / "model_index.json").exists() else {}
     family = pipeline_family(str(index.get("_class_name", "")))
+    if family is not None and family.backbone == "video_unet":
+        raise CheckpointError(f"{where}: a video model ({family.title}); make videos with `ldmkit generate-video`")
     if family is not None and family.backbone == "mmdit":
         if overrides:
             raise CheckpointError(f"{where}: {', '.join(overrides)}: not for a {family.title} folder")
@@ -158,24 +158,7 @@ def load_diffusers(path: str | Path, overrides: dict | None = None, dtype_rule=N
 def save_diffusers(model: LatentDiffusion, path: str | Path, dtype: torch.dtype | None = None) -> None:
     """Write a diffusers pipeline folder. Written beside the destination, then renamed into place:
     an interrupted conversion never leaves a half-written model."""
-    dest = Path(path)
-    if dest.exists() and not dest.is_dir():
-        raise CheckpointError(f"{dest}: exists and is not a folder")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
-    try:
-        _write_diffusers(model, tmp, dtype)
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    atomic_folder(path, lambda tmp: _write_diffusers(model, tmp, dtype))
 
 
 def _write_diffusers(model: LatentDiffusion, out: Path, dtype) -> None:

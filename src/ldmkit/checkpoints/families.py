@@ -44,7 +44,8 @@ class Family:
     zero_empty_negative: bool = False
     # Trained for the last steps only (SDXL's refiner): it repaints images, it does not draw from noise.
     image_to_image_only: bool = False
-    # The denoiser: "unet" (models/unet.py) or "mmdit" (SD3's transformer, models/mmdit.py).
+    # The denoiser: "unet" (models/unet.py), "mmdit" (SD3's transformer, models/mmdit.py) or "video_unet" (a
+    # UNet with temporal layers, models/video_unet.py: generate-video's models).
     backbone: str = "unet"
     # diffusers pipeline classes (model_index.json's _class_name) whose folders are this family's.
     diffusers_pipelines: tuple[str, ...] = ()
@@ -109,6 +110,45 @@ FAMILIES: dict[str, Family] = {
             tiny_autoencoder="taesd3",
             # Stability's SD3 / SD3.5 folders' scheduler_config.json
             scheduler={"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0},
+        ),
+        Family(
+            "svd",
+            "Stable Video Diffusion (image-to-video)",
+            prediction="v_prediction",
+            backbone="video_unet",
+            image_size=1024,
+            unet_heads={"num_head_channels": 64},
+            diffusers_pipelines=("StableVideoDiffusionPipeline",),
+            markers=("model.diffusion_model.input_blocks.1.0.time_stack.",),
+            # StableVideoDiffusionPipeline's call defaults; frames: the UNet's own (14 or 25)
+            call_defaults={
+                "steps": 25,
+                "sampler": "euler",
+                "width": 1024,
+                "height": 576,
+                "min_cfg": 1.0,
+                "max_cfg": 3.0,
+                "fps": 7,
+                "motion_bucket": 127,
+                "noise_aug": 0.02,
+            },
+            # Stability's SVD folders' scheduler_config.json: EDM's sigmas (Karras, 0.002 to 700), continuous
+            # timesteps c_noise = ¼ ln σ, v-prediction
+            scheduler={
+                "_class_name": "EulerDiscreteScheduler",
+                "num_train_timesteps": 1000,
+                "beta_start": 0.00085,
+                "beta_end": 0.012,
+                "beta_schedule": "scaled_linear",
+                "prediction_type": "v_prediction",
+                "interpolation_type": "linear",
+                "use_karras_sigmas": True,
+                "sigma_min": 0.002,
+                "sigma_max": 700.0,
+                "timestep_spacing": "leading",
+                "timestep_type": "continuous",
+                "steps_offset": 1,
+            },
         ),
         Family(
             "flux",

@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import struct
 import tempfile
 import zipfile
@@ -238,6 +239,29 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_folder(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call write(tmp) on a temporary folder beside `path`, then rename it into place (replacing an old
+    folder there): an interrupted conversion never leaves a half-written model."""
+    dest = Path(path)
+    if dest.exists() and not dest.is_dir():
+        raise CheckpointError(f"{dest}: exists and is not a folder")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+    try:
+        write(tmp)
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

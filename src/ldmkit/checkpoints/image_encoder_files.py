@@ -43,7 +43,7 @@ def _layer_count(state: dict, where: str) -> int:
     return len(found)
 
 
-def _config_from_weights(state: dict[str, torch.Tensor], where: str) -> dict:
+def config_from_weights(state: dict[str, torch.Tensor], where: str) -> dict:
     """A transformers CLIPVisionConfig read off a single file's shapes."""
     try:
         width = state["vision_model.embeddings.class_embedding"].shape[0]
@@ -88,8 +88,6 @@ def _folder(path: Path) -> tuple[dict, Path]:
 
 
 def load_image_encoder(path: str | Path) -> ImageEncoder:
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
     p = Path(path)
     where = str(p)
     if p.is_dir():
@@ -97,9 +95,16 @@ def load_image_encoder(path: str | Path) -> ImageEncoder:
         state, _ = read_tensors(weights)
     elif p.is_file():
         state, _ = read_tensors(p)
-        config = _config_from_weights(state, where)
+        config = config_from_weights(state, where)
     else:
         raise CheckpointError(f"{where}: no such image encoder file or folder")
+    return build_image_encoder(config, state, where)
+
+
+def build_image_encoder(config: dict, state: dict[str, torch.Tensor], where: str) -> ImageEncoder:
+    """The tower a transformers config (a dict) describes, filled with `state` (transformers' layout)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
     state = {k: v for k, v in state.items() if k not in NOT_WEIGHTS}
     try:
         config = CLIPVisionConfig(**{k: v for k, v in config.items() if k in CLIPVisionConfig().to_dict()})

@@ -120,21 +120,77 @@ def vae_to_diffusers(c: AutoencoderConfig) -> PrefixMap:
 
 
 def rename(state: dict[str, torch.Tensor], pairs: PrefixMap, reverse: bool = False) -> dict[str, torch.Tensor]:
-    """Rename keys by their longest matching module prefix; keys no pair matches are kept as they are
-    (strict loading then reports them)."""
+    """Rename keys by their longest matching module prefix (or the whole key, for a parameter that moves
+    into a submodule); keys no pair matches are kept as they are (strict loading then reports them)."""
     if reverse:
         pairs = [(b, a) for a, b in pairs]
     table = dict(pairs)
     out = {}
     for key, value in state.items():
         parts = key.split(".")
-        for cut in range(len(parts) - 1, 0, -1):
+        for cut in range(len(parts), 0, -1):
             prefix = ".".join(parts[:cut])
             if prefix in table:
-                key = table[prefix] + "." + ".".join(parts[cut:])
+                key = ".".join([table[prefix], *parts[cut:]])
                 break
         out[key] = value
     return out
+
+
+# --- video: SVD's UNet and temporal autoencoder <-> diffusers ---------------------------------------
+
+_RESNET_IN_DIFFUSERS = re.compile(r"^(.*\.resnets\.\d+)\.(\w+)$")
+_ATTENTION_IN_DIFFUSERS = re.compile(r"^.*\.attentions\.\d+$")
+
+
+def video_unet_to_diffusers(c: UNetConfig) -> PrefixMap:
+    """Module-prefix pairs (ours = the original video model, diffusers UNetSpatioTemporalConditionModel):
+    the image UNet's, each residual block split into its spatial and temporal halves, each transformer
+    given its temporal blocks and frame-position MLP."""
+    m: PrefixMap = []
+    blocks = set()
+    for ours, theirs in unet_to_diffusers(c):
+        resnet = _RESNET_IN_DIFFUSERS.match(theirs)
+        if resnet and ours.startswith(("input_blocks", "middle_block", "output_blocks")):
+            block, inner = resnet.groups()
+            ours_inner = next(a for a, b in _UNET_RESNET if b == inner)
+            ours_block = ours[: -len(ours_inner) - 1]
+            m.append((ours, f"{block}.spatial_res_block.{inner}"))
+            if inner != "conv_shortcut":  # the temporal block keeps its width
+                m.append((f"{ours_block}.time_stack.{ours_inner}", f"{block}.temporal_res_block.{inner}"))
+            blocks.add((ours_block, block))
+        elif _ATTENTION_IN_DIFFUSERS.match(theirs):
+            m += [
+                (ours, theirs),
+                (f"{ours}.time_stack", f"{theirs}.temporal_transformer_blocks"),
+                (f"{ours}.time_pos_embed.0", f"{theirs}.time_pos_embed.linear_1"),
+                (f"{ours}.time_pos_embed.2", f"{theirs}.time_pos_embed.linear_2"),
+            ]
+        else:
+            m.append((ours, theirs))
+    m += [(f"{ours}.time_mixer", f"{theirs}.time_mixer") for ours, theirs in sorted(blocks)]
+    return m
+
+
+def temporal_vae_to_diffusers(c: AutoencoderConfig) -> PrefixMap:
+    """Module-prefix pairs (ours = the original video autoencoder, diffusers AutoencoderKLTemporalDecoder):
+    the image autoencoder's encoder; the decoder's residual blocks split into spatial and temporal halves
+    (the mixing factor, a bare parameter in the original, in diffusers' `time_mixer`); the output
+    convolution's temporal part is diffusers' `time_conv_out`."""
+    m: PrefixMap = []
+    for ours, theirs in vae_to_diffusers(c):
+        if not ours.startswith("decoder.") or ours.startswith("decoder.mid.attn_1") or ".upsample." in ours:
+            m.append((ours, theirs))
+        elif ours.endswith(".nin_shortcut"):
+            m.append((ours, theirs.replace(".conv_shortcut", ".spatial_res_block.conv_shortcut")))
+        elif ".block" in ours:
+            m.append((ours, f"{theirs}.spatial_res_block"))
+            m += _sub(f"{ours}.time_stack", f"{theirs}.temporal_res_block", _UNET_RESNET)
+            m.append((f"{ours}.mix_factor", f"{theirs}.time_mixer.mix_factor"))
+        else:
+            m.append((ours, theirs))
+    m.append(("decoder.conv_out.time_mix_conv", "decoder.time_conv_out"))
+    return [(a, b) for a, b in m if not a.startswith("post_quant_conv")]
 
 
 _VAE_ATTN_PROJ = re.compile(r"mid(_block)?\.(attn_1|attentions\.0)\.(q|k|v|proj_out|to_q|to_k|to_v|to_out\.0)\.weight$")
@@ -251,3 +307,45 @@ def clip_with_text_model_level(state: dict[str, torch.Tensor]) -> dict[str, torc
     if not any(_CLIP_BARE.match(k) for k in state):
         return state
     return {(_CLIP_BARE.sub(r"\1.transformer.text_model.\2.", k)): v for k, v in state.items()}
+
+
+# --- OpenCLIP vision towers (SVD's image embedder) <-> transformers CLIPVisionModelWithProjection ------------
+
+_VISUAL = [
+    ("conv1.weight", "vision_model.embeddings.patch_embedding.weight"),
+    ("class_embedding", "vision_model.embeddings.class_embedding"),
+    ("positional_embedding", "vision_model.embeddings.position_embedding.weight"),
+    ("ln_pre.weight", "vision_model.pre_layrnorm.weight"),
+    ("ln_pre.bias", "vision_model.pre_layrnorm.bias"),
+    ("ln_post.weight", "vision_model.post_layernorm.weight"),
+    ("ln_post.bias", "vision_model.post_layernorm.bias"),
+]
+
+
+def openclip_visual_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """OpenCLIP's `visual.*` (prefix stripped) -> transformers' vision tower keys; `proj` [width, embed] is
+    the transposed `visual_projection.weight`. Keys neither knows pass through (strict loading reports them)."""
+    blocks = {k: v for k, v in state.items() if k.startswith("transformer.resblocks.")}
+    out = {k.replace("text_model.", "vision_model.", 1): v for k, v in openclip_to_hf(blocks).items()}
+    table = dict(_VISUAL)
+    for k, v in state.items():
+        if k in blocks:
+            continue
+        out[table.get(k, k)] = v
+    if "proj" in out:
+        out["visual_projection.weight"] = out.pop("proj").t().contiguous()
+    return out
+
+
+def hf_to_openclip_visual(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    layers = "vision_model.encoder.layers."
+    blocks = {k.replace("vision_model.", "text_model.", 1): v for k, v in state.items() if k.startswith(layers)}
+    out = hf_to_openclip(blocks)
+    table = {b: a for a, b in _VISUAL}
+    for k, v in state.items():
+        if k.startswith(layers) or k == "vision_model.embeddings.position_ids":
+            continue
+        out[table.get(k, k)] = v
+    if "visual_projection.weight" in out:
+        out["proj"] = out.pop("visual_projection.weight").t().contiguous()
+    return out

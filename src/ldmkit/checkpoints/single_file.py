@@ -114,8 +114,10 @@ def load_single_file(
     and a safetensors file: their tensors are converted as they are read (files.read_tensors).
     text_encoders: a folder with the text towers an SD3 file lacks (sd3_towers.TextEncodersFolder)."""
     from ldmkit.checkpoints import sd3_files
+    from ldmkit.checkpoints.video_files import refuse_video_model
 
     state, metadata = read_tensors(path)  # mapped, not read: detection needs only names and shapes
+    refuse_video_model(path, state)
     if sd3_files.file_family(state, metadata) is not None:
         return sd3_files.load_sd3_file(path, state, metadata, overrides, dtype_rule, text_encoders)
     sd3_files.refuse_text_encoders(text_encoders, path)

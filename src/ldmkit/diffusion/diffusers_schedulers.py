@@ -79,11 +79,12 @@ DIFFUSERS_CLASSES: dict[str, SchedulerClass] = {
             "interpolation_type": "linear",
             **_SIGMA_KINDS,
             "timestep_type": "discrete",
+            "prediction_type": "epsilon",  # with "continuous", v-prediction means EDM's timesteps (SVD)
             **_ZSNR,
             **_FINAL,
         },
-        # log_linear walks sigmas unrelated to its timesteps; continuous timesteps are EDM's
-        {**_NOT_IMPLEMENTED, "interpolation_type": ("linear",), "timestep_type": ("discrete",)},
+        # log_linear walks sigmas unrelated to its timesteps
+        {**_NOT_IMPLEMENTED, "interpolation_type": ("linear",)},
     ),
     "EulerAncestralDiscreteScheduler": SchedulerClass("ve", {"timestep_spacing": "linspace", **_SPACED, **_ZSNR}),
     "HeunDiscreteScheduler": SchedulerClass(

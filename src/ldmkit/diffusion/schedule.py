@@ -256,8 +256,16 @@ def _ve(cfg: dict, noise: NoiseSchedule, n: int):
         lo, hi = _or(cfg.get("sigma_min"), float(sigmas[-1])), _or(cfg.get("sigma_max"), float(sigmas[0]))
         sigmas = convert(lo, hi, n)
         t = noise.sigma_to_t(sigmas)
+    if cfg.get("timestep_type") == "continuous" and cfg.get("prediction_type") == "v_prediction":
+        t = edm_timesteps(sigmas)
     last = float(noise.sigmas[0]) if cfg.get("final_sigmas_type") == "sigma_min" else 0.0
     return t, sigmas, last
+
+
+def edm_timesteps(sigmas) -> np.ndarray:
+    """EDM's noise conditioning c_noise = ¼·ln σ (Karras et al. 2022, table 1), what SVD's UNet takes as its
+    timestep; computed on float32 sigmas, as diffusers' continuous timesteps are."""
+    return (0.25 * torch.as_tensor(np.asarray(sigmas, dtype=np.float32)).log()).numpy()
 
 
 def _solver(cfg: dict, noise: NoiseSchedule, n: int, unipc: bool):

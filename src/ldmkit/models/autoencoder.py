@@ -123,11 +123,11 @@ class Upsample(nn.Module):
 
 
 class _Mid(nn.Module):
-    def __init__(self, channels: int, dropout: float, groups: int, attention: bool = True):
+    def __init__(self, channels: int, dropout: float, groups: int, attention: bool = True, block=ResnetBlock):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout, groups)
+        self.block_1 = block(channels, channels, dropout, groups)
         self.attn_1 = AttnBlock(channels, groups) if attention else nn.Identity()
-        self.block_2 = ResnetBlock(channels, channels, dropout, groups)
+        self.block_2 = block(channels, channels, dropout, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -165,19 +165,21 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, c: AutoencoderConfig):
+    """block: the residual block's class (the video decoder's adds a temporal half)."""
+
+    def __init__(self, c: AutoencoderConfig, block=ResnetBlock):
         super().__init__()
         g = c.norm_groups
         block_in = c.channels[-1]
         self.conv_in = nn.Conv2d(c.z_channels, block_in, 3, padding=1)
-        self.mid = _Mid(block_in, c.dropout, g, c.mid_attention)
+        self.mid = _Mid(block_in, c.dropout, g, c.mid_attention, block)
         # `up` is indexed by level (0 = full resolution) but run from the deepest level up.
         up = []
         for level in reversed(range(len(c.channels))):
             stage = nn.Module()
             stage.block = nn.ModuleList()
             for _ in range(c.num_res_blocks + 1):
-                stage.block.append(ResnetBlock(block_in, c.channels[level], c.dropout, g))
+                stage.block.append(block(block_in, c.channels[level], c.dropout, g))
                 block_in = c.channels[level]
             if level != 0:
                 stage.upsample = Upsample(block_in)

@@ -155,14 +155,15 @@ class UNetConfig:
 
 class TimestepEmbedSequential(nn.Sequential):
     """A sequence of layers, each given what it needs: the timestep embedding (ResBlock), the
-    text context (SpatialTransformer), or the skip connection's size (Upsample)."""
+    text context (SpatialTransformer), or the skip connection's size (Upsample); a video UNet's blocks
+    also the clips' frames (nn/temporal.Frames)."""
 
-    def forward(self, x, emb, context, size=None):
+    def forward(self, x, emb, context, size=None, frames=None):
         for layer in self:
             if isinstance(layer, ResBlock):
-                x = layer(x, emb)
+                x = layer(x, emb) if frames is None else layer(x, emb, frames)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context) if frames is None else layer(x, context, frames)
             elif isinstance(layer, Upsample):
                 x = layer(x, size)
             else:
@@ -215,29 +216,13 @@ class UNetModel(nn.Module):
                 nn.Sequential(nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
             )
 
-        def transformer(level: int, channels: int, middle: bool = False) -> SpatialTransformer:
-            heads, dim_head = c.heads_at(level, channels)
-            return SpatialTransformer(
-                channels,
-                heads,
-                dim_head,
-                c.depth_at(level),
-                c.context_dim,
-                c.use_linear_in_transformer,
-                c.dropout,
-                groups,
-                c.self_attention_disabled_at(level) and not middle,
-            )
-
-        def res(channels: int, out: int) -> ResBlock:
-            return ResBlock(channels, emb_dim, out, c.dropout, groups, c.norm_eps)
-
+        transformer, res = self.transformer, self.res_block
         stem = nn.Conv2d(c.in_channels, ch, c.conv_in_kernel, padding=c.conv_in_kernel // 2)
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(stem)])
         skip_channels = [ch]
         for level, width in enumerate(c.channels):
             for _ in range(c.res_blocks_at(level)):
-                layers = [res(ch, width)]
+                layers = [res(ch, width, "down", level)]
                 ch = width
                 if c.has_attention(level):
                     layers.append(transformer(level, ch))
@@ -248,8 +233,12 @@ class UNetModel(nn.Module):
                 skip_channels.append(ch)
 
         middle = {
-            "attention": lambda: [res(ch, ch), transformer(c.levels - 1, ch, middle=True), res(ch, ch)],
-            "resnet": lambda: [res(ch, ch)],
+            "attention": lambda: [
+                res(ch, ch, "middle", c.levels - 1),
+                transformer(c.levels - 1, ch, middle=True),
+                res(ch, ch, "middle", c.levels - 1),
+            ],
+            "resnet": lambda: [res(ch, ch, "middle", c.levels - 1)],
             "none": lambda: [],
         }[c.middle_block]()
         self.middle_block = TimestepEmbedSequential(*middle)
@@ -262,7 +251,7 @@ class UNetModel(nn.Module):
             n = c.res_blocks_at(level)
             for i in range(n + 1):
                 skip = skip_channels.pop()
-                layers = [res(ch + skip, width)]
+                layers = [res(ch + skip, width, "up", level)]
                 ch = width
                 if c.has_attention(level):
                     layers.append(transformer(level, ch))
@@ -275,6 +264,32 @@ class UNetModel(nn.Module):
             nn.SiLU(),
             nn.Conv2d(ch, c.out_channels, c.conv_out_kernel, padding=c.conv_out_kernel // 2),
         )
+
+    def transformer_args(self, level: int, channels: int, middle: bool = False) -> tuple:
+        """SpatialTransformer's arguments at `level` (the middle block's: never only cross-attention)."""
+        c = self.config
+        heads, dim_head = c.heads_at(level, channels)
+        disabled = c.self_attention_disabled_at(level) and not middle
+        return (
+            channels,
+            heads,
+            dim_head,
+            c.depth_at(level),
+            c.context_dim,
+            c.use_linear_in_transformer,
+            c.dropout,
+            c.norm_groups,
+            disabled,
+        )
+
+    def transformer(self, level: int, channels: int, middle: bool = False) -> SpatialTransformer:
+        """The spatial transformer of `level` (a video UNet's adds temporal blocks)."""
+        return SpatialTransformer(*self.transformer_args(level, channels, middle))
+
+    def res_block(self, channels: int, out: int, part: str, level: int) -> ResBlock:
+        """A residual block of `part` ("down", "middle", "up") at `level`."""
+        c = self.config
+        return ResBlock(channels, c.time_embed_dim, out, c.dropout, c.norm_groups, c.norm_eps)
 
     def embed(self, x, timesteps, y=None, timestep_cond=None) -> torch.Tensor:
         """The embedding every ResBlock sees: timestep, plus guidance scale and class when present."""

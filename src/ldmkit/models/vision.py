@@ -49,3 +49,27 @@ class ImageEncoder:
         if not hidden:
             return torch.zeros(pixels.shape[0], self.embed_dim)
         return self.features(torch.zeros_like(pixels), hidden=True)
+
+
+def _gaussian(size: int, sigma: float) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float32) - size // 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def antialiased_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[N, C, H, W] -> [N, C, *size]: a Gaussian blur of σ = (scale − 1) / 2 per axis (at least 0.001; an odd
+    kernel of about 4σ, at least 3; reflected edges) against aliasing, then bicubic interpolation with aligned
+    corners — how Stable Video Diffusion shrinks its conditioning frame for the image tower (kornia's resize
+    with antialias, as the original code and diffusers call it)."""
+    n, c, h, w = x.shape
+    for axis, length, target in ((1, w, size[1]), (0, h, size[0])):  # across, then down (as the reference)
+        sigma = max((length / target - 1.0) / 2.0, 0.001)
+        k = int(max(4.0 * sigma, 3))
+        k += 1 - k % 2
+        kernel = _gaussian(k, sigma).to(x)
+        shape = (c, 1, k, 1) if axis == 0 else (c, 1, 1, k)
+        pad = (0, 0, k // 2, k // 2) if axis == 0 else (k // 2, k // 2, 0, 0)
+        blur = (torch.nn.functional.pad(x, pad, mode="reflect"), kernel.reshape(1, 1, *shape[2:]).expand(shape))
+        x = torch.nn.functional.conv2d(*blur, groups=c)
+    return torch.nn.functional.interpolate(x, size=size, mode="bicubic", align_corners=True)

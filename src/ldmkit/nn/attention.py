@@ -122,20 +122,23 @@ class SpatialTransformer(nn.Module):
         )
         self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        b, c, h, w = x.shape
-        x_in = x
+    def to_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> normalised, projected tokens [B, H·W, inner]."""
         x = self.norm(x)
         if not self.use_linear:
             x = self.proj_in(x)
         x = x.flatten(2).transpose(1, 2)  # b (h w) c
+        return self.proj_in(x) if self.use_linear else x
+
+    def from_tokens(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Tokens [B, H·W, inner] -> projected back to [B, C, H, W]."""
         if self.use_linear:
-            x = self.proj_in(x)
+            x = self.proj_out(x)
+        x = x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+        return x if self.use_linear else self.proj_out(x)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        tokens = self.to_tokens(x)
         for block in self.transformer_blocks:
-            x = block(x, context)
-        if self.use_linear:
-            x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)
-        if not self.use_linear:
-            x = self.proj_out(x)
-        return x + x_in
+            tokens = block(tokens, context)
+        return self.from_tokens(tokens, *x.shape[-2:]) + x

@@ -1,0 +1,64 @@
+"""A video latent diffusion model: the video UNet (models/video_unet.py) in the latent space of the temporal
+autoencoder (models/video_autoencoder.py), conditioned on an image through a CLIP vision tower (Stable Video
+Diffusion: image-to-video). Attribute names are the original single file's (`model.diffusion_model`,
+`first_stage_model`), so its weights load by name."""
+
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from ldmkit.errors import ConfigError
+from ldmkit.models.autoencoder import AutoencoderConfig
+from ldmkit.models.ldm import ScheduleConfig
+from ldmkit.models.video_autoencoder import TemporalAutoencoder
+from ldmkit.models.video_unet import VideoUNet, VideoUNetConfig
+from ldmkit.models.vision import ImageEncoder
+
+# CLIP's normalisation (OpenAI's mean and std), what SVD's feature extractor applies
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class VideoModelConfig:
+    family: str
+    unet: VideoUNetConfig
+    vae: AutoencoderConfig
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(prediction_type="v_prediction"))
+    # the default output size (SVD: 1024 × 576)
+    width: int = 1024
+    height: int = 576
+    # the image tower's input normalisation (its feature extractor's)
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
+
+    def __post_init__(self):
+        f = self.vae.downsample_factor
+        if self.width % f or self.height % f:
+            raise ConfigError(f"VideoModelConfig: default size {self.width}x{self.height} is not a multiple of {f}")
+        if self.unet.in_channels != 2 * self.vae.embed_dim:
+            raise ConfigError(
+                f"VideoModelConfig: an image-to-video UNet takes {2 * self.vae.embed_dim} channels "
+                f"(noisy latent + the image's); this one {self.unet.in_channels}"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class VideoDiffusion(nn.Module):
+    def __init__(self, config: VideoModelConfig, image_encoder: ImageEncoder | None = None):
+        super().__init__()
+        self.config = config
+        self.model = nn.Module()
+        self.model.diffusion_model = VideoUNet(config.unet)
+        self.first_stage_model = TemporalAutoencoder(config.vae)
+        self.image_encoder = image_encoder  # not a submodule: its weights are the tower's own file
+
+    @property
+    def unet(self) -> VideoUNet:
+        return self.model.diffusion_model
+
+    @property
+    def vae(self) -> TemporalAutoencoder:
+        return self.first_stage_model
