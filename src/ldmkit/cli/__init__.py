@@ -10,7 +10,7 @@ import os
 import sys
 
 from ldmkit import __version__
-from ldmkit.cli import bench, data, evaluate, generate, listing, models, serve, train
+from ldmkit.cli import bench, data, evaluate, generate, listing, models, serve, train, video
 from ldmkit.cli.common import _log_to_stderr
 from ldmkit.errors import LdmkitError
 
@@ -23,6 +23,7 @@ _ADDERS = (
     models.add_inspect,
     models.add_convert,
     generate.add_parsers,
+    video.add_parsers,
     evaluate.add_eval,
     serve.add_parsers,
     bench.add_parsers,

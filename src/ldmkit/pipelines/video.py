@@ -66,7 +66,7 @@ class VideoPipeline:
         denoiser = VideoDenoiser(self.model.unet, walk, schedule, c.schedule.prediction_type, self.edm)
         steps = len(walk.sigmas) - 1
         on_step = None if callback is None else (lambda i, x, x0: callback(i, steps))
-        latents = sample_latents(denoiser, spec, cond, generators, tuple(noise.shape[1:]), on_step, noise=noise)
+        latents = sample_latents(denoiser, spec, cond, generators, tuple(noise.shape[1:]), callback=on_step, noise=noise)
         frames = self.decode(latents, p.decode_chunk)
         videos = [frames[i * p.frames : (i + 1) * p.frames] for i in range(p.batch)]
         return VideoResult(videos, p, [p.infotext(i, self.name, __version__) for i in range(p.batch)])
