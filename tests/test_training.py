@@ -463,6 +463,7 @@ def test_every_committed_config_parses():
     from ldmkit.training.ldm import LDMTrainConfig
     from ldmkit.training.lora import LoraTrainConfig
     from ldmkit.training.tiny_autoencoder import TinyDistillConfig
+    from ldmkit.training.video_ldm import VideoLDMTrainConfig
 
     kinds = {
         "autoencoder": AutoencoderTrainConfig,
@@ -474,6 +475,7 @@ def test_every_committed_config_parses():
         "tiny": TinyDistillConfig,
         "encoder": ImageTowerTrainConfig,
         "adapter": IPAdapterTrainConfig,
+        "video": VideoLDMTrainConfig,
     }
     files = sorted((ROOT / "configs").glob("*.yaml"))
     assert len(files) >= 8

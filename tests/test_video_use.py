@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from test_svd import build, draw
 
 from ldmkit.cli import main
 from ldmkit.errors import ConfigError
 from ldmkit.videos import FORMATS, frame_count, read_video_parameters, write_video
-from test_svd import build, draw
 
 
 def frames(n=5, size=(48, 32)):
@@ -122,7 +122,7 @@ def test_bad_video_input_is_one_line(svd_folder, start_image, tmp_path, tiny_pip
     assert "noise_aug: -1" in error_line(capsys, [*base, "--noise-aug", "-1"])
     assert "width: 33; allowed: a multiple of" in error_line(capsys, [*base, "--width", "33", "-q"])
     no_image = ["generate-video", "a red circle", "--model", str(svd_folder)]
-    assert "no such image file" in error_line(capsys, no_image)
+    assert "makes video from an image: give an image file" in error_line(capsys, no_image)
     image_model = ["generate-video", str(start_image), "--model", str(tiny_pipe[1])]
     assert "not a video model" in error_line(capsys, image_model)
     video_as_image = ["generate", "a cat", "--model", str(svd_folder)]

@@ -151,6 +151,14 @@ FAMILIES: dict[str, Family] = {
             },
         ),
         Family(
+            "ldmkit-video",
+            "ldmkit's own text-to-video (BERT-family text encoder)",
+            text_kind="bert",
+            backbone="video_unet",
+            image_size=64,
+            call_defaults={"steps": 20, "sampler": "euler_a", "cfg": 3.0, "fps": 8},
+        ),
+        Family(
             "flux",
             "Flux",
             supported=False,
@@ -186,7 +194,11 @@ def sd_family(
     SDXL), UNet input and (if known) prediction type: the first row that fits (rows with a fixed
     prediction type must match it)."""
     towers = (text_kind, None if text_2 is None else text_2.kind, pooled)
-    rows = [f for f in FAMILIES.values() if f.supported and (f.text_kind, f.text_2_kind, f.pooled) == towers]
+    rows = [
+        f
+        for f in FAMILIES.values()
+        if f.supported and f.backbone != "video_unet" and (f.text_kind, f.text_2_kind, f.pooled) == towers
+    ]
     for f in rows:
         if f.inpainting == (in_channels == 9) and (prediction is None or f.prediction in (None, prediction)):
             return f

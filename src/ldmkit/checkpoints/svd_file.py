@@ -67,6 +67,14 @@ def load_svd_file(path: str | Path, family: str = "svd") -> VideoDiffusion:
     strict_load(model.unet, unet, "video UNet", where)
     model.first_stage_model = model.vae.to_empty(device="cpu")
     strict_load(model.vae, vae, "temporal autoencoder", where)
+    if config.text is not None:
+        from ldmkit.checkpoints.single_file import load_package_text_encoder
+        from ldmkit.models.text import TextEncoder
+
+        if not config.text.package:
+            raise CheckpointError(f"{where}: a text-to-video file's text tower must ship in a package")
+        model.cond_stage_model = TextEncoder(config.text)
+        load_package_text_encoder(model.cond_stage_model)
     if tower:
         hf = keymaps.openclip_visual_to_hf(tower)
         tower_config = (

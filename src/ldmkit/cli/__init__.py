@@ -29,6 +29,7 @@ _ADDERS = (
     bench.add_parsers,
     data.add_emoji_data,
     evaluate.add_eval_emoji,
+    video.add_eval_video,
     data.add_shapes,
     train.add_parsers,
     models.add_init_model,

@@ -1,5 +1,5 @@
 """The training commands: train-autoencoder, train, train-controlnet, distill-lcm, train-lora, train-embedding,
-distill-tiny-autoencoder, train-image-encoder, train-ip-adapter."""
+distill-tiny-autoencoder, train-image-encoder, train-ip-adapter, train-video."""
 
 import json
 
@@ -94,6 +94,12 @@ def cmd_train_ip_adapter(args) -> int:
     return _train(args, IPAdapterTrainConfig, IPAdapterTask, lambda c: f"{c.name}.safetensors")
 
 
+def cmd_train_video(args) -> int:
+    from ldmkit.training.video_ldm import VideoLDMTask, VideoLDMTrainConfig
+
+    return _train(args, VideoLDMTrainConfig, VideoLDMTask, "video.safetensors")
+
+
 def add_parsers(sub) -> None:
     for name, func, text in [
         ("train-autoencoder", cmd_train_autoencoder, "stage 1: train a KL autoencoder"),
@@ -112,6 +118,7 @@ def add_parsers(sub) -> None:
             "a small CLIP vision tower, contrastive against a model's text encoder (for image prompts)",
         ),
         ("train-ip-adapter", cmd_train_ip_adapter, "train an IP-Adapter (image prompts) for a frozen model"),
+        ("train-video", cmd_train_video, "text-to-video: temporal layers trained into a text-to-image model"),
         (
             "distill-tiny-autoencoder",
             cmd_distill_tiny,

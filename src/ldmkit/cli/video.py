@@ -1,5 +1,6 @@
-"""`ldmkit generate-video IMAGE`: image-to-video (Stable Video Diffusion), flags named after diffusers'
-StableVideoDiffusionPipeline arguments; the output's extension chooses the format (videos.py)."""
+"""`ldmkit generate-video IMAGE_OR_PROMPT`: image-to-video (Stable Video Diffusion) or text-to-video (ldmkit's
+own), flags named after diffusers' StableVideoDiffusionPipeline arguments; the output's extension chooses the
+format (videos.py). `ldmkit eval-video`: a text-to-video model of the shapes world measured by the clip judge."""
 
 import json
 import sys
@@ -25,13 +26,12 @@ def _params(args):
     from ldmkit.pipelines.video_params import VideoParams
 
     source = Path(args.source)
-    if not source.is_file():
-        raise LdmkitError(
-            f"{args.source}: no such image file (image-to-video models start from an image; a text-to-video"
-            " model would take a prompt here)"
-        )
+    image = load_image(source, "image") if source.is_file() else None  # not a file: a prompt
     return VideoParams(
-        image=load_image(source, "image"),
+        image=image,
+        prompt="" if image is not None else args.source,
+        negative_prompt=args.negative_prompt,
+        cfg=args.cfg,
         frames=args.frames,
         width=args.width,
         height=args.height,
@@ -82,8 +82,18 @@ def cmd_generate_video(args) -> int:
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("generate-video", help="make a video from an image (Stable Video Diffusion)")
-    p.add_argument("source", metavar="IMAGE", help="the conditioning frame (the clip starts from it)")
-    p.add_argument("--model", required=True, help="a video model: a diffusers SVD folder or its single file")
+    p.add_argument(
+        "source",
+        metavar="IMAGE_OR_PROMPT",
+        help="an image file (image-to-video: the clip starts from it) or a prompt (text-to-video models)",
+    )
+    p.add_argument("--negative-prompt", default="", help="text-to-video: what to steer away from")
+    p.add_argument("--cfg", type=float, help="text-to-video: guidance scale on every frame (the model's)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a video model: a diffusers SVD folder, an SVD file or ldmkit's video.safetensors",
+    )
     p.add_argument("--frames", type=int, help="frames in the clip (default: the model's, 14 or 25)")
     p.add_argument("--fps", type=int, help="frames per second, told to the model and written to the file (7)")
     p.add_argument("--motion-bucket", type=int, help="how much motion, 0 to 1023 (127; higher moves more)")
@@ -100,3 +110,45 @@ def add_parsers(sub) -> None:
     p.add_argument("-o", "--output", help="output file: .webp, .png (animated, lossless), .gif or .mp4 (one per clip)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate_video)
+
+
+def cmd_eval_video(args) -> int:
+    from tqdm import tqdm
+
+    from ldmkit.cli.common import _print_report
+    from ldmkit.evaluation.video_eval import evaluate_clips
+    from ldmkit.pipelines.video import VideoPipeline
+
+    if args.baseline:
+        from ldmkit.bundled import resolve
+        from ldmkit.checkpoints.single_file import load_model
+        from ldmkit.training.video_ldm import ClipDataConfig, VideoLDMTrainConfig, video_model_from_image_model
+
+        config = VideoLDMTrainConfig(data=ClipDataConfig(frames=args.frames))
+        model = video_model_from_image_model(load_model(resolve(args.model)[0]), config)
+        pipe = VideoPipeline(model, f"{args.model} frame by frame")
+    else:
+        pipe = VideoPipeline.load(args.model)
+    if pipe.model.config.text is None:
+        raise LdmkitError(f"{args.model}: eval-video measures text-to-video models of the shapes world")
+    with tqdm(total=args.n, desc="clips", disable=args.quiet, file=sys.stderr) as bar:
+        report = evaluate_clips(pipe, args.split, args.n, args.seed, args.steps, args.cfg, args.sampler, bar.update)
+    return _print_report(report, args.out, "eval-video")
+
+
+def add_eval_video(sub) -> None:
+    p = sub.add_parser("eval-video", help="score a text-to-video model's clips of the shapes world with the clip judge")
+    p.add_argument("--model", required=True, help="ldmkit's video.safetensors (or, with --baseline, an image model)")
+    p.add_argument(
+        "--baseline", action="store_true", help="measure the image model --model names, run frame by frame instead"
+    )
+    p.add_argument("--frames", type=int, default=8, help="with --baseline: frames per clip (default 8)")
+    p.add_argument("--split", default="val", choices=["train", "val", "heldout"])
+    p.add_argument("--n", type=int, default=50, help="clips (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="clip i uses seed + i")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--cfg", type=float)
+    p.add_argument("--sampler")
+    p.add_argument("--out", help="also write the report to this JSON file")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval_video)

@@ -21,9 +21,10 @@ from ldmkit.models.video_unet import VideoUNet
 
 @dataclass
 class VideoConditioning:
-    context: torch.Tensor  # [B, T, D]: the image embedding (T = 1)
-    concat: torch.Tensor  # [B, F, C, h, w]: the conditioning frame's latent, per frame
-    added: torch.Tensor  # [B, n]: the conditioning numbers
+    context: torch.Tensor  # [B, T, D]: the image embedding (T = 1) or the prompt's states
+    uncond: torch.Tensor | None = None  # [B, T, D] the unguided pass's context; None: zeros (SVD's)
+    concat: torch.Tensor | None = None  # [B, F, C, h, w]: the conditioning frame's latent, per frame
+    added: torch.Tensor | None = None  # [B, n]: the conditioning numbers
     cfg: torch.Tensor | None = None  # [B, F, 1, 1, 1]: the guidance scale per frame; None: no guidance pass
 
 
@@ -51,19 +52,25 @@ class VideoDenoiser:
         self.calls += 1
         dtype = next(self.unet.parameters()).dtype
         x_in = x if math.isinf(sigma) else x / (sigma**2 + 1) ** 0.5
-        x_in = torch.cat([x_in, cond.concat.to(x_in)], dim=2).to(dtype)
+        concat = None if cond.concat is None else cond.concat.to(x_in)
         t = torch.full((x.shape[0],), self.timestep(sigma), dtype=torch.float32, device=x.device)
-        context, added = cond.context.to(dtype), cond.added
         if cond.cfg is None:
-            out = self.unet(x_in, t, context, added).float()
+            out = self._unet(x_in, concat, t, cond.context, cond.added, dtype)
         else:
-            unguided = torch.cat([x_in[:, :, : x.shape[2]], torch.zeros_like(x_in[:, :, x.shape[2] :])], dim=2)
-            both = self.unet(
-                torch.cat([unguided, x_in]),
+            uncond = torch.zeros_like(cond.context) if cond.uncond is None else cond.uncond
+            both = self._unet(
+                torch.cat([x_in, x_in]),
+                None if concat is None else torch.cat([torch.zeros_like(concat), concat]),
                 torch.cat([t, t]),
-                torch.cat([torch.zeros_like(context), context]),
-                torch.cat([added, added]),
-            ).float()
-            uncond, conditional = both.chunk(2)
-            out = uncond + cond.cfg * (conditional - uncond)
+                torch.cat([uncond, cond.context]),
+                None if cond.added is None else torch.cat([cond.added, cond.added]),
+                dtype,
+            )
+            unguided, guided = both.chunk(2)
+            out = unguided + cond.cfg * (guided - unguided)
         return to_x0(out, x, sigma, self.prediction_type)
+
+    def _unet(self, x_in, concat, t, context, added, dtype) -> torch.Tensor:
+        if concat is not None:
+            x_in = torch.cat([x_in, concat], dim=2)
+        return self.unet(x_in.to(dtype), t, context.to(dtype), added).float()

@@ -55,18 +55,21 @@ class VideoPipeline:
         if params is not None and kwargs:
             raise ConfigError("give VideoParams or keyword arguments, not both")
         c = self.model.config
+        text = c.text is not None
         p = (params or VideoParams(**kwargs)).for_model(
-            self.defaults, c.unet.num_frames, c.vae.downsample_factor, self.name
+            self.defaults, c.unet.num_frames, c.vae.downsample_factor, self.name, text
         )
         generators = generators_for(p.seed, p.batch)
-        cond, noise = self._conditioning(p, generators)
+        cond, noise = self._text_conditioning(p, generators) if text else self._conditioning(p, generators)
         spec = get_sampler(p.sampler)
         schedule = NoiseSchedule.from_config(c.schedule)
         walk = sampling_schedule(spec, schedule, p.steps, scheduler_config=c.schedule.diffusers)
         denoiser = VideoDenoiser(self.model.unet, walk, schedule, c.schedule.prediction_type, self.edm)
         steps = len(walk.sigmas) - 1
         on_step = None if callback is None else (lambda i, x, x0: callback(i, steps))
-        latents = sample_latents(denoiser, spec, cond, generators, tuple(noise.shape[1:]), callback=on_step, noise=noise)
+        latents = sample_latents(
+            denoiser, spec, cond, generators, tuple(noise.shape[1:]), callback=on_step, noise=noise
+        )
         frames = self.decode(latents, p.decode_chunk)
         videos = [frames[i * p.frames : (i + 1) * p.frames] for i in range(p.batch)]
         return VideoResult(videos, p, [p.infotext(i, self.name, __version__) for i in range(p.batch)])
@@ -99,7 +102,20 @@ class VideoPipeline:
                 torch.linspace(p.min_cfg, p.max_cfg, p.frames).reshape(1, p.frames, 1, 1, 1).repeat(p.batch, 1, 1, 1, 1)
             )
         concat = latent[:, None].expand(-1, p.frames, -1, -1, -1)
-        return VideoConditioning(embedding, concat, added, cfg), noise
+        return VideoConditioning(embedding, concat=concat, added=added, cfg=cfg), noise
+
+    @torch.no_grad()
+    def _text_conditioning(self, p: VideoParams, generators) -> tuple[VideoConditioning, torch.Tensor]:
+        """A prompt's conditioning (its states, the negative prompt's for the unguided pass, one guidance scale
+        on every frame) and each clip's initial noise [B, F, C, h, w]."""
+        from ldmkit.models.prompts import encode_prompts
+
+        encoder, f = self.model.text_encoder, self.model.config.vae.downsample_factor
+        states = encode_prompts(encoder, [p.prompt, p.negative_prompt], None, mode="truncate").context
+        context, uncond = states[:1].repeat(p.batch, 1, 1), states[1:].repeat(p.batch, 1, 1)
+        noise = per_image_noise(generators, (p.frames, self.model.config.vae.embed_dim, p.height // f, p.width // f))
+        cfg = None if p.cfg == 1 else torch.full((p.batch, p.frames, 1, 1, 1), float(p.cfg))
+        return VideoConditioning(context, uncond, cfg=cfg), noise
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk: int | None = None) -> list:
@@ -107,4 +123,7 @@ class VideoPipeline:
         b, frames = latents.shape[:2]
         vae = self.model.vae
         z = vae.unscale(latents.flatten(0, 1)).to(next(vae.parameters()).dtype)
-        return tensor_to_pil(vae.decode(z, frames, chunk))
+        if self.model.config.temporal_decoder:
+            return tensor_to_pil(vae.decode(z, frames, chunk))
+        chunk = chunk or len(z)
+        return tensor_to_pil(torch.cat([vae.decode(z[i : i + chunk]) for i in range(0, len(z), chunk)]))

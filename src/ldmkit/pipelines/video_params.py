@@ -21,7 +21,7 @@ MAX_MOTION_BUCKET = 1023
 MAX_BATCH = 16
 # What a call leaves out when the model's family row does not say.
 VIDEO_DEFAULTS = {"steps": 25, "sampler": "euler", "min_cfg": 1.0, "max_cfg": 3.0, "fps": 7, "motion_bucket": 127}
-VIDEO_DEFAULTS.update(noise_aug=0.02)
+VIDEO_DEFAULTS.update(noise_aug=0.02, cfg=5.0)
 
 
 def _number(name: str, value, low: float, high: float) -> None:
@@ -33,6 +33,9 @@ def _number(name: str, value, low: float, high: float) -> None:
 @dataclass(frozen=True, kw_only=True)
 class VideoParams:
     image: Image.Image | None = field(default=None, repr=False)  # the conditioning frame (image-to-video)
+    prompt: str = ""  # what a text-to-video model draws
+    negative_prompt: str = ""
+    cfg: float | None = None  # a text-to-video model's guidance scale (the same on every frame)
     frames: int | None = None  # None: the model's own clip length
     width: int | None = None  # None: the model's default size
     height: int | None = None
@@ -50,6 +53,8 @@ class VideoParams:
     def __post_init__(self):
         if self.image is not None and not isinstance(self.image, Image.Image):
             raise ConfigError("image: a PIL image")
+        if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
+            raise ConfigError("prompt, negative_prompt: strings")
         for name in ("frames", "steps", "decode_chunk"):
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or v < 1):
@@ -72,7 +77,7 @@ class VideoParams:
             raise ConfigError(f"motion_bucket: {self.motion_bucket!r}; allowed: 0 to {MAX_MOTION_BUCKET}")
         if self.noise_aug is not None:
             _number("noise_aug", self.noise_aug, 0.0, 1.0)
-        for name in ("min_cfg", "max_cfg"):
+        for name in ("min_cfg", "max_cfg", "cfg"):
             if getattr(self, name) is not None:
                 _number(name, getattr(self, name), 0.0, 100.0)
         for name in ("width", "height"):
@@ -80,9 +85,10 @@ class VideoParams:
             if v is not None and (not _is_int(v) or not 1 <= v <= MAX_SIDE):
                 raise ConfigError(f"{name}: {v!r}; allowed: 1 to {MAX_SIDE}")
 
-    def for_model(self, defaults: dict, frames: int, factor: int, name: str = "model") -> "VideoParams":
+    def for_model(self, defaults: dict, frames: int, factor: int, name: str = "model", text: bool = False):
         """Every left-out value filled from the model (`defaults`: its call defaults; `frames`: its clip
-        length), the size checked against its latent factor, a random seed drawn."""
+        length; `text`: it draws from a prompt, not an image), the size checked against its latent factor, a
+        random seed drawn."""
         filled = {
             k: (getattr(self, k) if getattr(self, k) is not None else v)
             for k, v in {**VIDEO_DEFAULTS, **defaults}.items()
@@ -91,8 +97,12 @@ class VideoParams:
         p = replace(self, **filled, frames=self.frames or frames)
         for side in ("width", "height"):
             _check_size(side, getattr(p, side), factor)
-        if p.image is None:
-            raise ConfigError(f"{name} makes video from an image: give one")
+        if text and p.image is not None:
+            raise ConfigError(f"{name} makes video from a prompt, not from an image")
+        if not text and p.image is None:
+            raise ConfigError(f"{name} makes video from an image: give an image file")
+        if not text and p.prompt:
+            raise ConfigError(f"{name} makes video from an image; it takes no prompt")
         seed = p.seed if p.seed >= 0 else secrets.randbelow(2**32)
         return replace(p, seed=seed, decode_chunk=min(p.decode_chunk or p.frames, p.frames))
 
@@ -101,23 +111,17 @@ class VideoParams:
         return [self.seed + i for i in range(self.batch)]
 
     def infotext(self, index: int, model: str, version: str) -> str:
-        """The parameters as the popular web UI's infotext (the entries its SVD extension writes, ours for the rest)."""
-        fields = {
-            "Steps": self.steps,
-            "Sampler": self.sampler,
-            "Seed": self.seeds[index],
-            "Size": f"{self.width}x{self.height}",
-            "Frames": self.frames,
-            "FPS": self.fps,
-            "Motion bucket id": self.motion_bucket,
-            "Augmentation level": self.noise_aug,
-            "Min guidance scale": self.min_cfg,
-            "Max guidance scale": self.max_cfg,
-            "Decode chunk": self.decode_chunk,
-            "Model": model,
-            "Version": f"ldmkit {version}",
-        }
-        return format_infotext("", "", fields)
+        """The parameters as the popular web UI's infotext: a prompt model's guidance scale, an image model's
+        conditioning (the entries the web UI's SVD extension writes)."""
+        fields = {"Steps": self.steps, "Sampler": self.sampler, "Seed": self.seeds[index]}
+        fields.update({"Size": f"{self.width}x{self.height}", "Frames": self.frames, "FPS": self.fps})
+        if self.image is None:
+            fields["CFG scale"] = self.cfg
+        else:
+            fields.update({"Motion bucket id": self.motion_bucket, "Augmentation level": self.noise_aug})
+            fields.update({"Min guidance scale": self.min_cfg, "Max guidance scale": self.max_cfg})
+        fields.update({"Decode chunk": self.decode_chunk, "Model": model, "Version": f"ldmkit {version}"})
+        return format_infotext(self.prompt, self.negative_prompt, fields)
 
 
 __all__ = ["MAX_FRAMES", "MAX_SIDE", "VideoParams", "VIDEO_DEFAULTS"]
