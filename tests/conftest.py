@@ -311,3 +311,19 @@ def import_spandrel():
                 sys.modules.pop(n, None)
             else:
                 sys.modules[n] = module
+
+
+def write_tiny_video_model(folder: Path, frames: int = 3) -> Path:
+    """A tiny text-to-video model (ldmkit's own): `init-model`'s tiny image model with temporal layers grown in
+    (untrained: the image model frame by frame), as train-video writes its product."""
+    from ldmkit.checkpoints.single_file import load_model
+    from ldmkit.checkpoints.svd_file import save_svd_file
+    from ldmkit.cli import main
+    from ldmkit.training.video_ldm import ClipDataConfig, VideoLDMTrainConfig, video_model_from_image_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    assert main(["init-model", str(folder / "image.safetensors")]) == 0
+    config = VideoLDMTrainConfig(data=ClipDataConfig(frames=frames))
+    model = video_model_from_image_model(load_model(folder / "image.safetensors"), config)
+    save_svd_file(model, folder / "video.safetensors")
+    return folder / "video.safetensors"

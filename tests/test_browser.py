@@ -54,6 +54,17 @@ def serve(config):
     return f"http://127.0.0.1:{port}", stop
 
 
+def ready_page(playwright, url: str):
+    """(browser, page): Chromium on the page, once it says it is ready."""
+    from playwright.sync_api import expect
+
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+    page = browser.new_page()
+    page.goto(url)
+    expect(page.get_by_test_id("status")).to_have_text("ready", timeout=30000)
+    return browser, page
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from conftest import write_tiny_decoder
@@ -195,10 +206,7 @@ def test_an_image_prompt_from_the_page(tmp_path):
     url, stop = serve(config)
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-            page = browser.new_page()
-            page.goto(url)
-            expect(page.get_by_test_id("status")).to_have_text("ready", timeout=30000)
+            browser, page = ready_page(p, url)
             page.locator("#ip_section summary").click()
             page.get_by_test_id("ip-image").set_input_files(str(tmp_path / "prompt.png"))
             page.get_by_test_id("prompt").fill("a red circle")
@@ -212,3 +220,36 @@ def test_an_image_prompt_from_the_page(tmp_path):
     finally:
         stop()
     assert 'IP-Adapter 0: "Model: style, Weight: 0.6' in text
+
+
+def test_a_video_from_the_page(tmp_path):
+    """With a video model offered, the page shows its section; the prompt makes a clip that plays in the gallery
+    with its parameters."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from conftest import write_tiny_video_model
+    from ldmkit.server.app import ServeConfig
+
+    video = write_tiny_video_model(tmp_path / "video", frames=3)
+    assert main(["init-model", str(tmp_path / "tiny.safetensors")]) == 0
+    config = ServeConfig(str(tmp_path / "tiny.safetensors"), outputs=str(tmp_path / "out"), video_models=[str(video)])
+    url, stop = serve(config)
+    try:
+        with sync_playwright() as p:
+            browser, page = ready_page(p, url)
+            page.locator("#video_section summary").click()
+            expect(page.get_by_test_id("video-model")).to_have_value("video")
+            page.get_by_test_id("prompt").fill("a red circle moving right")
+            page.get_by_test_id("num-frames").fill("4")
+            page.get_by_test_id("make-video").click()
+            item = page.get_by_test_id("gallery").locator("[data-testid=video-item]").first
+            expect(item.locator("img")).to_be_visible(timeout=60000)
+            width = item.locator("img").evaluate("img => img.naturalWidth")  # the browser decoded the clip
+            text = item.locator("pre").inner_text()
+            assert page.get_by_test_id("error").inner_text() == ""
+            browser.close()
+    finally:
+        stop()
+    assert width == 64
+    assert text.startswith("a red circle moving right") and "Frames: 4" in text
+    assert len(list((tmp_path / "out" / "video").glob("*/*.webp"))) == 1

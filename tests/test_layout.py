@@ -14,7 +14,7 @@ LAYERS = (
     ("errors", "config", "checkpoints.files", "__init__"),
     ("nn",),
     ("models",),
-    ("checkpoints", "diffusion", "images", "bundled"),
+    ("checkpoints", "diffusion", "images", "videos", "bundled"),
     ("data",),
     ("pipelines",),
     ("evaluation",),

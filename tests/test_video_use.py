@@ -128,3 +128,70 @@ def test_bad_video_input_is_one_line(svd_folder, start_image, tmp_path, tiny_pip
     video_as_image = ["generate", "a cat", "--model", str(svd_folder)]
     assert "a video model (Stable Video Diffusion" in error_line(capsys, video_as_image)
     assert not (tmp_path / "x.avi").exists()
+
+
+@pytest.fixture(scope="module")
+def video_client(tmp_path_factory):
+    from fastapi.testclient import TestClient
+
+    from conftest import write_tiny_video_model
+    from ldmkit.server.app import ServeConfig, create_app
+
+    folder = tmp_path_factory.mktemp("video-server")
+    video = write_tiny_video_model(folder / "video", frames=3)
+    assert main(["init-model", str(folder / "tiny.safetensors")]) == 0
+    config = ServeConfig(str(folder / "tiny.safetensors"), outputs=str(folder / "out"), video_models=[str(video)])
+    app = create_app(config)
+    app.state.ready.result()
+    with TestClient(app) as client:
+        yield client, folder
+
+
+def test_the_video_route_answers_a_clip_with_its_parameters(video_client, tmp_path):
+    import base64
+
+    client, folder = video_client
+    assert client.get("/ldmkit/info").json()["video_models"] == ["video"]
+    body = {"prompt": "a blue square moving up", "num_frames": 4, "steps": 2, "seed": 9, "format": "gif"}
+    r = client.post("/ldmkit/v1/video", json=body)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert (answer["seed"], answer["frames"], answer["format"]) == (9, 4, "gif")
+    (tmp_path / "clip.gif").write_bytes(base64.b64decode(answer["video"]))
+    assert frame_count(tmp_path / "clip.gif") == 4
+    assert read_video_parameters(tmp_path / "clip.gif") == answer["parameters"]
+    assert answer["parameters"].startswith("a blue square moving up\n") and "Seed: 9" in answer["parameters"]
+    assert len(list((folder / "out" / "video").glob("*/*.gif"))) == 1
+
+
+@pytest.mark.parametrize(
+    "body,status,detail",
+    [
+        ({"prompt": "x", "format": "avi"}, 422, "format 'avi'; allowed: webp, gif, png, mp4"),
+        ({"prompt": "x", "num_frames": 1000}, 422, "num_frames: 1000; allowed: at most 32"),
+        ({"prompt": "x", "num_frames": 0}, 422, "frames: 0; allowed: 1 or more"),
+        ({"prompt": "x", "steps": 10**6}, 422, "steps: 1000000; allowed: at most 150"),
+        ({"prompt": "x", "width": 4096, "height": 4096}, 422, "allowed: at most 1048576 pixels"),
+        ({"prompt": "x", "frame_count": 3}, 422, "frame_count: Extra inputs are not permitted"),
+        ({"prompt": "x", "model": "nope"}, 404, "video model 'nope': not offered; offered: video"),
+        ({"prompt": "x", "image": "not base64!"}, 422, "image"),
+        ({"prompt": "x", "fps": -3}, 422, "fps: -3; allowed: 1 to"),
+        ({"prompt": "x" * 5000}, 422, "prompt: longer than 4000 characters"),
+    ],
+)
+def test_bad_video_requests_are_one_line(video_client, body, status, detail):
+    client, _ = video_client
+    r = client.post("/ldmkit/v1/video", json=body)
+    assert r.status_code == status, r.text
+    assert detail in r.json()["detail"] and "\n" not in r.json()["detail"]
+
+
+def test_an_image_for_a_text_model_is_refused(video_client):
+    import base64
+    import io
+
+    client, _ = video_client
+    buf = io.BytesIO()
+    frames(1)[0].save(buf, format="PNG")
+    r = client.post("/ldmkit/v1/video", json={"image": base64.b64encode(buf.getvalue()).decode(), "steps": 1})
+    assert r.status_code == 422 and "makes video from a prompt, not from an image" in r.json()["detail"]

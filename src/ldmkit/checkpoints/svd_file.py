@@ -12,7 +12,7 @@ import torch
 
 from ldmkit.checkpoints import keymaps
 from ldmkit.checkpoints.components import strict_load, strip_prefix
-from ldmkit.checkpoints.detect import unet_config_from_weights, vae_config_from_weights
+from ldmkit.checkpoints.detect import NOT_WEIGHTS, unet_config_from_weights, vae_config_from_weights
 from ldmkit.checkpoints.families import FAMILIES
 from ldmkit.checkpoints.files import read_tensors, write_safetensors
 from ldmkit.checkpoints.image_encoder_files import build_image_encoder, config_from_weights
@@ -22,7 +22,7 @@ from ldmkit.models.ldm import ScheduleConfig
 from ldmkit.models.video_ldm import VideoDiffusion, VideoModelConfig
 from ldmkit.models.video_unet import VideoUNetConfig
 
-UNET, VAE = "model.diffusion_model.", "first_stage_model."
+UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
 TOWER = "conditioner.embedders.0.open_clip.model.visual."
 ENCODER_COPY = "conditioner.embedders.3."
 HEADER = "ldmkit_video"
@@ -50,7 +50,7 @@ def _config_from_weights(unet: dict, vae: dict, family: str, where: str) -> Vide
 def load_svd_file(path: str | Path, family: str = "svd") -> VideoDiffusion:
     where = str(path)
     state, metadata = read_tensors(path)
-    stray = sorted(k for k in state if not k.startswith((UNET, VAE, TOWER, ENCODER_COPY)))
+    stray = sorted(k for k in state if not k.startswith((UNET, VAE, TEXT, TOWER, ENCODER_COPY)))
     if stray:
         raise CheckpointError(f"{where}: weights no video model part holds: {', '.join(stray[:5])}")
     unet, vae, tower = strip_prefix(state, UNET), strip_prefix(state, VAE), strip_prefix(state, TOWER)
@@ -71,10 +71,11 @@ def load_svd_file(path: str | Path, family: str = "svd") -> VideoDiffusion:
         from ldmkit.checkpoints.single_file import load_package_text_encoder
         from ldmkit.models.text import TextEncoder
 
-        if not config.text.package:
-            raise CheckpointError(f"{where}: a text-to-video file's text tower must ship in a package")
         model.cond_stage_model = TextEncoder(config.text)
-        load_package_text_encoder(model.cond_stage_model)
+        if config.text.package:  # a tower that ships in a pip package is not in the file
+            load_package_text_encoder(model.cond_stage_model)
+        else:
+            strict_load(model.cond_stage_model, strip_prefix(state, TEXT), "text encoder", where)
     if tower:
         hf = keymaps.openclip_visual_to_hf(tower)
         tower_config = (
@@ -87,6 +88,10 @@ def load_svd_file(path: str | Path, family: str = "svd") -> VideoDiffusion:
 def video_state(model: VideoDiffusion, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     state = {UNET + k: v for k, v in model.unet.state_dict().items()}
     state.update({VAE + k: v for k, v in model.vae.state_dict().items()})
+    text = model.text_encoder
+    if text is not None and not text.config.package:
+        own = text.state_dict()
+        state.update({TEXT + k: v for k, v in own.items() if not NOT_WEIGHTS.search(k)})
     if model.image_encoder is not None:
         visual = keymaps.hf_to_openclip_visual(model.image_encoder.model.state_dict())
         state.update({TOWER + k: v for k, v in visual.items()})

@@ -79,6 +79,7 @@ def cmd_serve(args) -> int:
             "(or --insecure to serve without credentials)"
         )
     bounds = ("max_pixels", "max_steps", "max_images", "max_prompt_chars", "max_input_pixels", "max_prompt_chunks")
+    bounds += ("max_frames",)
     if not 0 <= args.port <= 65535:
         raise LdmkitError(f"--port {args.port}: allowed: 0 (a free one) to 65535")
     for name in (*bounds, "max_queue", "max_body_mb"):
@@ -109,6 +110,7 @@ def cmd_serve(args) -> int:
         backend=args.backend,
         ip_adapters=list(args.ip_adapter or []),
         image_encoders=list(args.image_encoder or []),
+        video_models=list(args.video_model or []),
     )
     if args.backend == "openvino":
         from ldmkit.models.openvino_backend import require_openvino
@@ -138,6 +140,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--models-dir", help="a folder of checkpoints to offer in the model list")
     p.add_argument("--controlnet", action="append", help="a ControlNet file to offer by name (repeatable)")
     p.add_argument("--ip-adapter", action="append", help="an IP-Adapter file to offer by name (repeatable)")
+    p.add_argument(
+        "--video-model", action="append", help="a video model to offer by name at /ldmkit/v1/video (repeatable)"
+    )
+    p.add_argument("--max-frames", type=int, default=32, help="most frames a video request may ask for")
     p.add_argument(
         "--image-encoder",
         action="append",

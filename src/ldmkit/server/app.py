@@ -28,8 +28,9 @@ from ldmkit.server.decoding import DEFAULTS as DECODING_DEFAULTS
 from ldmkit.server.errors import RETRY_AFTER, DeclaredBodyLimit, body_limit_detail, document_errors, error_body
 from ldmkit.server.outputs import Outputs
 from ldmkit.server.registry import Models
-from ldmkit.server.routes import discovery, generation, page, status
+from ldmkit.server.routes import discovery, generation, page, status, video
 from ldmkit.server.state import ServerState
+from ldmkit.server.video import VideoModels
 from ldmkit.server.worker import Worker
 
 log = logging.getLogger("ldmkit.server")
@@ -49,6 +50,7 @@ class Limits:
     max_prompt_chunks: int = 8  # 75-token chunks (the web UI's, BREAK starts one): each lengthens every step
     max_queue: int = 32  # jobs waiting for the worker; beyond, 503 with Retry-After
     max_body_bytes: int = 32 * 2**20  # a request body (base64 images included)
+    max_frames: int = 32  # a video's frames (each costs a frame's worth of every activation)
 
 
 @dataclass
@@ -67,6 +69,7 @@ class ServeConfig:
     backend: str = "torch"  # what runs each model's backbone: torch or openvino (models/backends.py)
     ip_adapters: list[str] = field(default_factory=list)  # IP-Adapter files offered by name (image_prompts.py)
     image_encoders: list[str] = field(default_factory=list)  # the CLIP vision towers they read
+    video_models: list[str] = field(default_factory=list)  # video models offered by name (server/video.py)
 
 
 def _check_auth(config: ServeConfig, request: Request) -> bool:
@@ -146,7 +149,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         "samples_format": "png",
         "outdir_samples": str(outputs.root),
     }
-    server = ServerState(config, worker, models, outputs, options)
+    server = ServerState(config, worker, models, outputs, options, videos=VideoModels(config.video_models))
     app.state.config = config
     app.state.worker = worker
     app.state.models = models
@@ -154,7 +157,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     app.state.options = options
 
     _answer_errors(app, config)
-    for routes in (generation, status, discovery, page):
+    for routes in (generation, status, discovery, page, video):
         routes.add_routes(app, server)
     document_errors(app)
     # A body is refused by its declared length before it is read (DeclaredBodyLimit, outermost), or as

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from ldmkit.server.outputs import Outputs
 from ldmkit.server.registry import Models
+from ldmkit.server.video import VideoModels
 from ldmkit.server.worker import Worker
 
 if TYPE_CHECKING:
@@ -21,6 +22,7 @@ class ServerState:
     outputs: Outputs
     options: dict[str, Any]  # GET/POST /sdapi/v1/options
     model_lock: threading.Lock = field(default_factory=threading.Lock)
+    videos: VideoModels = field(default_factory=lambda: VideoModels([]))
 
     def load(self, name: str):
         """The pipeline of model `name`, loaded if it is not the loaded one. On the worker thread only."""

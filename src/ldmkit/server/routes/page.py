@@ -29,6 +29,7 @@ def add_routes(app: FastAPI, server: ServerState) -> None:
             "version": __version__,
             "tiny_decoder": bool(server.config.tiny_decoder),
             "ip_adapters": server.models.image_prompts.names(),  # the page's image-prompt picker
+            "video_models": server.videos.names(),  # the page's video section
             **model_settings(server, model),
         }
 
