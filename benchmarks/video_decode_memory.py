@@ -3,7 +3,8 @@
 Each (frames, chunk) runs in its own process: the decoder at SVD's size (widths 128-256-512-512, two blocks per
 level; random weights: memory and time do not depend on their values), latents of `frames` frames, decoded
 `chunk` frames at a time. Printed: the peak resident memory above the process's after building the model,
-and the time. Usage: python benchmarks/video_decode_memory.py [HEIGHT WIDTH] (default 256 448)."""
+and the time. Usage: python benchmarks/video_decode_memory.py [HEIGHT WIDTH [FRAMES:CHUNK ...]] (default 256 448,
+14 and 25 frames each whole and in chunks of 7, 2 and 1)."""
 
 import json
 import platform
@@ -41,13 +42,13 @@ def main() -> None:
     if len(sys.argv) == 6 and sys.argv[1] == "--one":
         print(json.dumps(one(*map(int, sys.argv[2:]))))
         return
-    height, width = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) == 3 else (256, 448)
+    height, width = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) >= 3 else (256, 448)
+    runs = [tuple(map(int, a.split(":"))) for a in sys.argv[3:]] or [(f, c) for f in (14, 25) for c in (f, 7, 2, 1)]
     rows = []
-    for frames in (14, 25):
-        for chunk in (frames, 7, 2, 1):
-            cmd = [sys.executable, __file__, "--one", str(frames), str(chunk), str(height), str(width)]
-            rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
-            print(json.dumps(rows[-1]), file=sys.stderr)
+    for frames, chunk in runs:
+        cmd = [sys.executable, __file__, "--one", str(frames), str(chunk), str(height), str(width)]
+        rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
+        print(json.dumps(rows[-1]), file=sys.stderr)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
     report = {"size": f"{width}x{height}", "threads": 1, "cpu": cpu or platform.processor(), "rows": rows}
     report["command"] = "python benchmarks/video_decode_memory.py " + " ".join(sys.argv[1:])

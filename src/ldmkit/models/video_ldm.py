@@ -66,6 +66,20 @@ class VideoDiffusion(nn.Module):
             self.cond_stage_model = TextEncoder(config.text)
         self.image_encoder = image_encoder  # not a submodule: its weights are the tower's own file
 
+    @classmethod
+    def from_parts(cls, config: VideoModelConfig, unet: VideoUNet, vae, text_encoder=None) -> "VideoDiffusion":
+        """A model made of existing networks (shared, not copied), without building new ones."""
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model.config = config
+        model.model = nn.Module()
+        model.model.diffusion_model = unet
+        model.first_stage_model = vae
+        if text_encoder is not None:
+            model.cond_stage_model = text_encoder
+        model.image_encoder = None
+        return model
+
     @property
     def unet(self) -> VideoUNet:
         return self.model.diffusion_model

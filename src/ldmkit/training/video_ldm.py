@@ -20,7 +20,7 @@ from ldmkit.data.shapes_clips import sample_clip
 from ldmkit.diffusion.schedule import NoiseSchedule
 from ldmkit.errors import ConfigError
 from ldmkit.models.video_ldm import VideoDiffusion, VideoModelConfig
-from ldmkit.models.video_unet import VideoUNetConfig
+from ldmkit.models.video_unet import VideoUNet, VideoUNetConfig
 from ldmkit.nn.temporal import FramePositions, TemporalResBlock, VideoTransformerBlock
 from ldmkit.training.ema import EMA
 from ldmkit.training.latent_task import check_cond_dropout
@@ -105,9 +105,7 @@ def video_model_from_image_model(base, config: VideoLDMTrainConfig) -> VideoDiff
         text=c.text,
         temporal_decoder=False,
     )
-    model = VideoDiffusion(video)
-    model.first_stage_model = base.first_stage_model
-    model.cond_stage_model = base.cond_stage_model
+    model = VideoDiffusion.from_parts(video, VideoUNet(unet), base.first_stage_model, base.cond_stage_model)
     spatial = {k: v for k, v in model.unet.state_dict().items() if not any(t in k for t in TEMPORAL)}
     image = base.unet.state_dict()
     strict_load(
@@ -126,8 +124,8 @@ class VideoLDMTask:
 
         self.config = c = config
         base = load_model(resolve(c.base)[0])
-        if base.config.text.kind != "bert" or base.config.conditioner or base.config.sd3:
-            raise ConfigError(f"base {c.base}: a text-to-image model with one text tower of ldmkit's (MiniLM) kind")
+        if base.config.conditioner or base.config.sd3 or base.config.unet.in_channels != base.config.vae.embed_dim:
+            raise ConfigError(f"base {c.base}: a text-to-image UNet model with one text tower (SD 1.x/2.x-like)")
         self.model = video_model_from_image_model(base, c)
         self.prediction = base.config.schedule.prediction_type
         self.schedule = NoiseSchedule.from_config(base.config.schedule, base.alphas_cumprod)
