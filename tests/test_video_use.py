@@ -195,3 +195,12 @@ def test_an_image_for_a_text_model_is_refused(video_client):
     frames(1)[0].save(buf, format="PNG")
     r = client.post("/ldmkit/v1/video", json={"image": base64.b64encode(buf.getvalue()).decode(), "steps": 1})
     assert r.status_code == 422 and "makes video from a prompt, not from an image" in r.json()["detail"]
+
+
+def test_inspect_and_models_name_a_video_model(svd_folder, capsys):
+    assert main(["inspect", str(svd_folder)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "svd" and info["kind"] == "image-to-video" and info["parameters"]["temporal_layers"] > 0
+    assert main(["models", "--json", str(svd_folder.parent)]) == 0
+    (entry,) = json.loads(capsys.readouterr().out)["folders"][0]["entries"]
+    assert (entry["kind"], entry["family"]) == ("video-model", "svd")

@@ -80,7 +80,7 @@ def _walk(root: Path, folder: Path, depth: int, out: list[dict]) -> None:
 
 
 def identify(path: str | Path) -> dict:
-    """What one file or diffusers folder is: {"path", "kind", "size_bytes", ...}; kind is "model",
+    """What one file or diffusers folder is: {"path", "kind", "size_bytes", ...}; kind is "model", "video-model",
     "controlnet", "lora", "embedding", "vae", or "unknown" with the reason in "note"."""
     p = Path(path)
     info: dict = {"path": str(p), "size_bytes": _size(p)}
@@ -195,12 +195,32 @@ def _model(state, metadata, where) -> dict:
 
     if sd3_files.file_family(state, metadata) is not None:  # listed with the towers it carries: others may be elsewhere
         return sd3_files.summary(state, metadata, where)
+    video = _video(state, metadata)
+    if video is not None:
+        return video
     try:
         config = detect(state, metadata, where)
     except UnsupportedModelError:
         family = unsupported_family(set(state))
         return {"kind": "model", "family": family.name, "title": family.title, "supported": False}
     return _model_entry(config.family, config.image_size)
+
+
+def _video(state, metadata) -> dict | None:
+    """A video model's entry (its header, or a video family's marker), or None."""
+    from ldmkit.checkpoints.families import marked_family
+    from ldmkit.checkpoints.svd_file import HEADER
+
+    if HEADER in metadata:
+        try:
+            config = json.loads(metadata[HEADER])
+            return {**_model_entry(str(config["family"]), int(config["width"])), "kind": "video-model"}
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"a video model header that does not read ({str(e)[:80]})") from None
+    family = marked_family(state)
+    if family is None or family.backbone != "video_unet":
+        return None
+    return {**_model_entry(family.name, family.image_size), "kind": "video-model"}
 
 
 def _model_entry(family: str, image_size: int) -> dict:
@@ -268,6 +288,8 @@ def _folder(p: Path) -> dict:
     family = pipeline_family(str(cls))
     if family is not None and family.backbone == "mmdit":
         return _transformer_folder(p, family)
+    if family is not None and family.backbone == "video_unet":
+        return _video_folder(p, family)
     if not (p / "unet" / "config.json").is_file():
         raise CheckpointError(f"a {cls} folder without unet/config.json; ldmkit loads UNet pipelines")
     try:
@@ -300,6 +322,21 @@ def _transformer_folder(p: Path, family) -> dict:
     except LdmkitError as e:
         raise CheckpointError(f"a {family.title} folder, not loadable: {str(e).removeprefix(f'{p}/')}") from None
     return _model_entry(family.name, backbone.sample_size * vae.downsample_factor)
+
+
+def _video_folder(p: Path, family) -> dict:
+    """An SVD pipeline folder, from its UNet's and autoencoder's configs."""
+    from ldmkit.checkpoints.diffusers_folder import read_json
+    from ldmkit.checkpoints.svd_configs import temporal_vae_config_from_diffusers, video_unet_config_from_diffusers
+
+    try:
+        unet_json = read_json(p / "unet" / "config.json")
+        video_unet_config_from_diffusers(unet_json, "unet/config.json")
+        vae = temporal_vae_config_from_diffusers(read_json(p / "vae" / "config.json"), "vae/config.json")
+    except LdmkitError as e:
+        raise CheckpointError(f"a {family.title} folder, not loadable: {str(e).removeprefix(f'{p}/')}") from None
+    size = unet_json.get("sample_size", 128) * vae.downsample_factor
+    return {**_model_entry(family.name, size), "kind": "video-model"}
 
 
 def _component(config: dict) -> dict:

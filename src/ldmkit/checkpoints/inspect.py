@@ -53,9 +53,13 @@ def inspect_path(
     """text_encoders: a folder with the text towers an SD3 file lacks (the file is then loaded whole)."""
     from ldmkit.checkpoints import ip_adapter_files, sd3_files, taesd_files
     from ldmkit.checkpoints.controlnet_files import describe_controlnet, is_controlnet_path, load_controlnet
+    from ldmkit.checkpoints.video_files import describe_video, load_video_model, video_family
 
     fmt = sniff(path)
     info: dict = {"path": str(path), "format": fmt}
+    if video_family(path) is not None:
+        info.update(describe_video(load_video_model(path)))
+        return info
     if is_controlnet_path(path):
         net = load_controlnet(path)
         info.update(describe_controlnet(net))

@@ -53,3 +53,33 @@ def load_video_model(path: str | Path) -> VideoDiffusion:
     from ldmkit.checkpoints.svd_file import load_svd_file
 
     return load_svd_file(p, f.name)
+
+
+def describe_video(model: VideoDiffusion) -> dict:
+    """What `ldmkit inspect` says of a video model."""
+    from ldmkit.checkpoints.families import FAMILIES
+
+    c = model.config
+
+    def count(module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    temporal_names = ("time_stack", "time_mixer", "time_pos_embed")  # the temporal layers' (nn/temporal.py)
+    temporal = sum(p.numel() for n, p in model.unet.named_parameters() if any(t in n for t in temporal_names))
+    parameters = {"unet": count(model.unet), "temporal_layers": temporal, "vae": count(model.vae)}
+    if model.text_encoder is not None:
+        parameters["text_encoder"] = count(model.text_encoder)
+    if model.image_encoder is not None:
+        parameters["image_encoder"] = count(model.image_encoder.model)
+    return {
+        "family": c.family,
+        "title": FAMILIES[c.family].title if c.family in FAMILIES else c.family,
+        "supported": True,
+        "kind": "text-to-video" if c.text is not None else "image-to-video",
+        "frames": c.unet.num_frames,
+        "size": [c.width, c.height],
+        "unet_channels": list(c.unet.channels),
+        "temporal_decoder": c.temporal_decoder,
+        "parameters": parameters,
+        "note": "make videos with `ldmkit generate-video`",
+    }

@@ -9,6 +9,7 @@ from ldmkit.errors import LdmkitError
 # How each kind of file is given to `ldmkit generate` (and `serve`).
 USE = {
     "model": "--model",
+    "video-model": "ldmkit generate-video --model",
     "controlnet": "--controlnet",
     "lora": "--lora FILE[:WEIGHT], or --lora-dir FOLDER and <lora:NAME:W> in a prompt",
     "embedding": "--embeddings-dir FOLDER and its file name in a prompt",
@@ -132,7 +133,7 @@ def _what(e: dict) -> str:
     kind = e["kind"]
     if kind == "unknown":
         return f"not recognised: {e['note']}"
-    if kind == "model":
+    if kind in ("model", "video-model"):
         if not e["supported"]:
             return f"{e['family']} model: {e['title']}, recognised but not supported yet"
         what = f"{e['family']} model: {e['title']}, {e['image_size']}x{e['image_size']}"
@@ -159,7 +160,7 @@ def _what(e: dict) -> str:
 def _folder_table(entries: list[dict]) -> list[str]:
     rows = [["NAME", "DISK", "WHAT"]]
     for e in entries:
-        usable = e["kind"] != "unknown" and (e["kind"] != "model" or e["supported"])
+        usable = e["kind"] != "unknown" and (e["kind"] not in ("model", "video-model") or e["supported"])
         what = _what(e) + (f"; use with {USE[e['kind']]}" if usable else "")
         rows.append([e["name"], _size(e["size_bytes"]), what])
     return _aligned(rows)
