@@ -213,3 +213,40 @@ def test_image_only_frames_skip_the_temporal_path(tmp_path):
     alpha = torch.sigmoid(torch.tensor(0.3))
     assert torch.equal(out[0, :, 0], spatial[0, :, 0]) and torch.equal(out[1, :, 2], spatial[1, :, 2])
     assert torch.allclose(out[0, :, 1], alpha * spatial[0, :, 1] + (1 - alpha) * temporal[0, :, 1])
+
+
+def test_a_single_file_without_our_header_reads_by_the_family_rules(tmp_path):
+    """An original-layout file (no ldmkit header): the architecture from the weights, heads (64 channels each)
+    and the latent scale from the family row, the original code's GroupNorm epsilons."""
+    from safetensors.torch import load_file, save_file
+
+    from ldmkit.models.autoencoder import AutoencoderConfig
+    from ldmkit.models.video_ldm import VideoDiffusion, VideoModelConfig
+    from ldmkit.models.video_unet import VideoUNetConfig
+
+    unet = VideoUNetConfig(
+        channels=(64, 128),
+        attention_resolutions=(1, 2),
+        num_res_blocks=1,
+        context_dim=32,
+        adm_in_channels=48,
+        addition_time_embed_dim=16,
+    )
+    config = VideoModelConfig(
+        "svd", unet, AutoencoderConfig(channels=(32, 32), use_quant_conv=False), width=64, height=64
+    )
+    model = randomize(VideoDiffusion(config), 3)
+    save_svd_file(model, tmp_path / "ours.safetensors")
+    save_file(load_file(tmp_path / "ours.safetensors"), tmp_path / "plain.safetensors")  # the header dropped
+    again = load_svd_file(tmp_path / "plain.safetensors")
+    assert again.config.unet.heads_at(1, 128) == (2, 64) and again.config.vae.scale_factor == 0.18215
+    assert again.config.unet.eps_layout == "original" and again.image_encoder is None
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(1, 3, 8, 8, 8, generator=g), torch.randn(1, 1, 32, generator=g)
+    added = torch.tensor([[6.0, 127.0, 0.02]])
+    with torch.no_grad():
+        assert torch.equal(
+            model.unet(x, torch.tensor([0.5]), context, added), again.unet(x, torch.tensor([0.5]), context, added)
+        )
+        z = torch.randn(3, 4, 8, 8, generator=g)
+        assert torch.equal(model.vae.decode(z, 3), again.vae.decode(z, 3))

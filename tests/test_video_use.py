@@ -204,3 +204,61 @@ def test_inspect_and_models_name_a_video_model(svd_folder, capsys):
     assert main(["models", "--json", str(svd_folder.parent)]) == 0
     (entry,) = json.loads(capsys.readouterr().out)["folders"][0]["entries"]
     assert (entry["kind"], entry["family"]) == ("video-model", "svd")
+
+
+@pytest.mark.parametrize(
+    "reader,cfg,match",
+    [
+        (
+            "unet",
+            {
+                "down_block_types": ["CrossAttnDownBlockSpatioTemporal"],
+                "up_block_types": ["UpBlockSpatioTemporal"],
+                "block_out_channels": [32],
+            },
+            "do not mirror",
+        ),
+        (
+            "unet",
+            {"down_block_types": ["DownBlock3D"], "up_block_types": ["UpBlock3D"], "block_out_channels": [32]},
+            "down block type 'DownBlock3D'",
+        ),
+        (
+            "unet",
+            {
+                "cross_attention_dim": [16, 32],
+                "block_out_channels": [32, 64],
+                "down_block_types": ["DownBlockSpatioTemporal"] * 2,
+                "up_block_types": ["UpBlockSpatioTemporal"] * 2,
+            },
+            "one width for every level",
+        ),
+        ("unet", {"num_attention_heads": "many"}, "num_attention_heads='many'"),
+        ("vae", {"layers_per_block": 3}, "layers_per_block=3; a temporal decoder is read at 2 only"),
+        ("vae", {"down_block_types": ["DownEncoderBlock3D"]}, "DownEncoderBlock3D"),
+    ],
+)
+def test_video_configs_diffusers_cannot_mean_are_refused_by_name(reader, cfg, match):
+    from ldmkit.checkpoints.svd_configs import temporal_vae_config_from_diffusers, video_unet_config_from_diffusers
+    from ldmkit.errors import CheckpointError
+
+    read = video_unet_config_from_diffusers if reader == "unet" else temporal_vae_config_from_diffusers
+    with pytest.raises(CheckpointError, match=match):
+        read(cfg, "config.json")
+
+
+def test_a_video_file_with_weights_no_part_holds_is_refused(svd_folder, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from ldmkit.checkpoints.svd_file import load_svd_file
+    from ldmkit.checkpoints.video_files import load_video_model
+    from ldmkit.errors import CheckpointError
+
+    marker = "model.diffusion_model.input_blocks.1.0.time_stack.in_layers.0.weight"
+    save_file({marker: torch.ones(4), "stray.weight": torch.ones(2)}, tmp_path / "odd.safetensors")
+    with pytest.raises(CheckpointError, match="weights no video model part holds: stray.weight"):
+        load_svd_file(tmp_path / "odd.safetensors")
+    save_file({"foo.weight": torch.ones(2)}, tmp_path / "other.safetensors")
+    with pytest.raises(CheckpointError, match="not a video model"):
+        load_video_model(tmp_path / "other.safetensors")
