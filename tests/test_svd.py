@@ -79,8 +79,10 @@ def draw(seed: int) -> dict:
         motion_bucket_id=r.randint(1, 255),
         noise_aug_strength=round(r.uniform(0.0, 0.1), 3),
         min_guidance_scale=round(r.uniform(0.5, 2.0), 2),
-        max_guidance_scale=round(r.uniform(0.5, 4.0), 2),
     )
+    # a ramp up (diffusers decides on guidance by the largest scale before sampling and by the ramp's largest
+    # during it: a ramp down to a scale at most 1 crashes its pipeline, so the draws keep max >= min)
+    call["max_guidance_scale"] = round(r.uniform(call["min_guidance_scale"], 4.0), 2)
     call["decode_chunk_size"] = r.choice([d for d in range(1, call["num_frames"] + 1) if call["num_frames"] % d == 0])
     image_size = (r.randint(40, 300), r.randint(40, 300))
     return dict(unet=unet, vae=vae, tower=tower, call=call, image_size=image_size, seed=seed)
