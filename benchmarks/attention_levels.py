@@ -1,10 +1,11 @@
-"""Training throughput of the bundled shapes model's UNet with and without attention at 16x16, and two
-neighbouring sizes: the measurement behind configs/shapes-ldm.yaml's architecture.
+"""Training throughput of the bundled shapes model's UNet with and without attention at 16x16, two
+neighbouring sizes, and the same UNet on an f = 8 autoencoder's latents (8x8x16, the same number of
+values as f = 4's 16x16x4): the measurement behind configs/shapes-ldm.yaml's architecture.
 
     python benchmarks/attention_levels.py [--threads 2]
 
 Prints one JSON line per variant: parameters and samples/s of fwd + bwd + AdamW, batch 32, 16x16x4
-latents, 32 MiniLM-sized context tokens, median of 3 steps after one warm-up step."""
+latents unless the variant names others, 32 MiniLM-sized context tokens, median of 3 steps after one warm-up step."""
 
 import argparse
 import json
@@ -19,6 +20,7 @@ VARIANTS = [
     {"attention_resolutions": (2, 4), "num_res_blocks": 2, "channels": (64, 128, 128)},
     {"attention_resolutions": (1, 2, 4), "num_res_blocks": 1, "channels": (64, 128, 128)},
     {"attention_resolutions": (2, 4), "num_res_blocks": 2, "channels": (96, 192, 192)},
+    {"latent": (16, 8, 8), "attention_resolutions": (1, 2, 4), "num_res_blocks": 2, "channels": (64, 128, 128)},
 ]
 
 
@@ -28,13 +30,21 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
-    z, t, ctx = (
-        torch.randn(32, 4, 16, 16, generator=g),
-        torch.randint(0, 1000, (32,), generator=g),
-        torch.randn(32, 32, 384, generator=g),
-    )
+    t, ctx = torch.randint(0, 1000, (32,), generator=g), torch.randn(32, 32, 384, generator=g)
     for v in VARIANTS:
-        unet = UNetModel(UNetConfig(num_head_channels=32, use_linear_in_transformer=True, context_dim=384, **v))
+        latent = v.get("latent", (4, 16, 16))
+        z = torch.randn(32, *latent, generator=g)
+        arch = {k: x for k, x in v.items() if k != "latent"}
+        unet = UNetModel(
+            UNetConfig(
+                in_channels=latent[0],
+                out_channels=latent[0],
+                num_head_channels=32,
+                use_linear_in_transformer=True,
+                context_dim=384,
+                **arch,
+            )
+        )
         opt = torch.optim.AdamW(unet.parameters())
 
         def step():
@@ -47,7 +57,8 @@ def main() -> None:
         print(
             json.dumps(
                 {
-                    **{k: list(x) if isinstance(x, tuple) else x for k, x in v.items()},
+                    "latent": list(latent),
+                    **{k: list(x) if isinstance(x, tuple) else x for k, x in arch.items()},
                     "params_m": round(params / 1e6, 2),
                     "samples_per_s": round(32 / seconds, 1),
                 }

@@ -6,6 +6,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ldmkit.data.shapes import (
@@ -17,13 +18,13 @@ from ldmkit.data.shapes import (
     Intent,
     Item,
     edge_map,
-    export,
     intent_from_json,
     intent_to_json,
     render,
     sample_scene,
     scene_mask,
 )
+from ldmkit.data.shapes_export import export
 from ldmkit.evaluation.judge import corrupt, detect, judge, self_test
 
 
@@ -185,3 +186,61 @@ def test_judge_explains_misses():
     verdict = judge(blank, Intent([Item("star", "red", 2)]))
     assert verdict.checks["count"] is False and detect(blank) == []
     assert any(m.startswith("count: wanted 2 shape(s) (2 red stars), found 0") for m in verdict.misses)
+
+
+def test_both_ways_states_each_relation_the_other_way_round():
+    from ldmkit.data.images import DataConfig, ShapesData
+    from ldmkit.data.shapes import converse
+
+    n = 60
+    plain = ShapesData(DataConfig(split="val", n=n))
+    both = ShapesData(DataConfig(split="val", n=n, relations="both-ways"))
+    assert len(plain) == n and len(both) == 2 * n
+    flipped = 0
+    for i in range(n):
+        scene = sample_scene("val", i)
+        assert both.caption(i) == plain.caption(i) == scene.caption
+        image_a, _ = both.load(i)
+        image_b, caption = both.load(n + i)
+        assert torch.equal(image_a, image_b) and caption == both.caption(n + i)  # the same image, told anew
+        if scene.intent.relation is None:
+            continue
+        # the other statement is true of the same render (the judge agrees), and not the original words
+        a, rel, b = scene.intent.relation
+        other = converse(scene.intent)
+        opposite = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+        assert other.relation == (b, opposite[rel], a)
+        assert judge(render(scene), other).correct
+        words = {"above": "above", "below": "below", "left of": "left of", "right of": "right of"}
+        assert words[other.relation[1]] in caption and caption != scene.caption
+        flipped += 1
+    assert flipped >= 10
+
+
+def test_any_colours_draws_unnamed_colours_half_the_time():
+    from ldmkit.data.images import DataConfig, ShapesData
+    from ldmkit.data.shapes import PALETTE
+
+    data = ShapesData(DataConfig(split="train", n=200, colours="any"))
+    named = ShapesData(DataConfig(split="train", n=200))
+    kept = changed = 0
+    for i in range(200):
+        scene = sample_scene("train", i)
+        x, y = data.load(i)[0], named.load(i)[0]
+        assert data.caption(i) == scene.caption and torch.equal(x, data.load(i)[0])  # deterministic
+        _, masks = render(scene, with_masks=True)
+        for s, m in zip(scene.shapes, masks):
+            core = torch.from_numpy(m)
+            if core.sum() < 8:
+                continue
+            got = ((x[:, core] + 1) * 127.5).median(dim=1).values
+            want = torch.tensor(PALETTE[s.colour], dtype=torch.float32)
+            same = bool((got - want).abs().max() <= 2)
+            kept, changed = kept + same, changed + (not same)
+            if same:  # a kept colour is drawn exactly as in the named data
+                assert ((y[:, core] + 1) * 127.5).median(dim=1).values.sub(want).abs().max() <= 2
+    assert 0.35 < kept / (kept + changed) < 0.65, (kept, changed)
+    with pytest.raises(Exception, match="data.colours"):
+        DataConfig(colours="rainbow")
+    with pytest.raises(Exception, match="data.relations"):
+        DataConfig(relations="sideways")

@@ -417,7 +417,7 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, capsys):
 
 def test_shards_and_folders_give_the_same_samples(tmp_path):
     from ldmkit.data.images import DataConfig, open_dataset
-    from ldmkit.data.shapes import export
+    from ldmkit.data.shapes_export import export
 
     export(tmp_path / "folder", "train", 20, fmt="folder")
     export(tmp_path / "shards", "train", 20, fmt="shards", shard_size=8)

@@ -23,7 +23,7 @@ def cmd_emoji_data(args) -> int:
 def cmd_shapes(args) -> int:
     import time
 
-    from ldmkit.data.shapes import export
+    from ldmkit.data.shapes_export import export
 
     t = time.perf_counter()
     info = export(args.out, args.split, args.n, args.seed, args.size, args.format, args.shard_size, args.extras)

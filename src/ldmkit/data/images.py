@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldmkit.data.shapes import SPLITS, any_colours, recaption, sample_scene
 from ldmkit.data.shapes import render as render_scene
-from ldmkit.data.shapes import sample_scene
 from ldmkit.errors import ConfigError
 from ldmkit.images import MAX_PIXELS, open_image, to_rgb
 
@@ -47,12 +47,22 @@ class DataConfig:
     captions: str = "required"  # required | optional (missing -> "")
     background: tuple[int, int, int] = (255, 255, 255)
     flip: bool = False
+    # shapes: "named" draws the captions' colours; "any" gives each shape a random colour half the time
+    # (autoencoders: a palette wide enough for colours taught later, e.g. pink and teal)
+    colours: str = "named"
+    # shapes: "both-ways" doubles the split, items n..2n-1 being scenes 0..n-1 captioned anew, a relation
+    # stated the other way round ("X above Y" as "Y below X"): each image is seen with both statements
+    relations: str = "as-drawn"
 
     def __post_init__(self):
         if self.kind not in ("shapes", "folder", "shards"):
             raise ConfigError(f"data.kind: {self.kind!r}; allowed: shapes, folder, shards")
         if self.captions not in ("required", "optional"):
             raise ConfigError(f"data.captions: {self.captions!r}; allowed: required, optional")
+        if self.colours not in ("named", "any"):
+            raise ConfigError(f"data.colours: {self.colours!r}; allowed: named, any")
+        if self.relations not in ("as-drawn", "both-ways"):
+            raise ConfigError(f"data.relations: {self.relations!r}; allowed: as-drawn, both-ways")
         if self.kind in ("folder", "shards") and not self.path:
             raise ConfigError(f"data.path: needed with kind: {self.kind}")
 
@@ -138,14 +148,27 @@ class ShapesData:
         self.skipped = 0
 
     def __len__(self) -> int:
-        return self.config.n
+        return self.config.n * (2 if self.config.relations == "both-ways" else 1)
+
+    def _scene(self, i: int):
+        """(scene, caption) of item i; seeded by the item alone, like the scene itself, so that resume
+        and multi-process runs stay exact."""
+        c = self.config
+        scene = sample_scene(c.split, i % c.n, c.seed, c.size)
+        if i < c.n:
+            return scene, scene.caption
+        return scene, recaption(scene, np.random.default_rng([SPLITS[c.split], c.seed, i, 2]))
 
     def caption(self, i: int) -> str:
-        return sample_scene(self.config.split, i, self.config.seed, self.config.size).caption
+        return self._scene(i)[1]
 
     def load(self, i: int) -> tuple[torch.Tensor, str]:
-        scene = sample_scene(self.config.split, i, self.config.seed, self.config.size)
-        return prepare(render_scene(scene), self.config.size), scene.caption
+        c = self.config
+        scene, caption = self._scene(i)
+        colours = None
+        if c.colours == "any":
+            colours = any_colours(scene, np.random.default_rng([SPLITS[c.split], c.seed, i, 1]))
+        return prepare(render_scene(scene, colours=colours), c.size), caption
 
 
 class ShardData:

@@ -10,12 +10,8 @@ a distribution; "heldout" scenes each use a (colour, shape) pair that "train" ne
 "teal" scenes each use that colour, and "diamond" scenes that shape, which no other split shows (for
 teaching them to a trained model)."""
 
-import io
-import json
 import math
-import tarfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -57,6 +53,7 @@ POSITION_WORDS = {
 }
 RELATIONS = ("above", "below", "left of", "right of")
 RELATION_WORDS = {"above": "above", "below": "below", "left of": "to the left of", "right of": "to the right of"}
+CONVERSE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
 # (colour, shape) pairs the training split never shows.
 HELDOUT = {("red", "star"), ("blue", "triangle"), ("green", "circle"), ("yellow", "square")}
 NOVEL = (*NOVEL_COLOURS, *NOVEL_SHAPES)
@@ -143,6 +140,19 @@ def caption_for(intent: Intent, rng: np.random.Generator) -> str:
     if item.position:
         text += " " + POSITION_WORDS[item.position]
     return text if rng.random() < 0.85 else text.removeprefix("a ").removeprefix("an ")
+
+
+def converse(intent: Intent) -> Intent:
+    """The same scene asserted the other way round: "X above Y" becomes "Y below X"."""
+    if intent.relation is None:
+        return intent
+    a, rel, b = intent.relation
+    return Intent(intent.items, (b, CONVERSE[rel], a))
+
+
+def recaption(scene: Scene, rng: np.random.Generator) -> str:
+    """Another caption for the scene: a relation stated the other way round, anything else phrased anew."""
+    return caption_for(converse(scene.intent), rng)
 
 
 def _pick_kind(rng, split: str) -> tuple[str, str]:
@@ -317,15 +327,16 @@ def _polygon(shape: str, x: float, y: float, r: float) -> list[tuple[float, floa
     raise ConfigError(f"unknown shape {shape!r}")
 
 
-def render(scene: Scene, with_masks: bool = False):
-    """RGB image (and, with_masks, one boolean mask per shape), anti-aliased by supersampling."""
+def render(scene: Scene, with_masks: bool = False, colours: list | None = None):
+    """RGB image (and, with_masks, one boolean mask per shape), anti-aliased by supersampling. `colours`
+    (one RGB per shape) overrides the named palette: autoencoder data in colours no caption names."""
     side, ss = scene.size, SUPERSAMPLE
     big = Image.new("RGB", (side * ss, side * ss), (0, 0, 0))
     cover = Image.new("L", big.size, 0)  # where any shape is: the alpha of the shapes over the background
     draw, cover_draw = ImageDraw.Draw(big), ImageDraw.Draw(cover)
     masks = []
-    for s in scene.shapes:
-        _draw_shape(draw, s, ss, PALETTE[s.colour])
+    for k, s in enumerate(scene.shapes):
+        _draw_shape(draw, s, ss, tuple(colours[k]) if colours is not None else PALETTE[s.colour])
         _draw_shape(cover_draw, s, ss, 255)
         if with_masks:
             m = Image.new("L", big.size, 0)
@@ -339,6 +350,15 @@ def render(scene: Scene, with_masks: bool = False):
     out = alpha * colour_part + (1 - alpha) * bg
     image = Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8))
     return (image, masks) if with_masks else image
+
+
+def any_colours(scene: Scene, rng: np.random.Generator) -> list[tuple[int, int, int]]:
+    """One RGB per shape: its named colour half the time, else uniform over the RGB cube -- so that an
+    autoencoder trained on them reconstructs colours no caption names (pink, teal) as well as the six."""
+    return [
+        PALETTE[s.colour] if rng.random() < 0.5 else tuple(int(v) for v in rng.integers(0, 256, 3))
+        for s in scene.shapes
+    ]
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, s: Shape, scale: int, fill) -> None:
@@ -376,72 +396,3 @@ def scene_mask(masks: list[np.ndarray], side: int) -> Image.Image:
     for m in masks:
         union |= m
     return Image.fromarray((union * 255).astype(np.uint8))
-
-
-# --- export ----------------------------------------------------------------------------------------
-
-
-def _png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
-def export(
-    out: str | Path,
-    split: str,
-    n: int,
-    seed: int = 0,
-    size: int = 64,
-    fmt: str = "folder",
-    shard_size: int = 1000,
-    extras: bool = False,
-) -> dict:
-    """Write n scenes as an image folder (NAME.png + NAME.txt caption, metadata.jsonl with the full
-    records) or as webdataset tar shards (KEY.png, KEY.txt, KEY.json). `extras` adds the edge map
-    and mask of each image (ControlNet work)."""
-    if fmt not in ("folder", "shards"):
-        raise ConfigError(f"format {fmt!r}; allowed: folder, shards")
-    if n <= 0:
-        raise ConfigError(f"n: {n}; allowed: 1 or more")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    files = []
-    tar = None
-    meta = open(out / "metadata.jsonl.tmp", "w") if fmt == "folder" else None
-    try:
-        for i in range(n):
-            scene = sample_scene(split, i, seed, size)
-            image, masks = render(scene, with_masks=True)
-            key = f"{split}-{i:06d}"
-            record = {"file_name": f"{key}.png", "text": scene.caption, **scene.to_json()}
-            blobs = {"png": _png_bytes(image), "txt": scene.caption.encode(), "json": json.dumps(record).encode()}
-            if extras:
-                blobs["edges.png"] = _png_bytes(edge_map(image))
-                blobs["mask.png"] = _png_bytes(scene_mask(masks, size))
-            if fmt == "folder":
-                for ext in ("png", "txt", "edges.png", "mask.png"):
-                    if ext in blobs:
-                        (out / f"{key}.{ext}").write_bytes(blobs[ext])
-                meta.write(json.dumps(record) + "\n")
-            else:
-                if i % shard_size == 0:
-                    if tar is not None:
-                        tar.close()
-                        files[-1].with_suffix(".tmp").rename(files[-1])
-                    files.append(out / f"{split}-{len(files):06d}.tar")
-                    tar = tarfile.open(files[-1].with_suffix(".tmp"), "w")
-                for ext, data in blobs.items():
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    info.mtime = 0  # same seed, same bytes
-                    tar.addfile(info, io.BytesIO(data))
-    finally:
-        if tar is not None:
-            tar.close()
-            files[-1].with_suffix(".tmp").rename(files[-1])
-        if meta is not None:
-            meta.close()
-            (out / "metadata.jsonl.tmp").rename(out / "metadata.jsonl")
-    shards = [str(f) for f in files]
-    return {"out": str(out), "split": split, "n": n, "seed": seed, "size": size, "format": fmt, "shards": shards}

@@ -120,7 +120,7 @@ class VideoPipeline:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk: int | None = None) -> list:
         """[B, F, C, h, w] diffusion latents -> B·F frames (PIL), `chunk` frames decoded at a time."""
-        b, frames = latents.shape[:2]
+        frames = latents.shape[1]
         vae = self.model.vae
         z = vae.unscale(latents.flatten(0, 1)).to(next(vae.parameters()).dtype)
         if self.model.config.temporal_decoder:

@@ -105,12 +105,11 @@ def params_of(req: VideoRequest, limits):
     )
 
 
-def _run(server, videos: VideoModels, name: str, params, fmt: str, worker) -> dict:
+def _run(server, videos: VideoModels, name: str, p, fmt: str, worker) -> dict:
     from ldmkit.videos import write_video
 
     pipe = videos.pipeline(name)
     limits = server.config.limits
-    p = params
     if p.width is None or p.height is None:  # the model's size, still within the limit
         w, h = p.width or pipe.defaults["width"], p.height or pipe.defaults["height"]
         if w * h > limits.max_pixels:
