@@ -1,6 +1,7 @@
 """Training both stages: losses fall, the discriminator really trains, resume after SIGKILL is exact,
 a NaN stops the run with the last good checkpoint intact, bad data and configs fail clearly."""
 
+import math
 import os
 import signal
 import subprocess
@@ -623,3 +624,26 @@ def test_min_snr_weighting_is_min_snr_gamma_times_the_x0_error_for_every_predict
     snr = ab / (1 - ab)
     assert (snr < gamma).any() and (snr > gamma).any(), snr  # both sides of the clamp
     assert torch.allclose(per_sample, snr.clamp(max=gamma) * x0_error**2, rtol=1e-3), (per_sample, snr)
+
+
+def test_a_new_backbone_reads_latents_of_its_autoencoders_width(tmp_path):
+    """An autoencoder with 8 latent channels (an f = 8 one keeps more): the UNet built on it reads and
+    predicts 8 channels, whatever the config's default, and trains on both-ways captions."""
+    from ldmkit.config import from_dict
+    from ldmkit.models.autoencoder import AutoencoderConfig, AutoencoderKL
+    from ldmkit.training.autoencoder import save_autoencoder
+    from ldmkit.training.ldm import LDMTask, LDMTrainConfig
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        AutoencoderConfig(channels=(16, 32), num_res_blocks=1, z_channels=8, embed_dim=8, norm_groups=8)
+    )
+    save_autoencoder(vae, tmp_path / "ae.safetensors")
+    data = yaml.safe_load((ROOT / "configs" / "test-ldm.yaml").read_text())
+    data["autoencoder"] = str(tmp_path / "ae.safetensors")
+    data["data"]["relations"] = "both-ways"
+    task = LDMTask(from_dict(LDMTrainConfig, data))
+    assert task.model.unet.config.in_channels == task.model.unet.config.out_channels == 8
+    assert len(task.data) == 2 * data["data"]["n"]
+    logged = task.train_step(0, range(8), 1e-4)
+    assert math.isfinite(logged["loss"])

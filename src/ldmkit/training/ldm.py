@@ -60,12 +60,13 @@ def build_model(c: LDMTrainConfig) -> LatentDiffusion:
     text = minilm_text_config(max_length=32) if c.text == "minilm" else c.text
     if isinstance(text, str):
         raise ConfigError(f"text: {text!r}; allowed: minilm, or a text encoder config")
+    # the backbone reads and predicts latents of the autoencoder's width, whatever the config says
+    latent, z = c.data.size // vae.config.downsample_factor, vae.config.embed_dim
     if c.mmdit is not None:  # our one text tower pools nothing: the text enters by joint attention alone
-        latent, z = c.data.size // vae.config.downsample_factor, vae.config.z_channels
         backbone = replace(c.mmdit, in_channels=z, out_channels=z, context_dim=text.hidden_size, pooled_dim=0)
         backbone = replace(backbone, sample_size=latent, pos_embed_max_size=max(backbone.pos_embed_max_size, latent))
     else:
-        backbone = replace(c.unet, context_dim=text.hidden_size)
+        backbone = replace(c.unet, in_channels=z, out_channels=z, context_dim=text.hidden_size)
     config = ModelConfig(
         family="ldmkit", unet=backbone, vae=vae.config, text=text, schedule=c.schedule, image_size=c.data.size
     )
