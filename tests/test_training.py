@@ -390,6 +390,7 @@ def test_bad_data_and_configs(tmp_path, capsys):
     one_line_error(capsys, ["train-autoencoder", "--config", tmp_path / "missing.yaml"], "no such config file")
     fresh = config_file(tmp_path, "test-autoencoder.yaml", tmp_path / "r5")
     one_line_error(capsys, ["train-autoencoder", "--config", fresh, "--resume"], "--resume: no checkpoint in")
+    one_line_error(capsys, ["train-autoencoder", "--config", fresh, "--threads", "0"], "--threads 0: allowed: 1 or")
 
 
 def test_a_finished_run_is_not_overwritten(autoencoder, tmp_path, capsys):

@@ -8,6 +8,7 @@ def _train(args, config_class, task_class, product, adjust=None) -> int:
     """The training commands: join the process group, read the config, run, report. product: the
     file the run ends with, or a function of the config giving it (LoRAs and embeddings are named)."""
     from ldmkit.config import load_yaml, to_dict
+    from ldmkit.errors import ConfigError
     from ldmkit.training.distributed import init_from_env, shutdown
     from ldmkit.training.loop import Trainer
 
@@ -15,6 +16,10 @@ def _train(args, config_class, task_class, product, adjust=None) -> int:
     config = load_yaml(config_class, args.config)
     if args.run_dir:
         config.run.dir = args.run_dir
+    if args.threads is not None:  # the machine's business, not the recipe's: a resumed run may change it
+        if args.threads < 1:
+            raise ConfigError(f"--threads {args.threads}: allowed: 1 or more")
+        config.run.threads = args.threads
     if adjust:
         adjust(config)
     trainer = Trainer(task_class(config), config.run, resume=args.resume, config_record=to_dict(config))
@@ -131,5 +136,6 @@ def add_parsers(sub) -> None:
         if name == "train":
             p.add_argument("--init-from", help="fine-tune this model (SD 1.x/2.x file, diffusers folder, or ours)")
         p.add_argument("--run-dir", help="override run.dir")
+        p.add_argument("--threads", type=int, help="override run.threads (CPU threads of each process)")
         p.add_argument("-q", "--quiet", action="store_true")
         p.set_defaults(func=func)
