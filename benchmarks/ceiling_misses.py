@@ -1,8 +1,9 @@
 """What the autoencoder's reconstructions lose, by the judge: reconstruct N true renders of a split
 with the bundled model's autoencoder, judge each against its prompt, and count the misses by kind and
-by the shape asked for (docs/models.md).
+by the shape asked for (docs/models.md). AUTOENCODER: as benchmarks/autoencoder_ceiling.py reads it
+(default: the bundled model's).
 
-    python benchmarks/ceiling_misses.py [N] [SPLIT]
+    python benchmarks/ceiling_misses.py [N] [SPLIT] [AUTOENCODER]
 """
 
 import collections
@@ -19,7 +20,12 @@ from ldmkit.pipelines import Pipeline
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 200
     split = sys.argv[2] if len(sys.argv) > 2 else "val"
-    vae = Pipeline.load(None).model.vae
+    if len(sys.argv) > 3:
+        from autoencoder_ceiling import load  # the benchmark beside this one
+
+        vae = load(sys.argv[3])[0]
+    else:
+        vae = Pipeline.load(None).model.vae
     misses, wrong = collections.Counter(), 0
     for i in range(n):
         scene = sample_scene(split, i)

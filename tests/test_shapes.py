@@ -244,3 +244,5 @@ def test_any_colours_draws_unnamed_colours_half_the_time():
         DataConfig(colours="rainbow")
     with pytest.raises(Exception, match="data.relations"):
         DataConfig(relations="sideways")
+    with pytest.raises(Exception, match="options of the shapes world"):
+        DataConfig(kind="folder", path="x", colours="any")

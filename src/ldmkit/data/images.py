@@ -63,6 +63,8 @@ class DataConfig:
             raise ConfigError(f"data.colours: {self.colours!r}; allowed: named, any")
         if self.relations not in ("as-drawn", "both-ways"):
             raise ConfigError(f"data.relations: {self.relations!r}; allowed: as-drawn, both-ways")
+        if self.kind != "shapes" and (self.colours, self.relations) != ("named", "as-drawn"):
+            raise ConfigError("data.colours and data.relations are options of the shapes world (kind: shapes)")
         if self.kind in ("folder", "shards") and not self.path:
             raise ConfigError(f"data.path: needed with kind: {self.kind}")
 
