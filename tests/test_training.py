@@ -642,9 +642,28 @@ def test_a_new_backbone_reads_latents_of_its_autoencoders_width(tmp_path):
     save_autoencoder(vae, tmp_path / "ae.safetensors")
     data = yaml.safe_load((ROOT / "configs" / "test-ldm.yaml").read_text())
     data["autoencoder"] = str(tmp_path / "ae.safetensors")
+    data["run"]["dir"] = str(tmp_path / "run")
     data["data"]["relations"] = "both-ways"
     task = LDMTask(from_dict(LDMTrainConfig, data))
     assert task.model.unet.config.in_channels == task.model.unet.config.out_channels == 8
     assert len(task.data) == 2 * data["data"]["n"]
     logged = task.train_step(0, range(8), 1e-4)
     assert math.isfinite(logged["loss"])
+
+
+def test_a_latent_cache_of_other_data_is_encoded_anew(tmp_path):
+    """A run folder reused with more items (both-ways captions double a split): the cache file's rows are
+    not the data's items, so it is encoded again rather than read (or indexed past its end)."""
+    from ldmkit.data import latent_cache
+    from ldmkit.data.images import DataConfig, ShapesData
+    from ldmkit.models.autoencoder import AutoencoderConfig, AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(AutoencoderConfig(channels=(16, 32), num_res_blocks=1, norm_groups=8)).eval()
+    small = ShapesData(DataConfig(split="val", n=4, size=32))
+    both = ShapesData(DataConfig(split="val", n=4, size=32, relations="both-ways"))
+    first = latent_cache.load_or_encode(tmp_path, small, vae, 32)
+    again = latent_cache.load_or_encode(tmp_path, both, vae, 32)
+    assert len(first["readable"]) == 4 and len(again["readable"]) == 8
+    assert torch.equal(again["mean"][4:], again["mean"][:4])  # items 4..7 are scenes 0..3 told anew
+    assert len(latent_cache.load_or_encode(tmp_path, both, vae, 32)["readable"]) == 8

@@ -7,12 +7,14 @@ samples. The cache is a file in the run folder (CACHE_FILE: {"mean": [N, C, h, w
 "readable": [N] bools}, item i of the dataset at row i), written atomically and read back by later runs
 and resumes in that folder."""
 
+import logging
 from pathlib import Path
 
 import torch
 
 from ldmkit.checkpoints.files import atomic_write
 
+log = logging.getLogger(__name__)
 CACHE_FILE = "latent-cache.pt"
 BATCH = 64  # images per encoder pass
 
@@ -24,7 +26,11 @@ def load_or_encode(folder: Path, data, vae, size: int) -> dict[str, torch.Tensor
     and marked unreadable, so that training leaves it out as it does without the cache."""
     path = folder / CACHE_FILE
     if path.exists():
-        return torch.load(path, map_location="cpu", weights_only=True)
+        cache = torch.load(path, map_location="cpu", weights_only=True)
+        if len(cache["readable"]) == len(data):
+            return cache
+        # a folder reused with other data (another n, both-ways captions): its rows are not these items
+        log.warning("%s holds %d images, the data %d: encoding anew", path, len(cache["readable"]), len(data))
     means, stds, readable = [], [], []
     n = len(data)
     for start in range(0, n, BATCH):
