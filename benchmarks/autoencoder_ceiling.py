@@ -39,11 +39,6 @@ def load(spec: str):
     return vae.eval(), f"{run.name}/{path.stem}"
 
 
-class _Pipe:  # what ceiling() reads: pipe.model.vae
-    def __init__(self, vae):
-        self.model = type("M", (), {"vae": vae})
-
-
 def main() -> None:
     n, splits, specs = int(sys.argv[1]), sys.argv[2].split(","), sys.argv[3:]
     torch.set_num_threads(1)
@@ -52,7 +47,7 @@ def main() -> None:
         vae, label = load(where)
         for split in splits:
             scenes = [sample_scene(split, i) for i in range(n)]
-            c = ceiling(_Pipe(vae), scenes, ALL_SHAPES)
+            c = ceiling(vae, scenes, ALL_SHAPES)
             r = c["reconstructions"]
             row = {
                 "autoencoder": name,

@@ -37,7 +37,7 @@ if [ ! -f "$F8/autoencoder.safetensors" ]; then
   if [ -n "$f4" ]; then kill "$f4"; wait "$f4" || true; fi
 fi
 if [ ! -f "$F4/autoencoder.safetensors" ]; then train "$F4" 4 2; wait "$pid"; fi
-sleep 15  # the last checkpoints kept
+wait  # the keepers' last passes: each trainer's final checkpoint kept
 kept() { printf "%s/kept/step-%08d.pt" "$1" "$2"; }
 {
   for s in 500 1000 1500 2000; do

@@ -627,17 +627,19 @@ def test_min_snr_weighting_is_min_snr_gamma_times_the_x0_error_for_every_predict
     assert torch.allclose(per_sample, snr.clamp(max=gamma) * x0_error**2, rtol=1e-3), (per_sample, snr)
 
 
-def test_a_new_backbone_reads_latents_of_its_autoencoders_width(tmp_path):
-    """An autoencoder with 8 latent channels (an f = 8 one keeps more): the UNet built on it reads and
-    predicts 8 channels, whatever the config's default, and trains on both-ways captions."""
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_new_backbone_reads_latents_of_its_autoencoders_width(tmp_path, seed):
+    """An autoencoder with a latent width drawn at random (an f = 8 one keeps more channels): the UNet built
+    on it reads and predicts that many, whatever the config's default, and trains on both-ways captions."""
     from ldmkit.config import from_dict
     from ldmkit.models.autoencoder import AutoencoderConfig, AutoencoderKL
     from ldmkit.training.autoencoder import save_autoencoder
     from ldmkit.training.ldm import LDMTask, LDMTrainConfig
 
-    torch.manual_seed(0)
+    width = int(np.random.default_rng(seed).integers(1, 17))
+    torch.manual_seed(seed)
     vae = AutoencoderKL(
-        AutoencoderConfig(channels=(16, 32), num_res_blocks=1, z_channels=8, embed_dim=8, norm_groups=8)
+        AutoencoderConfig(channels=(16, 32), num_res_blocks=1, z_channels=width, embed_dim=width, norm_groups=8)
     )
     save_autoencoder(vae, tmp_path / "ae.safetensors")
     data = yaml.safe_load((ROOT / "configs" / "test-ldm.yaml").read_text())
@@ -645,10 +647,11 @@ def test_a_new_backbone_reads_latents_of_its_autoencoders_width(tmp_path):
     data["run"]["dir"] = str(tmp_path / "run")
     data["data"]["relations"] = "both-ways"
     task = LDMTask(from_dict(LDMTrainConfig, data))
-    assert task.model.unet.config.in_channels == task.model.unet.config.out_channels == 8
+    unet = task.model.unet.config
+    assert unet.in_channels == unet.out_channels == width, f"seed {seed}: latent width {width}"
     assert len(task.data) == 2 * data["data"]["n"]
     logged = task.train_step(0, range(8), 1e-4)
-    assert math.isfinite(logged["loss"])
+    assert math.isfinite(logged["loss"]), f"seed {seed}"
 
 
 def test_a_latent_cache_of_other_data_is_encoded_anew(tmp_path):

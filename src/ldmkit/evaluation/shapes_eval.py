@@ -75,11 +75,11 @@ def reconstruct(vae, image) -> tuple[torch.Tensor, torch.Tensor]:
     return x, vae.decode(vae.encode(x).mode()).clamp(-1, 1)
 
 
-def ceiling(pipe, scenes, shapes=None) -> dict:
+def ceiling(vae, scenes, shapes=None) -> dict:
     """The judge on the autoencoder's reconstructions of real renders, and their PSNR / SSIM."""
     verdicts, p, s = [], [], []
     for scene in scenes:
-        x, rec = reconstruct(pipe.model.vae, render(scene))
+        x, rec = reconstruct(vae, render(scene))
         a, b = (x + 1) / 2, (rec + 1) / 2
         p.append(float(psnr(a, b)[0]))
         s.append(float(ssim(a, b)[0]))
@@ -219,7 +219,7 @@ def evaluate(
         "image_size": size,
         "settings": settings,
         "judge_on_renders": {**_accuracies(renders), "by_kind": _by_kind(renders, render_kinds)},
-        "ceiling": ceiling(pipe, scenes[: min(n, 100)], shapes),
+        "ceiling": ceiling(pipe.model.vae, scenes[: min(n, 100)], shapes),
         "notes": "diversity: mean absolute pixel difference (0-1) between images of the same prompt; seconds per"
         " image: warm, model load excluded, batch = seeds per prompt (end to end, and the UNet calls alone)",
     }
