@@ -36,3 +36,29 @@ def test_pipeline_load_tunes_malloc_once_and_results_stay_bit_identical():
     assert tuned["before"] is None and tuned["applied"] is True and tuned["again"] is True
     assert default["applied"] is False and default["again"] is False
     assert tuned["image"] == default["image"]
+
+
+RELEASE = """
+import json, torch
+from ldmkit.pipelines import allocator
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmRSS"))
+allocator.tune_allocator()
+start = rss()
+blocks = [torch.ones(1 << 20) for _ in range(64)]  # 256 MB in 4 MB blocks: below the mmap threshold
+full = rss()
+del blocks
+kept = rss()
+released = allocator.release_freed()
+print(json.dumps({"start": start, "full": full, "kept": kept, "released": released, "after": rss()}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_freed_memory_stays_until_released():
+    out = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, check=True)
+    mb = json.loads(out.stdout.strip().splitlines()[-1])
+    assert mb["full"] - mb["start"] > 200, mb  # the blocks were resident
+    assert mb["kept"] - mb["start"] > 200, mb  # freed, but kept by the settings (what they are for)
+    assert mb["released"] and mb["after"] - mb["start"] < 50, mb  # given back

@@ -23,6 +23,7 @@ from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
 from ldmkit import __version__
 from ldmkit.errors import BusyError, CheckpointError, LdmkitError, NotFoundError
+from ldmkit.pipelines.allocator import release_freed
 from ldmkit.server.console import RequestLog, announce_models, announce_ready, note_generation
 from ldmkit.server.decoding import DEFAULTS as DECODING_DEFAULTS
 from ldmkit.server.errors import RETRY_AFTER, DeclaredBodyLimit, body_limit_detail, document_errors, error_body
@@ -122,7 +123,7 @@ def _answer_errors(app: FastAPI, config: ServeConfig) -> None:
 
 def create_app(config: ServeConfig) -> FastAPI:
     models = Models(config)  # first: what it refuses (a missing --tiny-decoder) leaves no worker thread behind
-    worker = Worker(config.limits.max_queue)
+    worker = Worker(config.limits.max_queue, on_idle=release_freed)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -1,8 +1,10 @@
 """One global worker: jobs run one at a time, in arrival order (two cores cannot run two generations
 usefully). Request threads submit a job and wait for its result; the progress endpoint reads the
-running job's state; interrupt asks the running job to stop at its next sampling step."""
+running job's state; interrupt asks the running job to stop at its next sampling step. When the queue
+runs empty, `on_idle` runs before the last job is answered (the server gives freed memory back then)."""
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -12,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ldmkit.errors import BusyError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,8 +49,9 @@ class Job:
 
 
 class Worker:
-    def __init__(self, max_queue: int = 32):
+    def __init__(self, max_queue: int = 32, on_idle: Callable[[], Any] | None = None):
         self.max_queue = max_queue  # jobs waiting; submitting beyond raises BusyError
+        self.on_idle = on_idle
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
@@ -115,6 +120,12 @@ class Worker:
             with self._cond:
                 self.completed.append(job.id)
                 self.current = None
+                idle = not self._queue
+            if idle and self.on_idle is not None:  # before answering: whoever has the last answer sees it done
+                try:
+                    self.on_idle()
+                except Exception as e:  # never the worker's end: the next job still runs
+                    log.warning("after the last job: %s: %s", type(e).__name__, e)
             if error is None:
                 job.future.set_result(result)
             else:
