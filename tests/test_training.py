@@ -1,8 +1,10 @@
 """Training both stages: losses fall, the discriminator really trains, resume after SIGKILL is exact,
 a NaN stops the run with the last good checkpoint intact, bad data and configs fail clearly."""
 
+import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -391,6 +393,17 @@ def test_bad_data_and_configs(tmp_path, capsys):
     fresh = config_file(tmp_path, "test-autoencoder.yaml", tmp_path / "r5")
     one_line_error(capsys, ["train-autoencoder", "--config", fresh, "--resume"], "--resume: no checkpoint in")
     one_line_error(capsys, ["train-autoencoder", "--config", fresh, "--threads", "0"], "--threads 0: allowed: 1 or")
+    one_line_error(capsys, ["train-autoencoder", "--config", fresh, "--steps", "0"], "--steps 0: allowed: 1 or more")
+
+
+def test_a_finished_run_goes_on_with_more_steps(autoencoder, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(autoencoder, run)
+    cfg = config_file(tmp_path, "test-autoencoder.yaml", run)  # 12 steps, a checkpoint every 4
+    one_line_error(capsys, ["train-autoencoder", "--config", cfg, "--resume", "--steps", "8"], "already at step 12")
+    assert main(["train-autoencoder", "--config", str(cfg), "--resume", "--steps", "16", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 16
+    assert len(losses(run)) == 16  # one row per step, the first 12 kept
 
 
 def test_a_finished_run_is_not_overwritten(autoencoder, tmp_path, capsys):

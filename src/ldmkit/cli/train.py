@@ -20,6 +20,10 @@ def _train(args, config_class, task_class, product, adjust=None) -> int:
         if args.threads < 1:
             raise ConfigError(f"--threads {args.threads}: allowed: 1 or more")
         config.run.threads = args.threads
+    if args.steps is not None:  # train further than the recipe's length: a finished run continues with --resume
+        if args.steps < 1:
+            raise ConfigError(f"--steps {args.steps}: allowed: 1 or more")
+        config.run.steps = args.steps
     if adjust:
         adjust(config)
     trainer = Trainer(task_class(config), config.run, resume=args.resume, config_record=to_dict(config))
@@ -137,5 +141,6 @@ def add_parsers(sub) -> None:
             p.add_argument("--init-from", help="fine-tune this model (SD 1.x/2.x file, diffusers folder, or ours)")
         p.add_argument("--run-dir", help="override run.dir")
         p.add_argument("--threads", type=int, help="override run.threads (CPU threads of each process)")
+        p.add_argument("--steps", type=int, help="override run.steps (with --resume: a finished run goes on)")
         p.add_argument("-q", "--quiet", action="store_true")
         p.set_defaults(func=func)

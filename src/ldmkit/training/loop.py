@@ -91,6 +91,8 @@ class Trainer:
             if not existing:
                 raise ConfigError(f"--resume: no checkpoint in {self.ckpt_dir}")
             self._load(existing[-1])
+            if self.step > run.steps:  # finishing now would label later weights as this step's
+                raise ConfigError(f"run.steps {run.steps}: the run in {self.dir} is already at step {self.step}")
         elif existing:
             raise ConfigError(
                 f"{self.dir} already holds checkpoints: pass --resume to continue, or choose a new run.dir"
