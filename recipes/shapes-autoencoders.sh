@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Stage 1 of the second-generation shapes model: f = 4 against f = 8 (configs/shapes-f4-autoencoder.yaml,
-# configs/shapes-f8-autoencoder.yaml). Both train side by side, one thread each, until f = 8's 2,000 steps;
-# then f = 4 goes on alone with both threads (stopped and resumed from its last checkpoint: resume is
-# exact, so only the speed changes). Both are judged on their reconstructions of true renders every 500
-# steps to 2,000 (val, 200 images) and at 2,000 on every split (400 images), benchmarks/autoencoder_ceiling.py;
-# docs/models.md holds the table. Resumable: run it again and each run continues from its last checkpoint.
+# Stage 1 of the second-generation shapes model. First f = 4 against f = 8 (configs/shapes-f4-autoencoder.yaml,
+# configs/shapes-f8-autoencoder.yaml): both train side by side, one thread each, until f = 8's 2,000 steps.
+# Then z = 8 against z = 4 at f = 4 (configs/shapes-f4z8-autoencoder.yaml): z = 8 trains to its 2,000 steps
+# beside f = 4's continuation, one thread each; then f = 4 goes on alone with both threads (each stop and
+# resume is from the last checkpoint: resume is exact, so only the speed changes). Every run keeps a
+# checkpoint every 500 steps; each is judged on reconstructions of true renders (val, 200 images) to 2,000
+# steps, and on every split (400 images) at the end, benchmarks/autoencoder_ceiling.py; docs/models.md
+# holds the tables. Resumable: run it again and each run continues from its last checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p ~/runs reports
 F4=~/runs/shapes-f4-ae
 F8=~/runs/shapes-f8-ae
+Z8=~/runs/shapes-f4z8-ae
 resume() { if compgen -G "$1/checkpoints/step-*.pt" > /dev/null; then echo --resume; fi; }
 keep() {  # copy each checkpoint at a multiple of 500 steps aside before keep_last removes it
   local alive=1
@@ -24,25 +27,30 @@ keep() {  # copy each checkpoint at a multiple of 500 steps aside before keep_la
   done
 }
 train() {  # RUN F THREADS: train in the background and keep its checkpoints; the trainer's pid in $pid
-  ldmkit train-autoencoder --config "configs/shapes-f$2-autoencoder.yaml" $(resume "$1") --threads "$3" -q \
+  ldmkit train-autoencoder --config "configs/shapes-$2-autoencoder.yaml" $(resume "$1") --threads "$3" -q \
       >> "$1.log" 2>&1 &
   pid=$!
   keep "$pid" "$1" > /dev/null 2>&1 &
 }
-f4=
-if [ ! -f "$F8/autoencoder.safetensors" ]; then
-  train "$F8" 8 1; f8=$pid
-  if [ ! -f "$F4/autoencoder.safetensors" ]; then train "$F4" 4 1; f4=$pid; fi
-  wait "$f8"
-  if [ -n "$f4" ]; then kill "$f4"; wait "$f4" || true; fi
-fi
-if [ ! -f "$F4/autoencoder.safetensors" ]; then train "$F4" 4 2; wait "$pid"; fi
+beside_f4() {  # RUN CONFIG: train it to its end on one thread while f = 4 goes on with the other
+  local other f4=
+  [ ! -f "$1/autoencoder.safetensors" ] || return 0
+  train "$1" "$2" 1; other=$pid
+  if [ ! -f "$F4/autoencoder.safetensors" ]; then train "$F4" f4 1; f4=$pid; fi
+  wait "$other"
+  if [ -n "$f4" ]; then kill "$f4" 2> /dev/null || true; wait "$f4" || true; fi
+}
+beside_f4 "$F8" f8
+beside_f4 "$Z8" f4z8
+if [ ! -f "$F4/autoencoder.safetensors" ]; then train "$F4" f4 2; wait "$pid"; fi
 wait  # the keepers' last passes: each trainer's final checkpoint kept
 kept() { printf "%s/kept/step-%08d.pt" "$1" "$2"; }
 {
   for s in 500 1000 1500 2000; do
-    python benchmarks/autoencoder_ceiling.py 200 val "f4=$(kept "$F4" "$s")" "f8=$(kept "$F8" "$s")"
+    python benchmarks/autoencoder_ceiling.py 200 val "f4=$(kept "$F4" "$s")" "f8=$(kept "$F8" "$s")" \
+        "f4z8=$(kept "$Z8" "$s")"
   done
   python benchmarks/autoencoder_ceiling.py 400 val,heldout,pink,teal,diamond \
-      "f4=$(kept "$F4" 2000)" "f8=$(kept "$F8" 2000)" "f4-final=$F4/autoencoder.safetensors" old=bundled
+      "f4=$(kept "$F4" 2000)" "f8=$(kept "$F8" 2000)" "f4z8=$(kept "$Z8" 2000)" \
+      "f4-final=$F4/autoencoder.safetensors" old=bundled
 } | tee reports/shapes-autoencoders.jsonl
