@@ -84,9 +84,12 @@ QUIET_ENV = {
 }
 
 
-def run_killed_then_resumed(cmd: list[str], run_dir: Path, kill_after_rows: int):
+def run_killed_then_resumed(cmd: list[str], run_dir: Path, kill_after_rows: int, sig=signal.SIGKILL):
+    """Start the run, send `sig` once the loss log has more than kill_after_rows rows, then resume it.
+    SIGKILL leaves the last periodic checkpoint; SIGTERM stops the run after the step under way, with a
+    checkpoint at that step (exit 143 and one line saying so)."""
     env = QUIET_ENV
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     log = run_dir / "loss.csv"
     while time.time() < deadline:
@@ -95,14 +98,22 @@ def run_killed_then_resumed(cmd: list[str], run_dir: Path, kill_after_rows: int)
         if proc.poll() is not None:
             pytest.fail("the run ended before it could be killed")
         time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert list((run_dir / "checkpoints").glob("step-*.pt")), "no checkpoint before the kill"
+    proc.send_signal(sig)
+    _, err = proc.communicate()
+    checkpoints = sorted((run_dir / "checkpoints").glob("step-*.pt"))
+    assert checkpoints, "no checkpoint before the kill"
+    if sig == signal.SIGTERM:
+        rows = len(log.read_text().splitlines()) - 1  # after the header: one per step done
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert err.strip().splitlines()[-1].startswith(f"error: stopped by SIGTERM at step {rows}: checkpoint"), err
+        assert checkpoints[-1].name == f"step-{rows:08d}.pt"  # nothing trained is lost
     assert subprocess.run(cmd + ["--resume"], env=env, capture_output=True).returncode == 0
 
 
-@pytest.mark.parametrize("stage", ["autoencoder", "ldm"])
-def test_resume_after_sigkill_is_exact(tmp_path, autoencoder, stage):
+@pytest.mark.parametrize(
+    "stage, sig", [("autoencoder", signal.SIGKILL), ("ldm", signal.SIGKILL), ("autoencoder", signal.SIGTERM)]
+)
+def test_resume_after_a_kill_is_exact(tmp_path, autoencoder, stage, sig):
     steps = 16
     if stage == "autoencoder":
         name, command = "test-autoencoder.yaml", "train-autoencoder"
@@ -136,7 +147,8 @@ def test_resume_after_sigkill_is_exact(tmp_path, autoencoder, stage):
     run_killed_then_resumed(
         [sys.executable, "-m", "ldmkit", command, "--config", str(killed), "-q"],
         tmp_path / "killed",
-        kill_after_rows=10,
+        kill_after_rows=10 if sig == signal.SIGKILL else 6,  # SIGTERM: between checkpoints (every 4 steps)
+        sig=sig,
     )
     a, b = losses(tmp_path / "whole"), losses(tmp_path / "killed")
     assert len(a) == len(b) == steps

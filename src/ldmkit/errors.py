@@ -26,6 +26,15 @@ class TrainingError(LdmkitError):
     """A training run cannot go on (a non-finite loss); the last good checkpoint is left as it was."""
 
 
+class Stopped(LdmkitError):
+    """A training run stopped on a signal (SIGTERM, SIGINT) after writing a checkpoint at its last step; the
+    command exits 128 + the signal's number, as a process the signal ended would."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 class NotFoundError(LdmkitError):
     """A model, ControlNet or other named thing a request asks for is not offered: answered 404."""
 

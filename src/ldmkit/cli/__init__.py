@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except LdmkitError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     except BrokenPipeError:
         # The reader stopped early (`ldmkit models --json | head`): nothing is wrong with the command.
         # Python's own recipe: point stdout at /dev/null so the flush at exit cannot fail again.

@@ -78,3 +78,8 @@ def global_count(n: int) -> int:
     t = torch.tensor([n], dtype=torch.int64)
     dist.all_reduce(t)
     return int(t.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether the flag is set on any rank (every rank gets the same answer)."""
+    return global_count(int(flag)) > 0

@@ -13,6 +13,8 @@ import csv
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ldmkit.checkpoints.files import atomic_write, write_json
-from ldmkit.errors import ConfigError, TrainingError
+from ldmkit.errors import ConfigError, Stopped, TrainingError
 from ldmkit.images import image_grid as image_grid  # the training tasks take it from here
 from ldmkit.training import distributed as dist
 
@@ -188,6 +190,10 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------------
     def fit(self, progress: bool = True) -> dict:
+        with StopSignals() as stop:
+            return self._fit(progress, stop)
+
+    def _fit(self, progress: bool, stop: "StopSignals") -> dict:
         from tqdm import tqdm
 
         # Pin the thread count even when it is not configured: left alone, MKL uses fewer threads when
@@ -197,44 +203,61 @@ class Trainer:
         B = self.run.batch_size
         progress = progress and self.main
         bar = tqdm(total=self.run.steps, initial=self.step, desc="training", unit="step", disable=not progress)
-        t0, seen = time.perf_counter(), 0
-        last = {}
-        while self.step < self.run.steps:
-            step = self.step
-            local = dist.local_slice(range(step * B, (step + 1) * B))
-            values = self.task.train_step(step, local, self.run.lr_at(step))
-            bad = [k for k, v in values.items() if not math.isfinite(v)]
-            if bad:
-                good = sorted(self.ckpt_dir.glob("step-*.pt"))
-                raise TrainingError(
-                    f"{bad[0]} is {values[bad[0]]} at step {step}: stopping; last good checkpoint: "
-                    f"{good[-1] if good else 'none'}"
-                )
-            if self.main:
-                self._log(step, values)
-            self.step = step + 1
-            seen += B
-            last = values
-            if progress:
-                bar.set_postfix(
-                    loss=f"{values.get('loss', float('nan')):.4f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}"
-                )
-                bar.update(1)
-            if not self.main:  # only rank 0 evaluates and writes
-                continue
-            if self.step % self.run.eval_every == 0 or self.step == self.run.steps:
-                metrics = self.task.evaluate(self.step)
-                if metrics:
-                    self._log_metrics(metrics)
-            if self.step % self.run.sample_every == 0 or self.step == self.run.steps:
-                self.task.sample(self.step, self.dir / "samples")
-            if self.step % self.run.ckpt_every == 0 or self.step == self.run.steps:
-                self.save()
-        bar.close()
+        try:
+            t0, seen = time.perf_counter(), 0
+            last = {}
+            while self.step < self.run.steps:
+                step = self.step
+                local = dist.local_slice(range(step * B, (step + 1) * B))
+                values = self.task.train_step(step, local, self.run.lr_at(step))
+                bad = [k for k, v in values.items() if not math.isfinite(v)]
+                if bad:
+                    good = sorted(self.ckpt_dir.glob("step-*.pt"))
+                    raise TrainingError(
+                        f"{bad[0]} is {values[bad[0]]} at step {step}: stopping; last good checkpoint: "
+                        f"{good[-1] if good else 'none'}"
+                    )
+                if self.main:
+                    self._log(step, values)
+                self.step = step + 1
+                seen += B
+                last = values
+                if progress:
+                    bar.set_postfix(
+                        loss=f"{values.get('loss', float('nan')):.4f}", img_s=f"{seen / (time.perf_counter() - t0):.1f}"
+                    )
+                    bar.update(1)
+                if self.main:  # only rank 0 evaluates and writes
+                    self._after_step()
+                if dist.any_rank(stop.signum is not None):  # every rank stops after the same step
+                    self._stop(stop.signum)
+        finally:
+            bar.close()
         if self.main:
             self.task.finish(self.dir)
             plot_losses(self.log_path, self.dir / "loss.png")
         return last
+
+    def _after_step(self) -> None:
+        """Evaluation, samples and the checkpoint, each at its interval and at the last step."""
+        last = self.step == self.run.steps
+        if self.step % self.run.eval_every == 0 or last:
+            metrics = self.task.evaluate(self.step)
+            if metrics:
+                self._log_metrics(metrics)
+        if self.step % self.run.sample_every == 0 or last:
+            self.task.sample(self.step, self.dir / "samples")
+        if self.step % self.run.ckpt_every == 0 or last:
+            self.save()
+
+    def _stop(self, signum: int | None) -> None:
+        """After a signal (on any rank): a checkpoint at this step, unless one was just written; then stop."""
+        path = self.ckpt_dir / f"step-{self.step:08d}.pt"
+        if self.main and not path.exists():
+            path = self.save()
+        name = signal.Signals(signum).name if signum else "a signal to another process"
+        message = f"stopped by {name} at step {self.step}: checkpoint {path}; continue with --resume"
+        raise Stopped(message, signum or signal.SIGTERM)
 
     def _log_metrics(self, metrics: dict) -> None:
         with open(self.metrics_path, "a", newline="") as f:
@@ -244,6 +267,32 @@ class Trainer:
             self.best = score
             best = {"step": self.step, "task": self.task.state_dict(), "best": score}
             atomic_write(self.ckpt_dir / "best.pt", lambda tmp: torch.save(best, tmp))
+
+
+class StopSignals:
+    """While a run trains, SIGTERM and SIGINT ask it to stop after the step under way, with a checkpoint
+    there: `kill` or Ctrl-C loses no steps (SIGKILL still loses those since the last checkpoint). A second
+    signal stops at once. Installed from the main thread only (Python's rule for signal handlers)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _note(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._note) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def plot_losses(csv_path: Path, out: Path, column: str = "loss", width: int = 640, height: int = 360) -> None:
