@@ -15,6 +15,7 @@ LDMKIT_MALLOC=default turns it off. Linux with glibc only; elsewhere it does not
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 
@@ -26,8 +27,9 @@ TOP_PAD = 512 << 20  # grow the heap in big steps: fewer brk calls
 _applied: bool | None = None
 
 
+@functools.cache
 def _libc():
-    """glibc, or None (another libc or platform)."""
+    """glibc, or None (another libc or platform); opened once."""
     if not sys.platform.startswith("linux"):
         return None
     try:

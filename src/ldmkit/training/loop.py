@@ -114,9 +114,12 @@ class Trainer:
         self.step, self.best = int(state["step"]), state.get("best")
         log.info("resumed from %s at step %d", path, self.step)
 
+    def ckpt_path(self, step: int) -> Path:
+        return self.ckpt_dir / f"step-{step:08d}.pt"
+
     def save(self) -> Path:
         state = {"step": self.step, "best": self.best, "task": self.task.state_dict()}
-        path = self.ckpt_dir / f"step-{self.step:08d}.pt"
+        path = self.ckpt_path(self.step)
         atomic_write(path, lambda tmp: torch.save(state, tmp))
         keep = {p.name for p in sorted(self.ckpt_dir.glob("step-*.pt"))[-self.run.keep_last :]}
         for p in self.ckpt_dir.glob("step-*.pt"):
@@ -252,7 +255,7 @@ class Trainer:
 
     def _stop(self, signum: int | None) -> None:
         """After a signal (on any rank): a checkpoint at this step, unless one was just written; then stop."""
-        path = self.ckpt_dir / f"step-{self.step:08d}.pt"
+        path = self.ckpt_path(self.step)
         if self.main and not path.exists():
             path = self.save()
         name = signal.Signals(signum).name if signum else "a signal to another process"
