@@ -39,10 +39,14 @@ def test_discriminator_trains_after_disc_start_and_not_before():
     data = yaml.safe_load((ROOT / "configs" / "test-autoencoder.yaml").read_text())
     task = AutoencoderTask(from_dict(AutoencoderTrainConfig, data))
     before = {k: v.clone() for k, v in task.disc.state_dict().items()}
+    calls = []
+    task.disc.register_forward_hook(lambda *_: calls.append(1))
     values = task.train_step(0, range(0, 8), 2e-4)  # disc_start is 4
     assert all(torch.equal(before[k], v) for k, v in task.disc.state_dict().items())
-    assert values["d_weight"] == 0.0
+    assert values["d_weight"] == 0.0 and values["d_loss"] == 0.0
+    assert calls == []  # before disc_start the discriminator is not even run
     values = task.train_step(4, range(32, 40), 2e-4)
+    assert len(calls) == 3  # the generator's pass, then real and reconstructed for the discriminator
     changed = [k for k, v in task.disc.state_dict().items() if not torch.equal(before[k], v)]
     assert len(changed) == len(before)  # every discriminator tensor moved
     assert values["d_weight"] > 0 and values["disc_on"] == 1.0

@@ -22,6 +22,8 @@ from ldmkit.training import distributed as dist
 from ldmkit.training.loop import RunConfig, image_grid
 
 log = logging.getLogger(__name__)
+# Logged from disc_start on; 0 before it (loss.csv keeps one header for the whole run).
+ADVERSARIAL_VALUES = ("g_loss", "d_loss", "logits_real", "logits_fake")
 
 
 @dataclass
@@ -107,7 +109,7 @@ class AutoencoderTask:
     # one step ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, gens: list[torch.Generator], disc_on: bool):
         """Losses of a batch: (reconstruction + KL, adversarial or None before disc_start,
-        discriminator, logged values)."""
+        discriminator (None before it as well), logged values)."""
         c = self.config.loss
         x = x.contiguous(memory_format=self.config.run.memory_format())
         with self.config.run.autocast():
@@ -119,21 +121,20 @@ class AutoencoderTask:
             diff = (x - rec).abs() if c.reconstruction == "l1" else (x - rec) ** 2
             nll = diff.sum() / x.shape[0]
             kl = posterior.kl().sum() / x.shape[0]
-            # Before disc_start the adversarial term has weight 0: its pass would be wasted backward work.
-            with torch.set_grad_enabled(disc_on):
-                g_loss = -self.disc(rec).float().mean()
-                logits_real, logits_fake = self.disc(x).float(), self.disc(rec.detach()).float()
-                d_loss = 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
-        values = {
-            "rec": diff.mean().item(),
-            "kl": kl.item(),
-            "nll": nll.item(),
-            "g_loss": g_loss.item(),
-            "d_loss": d_loss.item(),
-            "logits_real": logits_real.mean().item(),
-            "logits_fake": logits_fake.mean().item(),
-        }
-        return nll + c.kl_weight * kl, g_loss if disc_on else None, d_loss, values
+        values = {"rec": diff.mean().item(), "kl": kl.item(), "nll": nll.item()}
+        if not disc_on:  # an untrained discriminator's verdicts mean nothing: its passes, a sixth of a step, skipped
+            return nll + c.kl_weight * kl, None, None, {**values, **dict.fromkeys(ADVERSARIAL_VALUES, 0.0)}
+        with self.config.run.autocast():
+            g_loss = -self.disc(rec).float().mean()
+            logits_real, logits_fake = self.disc(x).float(), self.disc(rec.detach()).float()
+            d_loss = 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+        values.update(
+            g_loss=g_loss.item(),
+            d_loss=d_loss.item(),
+            logits_real=logits_real.mean().item(),
+            logits_fake=logits_fake.mean().item(),
+        )
+        return nll + c.kl_weight * kl, g_loss, d_loss, values
 
     def train_step(self, step: int, indices: range, lr: float) -> dict:
         """One optimiser step of each network on this process's share of the global batch. The
