@@ -154,9 +154,10 @@ class AutoencoderTask:
         disc_on = step >= c.loss.disc_start
         params = [p for p in self.vae.parameters()]
         grads_rec = [torch.zeros_like(p) for p in params]
-        grads_adv = [torch.zeros_like(p) for p in params]
+        # before disc_start there is no adversarial gradient to hold, sum or reduce
+        grads_adv = [torch.zeros_like(p) for p in params] if disc_on else []
         disc_params = list(self.disc.parameters())
-        grads_disc = [torch.zeros_like(p) for p in disc_params]
+        grads_disc = [torch.zeros_like(p) for p in disc_params] if disc_on else []
         self.disc.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         micro = max(1, len(kept) // c.run.grad_accum) if kept else 1
@@ -189,8 +190,8 @@ class AutoencoderTask:
             ).item() * c.loss.disc_weight
         else:
             d_weight = 0.0
-        for p, a, b in zip(params, grads_rec, grads_adv):
-            p.grad = a + d_weight * b
+        for i, p in enumerate(params):
+            p.grad = grads_rec[i] + d_weight * grads_adv[i] if disc_on else grads_rec[i]
         self.opt_ae.step()
         if disc_on:
             dist.all_reduce_(grads_disc)
