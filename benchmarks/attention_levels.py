@@ -22,10 +22,11 @@ VARIANTS = [
     {"attention_resolutions": (1, 2, 4), "num_res_blocks": 1, "channels": (64, 128, 128)},
     {"attention_resolutions": (2, 4), "num_res_blocks": 2, "channels": (96, 192, 192)},
     {"latent": (16, 8, 8), "attention_resolutions": (1, 2, 4), "num_res_blocks": 2, "channels": (64, 128, 128)},
-    # f = 2 (32x32x4): the same UNet (attention at 16x16 and 8x8), and one with a level more (at 8x8, 4x4)
+    # f = 2 (32x32x4): the same UNet (attention at 16x16 and 8x8), and with a level more (at 8x8, 4x4; 16x16)
     {"latent": (4, 32, 32), "attention_resolutions": (2, 4), "num_res_blocks": 2, "channels": (64, 128, 128)},
     {"latent": (4, 32, 32), "attention_resolutions": (4, 8), "num_res_blocks": 2, "channels": (64, 128, 128, 128)},
     {"latent": (4, 32, 32), "attention_resolutions": (4, 8), "num_res_blocks": 2, "channels": (32, 64, 128, 128)},
+    {"latent": (4, 32, 32), "attention_resolutions": (2, 4, 8), "num_res_blocks": 2, "channels": (32, 64, 128, 128)},
 ]
 
 
