@@ -697,5 +697,14 @@ def test_a_latent_cache_of_other_data_is_encoded_anew(tmp_path):
     first = latent_cache.load_or_encode(tmp_path, small, vae, 32)
     again = latent_cache.load_or_encode(tmp_path, both, vae, 32)
     assert len(first["readable"]) == 4 and len(again["readable"]) == 8
-    assert torch.equal(again["mean"][4:], again["mean"][:4])  # items 4..7 are scenes 0..3 told anew
+    # items 4..7 are scenes 0..3 told anew: encoded once, read from the same rows
+    assert len(again["mean"]) == 4 and again["row"].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    for a, b in zip(latent_cache.posterior(again, [4, 5, 6, 7]), latent_cache.posterior(first, [0, 1, 2, 3])):
+        assert torch.equal(a, b)
+    # with colours drawn per item, the doubled half is not the same images: every item has its own row
+    anyc = ShapesData(DataConfig(split="val", n=4, size=32, relations="both-ways", colours="any"))
+    (tmp_path / "any").mkdir()
+    own = latent_cache.load_or_encode(tmp_path / "any", anyc, vae, 32)
+    assert len(own["mean"]) == 8 and own["row"].tolist() == list(range(8))
+    assert not torch.equal(own["mean"][4:], own["mean"][:4])
     assert len(latent_cache.load_or_encode(tmp_path, both, vae, 32)["readable"]) == 8

@@ -164,6 +164,12 @@ class ShapesData:
     def caption(self, i: int) -> str:
         return self._scene(i)[1]
 
+    def image_of(self, i: int) -> int:
+        """The item whose image item i shows: with both-ways captions and named colours, items n..2n-1
+        draw scenes 0..n-1 again exactly (only the caption differs), so a latent cache encodes them once."""
+        c = self.config
+        return i % c.n if c.colours == "named" else i
+
     def load(self, i: int) -> tuple[torch.Tensor, str]:
         c = self.config
         scene, caption = self._scene(i)

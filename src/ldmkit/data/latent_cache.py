@@ -3,9 +3,10 @@ costs no encoder pass per step.
 
 Each image's posterior is kept, not one latent drawn from it: its mean and standard deviation (fp16,
 half the memory), from which a training step draws a fresh latent each time, as the paper's code
-samples. The cache is a file in the run folder (CACHE_FILE: {"mean": [N, C, h, w], "std": ...,
-"readable": [N] bools}, item i of the dataset at row i), written atomically and read back by later runs
-and resumes in that folder."""
+samples. The cache is a file in the run folder (CACHE_FILE: {"mean": [R, C, h, w], "std": ...,
+"readable": [N] bools, "row": [N]}, item i's posterior at row row[i]; items that show the same image,
+as a dataset's `image_of` says, share a row), written atomically and read back by later runs and resumes
+in that folder. A cache without "row" (written before rows were shared) has item i at row i."""
 
 import logging
 from pathlib import Path
@@ -31,16 +32,21 @@ def load_or_encode(folder: Path, data, vae, size: int) -> dict[str, torch.Tensor
             return cache
         # a folder reused with other data (another n, both-ways captions): its rows are not these items
         log.warning("%s holds %d images, the data %d: encoding anew", path, len(cache["readable"]), len(data))
-    means, stds, readable = [], [], []
     n = len(data)
-    for start in range(0, n, BATCH):
-        items = [data.load(i) for i in range(start, min(n, start + BATCH))]
+    shown = [data.image_of(i) for i in range(n)] if hasattr(data, "image_of") else list(range(n))
+    distinct = sorted(set(shown))
+    row_of = {item: r for r, item in enumerate(distinct)}
+    means, stds, ok = [], [], []
+    for start in range(0, len(distinct), BATCH):
+        items = [data.load(i) for i in distinct[start : start + BATCH]]
         images = torch.stack([it[0] if it is not None else torch.zeros(3, size, size) for it in items])
         post = vae.encode(images)
         means.append(post.mean.half())
         stds.append(post.std.half())
-        readable += [it is not None for it in items]
-    cache = {"mean": torch.cat(means), "std": torch.cat(stds), "readable": torch.tensor(readable)}
+        ok += [it is not None for it in items]
+    rows = [row_of[s] for s in shown]
+    readable = torch.tensor([ok[r] for r in rows])
+    cache = {"mean": torch.cat(means), "std": torch.cat(stds), "readable": readable, "row": torch.tensor(rows)}
     atomic_write(path, lambda tmp: torch.save(cache, tmp))
     return cache
 
@@ -48,6 +54,8 @@ def load_or_encode(folder: Path, data, vae, size: int) -> dict[str, torch.Tensor
 def posterior(cache: dict[str, torch.Tensor], items: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) of the cached posteriors of dataset items, in fp32."""
     idx = torch.tensor(items)
+    if "row" in cache:
+        idx = cache["row"][idx]
     return cache["mean"][idx].float(), cache["std"][idx].float()
 
 
