@@ -14,7 +14,7 @@ import sys
 from PIL import Image
 
 from ldmkit.data.shapes import render, sample_scene
-from ldmkit.evaluation.judge import judge
+from ldmkit.evaluation.judge import judge, shape_wanted
 from ldmkit.evaluation.shapes_eval import reconstruct
 from ldmkit.images import image_grid, tensor_to_pil
 from ldmkit.pipelines import Pipeline
@@ -40,7 +40,7 @@ def main() -> None:
             pairs.append((true, rec))
         for m in verdict.misses:
             kind = m.split(":")[0]
-            asked = m.split("wanted the ")[1].split(",")[0].split()[-1] if kind == "shape" else ""
+            asked = shape_wanted(m) or ""
             misses[f"{kind} {asked}".strip()] += 1
     print(json.dumps({"split": split, "reconstructions": n, "not_fully_correct": wrong, "misses": dict(misses)}))
     if len(sys.argv) > 4:

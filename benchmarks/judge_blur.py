@@ -14,7 +14,7 @@ import sys
 from PIL import ImageFilter
 
 from ldmkit.data.shapes import ALL_SHAPES, render, sample_scene
-from ldmkit.evaluation.judge import judge
+from ldmkit.evaluation.judge import judge, shape_wanted
 
 
 def main() -> None:
@@ -26,7 +26,7 @@ def main() -> None:
         for scene, image in zip(scenes, renders):
             verdict = judge(image.filter(ImageFilter.GaussianBlur(sigma)) if sigma else image, scene.intent, ALL_SHAPES)
             correct += verdict.correct
-            star_misses += sum(m.startswith("shape") and "star" in m.split(", found")[0] for m in verdict.misses)
+            star_misses += sum(shape_wanted(m) == "star" for m in verdict.misses)
         row = {"split": split, "n": n, "sigma": sigma, "fully_correct": round(correct / n, 4)}
         print(json.dumps({**row, "star_shape_misses": star_misses}), flush=True)
 

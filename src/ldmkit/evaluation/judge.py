@@ -76,6 +76,13 @@ def classify_shape(mask: np.ndarray, shapes=SHAPES) -> str:
     return "circle"
 
 
+def shape_wanted(miss: str) -> str | None:
+    """The shape a "shape: wanted the COLOUR SHAPE, found ..." miss asked for; None for other kinds."""
+    if not miss.startswith("shape:"):
+        return None
+    return miss.split("wanted the ", 1)[1].split(",", 1)[0].split()[-1]
+
+
 def detect(image: Image.Image, shapes=SHAPES) -> list[Detection]:
     arr = np.asarray(image.convert("RGB"), dtype=np.float32)
     side = arr.shape[0]

@@ -190,8 +190,9 @@ class AutoencoderTask:
             ).item() * c.loss.disc_weight
         else:
             d_weight = 0.0
-        for i, p in enumerate(params):
-            p.grad = grads_rec[i] + d_weight * grads_adv[i] if disc_on else grads_rec[i]
+        grads = [a + d_weight * b for a, b in zip(grads_rec, grads_adv)] if disc_on else grads_rec
+        for p, g in zip(params, grads):
+            p.grad = g
         self.opt_ae.step()
         if disc_on:
             dist.all_reduce_(grads_disc)
