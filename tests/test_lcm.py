@@ -2,6 +2,8 @@
 use the same guidance scale w, the boundary condition holds, and a distilled model generates with
 the LCM sampler by default. (The LCM sampler itself equals diffusers' LCMScheduler: test_samplers.py.)"""
 
+from pathlib import Path
+
 import torch
 import yaml
 from PIL import Image
@@ -53,7 +55,8 @@ def test_student_starts_as_the_teacher_and_both_sides_use_the_same_w(tmp_path, b
         return student_forward(*args, timestep_cond=timestep_cond, **kw)
 
     task.guided_teacher, task.student.forward = record_teacher, record_student
-    task.build_cache(tmp_path)
+    Path(task.config.run.dir).mkdir()
+    task.prepare()  # the latent cache
     items = [0, 1]
     task.loss(None, items, [task.data.caption(i) for i in items], [0, 1])
     w = seen["w"]

@@ -708,3 +708,21 @@ def test_a_latent_cache_of_other_data_is_encoded_anew(tmp_path):
     assert len(own["mean"]) == 8 and own["row"].tolist() == list(range(8))
     assert not torch.equal(own["mean"][4:], own["mean"][:4])
     assert len(latent_cache.load_or_encode(tmp_path, both, vae, 32)["readable"]) == 8
+
+
+def test_a_stop_signal_while_the_latent_cache_encodes_leaves_no_file(tmp_path):
+    """Encoding 100k images takes many minutes: SIGTERM or Ctrl-C stops it between batches (the loop's
+    stop flag, read by `stopping`) rather than after it, and nothing half-written is left to be read."""
+    from ldmkit.data import latent_cache
+    from ldmkit.data.images import DataConfig, ShapesData
+    from ldmkit.errors import Stopped
+    from ldmkit.models.autoencoder import AutoencoderConfig, AutoencoderKL
+
+    vae = AutoencoderKL(AutoencoderConfig(channels=(16,), num_res_blocks=1, norm_groups=8)).eval()
+    data = ShapesData(DataConfig(split="val", n=latent_cache.BATCH + 8, size=16))
+    flags = iter([None, signal.SIGTERM])  # the signal arrives while the first batch is encoded
+    n = latent_cache.BATCH + 8
+    with pytest.raises(Stopped, match=rf"SIGTERM while encoding the latent cache \({latent_cache.BATCH} of {n} "):
+        latent_cache.load_or_encode(tmp_path, data, vae, 16, stopping=lambda: next(flags))
+    assert list(tmp_path.iterdir()) == []
+    assert len(latent_cache.load_or_encode(tmp_path, data, vae, 16)["readable"]) == n

@@ -9,11 +9,14 @@ as a dataset's `image_of` says, share a row), written atomically and read back b
 in that folder. A cache without "row" (written before rows were shared) has item i at row i."""
 
 import logging
+import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ldmkit.checkpoints.files import atomic_write
+from ldmkit.errors import Stopped
 
 log = logging.getLogger(__name__)
 CACHE_FILE = "latent-cache.pt"
@@ -21,10 +24,16 @@ BATCH = 64  # images per encoder pass
 
 
 @torch.no_grad()
-def load_or_encode(folder: Path, data, vae, size: int) -> dict[str, torch.Tensor]:
+def load_or_encode(
+    folder: Path, data, vae, size: int, progress: bool = False, stopping: Callable[[], int | None] = lambda: None
+) -> dict[str, torch.Tensor]:
     """The cache of `data` in `folder`: read when the file is there, else encoded and written. An
     unreadable image (data.load gives None) is encoded as a black one, so that rows stay item indices,
-    and marked unreadable, so that training leaves it out as it does without the cache."""
+    and marked unreadable, so that training leaves it out as it does without the cache. Encoding can
+    take many minutes (100k images), so it shows a bar when `progress`, and when `stopping()` names a
+    signal it stops between batches with nothing written."""
+    from tqdm import tqdm
+
     path = folder / CACHE_FILE
     if path.exists():
         cache = torch.load(path, map_location="cpu", weights_only=True)
@@ -37,13 +46,25 @@ def load_or_encode(folder: Path, data, vae, size: int) -> dict[str, torch.Tensor
     distinct = sorted(set(shown))
     row_of = {item: r for r, item in enumerate(distinct)}
     means, stds, ok = [], [], []
+    bar = tqdm(total=len(distinct), desc="latent cache", unit="image", disable=not progress)
     for start in range(0, len(distinct), BATCH):
+        signum = stopping()
+        if signum is not None:
+            bar.close()
+            name = signal.Signals(signum).name
+            raise Stopped(
+                f"stopped by {name} while encoding the latent cache ({start} of {len(distinct)} images): "
+                "nothing written; the next run encodes it",
+                signum,
+            )
         items = [data.load(i) for i in distinct[start : start + BATCH]]
         images = torch.stack([it[0] if it is not None else torch.zeros(3, size, size) for it in items])
         post = vae.encode(images)
         means.append(post.mean.half())
         stds.append(post.std.half())
         ok += [it is not None for it in items]
+        bar.update(len(items))
+    bar.close()
     rows = [row_of[s] for s in shown]
     readable = torch.tensor([ok[r] for r in rows])
     cache = {"mean": torch.cat(means), "std": torch.cat(stds), "readable": readable, "row": torch.tensor(rows)}

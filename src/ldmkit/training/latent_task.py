@@ -250,8 +250,12 @@ class LatentTask:
             torch.stack([r[0] for r in rows]), None if rows[0][1] is None else torch.stack([r[1] for r in rows])
         )
 
-    def build_cache(self, folder: Path) -> None:
-        self.cache = latent_cache.load_or_encode(folder, self.data, self.model.vae, self.config.data.size)
+    def prepare(self, progress: bool = False, stopping=lambda: None) -> None:
+        """Before the first step (the loop calls it): the latent cache, read or encoded (latent_cache)."""
+        c = self.config
+        if c.latent_cache and self.cache is None:
+            folder = Path(c.run.dir).expanduser()
+            self.cache = latent_cache.load_or_encode(folder, self.data, self.model.vae, c.data.size, progress, stopping)
 
     @torch.no_grad()
     def posterior(self, items: list[int], images: torch.Tensor | None):
@@ -361,8 +365,7 @@ class LatentTask:
         gradients summed over processes), then the EMA update. Logged: the loss, the learning rate and
         how many of the global batch's samples were left out as unreadable (as the autoencoder logs)."""
         c = self.config
-        if c.latent_cache and self.cache is None:
-            self.build_cache(Path(c.run.dir).expanduser())
+        self.prepare()
         for g in self.opt.param_groups:
             g["lr"] = lr
         images, items, captions, gs = self.batch(indices)

@@ -1,7 +1,7 @@
 """The one training loop: steps, logging, checkpoints, resume, NaN guard. What is trained lives in
 a Task (training/autoencoder.py, and the latent tasks on training/latent_task.py), which the loop calls
-through train_step(step, indices, lr) -> logged values, evaluate, sample, finish, state_dict and
-load_state_dict.
+through train_step(step, indices, lr) -> logged values, evaluate, sample, finish, state_dict,
+load_state_dict and, when it has one, prepare(progress, stopping) before the first step.
 
 A run is a pure function of its config: global batch b holds global samples b*B .. (b+1)*B - 1 and
 every random draw of sample g comes from its own generator (data/images.py), so a resumed run
@@ -205,6 +205,9 @@ class Trainer:
         torch.set_num_threads(self.run.threads or torch.get_num_threads())
         B = self.run.batch_size
         progress = progress and self.main
+        prepare = getattr(self.task, "prepare", None)  # what a task does once before its first step
+        if prepare is not None and self.step < self.run.steps:
+            prepare(progress, lambda: stop.signum)
         bar = tqdm(total=self.run.steps, initial=self.step, desc="training", unit="step", disable=not progress)
         try:
             t0, seen = time.perf_counter(), 0
