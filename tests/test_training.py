@@ -516,6 +516,24 @@ def test_every_committed_config_parses():
         load_yaml(kinds[kind], f)
 
 
+def test_every_model_a_config_builds_on_may_be_a_path_under_home_or_a_bundled_name():
+    """A config's teacher / base / text_from expands a leading ~ as run.dir does (a tiny decoder distilled
+    from ~/runs/.../model.safetensors was refused as no such file); a bundled name passes unchanged."""
+    from ldmkit.config import from_dict
+    from ldmkit.training.image_tower import ImageTowerTrainConfig
+    from ldmkit.training.tiny_autoencoder import TinyDistillConfig
+    from ldmkit.training.video_ldm import VideoLDMTrainConfig
+
+    home = str(Path.home() / "runs" / "m.safetensors")
+    for cls, name in [
+        (TinyDistillConfig, "teacher"),
+        (VideoLDMTrainConfig, "base"),
+        (ImageTowerTrainConfig, "text_from"),
+    ]:
+        assert getattr(from_dict(cls, {name: "~/runs/m.safetensors"}), name) == home
+        assert getattr(from_dict(cls, {name: "shapes"}), name) == "shapes"
+
+
 def test_a_config_refuses_condition_dropout_outside_0_to_1():
     """cond_dropout is a probability below 1 (at 1 no step sees a caption) in every latent task's config."""
     from ldmkit.config import from_dict

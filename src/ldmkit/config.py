@@ -25,6 +25,12 @@ def widths_from_multipliers(d: dict, base_key: str, mult_key: str, default_base:
     return d
 
 
+def model_name(text: str) -> str:
+    """A config's model field (a bundled name or a path) with a leading ~ expanded, as run.dir's is: a
+    bundled name never starts with ~, so it passes unchanged."""
+    return str(Path(text).expanduser()) if text.startswith("~") else text
+
+
 def to_dict(config: Any) -> dict:
     """A JSON-ready dict (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(config)))

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ldmkit.checkpoints.files import write_json, write_safetensors
+from ldmkit.config import model_name
 from ldmkit.data.images import DataConfig, Order, load_batch, open_dataset
 from ldmkit.errors import ConfigError
 from ldmkit.training import distributed as dist
@@ -55,6 +56,7 @@ class ImageTowerTrainConfig:
     val_images: int = 256
 
     def __post_init__(self):
+        self.text_from = model_name(self.text_from)
         t = self.tower
         if t.hidden_size % t.num_attention_heads:
             raise ConfigError(f"tower.hidden_size {t.hidden_size} is no multiple of its {t.num_attention_heads} heads")

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ldmkit.config import model_name
 from ldmkit.data.images import DataConfig, Order, load_batch, open_dataset, sample_generator, validation_images
 from ldmkit.errors import ConfigError
 from ldmkit.evaluation.metrics import psnr
@@ -56,6 +57,7 @@ class TinyDistillConfig:
     val_images: int = 64
 
     def __post_init__(self):
+        self.teacher = model_name(self.teacher)
         self.parts = tuple(self.parts)
         if not self.parts or any(p not in PARTS for p in self.parts) or len(set(self.parts)) != len(self.parts):
             raise ConfigError(f"parts: {list(self.parts)}; allowed: decoder, encoder (one or both)")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ldmkit.checkpoints.components import strict_load
+from ldmkit.config import model_name
 from ldmkit.data.images import Order, sample_generator
 from ldmkit.data.shapes_clips import sample_clip
 from ldmkit.diffusion.schedule import NoiseSchedule
@@ -60,6 +61,7 @@ class VideoLDMTrainConfig:
     val_batches: int = 2
 
     def __post_init__(self):
+        self.base = model_name(self.base)
         check_cond_dropout(self.cond_dropout)
         if self.data.frames < 2:
             raise ConfigError(f"data.frames: {self.data.frames}; a clip has at least 2")
