@@ -21,7 +21,7 @@ for split in val heldout; do
     ldmkit eval --model "$MODEL" --split "$split" --seed 1 --n 200 --seeds 2 -q \
         --out "reports/shapes-default-$split.json" > /dev/null
 done
-# few-step (#8): the guidance scale for the distilled model at 4 steps (val, seed 0); then, on new seeds,
+# few-step: the guidance scale for the distilled model at 4 steps (val, seed 0); then, on new seeds,
 # the distilled model at 1, 2, 4 and 8 steps against the teacher at 25 and 50 with its default sampler
 ldmkit eval --model shapes-fast --split val --n "$N" --seeds 2 --cfg 1.5,2,3,5 --steps 4 \
     --samplers lcm -q --out reports/shapes-fast-cfg-val.json > /dev/null

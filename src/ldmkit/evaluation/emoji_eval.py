@@ -1,4 +1,4 @@
-"""`ldmkit eval-emoji`: the emoji model measured without an exact judge (issue #11).
+"""`ldmkit eval-emoji`: the emoji model measured without an exact judge.
 
 A small classifier trained on the training set's own labels (style, category; evaluation/features.py)
 gives the feature space. For each guidance scale, one set of generations from training captions and one

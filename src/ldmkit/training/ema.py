@@ -50,7 +50,9 @@ class EMA(Mapping):
             self.into.load_state_dict(state)
             self.state = self.into.state_dict()
         else:
-            self.state = state
+            # in the module's own dtypes: a checkpoint kept at lower precision resumes into fp32 averages
+            own = self.module.state_dict()
+            self.state = {k: v.to(own[k].dtype) for k, v in state.items()}
 
     # evaluation -------------------------------------------------------------------------------------
     @contextmanager
