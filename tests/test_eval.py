@@ -99,17 +99,20 @@ def test_eval_measures_with_a_lora_and_an_embedding(tmp_path, base_model, capsys
     def run(*extra):
         argv = ["eval", "--model", str(base_model), "--n", "2", "--steps", "2", "--cfg", "3", "--seeds", "2", "-q"]
         assert main(argv + list(extra)) == 0
-        report = json.loads(capsys.readouterr().out)
-        return report, report["settings"][0]["diversity"]
+        out, err = capsys.readouterr()
+        report = json.loads(out)
+        return report, report["settings"][0]["diversity"], err
 
-    _, plain = run("--split", "pink")
-    zero_report, zero = run("--split", "pink", "--lora", f"{tmp_path / 'pink.safetensors'}:0")
-    one_report, one = run("--split", "pink", "--lora", f"{tmp_path / 'pink.safetensors'}:1")
+    # the model knows its captions' words: measuring it warns of none (its warm-up included)
+    assert "does not know" not in run("--split", "val")[2]
+    _, plain, _ = run("--split", "pink")
+    zero_report, zero, _ = run("--split", "pink", "--lora", f"{tmp_path / 'pink.safetensors'}:0")
+    one_report, one, _ = run("--split", "pink", "--lora", f"{tmp_path / 'pink.safetensors'}:1")
     assert zero == plain and one != plain
     assert one_report["loras"] == [[str(tmp_path / "pink.safetensors"), 1.0]]
     # A new word for red: prompts say "dax" where captions say "red"; the judge still checks red.
-    word_report, without = run("--split", "val", "--word", "red=dax")
-    with_report, with_embedding = run(
+    word_report, without, _ = run("--split", "val", "--word", "red=dax")
+    with_report, with_embedding, _ = run(
         "--split", "val", "--word", "red=dax", "--embedding", str(tmp_path / "dax.safetensors")
     )
     assert with_embedding != without
