@@ -60,3 +60,24 @@ def test_a_compacted_checkpoint_resumes_as_the_full_one(base_model, tmp_path):
 def test_kept_training_checkpoints_load_without_pickled_code(path):
     state = torch.load(path, map_location="cpu", weights_only=True)
     assert isinstance(state["step"], int) and "task" in state
+
+
+def test_a_checkpoint_as_a_model_file_is_the_model_its_run_wrote(base_model, tmp_path):
+    """recipes/checkpoint_model.py on a run's last checkpoint writes what the run's end wrote, tensor for
+    tensor (its EMA weights, latent scale, latent-to-RGB map and vocabulary), so a run judged midway is
+    judged as it would be finished."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    spec = importlib.util.spec_from_file_location("checkpoint_model", ROOT / "recipes" / "checkpoint_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    last = sorted((base_model.parent / "checkpoints").glob("step-*.pt"))[-1]
+    out = tmp_path / "midway.safetensors"
+    module.main(last, out)
+    ours, theirs = load_file(out), load_file(base_model)
+    assert sorted(ours) == sorted(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours), [k for k in ours if not torch.equal(ours[k], theirs[k])]
+    with safe_open(out, "pt") as a, safe_open(base_model, "pt") as b:
+        assert a.metadata() == b.metadata()
+    assert [p.name for p in tmp_path.iterdir()] == ["midway.safetensors"]  # no temporary folder left
