@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Stage 2 of the second-generation shapes model: the U-Net of configs/shapes-f2-ldm.yaml (attention at
 # 8x8 and 4x4) on the f = 2 autoencoder of recipes/shapes-autoencoders.sh, trained to its config's steps.
+# `bash recipes/shapes-f2-ldm.sh shapes-f2-zsnr-ldm` trains the same U-Net with zero terminal SNR and
+# v-prediction instead (configs/shapes-f2-zsnr-ldm.yaml says why).
 #
 # Chosen against the same U-Net with attention at 16x16 too (configs/shapes-f2-attn16-ldm.yaml) by EMA
 # validation loss per CPU-second, both trained side by side at one thread each on an Intel Xeon with AMX
@@ -11,19 +13,28 @@
 #
 # Resumable: run it again and it continues from its last checkpoint. With no checkpoint in the run folder
 # it starts from the newest training checkpoint in recipes/stage-checkpoints/ (see the README there), if
-# one is kept. The latent cache (100,000 scenes) is encoded first, about 45 minutes on two threads.
+# one is kept. The latent cache (100,000 scenes) is encoded first, about 55 minutes on two threads, unless
+# the other config's run folder has one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+NAME=${1:-shapes-f2-ldm}  # or shapes-f2-zsnr-ldm: the same U-Net on a zero-terminal-SNR schedule
 AE=~/runs/shapes-f2-ae/autoencoder.safetensors
-RUN=~/runs/shapes-f2-ldm
+RUN=~/runs/$NAME
 if [ ! -f "$AE" ]; then
   mkdir -p "$(dirname "$AE")"
   cp recipes/stage-checkpoints/shapes-f2-autoencoder.safetensors "$AE"
 fi
-kept=$(ls recipes/stage-checkpoints/shapes-f2-ldm-step-*.pt 2>/dev/null | sort | tail -1 || true)
+kept=$(ls recipes/stage-checkpoints/$NAME-step-*.pt 2>/dev/null | sort | tail -1 || true)
 if ! compgen -G "$RUN/checkpoints/step-*.pt" > /dev/null && [ -n "$kept" ]; then
   mkdir -p "$RUN/checkpoints"
-  cp "$kept" "$RUN/checkpoints/$(basename "$kept" | sed 's/^shapes-f2-ldm-//')"
+  cp "$kept" "$RUN/checkpoints/$(basename "$kept" | sed "s/^$NAME-//")"
 fi
+# Both configs read the same scenes through the same autoencoder: one latent cache serves both runs
+for other in ~/runs/shapes-f2-ldm ~/runs/shapes-f2-zsnr-ldm; do
+  if [ ! -f "$RUN/latent-cache.pt" ] && [ -f "$other/latent-cache.pt" ]; then
+    mkdir -p "$RUN"
+    ln "$other/latent-cache.pt" "$RUN/latent-cache.pt" 2>/dev/null || cp "$other/latent-cache.pt" "$RUN/"
+  fi
+done
 resume=$(compgen -G "$RUN/checkpoints/step-*.pt" > /dev/null && echo --resume || true)
-ldmkit train --config configs/shapes-f2-ldm.yaml $resume -q >> "$RUN.log" 2>&1
+ldmkit train --config "configs/$NAME.yaml" $resume -q >> "$RUN.log" 2>&1
