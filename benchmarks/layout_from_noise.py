@@ -56,13 +56,13 @@ def probe(model, schedule, images: dict[str, torch.Tensor]) -> list[float]:
     for t in PROBE_STEPS:
         ab = schedule.alphas_cumprod[t]
         a, s = ab.sqrt(), (1 - ab).sqrt()
-        right_calls = 0
+        correct = 0
         for side, sign in (("left", 1), ("right", -1)):
             x = z[side][half:]
             zt = a * x + s * torch.randn(x.shape, generator=g)
             score = ((zt - a * middle) * direction).flatten(1).sum(1)
-            right_calls += int(((score * sign) > 0).sum())
-        shares.append(right_calls / (2 * (len(z["left"]) - half)))
+            correct += int(((score * sign) > 0).sum())
+        shares.append(correct / (2 * (len(z["left"]) - half)))
     return shares
 
 

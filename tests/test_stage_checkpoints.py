@@ -11,8 +11,8 @@ import yaml
 from conftest import ROOT
 
 
-def compact_module():
-    spec = importlib.util.spec_from_file_location("compact_checkpoint", ROOT / "recipes" / "compact_checkpoint.py")
+def recipe_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -31,7 +31,7 @@ def test_a_compacted_checkpoint_resumes_as_the_full_one(base_model, tmp_path):
     run = base_model.parent
     full_path = sorted((run / "checkpoints").glob("step-*.pt"))[-1]
     small_path = tmp_path / "small.pt"
-    torch.save(compact_module().compact(torch.load(full_path, weights_only=True)), small_path)
+    torch.save(recipe_module("compact_checkpoint").compact(torch.load(full_path, weights_only=True)), small_path)
     assert small_path.stat().st_size < 0.8 * full_path.stat().st_size
 
     config = run.parent / f"{run.name}.yaml"
@@ -69,12 +69,9 @@ def test_a_checkpoint_as_a_model_file_is_the_model_its_run_wrote(base_model, tmp
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    spec = importlib.util.spec_from_file_location("checkpoint_model", ROOT / "recipes" / "checkpoint_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     last = sorted((base_model.parent / "checkpoints").glob("step-*.pt"))[-1]
     out = tmp_path / "midway.safetensors"
-    module.main(last, out)
+    recipe_module("checkpoint_model").main(last, out)
     ours, theirs = load_file(out), load_file(base_model)
     assert sorted(ours) == sorted(theirs)
     assert all(torch.equal(ours[k], theirs[k]) for k in ours), [k for k in ours if not torch.equal(ours[k], theirs[k])]
