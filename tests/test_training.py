@@ -674,6 +674,38 @@ def test_min_snr_weighting_is_min_snr_gamma_times_the_x0_error_for_every_predict
     assert torch.allclose(per_sample, snr.clamp(max=gamma) * x0_error**2, rtol=1e-3), (per_sample, snr)
 
 
+def test_fine_tuning_keeps_the_models_latent_scale_and_schedule_unless_one_is_given(tmp_path):
+    """Fine-tuning starts from the model's own latent scale (measuring it again on the new data would move
+    every latent the UNet learned on) and its own schedule; a schedule in the config replaces the model's
+    (here zero terminal SNR with v-prediction, as Lin et al. 2024 fine-tuned SD 2.1) and is saved with it."""
+    from dataclasses import replace
+
+    from ldmkit.checkpoints.single_file import load_model, save_single_file
+    from ldmkit.data.images import DataConfig
+    from ldmkit.models.ldm import LatentDiffusion, ScheduleConfig
+    from ldmkit.models.presets import tiny
+    from ldmkit.training.ldm import LDMTask, LDMTrainConfig
+    from ldmkit.training.loop import RunConfig
+
+    torch.manual_seed(0)
+    base = tiny()
+    path = tmp_path / "base.safetensors"
+    save_single_file(LatentDiffusion(replace(base, vae=replace(base.vae, scale_factor=0.37))), path)
+    zsnr = ScheduleConfig(prediction_type="v_prediction", diffusers={"rescale_betas_zero_snr": True})
+    for name, schedule in (("own", None), ("zsnr", zsnr)):
+        run = RunConfig(dir=str(tmp_path / name), batch_size=4, threads=1)
+        task = LDMTask(LDMTrainConfig(init_from=str(path), data=DataConfig(n=4), run=run, schedule=schedule))
+        assert math.isfinite(task.train_step(0, range(4), 1e-4)["loss"])
+        assert task.model.vae.config.scale_factor == 0.37, name
+        save_single_file(task.ema_model(), tmp_path / f"{name}.safetensors")
+        tuned = load_model(tmp_path / f"{name}.safetensors")
+        assert tuned.config.vae.scale_factor == 0.37, name
+        expected = schedule or base.schedule
+        assert tuned.config.schedule.prediction_type == expected.prediction_type, name
+        assert bool(tuned.config.schedule.diffusers.get("rescale_betas_zero_snr")) == (schedule is zsnr), name
+        assert (task.schedule.alphas_cumprod[-1] == 0) == (schedule is zsnr), name
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_new_backbone_reads_latents_of_its_autoencoders_width(tmp_path, seed):
     """An autoencoder with a latent width drawn at random (an f = 8 one keeps more channels): the UNet built

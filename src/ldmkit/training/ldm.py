@@ -33,7 +33,10 @@ class LDMTrainConfig(DenoisingTrainConfig):
     unet: UNetConfig | None = None
     mmdit: MMDiTConfig | None = None  # instead of a UNet: the transformer (in/out channels, sizes set here)
     text: str | TextEncoderConfig = "minilm"
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # The schedule to train to (default: SD's, epsilon). Fine-tuning keeps the model's own unless one is
+    # given: a model can be taught another prediction type or zero terminal SNR, as Lin et al. 2024
+    # fine-tuned SD 2.1 (diffusers' training scripts' --prediction_type does the same).
+    schedule: ScheduleConfig | None = None
     cond_dropout: float = 0.1
     scale_batches: int = 4  # batches used to measure the latent std (scale-by-std)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -55,7 +58,10 @@ def build_model(c: LDMTrainConfig) -> LatentDiffusion:
     from ldmkit.checkpoints.single_file import load_model, load_package_text_encoder, load_vae_file
 
     if c.init_from is not None:
-        return load_model(c.init_from)
+        model = load_model(c.init_from)
+        if c.schedule is not None:  # the new schedule's ᾱ replace any the file stored
+            model.config.schedule, model.alphas_cumprod = c.schedule, None
+        return model
     vae = load_vae_file(c.autoencoder)
     text = minilm_text_config(max_length=32) if c.text == "minilm" else c.text
     if isinstance(text, str):
@@ -68,7 +74,12 @@ def build_model(c: LDMTrainConfig) -> LatentDiffusion:
     else:
         backbone = replace(c.unet, in_channels=z, out_channels=z, context_dim=text.hidden_size)
     config = ModelConfig(
-        family="ldmkit", unet=backbone, vae=vae.config, text=text, schedule=c.schedule, image_size=c.data.size
+        family="ldmkit",
+        unet=backbone,
+        vae=vae.config,
+        text=text,
+        schedule=c.schedule or ScheduleConfig(),
+        image_size=c.data.size,
     )
     torch.manual_seed(c.run.seed)
     model = LatentDiffusion(config)
@@ -84,7 +95,8 @@ class LDMTask(LatentTask):
     def __init__(self, config: LDMTrainConfig):
         model = build_model(config)
         super().__init__(config, model, model.unet)
-        self.scale_measured = False
+        # A new UNet measures its latent scale from the data; a fine-tuned one keeps the scale it learned with.
+        self.scale_measured = config.init_from is not None
 
     @torch.no_grad()
     def measure_scale(self) -> None:
