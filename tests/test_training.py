@@ -677,11 +677,13 @@ def test_min_snr_weighting_is_min_snr_gamma_times_the_x0_error_for_every_predict
 def test_fine_tuning_keeps_the_models_latent_scale_and_schedule_unless_one_is_given(tmp_path):
     """Fine-tuning starts from the model's own latent scale (measuring it again on the new data would move
     every latent the UNet learned on) and its own schedule; a schedule in the config replaces the model's
-    (here zero terminal SNR with v-prediction, as Lin et al. 2024 fine-tuned SD 2.1) and is saved with it."""
+    (here zero terminal SNR with v-prediction, as Lin et al. 2024 fine-tuned SD 2.1) and is saved with it,
+    completed as SD's scheduler config: DDIM's class default clip_sample: True would clamp the latents to ±1."""
     from dataclasses import replace
 
     from ldmkit.checkpoints.single_file import load_model, save_single_file
     from ldmkit.data.images import DataConfig
+    from ldmkit.diffusion.registry import SAMPLERS
     from ldmkit.models.ldm import LatentDiffusion, ScheduleConfig
     from ldmkit.models.presets import tiny
     from ldmkit.training.ldm import LDMTask, LDMTrainConfig
@@ -691,7 +693,9 @@ def test_fine_tuning_keeps_the_models_latent_scale_and_schedule_unless_one_is_gi
     base = tiny()
     path = tmp_path / "base.safetensors"
     save_single_file(LatentDiffusion(replace(base, vae=replace(base.vae, scale_factor=0.37))), path)
-    zsnr = ScheduleConfig(prediction_type="v_prediction", diffusers={"rescale_betas_zero_snr": True})
+    zsnr = ScheduleConfig(
+        prediction_type="v_prediction", diffusers={"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    )
     for name, schedule in (("own", None), ("zsnr", zsnr)):
         run = RunConfig(dir=str(tmp_path / name), batch_size=4, threads=1)
         task = LDMTask(LDMTrainConfig(init_from=str(path), data=DataConfig(n=4), run=run, schedule=schedule))
@@ -704,6 +708,9 @@ def test_fine_tuning_keeps_the_models_latent_scale_and_schedule_unless_one_is_gi
         assert tuned.config.schedule.prediction_type == expected.prediction_type, name
         assert bool(tuned.config.schedule.diffusers.get("rescale_betas_zero_snr")) == (schedule is zsnr), name
         assert (task.schedule.alphas_cumprod[-1] == 0) == (schedule is zsnr), name
+        ddim = SAMPLERS["ddim"].scheduler_settings(tuned.config.schedule.diffusers)
+        assert ddim["clip_sample"] is False, name
+        assert ddim["timestep_spacing"] == ("trailing" if schedule is zsnr else "leading"), name
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

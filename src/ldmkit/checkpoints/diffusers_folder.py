@@ -212,18 +212,22 @@ def _write_unet_and_vae(model: LatentDiffusion, out: Path, dtype) -> None:
     )
 
 
+# The scheduler config SD's folders ship (PNDM), without the training schedule's fields.
+SD_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": DIFFUSERS_VERSION,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "trained_betas": None,
+}
+
+
 def _scheduler_config(schedule: ScheduleConfig) -> dict:
     """The model's own scheduler config, or for a model that came without one the PNDM config SD's
     folders ship; the training schedule's fields always ours."""
-    scheduler = schedule.diffusers or {
-        "_class_name": "PNDMScheduler",
-        "_diffusers_version": DIFFUSERS_VERSION,
-        "set_alpha_to_one": False,
-        "skip_prk_steps": True,
-        "steps_offset": 1,
-        "clip_sample": False,
-        "trained_betas": None,
-    }
+    scheduler = schedule.diffusers or SD_SCHEDULER
     return {
         **scheduler,
         "num_train_timesteps": schedule.num_train_timesteps,

@@ -55,12 +55,19 @@ class LDMTrainConfig(DenoisingTrainConfig):
 
 def build_model(c: LDMTrainConfig) -> LatentDiffusion:
     from ldmkit.checkpoints.detect import minilm_text_config
+    from ldmkit.checkpoints.diffusers_folder import SD_SCHEDULER
     from ldmkit.checkpoints.single_file import load_model, load_package_text_encoder, load_vae_file
 
+    schedule = c.schedule
+    if schedule is not None and schedule.diffusers:
+        # Settings given are read as a scheduler config (diffusers' meaning), whose absent keys are the
+        # scheduler class's defaults -- DDIM's clip_sample: True would clamp these unit-variance latents to
+        # ±1. Completed with SD's own, as a model trained from SD carries them.
+        schedule = replace(schedule, diffusers={**SD_SCHEDULER, **schedule.diffusers})
     if c.init_from is not None:
         model = load_model(c.init_from)
-        if c.schedule is not None:  # the new schedule's ᾱ replace any the file stored
-            model.config.schedule, model.alphas_cumprod = c.schedule, None
+        if schedule is not None:  # the new schedule's ᾱ replace any the file stored
+            model.config.schedule, model.alphas_cumprod = schedule, None
         return model
     vae = load_vae_file(c.autoencoder)
     text = minilm_text_config(max_length=32) if c.text == "minilm" else c.text
@@ -78,7 +85,7 @@ def build_model(c: LDMTrainConfig) -> LatentDiffusion:
         unet=backbone,
         vae=vae.config,
         text=text,
-        schedule=c.schedule or ScheduleConfig(),
+        schedule=schedule or ScheduleConfig(),
         image_size=c.data.size,
     )
     torch.manual_seed(c.run.seed)
