@@ -2,7 +2,9 @@
 # Stage 2 of the second-generation shapes model: the U-Net of configs/shapes-f2-ldm.yaml (attention at
 # 8x8 and 4x4) on the f = 2 autoencoder of recipes/shapes-autoencoders.sh, trained to its config's steps.
 # `bash recipes/shapes-f2-ldm.sh shapes-f2-zsnr-ldm` trains the same U-Net with zero terminal SNR and
-# v-prediction instead (configs/shapes-f2-zsnr-ldm.yaml says why).
+# v-prediction instead (configs/shapes-f2-zsnr-ldm.yaml says why), and `... shapes-f2-zsnr-tune-ldm`
+# fine-tunes the finished epsilon model (recipes/stage-checkpoints/shapes-f2-ldm.safetensors) to that
+# schedule in 3,000 steps.
 #
 # Chosen against the same U-Net with attention at 16x16 too (configs/shapes-f2-attn16-ldm.yaml) by EMA
 # validation loss per CPU-second, both trained side by side at one thread each on an Intel Xeon with AMX
@@ -17,7 +19,7 @@
 # the other config's run folder has one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-NAME=${1:-shapes-f2-ldm}  # or shapes-f2-zsnr-ldm: the same U-Net on a zero-terminal-SNR schedule
+NAME=${1:-shapes-f2-ldm}  # or shapes-f2-zsnr-ldm / shapes-f2-zsnr-tune-ldm: on a zero-terminal-SNR schedule
 AE=~/runs/shapes-f2-ae/autoencoder.safetensors
 RUN=~/runs/$NAME
 if [ ! -f "$AE" ]; then
@@ -29,8 +31,8 @@ if ! compgen -G "$RUN/checkpoints/step-*.pt" > /dev/null && [ -n "$kept" ]; then
   mkdir -p "$RUN/checkpoints"
   cp "$kept" "$RUN/checkpoints/$(basename "$kept" | sed "s/^$NAME-//")"
 fi
-# Both configs read the same scenes through the same autoencoder: one latent cache serves both runs
-for other in ~/runs/shapes-f2-ldm ~/runs/shapes-f2-zsnr-ldm; do
+# All three read the same scenes through the same autoencoder: one latent cache serves every run
+for other in ~/runs/shapes-f2-ldm ~/runs/shapes-f2-zsnr-ldm ~/runs/shapes-f2-zsnr-tune-ldm; do
   if [ ! -f "$RUN/latent-cache.pt" ] && [ -f "$other/latent-cache.pt" ]; then
     mkdir -p "$RUN"
     ln "$other/latent-cache.pt" "$RUN/latent-cache.pt" 2>/dev/null || cp "$other/latent-cache.pt" "$RUN/"
