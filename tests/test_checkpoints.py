@@ -80,6 +80,25 @@ def test_roundtrip_single_file_to_diffusers_and_back_keeps_every_tensor(tmp_path
         assert all(torch.equal(back[k], original[k]) for k in original)
 
 
+def test_a_model_with_partial_scheduler_settings_writes_a_folder_diffusers_reads(tmp_path):
+    """Scheduler settings that name no class (a model trained before they were completed, or given so):
+    the folder's scheduler config is SD's completed by them, which diffusers reads with clip_sample off."""
+    from diffusers import DDIMScheduler
+
+    from ldmkit.models.ldm import ScheduleConfig
+
+    write_sd_file(tmp_path / "sd1.safetensors")
+    model = load_model(tmp_path / "sd1.safetensors")
+    settings = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    model.config.schedule = ScheduleConfig(prediction_type="v_prediction", diffusers=settings)
+    save_diffusers(model, tmp_path / "out")
+    ddim = DDIMScheduler.from_pretrained(str(tmp_path / "out"), subfolder="scheduler").config
+    assert ddim.rescale_betas_zero_snr and ddim.timestep_spacing == "trailing" and not ddim.clip_sample
+    assert ddim.prediction_type == "v_prediction" and ddim.steps_offset == 1
+    again = load_model(tmp_path / "out").config.schedule
+    assert again.prediction_type == "v_prediction" and again.diffusers["rescale_betas_zero_snr"] is True
+
+
 def test_diffusers_loads_what_we_write(tmp_path):
     """Our diffusers folder is a real one: diffusers' own loader reads it and computes what we compute."""
     from diffusers import StableDiffusionPipeline

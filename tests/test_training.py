@@ -684,6 +684,7 @@ def test_fine_tuning_keeps_the_models_latent_scale_and_schedule_unless_one_is_gi
     from ldmkit.checkpoints.single_file import load_model, save_single_file
     from ldmkit.data.images import DataConfig
     from ldmkit.diffusion.registry import SAMPLERS
+    from ldmkit.diffusion.schedule import NoiseSchedule
     from ldmkit.models.ldm import LatentDiffusion, ScheduleConfig
     from ldmkit.models.presets import tiny
     from ldmkit.training.ldm import LDMTask, LDMTrainConfig
@@ -691,8 +692,12 @@ def test_fine_tuning_keeps_the_models_latent_scale_and_schedule_unless_one_is_gi
 
     torch.manual_seed(0)
     base = tiny()
+    base = replace(base, vae=replace(base.vae, scale_factor=0.37), guessed={"schedule.prediction_type": "epsilon"})
+    model = LatentDiffusion(base)
+    stored = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), dim=0)  # DDPM's linear schedule, not SD's
+    model.alphas_cumprod = stored
     path = tmp_path / "base.safetensors"
-    save_single_file(LatentDiffusion(replace(base, vae=replace(base.vae, scale_factor=0.37))), path)
+    save_single_file(model, path)
     zsnr = ScheduleConfig(
         prediction_type="v_prediction", diffusers={"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
     )
@@ -707,7 +712,11 @@ def test_fine_tuning_keeps_the_models_latent_scale_and_schedule_unless_one_is_gi
         expected = schedule or base.schedule
         assert tuned.config.schedule.prediction_type == expected.prediction_type, name
         assert bool(tuned.config.schedule.diffusers.get("rescale_betas_zero_snr")) == (schedule is zsnr), name
+        wanted = stored if schedule is None else NoiseSchedule.from_config(zsnr).alphas_cumprod
+        assert torch.allclose(task.schedule.alphas_cumprod, wanted), name
         assert (task.schedule.alphas_cumprod[-1] == 0) == (schedule is zsnr), name
+        # what the file's family rules guessed of the old schedule no longer describes the new one
+        assert ("schedule.prediction_type" in tuned.config.guessed) == (schedule is None), name
         ddim = SAMPLERS["ddim"].scheduler_settings(tuned.config.schedule.diffusers)
         assert ddim["clip_sample"] is False, name
         assert ddim["timestep_spacing"] == ("trailing" if schedule is zsnr else "leading"), name

@@ -226,8 +226,11 @@ SD_SCHEDULER = {
 
 def _scheduler_config(schedule: ScheduleConfig) -> dict:
     """The model's own scheduler config, or for a model that came without one the PNDM config SD's
-    folders ship; the training schedule's fields always ours."""
-    scheduler = schedule.diffusers or SD_SCHEDULER
+    folders ship (which also completes one that names no scheduler class); the training schedule's
+    fields always ours."""
+    scheduler = schedule.diffusers
+    if "_class_name" not in scheduler:
+        scheduler = {**SD_SCHEDULER, **scheduler}
     return {
         **scheduler,
         "num_train_timesteps": schedule.num_train_timesteps,

@@ -5,8 +5,9 @@ schedule's prediction type: noise (epsilon), v, or a rectified flow's velocity (
 logit-normal noise levels).
 
 A new UNet is built on a trained autoencoder (and our MiniLM text tower, or any text encoder config),
-or an existing model is fine-tuned. Latents are scaled to unit variance from the data (the paper's
-scale-by-std). What the step does is the shared latent task's (training/latent_task.py)."""
+or an existing model is fine-tuned. A new UNet's latents are scaled to unit variance from the data (the
+paper's scale-by-std); a fine-tuned model keeps the scale it learned with. What the step does is the
+shared latent task's (training/latent_task.py)."""
 
 import logging
 from dataclasses import dataclass, field, replace
@@ -38,7 +39,7 @@ class LDMTrainConfig(DenoisingTrainConfig):
     # fine-tuned SD 2.1 (diffusers' training scripts' --prediction_type does the same).
     schedule: ScheduleConfig | None = None
     cond_dropout: float = 0.1
-    scale_batches: int = 4  # batches used to measure the latent std (scale-by-std)
+    scale_batches: int = 4  # batches used to measure the latent std (scale-by-std) of a new UNet
     sample: SampleConfig = field(default_factory=SampleConfig)
     val: DataConfig | None = None  # held-out images for the validation loss (default: the shapes "val" split)
 
@@ -59,7 +60,7 @@ def build_model(c: LDMTrainConfig) -> LatentDiffusion:
     from ldmkit.checkpoints.single_file import load_model, load_package_text_encoder, load_vae_file
 
     schedule = c.schedule
-    if schedule is not None and schedule.diffusers:
+    if schedule is not None and schedule.diffusers and schedule.prediction_type != "flow":
         # Settings given are read as a scheduler config (diffusers' meaning), whose absent keys are the
         # scheduler class's defaults -- DDIM's clip_sample: True would clamp these unit-variance latents to
         # ±1. Completed with SD's own, as a model trained from SD carries them.
@@ -67,7 +68,9 @@ def build_model(c: LDMTrainConfig) -> LatentDiffusion:
     if c.init_from is not None:
         model = load_model(c.init_from)
         if schedule is not None:  # the new schedule's ᾱ replace any the file stored
+            log.info("fine-tuning to the config's schedule (%s), not the model's own", schedule.prediction_type)
             model.config.schedule, model.alphas_cumprod = schedule, None
+            model.config.guessed = {k: v for k, v in model.config.guessed.items() if not k.startswith("schedule.")}
         return model
     vae = load_vae_file(c.autoencoder)
     text = minilm_text_config(max_length=32) if c.text == "minilm" else c.text
