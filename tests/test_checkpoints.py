@@ -99,6 +99,40 @@ def test_a_model_with_partial_scheduler_settings_writes_a_folder_diffusers_reads
     assert again.prediction_type == "v_prediction" and again.diffusers["rescale_betas_zero_snr"] is True
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_partial_scheduler_settings_drawn_at_random_walk_what_diffusers_walks(tmp_path, seed):
+    """Scheduler settings naming no class, drawn at random (zero SNR, spacing, offset, prediction type, steps):
+    written as a folder, diffusers' DDIM reads them and walks the timesteps and schedule that ours walks."""
+    from diffusers import DDIMScheduler
+
+    from ldmkit.diffusion.registry import SAMPLERS
+    from ldmkit.diffusion.schedule import NoiseSchedule
+    from ldmkit.models.ldm import ScheduleConfig
+
+    rng = np.random.default_rng(seed)
+    settings = {"timestep_spacing": str(rng.choice(["leading", "trailing"]))}
+    if rng.random() < 0.7:
+        settings["rescale_betas_zero_snr"] = bool(rng.integers(2))
+    if rng.random() < 0.5:
+        settings["steps_offset"] = int(rng.integers(2))
+    zsnr = settings.get("rescale_betas_zero_snr", False)
+    prediction = "v_prediction" if zsnr or rng.random() < 0.5 else "epsilon"
+    steps = int(rng.integers(2, 40))
+    write_sd_file(tmp_path / "sd1.safetensors")
+    model = load_model(tmp_path / "sd1.safetensors")
+    model.config.schedule = ScheduleConfig(prediction_type=prediction, diffusers=settings)
+    save_diffusers(model, tmp_path / "out")
+    ddim = DDIMScheduler.from_pretrained(str(tmp_path / "out"), subfolder="scheduler")
+    ddim.set_timesteps(steps)
+    again = load_model(tmp_path / "out")
+    noise = NoiseSchedule.from_config(again.config.schedule, again.alphas_cumprod)
+    ours = SAMPLERS["ddim"].build_schedule(noise, steps, scheduler_config=again.config.schedule.diffusers)
+    where = f"seed {seed}: {settings}, {prediction}, {steps} steps"
+    assert not ddim.config.clip_sample, where
+    assert ours.timesteps.tolist() == ddim.timesteps.tolist(), where
+    assert torch.allclose(noise.alphas_cumprod, ddim.alphas_cumprod), where
+
+
 def test_diffusers_loads_what_we_write(tmp_path):
     """Our diffusers folder is a real one: diffusers' own loader reads it and computes what we compute."""
     from diffusers import StableDiffusionPipeline
