@@ -41,17 +41,40 @@ def text_state_to_file(state: dict[str, torch.Tensor], kind: str) -> dict[str, t
     return {TEXT + k: v for k, v in state.items()}
 
 
-def load_package_text_encoder(encoder: TextEncoder) -> None:
-    """Weights of a text tower that ships in a pip package (the default MiniLM)."""
+def package_text_state(package: str) -> dict[str, torch.Tensor]:
+    """The weights of a text tower that ships in a pip package (the default MiniLM)."""
     from safetensors.torch import load_file
 
-    folder = package_folder(encoder.config.package)
-    state = {
+    folder = package_folder(package)
+    return {
         k: v
         for k, v in load_file(str(folder / "model.safetensors")).items()
         if not NOT_WEIGHTS.search(k) and not k.startswith("pooler.")
     }
-    strict_load(encoder.transformer, state, "text encoder", str(folder))
+
+
+def load_package_text_encoder(
+    encoder: TextEncoder, changed: dict[str, torch.Tensor] | None = None, where: str = ""
+) -> None:
+    """A package tower's weights, with `changed` (the tensors a model's training changed, which its file
+    carries: keys as the encoder's own, `transformer.*`) in place of the package's."""
+    state = package_text_state(encoder.config.package)
+    if changed:
+        stray = sorted(k for k in changed if not k.startswith("transformer.") or k[len("transformer.") :] not in state)
+        if stray:
+            raise CheckpointError(f"{where}: text encoder: unexpected weight(s) {', '.join(stray[:3])}")
+        state.update({k.removeprefix("transformer."): v for k, v in changed.items()})
+    strict_load(encoder.transformer, state, "text encoder", where or str(package_folder(encoder.config.package)))
+
+
+def text_changed_from_package(encoder: TextEncoder) -> dict[str, torch.Tensor]:
+    """The tower's tensors that differ from its package's (a model that trained its top layers): a file
+    carries these alone, the package the rest."""
+    package = package_text_state(encoder.config.package)
+    own = encoder.transformer.state_dict()
+    return {
+        "transformer." + k: v for k, v in own.items() if k in package and not torch.equal(v, package[k].to(v.dtype))
+    }
 
 
 def build(
@@ -60,7 +83,9 @@ def build(
     """A LatentDiffusion with every component strictly loaded from original-layout `state`, its UNet
     and autoencoder in `dtype`."""
     alphas_cumprod = state.get("alphas_cumprod")
-    state = {k: v for k, v in keymaps.clip_with_text_model_level(state).items() if not NOT_WEIGHTS.search(k)}
+    if config.text.kind != "bert":  # a BERT tower's `transformer.encoder.*` is its own layout, no CLIP's
+        state = keymaps.clip_with_text_model_level(state)
+    state = {k: v for k, v in state.items() if not NOT_WEIGHTS.search(k)}
     model = LatentDiffusion(config, empty=True, dtype=dtype)
     unet = strip_prefix(state, UNET)
     vae = keymaps.vae_linear_attention_to_conv(strip_prefix(state, VAE))
@@ -75,8 +100,8 @@ def build(
         strict_load(model.conditioner, towers, "text towers", where)
         return _with_schedule(model, alphas_cumprod, config, where)
     text = text_state_from_file(state, config.text.kind)
-    if config.text.package and not text:
-        load_package_text_encoder(model.text_encoder)
+    if config.text.package:  # the file carries only what the model changed in the package's tower
+        load_package_text_encoder(model.text_encoder, text, where)
     else:
         strict_load(model.text_encoder, text, "text encoder", where)
     return _with_schedule(model, alphas_cumprod, config, where)
@@ -221,7 +246,9 @@ def model_state(model: LatentDiffusion, dtype: torch.dtype | None = None) -> dic
         towers = {k[len(CONDITIONER) :]: v for k, v in own.items() if k.startswith(CONDITIONER)}
         towers = {k: v for k, v in towers.items() if not NOT_WEIGHTS.search(k)}
         state.update(sgm.state_to_file(towers, [c.kind for c in model.config.text_configs]))
-    elif not model.config.text.package:
+    elif model.config.text.package:
+        state.update(text_state_to_file(text_changed_from_package(model.text_encoder), model.config.text.kind))
+    else:
         text = {k: v for k, v in text.items() if not NOT_WEIGHTS.search(k)}
         tc = model.config.text
         if tc.kind == "openclip" and tc.skip_last_layers == 0:

@@ -204,6 +204,35 @@ class TextEncoder(nn.Module):
         hidden = out.hidden_states[layer]
         return (clip.final_layer_norm(hidden) if c.final_norm else hidden), pooled
 
+    # A BERT tower in two parts, for training its top layers with the UNet: the frozen part's states are
+    # computed once per caption, the top layers' every step. Together they are `encode_ids`.
+    def bert_below(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, top: int) -> torch.Tensor:
+        """Hidden states [B, T, D] entering the last `top` layers."""
+        self.check_top(top)
+        out = self.transformer(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return out.hidden_states[self.config.num_layers - top]
+
+    def bert_top(self, hidden: torch.Tensor, attention_mask: torch.Tensor, top: int) -> torch.Tensor:
+        """The last `top` layers on `bert_below`'s states: the tower's output."""
+        self.check_top(top)
+        # padding masked out of every query's attention, as BertModel masks it (an additive mask)
+        additive = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        for layer in self.transformer.encoder.layer[self.config.num_layers - top :]:
+            out = layer(hidden, attention_mask=additive)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    def top_layers(self, top: int) -> nn.ModuleList:
+        self.check_top(top)
+        return nn.ModuleList(self.transformer.encoder.layer[self.config.num_layers - top :])
+
+    def check_top(self, top: int) -> None:
+        c = self.config
+        if c.kind != "bert":
+            raise ConfigError(f"text_layers: trains a BERT tower's top layers (ldmkit's MiniLM); this one is {c.kind}")
+        if not 1 <= top <= c.num_layers:
+            raise ConfigError(f"text_layers: {top}; allowed: 1 to the tower's {c.num_layers} layers")
+
     @property
     def hf_model(self) -> nn.Module:
         """The transformers model inside (CLIPTextModel or BertModel)."""

@@ -205,7 +205,7 @@ class LatentTask:
         # fused: one kernel over all parameters instead of ~10 ops per tensor (the emoji UNet's 624
         # tensors: 36 -> 10 ms per step, benchmarks/optimizer_step.py); the same update up to rounding
         self.opt = torch.optim.AdamW(
-            trainable.parameters(), lr=c.run.lr, weight_decay=c.run.weight_decay, fused=_fused_ok(trainable)
+            self.param_groups(trainable), lr=c.run.lr, weight_decay=c.run.weight_decay, fused=_fused_ok(trainable)
         )
         self.schedule = NoiseSchedule.from_config(model.config.schedule, model.alphas_cumprod)
         self.data = open_dataset(c.data)
@@ -219,7 +219,15 @@ class LatentTask:
             check_sdxl(self, empty.pooled.shape[-1])
         self.cache: dict[str, torch.Tensor] | None = None
 
+    def param_groups(self, trainable: torch.nn.Module) -> list[dict]:
+        """The optimiser's parameter groups; a group's "lr_scale" multiplies the run's learning rate."""
+        return [{"params": list(trainable.parameters())}]
+
     # text and latents -------------------------------------------------------------------------------
+    def empty_context(self) -> torch.Tensor:
+        """The empty prompt's states [T, D], which condition dropout puts in place of a caption's."""
+        return self.empty
+
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         """The captions' hidden states (`text_states` without the pooled vector)."""
         return self.text_states(captions).context
@@ -232,23 +240,31 @@ class LatentTask:
         tower tokenizes on its own, truncated at 77 tokens (diffusers' training scripts)."""
         from ldmkit.models.prompts import encode_prompts
 
+        def encode(missing):
+            states = encode_prompts(self.model.text_encoder, missing, None, mode="truncate")
+            return states.context, states.pooled
+
+        context, pooled = self.memoized(captions, encode)
+        return TextStates(context, pooled)
+
+    @torch.no_grad()
+    def memoized(self, captions: list[str], encode: Callable) -> tuple:
+        """Per caption, the tensors `encode(captions)` gives (a tuple of batched tensors or None), each
+        caption encoded once per run and kept while they fit in TEXT_CACHE_MB; batched back."""
         memo = self.text_memo
         missing = [c for c in dict.fromkeys(captions) if c not in memo]
         fresh = {}
         if missing:
-            states = encode_prompts(self.model.text_encoder, missing, None, mode="truncate")
-            pooled = [None] * len(missing) if states.pooled is None else list(states.pooled)
-            fresh = dict(zip(missing, zip(states.context, pooled)))
-            size = sum(t[0].numel() * t.element_size() for t in (states.context, states.pooled) if t is not None)
+            tensors = encode(missing)
+            fresh = {c: tuple(None if t is None else t[i] for t in tensors) for i, c in enumerate(missing)}
+            size = sum(t[0].numel() * t.element_size() for t in tensors if t is not None)
             room = int(TEXT_CACHE_MB * 2**20 // size) - len(memo)
             memo.update(
-                (c, tuple(None if t is None else t.clone() for t in pair))
-                for c, pair in list(fresh.items())[: max(0, room)]
+                (c, tuple(None if t is None else t.clone() for t in row))
+                for c, row in list(fresh.items())[: max(0, room)]
             )
         rows = [memo[c] if c in memo else fresh[c] for c in captions]
-        return TextStates(
-            torch.stack([r[0] for r in rows]), None if rows[0][1] is None else torch.stack([r[1] for r in rows])
-        )
+        return tuple(None if rows[0][j] is None else torch.stack([r[j] for r in rows]) for j in range(len(rows[0])))
 
     def prepare(self, progress: bool = False, stopping=lambda: None) -> None:
         """Before the first step (the loop calls it): the latent cache, read or encoded (latent_cache)."""
@@ -334,7 +350,7 @@ class LatentTask:
         c = self.config
         z0, t, eps, u = self.draw(items, images, gs, self.schedule.num_train_timesteps)
         text, drop = self.text_states(captions), u < c.cond_dropout
-        context = torch.where(drop[:, None, None], self.empty.expand_as(text.context), text.context)
+        context = torch.where(drop[:, None, None], self.empty_context().expand_as(text.context), text.context)
         y = self.added_vector(text.pooled, drop, z0)
         a, s, t = self.noise_levels(t)
         zt = a * z0 + s * eps
@@ -367,7 +383,7 @@ class LatentTask:
         c = self.config
         self.prepare()
         for g in self.opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         images, items, captions, gs = self.batch(indices)
         extra = self.extra_for(images)
         self.trainable.train()

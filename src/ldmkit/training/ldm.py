@@ -22,7 +22,7 @@ from ldmkit.models.ldm import LatentDiffusion, ModelConfig, ScheduleConfig
 from ldmkit.models.mmdit import MMDiTConfig
 from ldmkit.models.text import TextEncoderConfig
 from ldmkit.models.unet import UNetConfig
-from ldmkit.training.latent_task import DenoisingTrainConfig, LatentTask, SampleConfig
+from ldmkit.training.latent_task import DenoisingTrainConfig, LatentTask, SampleConfig, TextStates
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,11 @@ class LDMTrainConfig(DenoisingTrainConfig):
     # fine-tuned SD 2.1 (diffusers' training scripts' --prediction_type does the same).
     schedule: ScheduleConfig | None = None
     cond_dropout: float = 0.1
+    # The text tower's last N layers trained with the UNet (0: the tower frozen), their learning rate the
+    # run's times text_lr_scale -- as DreamBooth trains the text encoder beside the UNet, here only the top
+    # of a BERT tower (our MiniLM), whose changed layers the model's file carries beside the package's.
+    text_layers: int = 0
+    text_lr_scale: float = 1.0
     scale_batches: int = 4  # batches used to measure the latent std (scale-by-std) of a new UNet
     sample: SampleConfig = field(default_factory=SampleConfig)
     val: DataConfig | None = None  # held-out images for the validation loss (default: the shapes "val" split)
@@ -99,14 +104,60 @@ def build_model(c: LDMTrainConfig) -> LatentDiffusion:
     return model
 
 
+class UNetAndText(torch.nn.Module):
+    """The UNet and the text tower's top layers, trained as one module (one EMA, one checkpoint entry)."""
+
+    def __init__(self, unet: torch.nn.Module, text: torch.nn.ModuleList):
+        super().__init__()
+        self.unet, self.text = unet, text
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.text.eval()  # no dropout: the layers run as the frozen ones below them do, and as at inference
+        return self
+
+
 class LDMTask(LatentTask):
     name = "unet"
 
     def __init__(self, config: LDMTrainConfig):
         model = build_model(config)
-        super().__init__(config, model, model.unet)
+        self.text_top = top = config.text_layers
+        trainable = model.unet
+        if top:
+            if model.config.conditioner or model.config.sd3:
+                raise ConfigError("text_layers: trains a BERT tower's top layers (our MiniLM); this model's are CLIP")
+            trainable, self.name = UNetAndText(model.unet, model.text_encoder.top_layers(top)), "unet+text"
+        super().__init__(config, model, trainable)
+        if top:
+            trainable.text.requires_grad_(True)
         # A new UNet measures its latent scale from the data; a fine-tuned one keeps the scale it learned with.
         self.scale_measured = config.init_from is not None
+
+    def param_groups(self, trainable: torch.nn.Module) -> list[dict]:
+        if not self.text_top:
+            return super().param_groups(trainable)
+        return [
+            {"params": list(trainable.unet.parameters())},
+            {"params": list(trainable.text.parameters()), "lr_scale": self.config.text_lr_scale},
+        ]
+
+    def text_states(self, captions: list[str]) -> TextStates:
+        """With the tower's top layers trained: the states below them kept per caption (as the frozen
+        tower's are), the top layers run every step, with gradients."""
+        if not self.text_top:
+            return super().text_states(captions)
+        te, top = self.model.text_encoder, self.text_top
+
+        def below(missing):
+            tokens = te.tokenizer(missing)
+            return te.bert_below(tokens["input_ids"], tokens["attention_mask"], top), tokens["attention_mask"]
+
+        hidden, mask = self.memoized(captions, below)
+        return TextStates(te.bert_top(hidden, mask, top), None)
+
+    def empty_context(self) -> torch.Tensor:
+        return self.text_states([""]).context[0] if self.text_top else self.empty
 
     @torch.no_grad()
     def measure_scale(self) -> None:
@@ -144,13 +195,17 @@ class LDMTask(LatentTask):
 
     # samples and the product ------------------------------------------------------------------------
     def ema_model(self) -> LatentDiffusion:
-        """The model with the EMA weights, sharing the frozen autoencoder and text encoder."""
+        """The model with the EMA weights, sharing the frozen autoencoder and (unless trained) text encoder."""
         import copy
 
-        unet = copy.deepcopy(self.unet)
-        unet.load_state_dict(self.ema.state_dict())
         m = self.model
-        return LatentDiffusion.from_parts(m.config, unet, m.vae, m.text_encoder, m.alphas_cumprod).eval()
+        unet, text = copy.deepcopy(self.unet), m.text_encoder
+        if self.text_top:  # its own copy of the tower, the trained layers' averages in it
+            text = copy.deepcopy(text)
+            UNetAndText(unet, text.top_layers(self.text_top)).load_state_dict(self.ema.state_dict())
+        else:
+            unet.load_state_dict(self.ema.state_dict())
+        return LatentDiffusion.from_parts(m.config, unet, m.vae, text, m.alphas_cumprod).eval()
 
     def sample(self, step: int, folder: Path) -> None:
         from ldmkit.pipelines import Pipeline
