@@ -8,7 +8,9 @@
 2. How much the U-Net's output moves when the caption's position word changes ("on the left" against
    "on the right", "at the top" against "at the bottom"), against how much it moves for a colour ("a red
    circle" against "a blue circle"): mean absolute difference of its outputs on one noisy latent, at three
-   noise levels. A model that ignores position words has a ratio near 0.
+   noise levels. A model that ignores position words has a ratio near 0. The same for two shapes: the
+   relation word changed ("a red circle above a blue square" against "... below ..."), and the two nouns
+   swapped between the colours; a model that binds neither draws both prompts alike.
 
     python benchmarks/layout_from_noise.py NAME=MODEL [NAME=MODEL ...]
 """
@@ -28,6 +30,8 @@ PAIRS = {
     "left/right": ("a red circle on the left", "a red circle on the right"),
     "top/bottom": ("a red circle at the top", "a red circle at the bottom"),
     "red/blue": ("a red circle", "a blue circle"),
+    "above/below": ("a red circle above a blue square", "a red circle below a blue square"),
+    "nouns swapped": ("a red circle above a blue square", "a red square above a blue circle"),
 }
 
 

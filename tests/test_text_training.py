@@ -57,16 +57,14 @@ def _minilm_model(tmp_path):
     return path
 
 
-def _task(path, tmp_path, name, text_layers=1):
+def _task(path, tmp_path, name, text_layers=1, text_lr_scale=0.5):
     from ldmkit.data.images import DataConfig
     from ldmkit.training.ldm import LDMTask, LDMTrainConfig
     from ldmkit.training.loop import RunConfig
 
     run = RunConfig(dir=str(tmp_path / name), batch_size=4, threads=1, lr=1e-3, seed=0)
-    config = LDMTrainConfig(
-        init_from=str(path), data=DataConfig(n=4), run=run, text_layers=text_layers, text_lr_scale=0.5, cond_dropout=0.5
-    )
-    return LDMTask(config)
+    text = dict(text_layers=text_layers, text_lr_scale=text_lr_scale)
+    return LDMTask(LDMTrainConfig(init_from=str(path), data=DataConfig(n=4), run=run, cond_dropout=0.5, **text))
 
 
 def test_training_text_layers_moves_only_them_and_a_file_carries_only_them(tmp_path):
@@ -86,6 +84,10 @@ def test_training_text_layers_moves_only_them_and_a_file_carries_only_them(tmp_p
     moved = {k for k in package if not torch.equal(own[k], package[k])}
     assert moved and all(k.startswith("encoder.layer.5.") for k in moved), sorted(moved)[:5]
     assert any(not torch.equal(v, unet_before[k]) for k, v in task.unet.state_dict().items())
+    # condition dropout puts in the trained tower's empty prompt, as inference will encode it
+    with torch.no_grad():
+        assert torch.allclose(task.empty_context(), task.model.text_encoder([""])[0], atol=1e-6)
+        assert not torch.allclose(task.empty_context(), task.empty, atol=1e-4)
 
     trained = task.ema_model()
     save_single_file(trained, tmp_path / "tuned.safetensors")
@@ -115,10 +117,21 @@ def test_training_text_layers_moves_only_them_and_a_file_carries_only_them(tmp_p
         expected = ref(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
     assert torch.allclose(expected, want, atol=1e-4), (expected - want).abs().max()
 
+    # a video model built on it keeps the trained tower in its own file
+    from ldmkit.checkpoints.svd_file import load_svd_file, save_svd_file
+    from ldmkit.training.video_ldm import ClipDataConfig, VideoLDMTrainConfig, video_model_from_image_model
+
+    video = video_model_from_image_model(back, VideoLDMTrainConfig(data=ClipDataConfig(frames=3)))
+    save_svd_file(video, tmp_path / "video.safetensors")
+    with torch.no_grad():
+        assert torch.equal(load_svd_file(tmp_path / "video.safetensors").text_encoder(CAPTIONS), want)
+
 
 def test_a_run_training_text_layers_resumes_exactly(tmp_path):
     """The checkpoint holds the text layers, their averages and their optimiser group: a resumed task
     takes the same next step as the one that went on."""
+    from ldmkit.errors import ConfigError
+
     path = _minilm_model(tmp_path)
     first = _task(path, tmp_path, "a")
     for step in range(2):
@@ -131,6 +144,17 @@ def test_a_run_training_text_layers_resumes_exactly(tmp_path):
     assert a == b
     for x, y in zip(first.trainable.state_dict().values(), second.trainable.state_dict().values()):
         assert torch.equal(x, y)
+    assert first.ema.state_dict().keys() == second.ema.state_dict().keys()
+    assert any(k.startswith("text.") for k in second.ema.state_dict())
+    for k, v in first.ema.state_dict().items():
+        assert torch.equal(v, second.ema.state_dict()[k]), k
+    # a checkpoint of another text_layers is refused in one line; a new text_lr_scale is taken
+    with pytest.raises(ConfigError, match="text_layers: 0, but the checkpoint was written with text layers"):
+        _task(path, tmp_path, "c", text_layers=0).load_state_dict(state)
+    third = _task(path, tmp_path, "d", text_lr_scale=0.1)
+    third.load_state_dict(state)
+    third.train_step(2, range(8, 12), 1e-3)
+    assert [g["lr"] for g in third.opt.param_groups] == [1e-3, 1e-4]
 
 
 def test_text_layers_are_refused_where_they_cannot_be_trained(tmp_path):
@@ -161,11 +185,12 @@ def test_a_file_whose_text_tensors_are_not_the_package_towers_is_refused(tmp_pat
         import json
 
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
-    for key, shape in (
-        ("cond_stage_model.transformer.encoder.layer.9.output.dense.weight", (384, 1536)),
-        ("cond_stage_model.transformer.encoder.layer.5.output.dense.weight", (384, 7)),
+    layer = "cond_stage_model.transformer.encoder.layer"
+    for key, shape, message in (
+        (f"{layer}.9.output.dense.weight", (384, 1536), "unexpected weight.s. transformer.encoder.layer.9.output"),
+        (f"{layer}.5.output.dense.weight", (384, 7), r"weight encoder.layer.5.output.dense.weight has shape \(384, 7"),
     ):
         bad = tmp_path / "bad.safetensors"
         save_file({**state, key: torch.zeros(shape)}, bad, metadata=header)
-        with pytest.raises(CheckpointError, match="text encoder"):
+        with pytest.raises(CheckpointError, match="text encoder: " + message):
             load_model(bad)

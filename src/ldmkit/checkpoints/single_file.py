@@ -71,10 +71,11 @@ def text_changed_from_package(encoder: TextEncoder) -> dict[str, torch.Tensor]:
     """The tower's tensors that differ from its package's (a model that trained its top layers): a file
     carries these alone, the package the rest."""
     package = package_text_state(encoder.config.package)
-    own = encoder.transformer.state_dict()
-    return {
-        "transformer." + k: v for k, v in own.items() if k in package and not torch.equal(v, package[k].to(v.dtype))
-    }
+    changed = {}
+    for k, v in encoder.transformer.state_dict().items():
+        if k in package and not torch.equal(v, package[k].to(v.device, v.dtype)):
+            changed["transformer." + k] = v
+    return changed
 
 
 def build(

@@ -72,8 +72,8 @@ def load_svd_file(path: str | Path, family: str = "svd") -> VideoDiffusion:
         from ldmkit.models.text import TextEncoder
 
         model.cond_stage_model = TextEncoder(config.text)
-        if config.text.package:  # a tower that ships in a pip package is not in the file
-            load_package_text_encoder(model.cond_stage_model)
+        if config.text.package:  # the file carries only what training changed in a package's tower
+            load_package_text_encoder(model.cond_stage_model, strip_prefix(state, TEXT), where)
         else:
             strict_load(model.cond_stage_model, strip_prefix(state, TEXT), "text encoder", where)
     if tower:
@@ -89,7 +89,11 @@ def video_state(model: VideoDiffusion, dtype: torch.dtype | None = None) -> dict
     state = {UNET + k: v for k, v in model.unet.state_dict().items()}
     state.update({VAE + k: v for k, v in model.vae.state_dict().items()})
     text = model.text_encoder
-    if text is not None and not text.config.package:
+    if text is not None and text.config.package:
+        from ldmkit.checkpoints.single_file import text_changed_from_package
+
+        state.update({TEXT + k: v for k, v in text_changed_from_package(text).items()})
+    elif text is not None:
         own = text.state_dict()
         state.update({TEXT + k: v for k, v in own.items() if not NOT_WEIGHTS.search(k)})
     if model.image_encoder is not None:

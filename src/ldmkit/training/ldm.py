@@ -54,6 +54,10 @@ class LDMTrainConfig(DenoisingTrainConfig):
         )
         if (self.autoencoder is None) == (self.init_from is None):
             raise ConfigError("give exactly one of autoencoder (train a new UNet on it) or init_from (fine-tune)")
+        if not (self.text_layers >= 0 and self.text_lr_scale > 0):
+            raise ConfigError(
+                f"text_layers: {self.text_layers}, text_lr_scale: {self.text_lr_scale}; allowed: N >= 0, scale > 0"
+            )
         if self.init_from is None and (self.unet is None) == (self.mmdit is None):
             raise ConfigError("give exactly one backbone, unet or mmdit, when not fine-tuning (init_from)")
         super().check()
@@ -190,7 +194,15 @@ class LDMTask(LatentTask):
         return super().train_step(step, indices, lr)
 
     def load_state_dict(self, d: dict) -> None:
+        if self.name not in d:  # a checkpoint of the UNet alone, or of the UNet and text layers
+            raise ConfigError(
+                f"text_layers: {self.text_top}, but the checkpoint was written with "
+                + ("none" if "unet" in d else "text layers trained")
+                + ": resume with the config it was trained with"
+            )
         super().load_state_dict(d)
+        if self.text_top:  # the config's rate, not the one saved with the optimiser's groups
+            self.opt.param_groups[1]["lr_scale"] = self.config.text_lr_scale
         self.scale_measured = True  # the checkpoint holds the scale the run measured
 
     # samples and the product ------------------------------------------------------------------------
