@@ -7,7 +7,7 @@
    diffusion noise schedules and sample steps are flawed": a schedule whose last step is not pure noise).
 2. How much the U-Net's output moves when the caption's position word changes ("on the left" against
    "on the right", "at the top" against "at the bottom"), against how much it moves for a colour ("a red
-   circle" against "a blue circle"): mean absolute difference of its outputs on one noisy latent, at three
+   circle" against "a blue circle"): mean absolute difference of its outputs on one noisy latent, at four
    noise levels. A model that ignores position words has a ratio near 0. The same for two shapes: the
    relation word changed ("a red circle above a blue square" against "... below ..."), and the two nouns
    swapped between the colours; a model that binds neither draws both prompts alike.
@@ -25,7 +25,7 @@ from ldmkit.diffusion.schedule import NoiseSchedule
 from ldmkit.models.prompts import encode_prompts
 
 PROBE_STEPS = (999, 950, 900, 800)
-RESPONSE_STEPS = (950, 700, 400)
+RESPONSE_STEPS = (999, 950, 700, 400)
 PAIRS = {
     "left/right": ("a red circle on the left", "a red circle on the right"),
     "top/bottom": ("a red circle at the top", "a red circle at the bottom"),

@@ -569,7 +569,7 @@ PAPER_TARGETS = {
 
 def test_each_prediction_type_has_the_target_inverse_and_weight_of_its_equations():
     from ldmkit.models.ldm import PREDICTION_TYPES
-    from ldmkit.training.latent_task import PREDICTIONS
+    from ldmkit.training.predictions import PREDICTIONS
 
     assert set(PREDICTIONS) == set(PREDICTION_TYPES) == set(PAPER_TARGETS)
     # by hand: x0 = 1, ε = 2, ᾱ = 0.36 (a = 0.6, s = 0.8): v = 0.6·2 - 0.8·1 = 0.4

@@ -27,7 +27,8 @@ from ldmkit.models.ldm import LatentDiffusion
 from ldmkit.models.unet import UNetModel
 from ldmkit.nn.embedding import guidance_scale_embedding
 from ldmkit.training.ema import EMA
-from ldmkit.training.latent_task import PREDICTIONS, LatentTask, LatentTrainConfig, load_frozen
+from ldmkit.training.latent_task import LatentTask, LatentTrainConfig, load_frozen
+from ldmkit.training.predictions import PREDICTIONS
 
 SIGMA_DATA = 0.5
 
