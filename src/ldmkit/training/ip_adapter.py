@@ -112,8 +112,8 @@ class IPAdapterTask(LatentTask):
         """The frozen tower's features of the training images (a small tower: cheaper to run than to keep)."""
         return self.encoder.features(normalise(images), self.adapter.config.reads_hidden_states)
 
-    def draw(self, items, images, gs, high):
-        z0, k, eps, u = super().draw(items, images, gs, high)
+    def draw(self, items, images, gs, high, weights=None):
+        z0, k, eps, u = super().draw(items, images, gs, high, weights)
         self.u = u  # the dropout's uniform numbers: predict reads the image's share
         return z0, k, eps, u
 

@@ -32,6 +32,7 @@ from ldmkit.training import distributed as dist
 from ldmkit.training.ema import EMA
 from ldmkit.training.loop import RunConfig, image_grid
 from ldmkit.training.predictions import PREDICTIONS
+from ldmkit.training.timesteps import TimestepBias
 
 
 # configs ------------------------------------------------------------------------------------------
@@ -91,9 +92,12 @@ class DenoisingTrainConfig(LatentTrainConfig):
     # sampling (Esser et al. 2024, sec. 3.1), which spends the training on the middle of the path.
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    timestep_bias: TimestepBias | None = None  # None: every timestep (or grid index) equally often
 
     def check(self) -> None:
         check_cond_dropout(self.cond_dropout)
+        if self.timestep_bias is not None:
+            self.timestep_bias.weights(1000)  # its fields' checks, before the run starts
 
 
 def check_cond_dropout(p: float) -> None:
@@ -240,14 +244,18 @@ class LatentTask:
         post = self.model.vae.encode(images)
         return post.mean, post.std
 
-    def draw(self, items: list[int], images, gs: list[int], high: int):
+    def draw(self, items: list[int], images, gs: list[int], high: int, weights: torch.Tensor | None = None):
         """The samples' clean latents z0, each drawn afresh from its posterior, and per sample, from its
-        own generator: an integer in [0, high) (a timestep, or an index into a grid of them), the
-        diffusion noise, and a uniform number (for condition dropout, or a guidance scale)."""
+        own generator: an integer in [0, high) (a timestep, or an index into a grid of them; with
+        `weights`, each with its probability), the diffusion noise, and a uniform number (for condition
+        dropout, or a guidance scale)."""
         mean, std = self.posterior(items, images)
         gens = [sample_generator(self.config.run.seed, g) for g in gs]
         z_noise = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g) for g in gens])
-        k = torch.cat([torch.randint(0, high, (1,), generator=g) for g in gens])
+        if weights is None:
+            k = torch.cat([torch.randint(0, high, (1,), generator=g) for g in gens])
+        else:
+            k = torch.cat([torch.multinomial(weights, 1, generator=g) for g in gens])
         eps = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g) for g in gens])
         u = torch.cat([torch.rand((1,), generator=g) for g in gens])
         return self.model.vae.scale(mean + std * z_noise), k, eps, u
@@ -307,7 +315,8 @@ class LatentTask:
     def loss(self, images, items: list[int], captions: list[str], gs: list[int], extra=None, reduce: bool = True):
         """The denoising loss against the model's own prediction type, optionally Min-SNR weighted."""
         c = self.config
-        z0, t, eps, u = self.draw(items, images, gs, self.schedule.num_train_timesteps)
+        T, bias = self.schedule.num_train_timesteps, c.timestep_bias
+        z0, t, eps, u = self.draw(items, images, gs, T, None if bias is None else bias.weights(T))
         text, drop = self.text_states(captions), u < c.cond_dropout
         context = torch.where(drop[:, None, None], self.empty_context().expand_as(text.context), text.context)
         y = self.added_vector(text.pooled, drop, z0)
