@@ -1,6 +1,6 @@
 """Timestep bias (diffusers' --timestep_bias_strategy / _multiplier / _portion / _begin / _end): the weights
 are those of its training script's equations, the task draws with them, and without a bias the draws are
-the uniform ones every earlier run made."""
+the uniform ones every earlier run made; validation always draws uniformly."""
 
 import numpy as np
 import pytest
@@ -82,6 +82,10 @@ def test_the_task_draws_with_the_bias_and_uniformly_without(tmp_path):
         task.draw = spy
         images = torch.stack([task.data.load(i)[0] for i in range(8)])
         task.loss(images, list(range(8)), ["a red circle"] * 8, list(range(100, 108)))
+        if bias is not None:  # validation draws uniformly: its loss compares across runs
+            task.evaluate(0)
+            assert (drawn["top"] < 990).any(), drawn["top"]
+            task.loss(images, list(range(8)), ["a red circle"] * 8, list(range(100, 108)))
     assert (drawn["top"] >= 990).all(), drawn["top"]
     # without a bias, each sample's generator gives the latent noise, then the uniform timestep, as before
     uniform = []

@@ -181,6 +181,8 @@ class LatentTask:
         if empty.pooled is not None:
             check_sdxl(self, empty.pooled.shape[-1])
         self.cache: dict[str, torch.Tensor] | None = None
+        bias = getattr(c, "timestep_bias", None)  # training's draws; validation's stay uniform
+        self.timestep_weights = None if bias is None else bias.weights(self.schedule.num_train_timesteps)
 
     def param_groups(self, trainable: torch.nn.Module) -> list[dict]:
         """The optimiser's parameter groups; a group's "lr_scale" multiplies the run's learning rate."""
@@ -315,8 +317,7 @@ class LatentTask:
     def loss(self, images, items: list[int], captions: list[str], gs: list[int], extra=None, reduce: bool = True):
         """The denoising loss against the model's own prediction type, optionally Min-SNR weighted."""
         c = self.config
-        T, bias = self.schedule.num_train_timesteps, c.timestep_bias
-        z0, t, eps, u = self.draw(items, images, gs, T, None if bias is None else bias.weights(T))
+        z0, t, eps, u = self.draw(items, images, gs, self.schedule.num_train_timesteps, self.timestep_weights)
         text, drop = self.text_states(captions), u < c.cond_dropout
         context = torch.where(drop[:, None, None], self.empty_context().expand_as(text.context), text.context)
         y = self.added_vector(text.pooled, drop, z0)
@@ -388,7 +389,8 @@ class LatentTask:
             val = open_dataset(replace(c.data, split="val", n=c.val_batches * c.run.batch_size))
         else:
             return {}
-        saved_cache, self.cache = self.cache, None
+        # uniform timesteps and no cache: a loss comparable across runs whatever their timestep bias
+        saved, self.cache, self.timestep_weights = (self.cache, self.timestep_weights), None, None
         try:
             losses = []
             with self.ema.applied():
@@ -402,7 +404,7 @@ class LatentTask:
                     captions, gs = [loaded[i][1] for i in idx], [10**9 + i for i in idx]
                     losses.append(self.loss(images, idx, captions, gs, self.extra_for(images)).item())
         finally:
-            self.cache = saved_cache
+            self.cache, self.timestep_weights = saved
         if not losses:
             return {}
         value = sum(losses) / len(losses)
