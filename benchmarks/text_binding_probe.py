@@ -1,7 +1,8 @@
 """Does a shapes model's text tower say which colour goes on top? For two-shape captions "a C1 S1 above|below
 a C2 S2" (every pair of six colours, every ordered pair of four shapes, both orders, both relation words:
 720 captions), a linear probe (logistic regression, L2 1e-3, on standardised features plus the colour pair
-one-hot, two thirds to fit, one third held out) reads from the tower's states:
+one-hot; two thirds of the captions to fit, the rest held out, the four captions of one pair of colours and
+of shapes on the same side) reads from the tower's states:
 
 - "order": which of the two colours is named first -- a fact of the words alone;
 - "on top": which colour the caption puts on top -- the order and the relation word together (their XOR).
@@ -27,21 +28,25 @@ SHAPES = ["circle", "square", "triangle", "star"]
 
 
 def captions() -> list[tuple[str, int, int, int]]:
-    """(caption, colour pair index, 1 if the pair's first colour is named first, 1 if it is on top)."""
-    rows = []
+    """(caption, colour pair index, 1 if the pair's first colour is named first, 1 if it is on top), in
+    groups of four (one pair of colours and of shapes, both orders, both relation words) kept together, the
+    groups shuffled: a probe held out on a group has seen none of its four captions."""
+    groups = []
     for p, (a, b) in enumerate(itertools.combinations(COLOURS, 2)):
         for s1, s2 in itertools.permutations(SHAPES, 2):
+            group = []
             for first, second in ((a, b), (b, a)):
                 for relation in ("above", "below"):
                     top = first if relation == "above" else second
-                    rows.append((f"a {first} {s1} {relation} a {second} {s2}", p, int(first == a), int(top == a)))
-    random.Random(0).shuffle(rows)
-    return rows
+                    group.append((f"a {first} {s1} {relation} a {second} {s2}", p, int(first == a), int(top == a)))
+            groups.append(group)
+    random.Random(0).shuffle(groups)
+    return [row for group in groups for row in group]
 
 
 def probe(features: torch.Tensor, labels: torch.Tensor) -> float:
-    """Held-out accuracy of an L2-regularised logistic regression."""
-    n = len(features) * 2 // 3
+    """Held-out accuracy of an L2-regularised logistic regression (the last third of the groups held out)."""
+    n = len(features) // 12 * 8  # two thirds of the groups of four
     x = (features - features[:n].mean(0)) / (features[:n].std(0) + 1e-6)
     w = torch.zeros(x.shape[1], requires_grad=True)
     b = torch.zeros(1, requires_grad=True)

@@ -24,24 +24,26 @@ def test_weights_are_the_reference_equations_for_drawn_settings(seed):
     rng = np.random.default_rng(seed)
     steps = int(rng.choice([50, 1000, 1001]))
     strategy = str(rng.choice(["later", "earlier", "range"]))
-    begin = int(rng.integers(0, steps - 1))
-    end = int(rng.integers(begin + 1, steps + 1))
-    multiplier, portion = float(rng.uniform(0.1, 5)), float(rng.uniform(0.01, 1))
-    bias = TimestepBias(strategy, multiplier, portion, begin, end)
+    begin = int(rng.integers(0, steps // 2))
+    end = begin + int(rng.integers(steps // 20, steps // 2))
+    multiplier = float(rng.uniform(0.1, 0.5) if rng.random() < 0.5 else rng.uniform(2, 5))
+    portion = float(rng.uniform(0.05, 0.95))
+    # "later" / "earlier" keep range fields of any value (here past 50 steps): they read only the portion
+    bias = TimestepBias(strategy, multiplier, portion, *((begin, end) if strategy == "range" else (900, 2000)))
     want = reference_weights(strategy, multiplier, portion, begin, end, steps)
     got = bias.weights(steps).numpy()
     assert np.allclose(got, want, rtol=1e-12), f"seed {seed}: {bias}, {steps} steps"
-    # drawn as often as weighted: the biased part's share of 40,000 draws
-    g = torch.Generator().manual_seed(seed)
-    k = torch.multinomial(bias.weights(steps), 40000, replacement=True, generator=g).numpy()
+    # drawn as often as weighted: the biased part's share of N draws, within five standard errors, and
+    # told apart from uniform draws (whose share would be the part's size)
+    n_draws, g = 40000, torch.Generator().manual_seed(seed)
+    k = torch.multinomial(bias.weights(steps), n_draws, replacement=True, generator=g).numpy()
     part = np.zeros(steps, dtype=bool)
-    part[
-        {"later": slice(steps - int(portion * steps), steps), "earlier": slice(0, int(portion * steps))}.get(
-            strategy, slice(begin, end)
-        )
-    ] = True
-    share, expected = part[k].mean(), want[part].sum()
-    assert abs(share - expected) < 0.015, f"seed {seed}: share {share:.3f}, expected {expected:.3f}"
+    n = int(portion * steps)
+    part[{"later": slice(steps - n, steps), "earlier": slice(0, n), "range": slice(begin, end)}[strategy]] = True
+    share, expected, uniform = part[k].mean(), want[part].sum(), part.mean()
+    tolerance = 5 * np.sqrt(expected * (1 - expected) / n_draws)
+    assert abs(share - expected) < tolerance, f"seed {seed}: share {share:.4f}, expected {expected:.4f}"
+    assert abs(uniform - expected) > 2 * tolerance, f"seed {seed}: the bias would not show"
 
 
 def test_bad_settings_are_refused_in_one_line():
@@ -52,10 +54,17 @@ def test_bad_settings_are_refused_in_one_line():
         ({"strategy": "middle"}, "timestep_bias.strategy: 'middle'; allowed: later, earlier, range"),
         ({"multiplier": 0}, "multiplier > 0"),
         ({"portion": 1.5}, "0 < portion <= 1"),
-        ({"strategy": "range", "begin": 500, "end": 400}, r"0 <= begin < end <= 1000"),
     ):
         with pytest.raises(ConfigError, match=message):
             from_dict(LDMTrainConfig, {"autoencoder": "x", "unet": {}, "timestep_bias": bias})
+    # what depends on the model's number of timesteps, when the task knows it
+    for bias, message in (
+        (TimestepBias("range", 2, 0.25, 500, 400), r"range \[500, 400\); allowed: 0 <= begin < end <= 1000"),
+        (TimestepBias("range", 2, 0.25, 0, 1200), r"range \[0, 1200\)"),
+        (TimestepBias("later", 2, 0.0005), "portion: 0.0005 of 1000 timesteps is none of them"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            bias.weights(1000)
 
 
 def test_the_task_draws_with_the_bias_and_uniformly_without(tmp_path):

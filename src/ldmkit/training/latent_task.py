@@ -97,7 +97,7 @@ class DenoisingTrainConfig(LatentTrainConfig):
     def check(self) -> None:
         check_cond_dropout(self.cond_dropout)
         if self.timestep_bias is not None:
-            self.timestep_bias.weights(1000)  # its fields' checks, before the run starts
+            self.timestep_bias.check()  # the rest when the task knows the model's timesteps
 
 
 def check_cond_dropout(p: float) -> None:

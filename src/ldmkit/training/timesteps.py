@@ -19,17 +19,33 @@ class TimestepBias:
     begin: int = 0
     end: int = 1000
 
-    def weights(self, steps: int) -> torch.Tensor:
-        """Each timestep index's probability."""
-        n = int(self.portion * steps)
-        part = {"later": slice(steps - n, steps), "earlier": slice(0, n), "range": slice(self.begin, self.end)}
-        if self.strategy not in part:
-            raise ConfigError(f"timestep_bias.strategy: {self.strategy!r}; allowed: {', '.join(part)}")
-        if not (self.multiplier > 0 and 0 < self.portion <= 1 and 0 <= self.begin < self.end <= steps):
+    STRATEGIES = ("later", "earlier", "range")
+
+    def check(self) -> None:
+        """What the fields say alone (the number of timesteps is the model's, known when the task starts)."""
+        if self.strategy not in self.STRATEGIES:
+            raise ConfigError(f"timestep_bias.strategy: {self.strategy!r}; allowed: {', '.join(self.STRATEGIES)}")
+        if not (self.multiplier > 0 and 0 < self.portion <= 1):
             raise ConfigError(
-                f"timestep_bias: multiplier {self.multiplier}, portion {self.portion}, range [{self.begin}, "
-                f"{self.end}); allowed: multiplier > 0, 0 < portion <= 1, 0 <= begin < end <= {steps}"
+                f"timestep_bias: multiplier {self.multiplier}, portion {self.portion}; "
+                "allowed: multiplier > 0, 0 < portion <= 1"
             )
+
+    def weights(self, steps: int) -> torch.Tensor:
+        """Each of `steps` timestep indices' probability."""
+        self.check()
+        if self.strategy == "range":
+            if not 0 <= self.begin < self.end <= steps:
+                raise ConfigError(
+                    f"timestep_bias: range [{self.begin}, {self.end}); allowed: 0 <= begin < end <= {steps}, "
+                    "the model's timesteps"
+                )
+            part = slice(self.begin, self.end)
+        else:
+            n = int(self.portion * steps)
+            if n == 0:  # a bias that biases nothing is a mistake, not a uniform draw
+                raise ConfigError(f"timestep_bias.portion: {self.portion} of {steps} timesteps is none of them")
+            part = slice(steps - n, steps) if self.strategy == "later" else slice(0, n)
         w = torch.ones(steps, dtype=torch.float64)
-        w[part[self.strategy]] *= self.multiplier
+        w[part] *= self.multiplier
         return w / w.sum()
