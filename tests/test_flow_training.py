@@ -35,7 +35,7 @@ def test_the_flow_loss_is_its_equation(autoencoder):
     g = torch.Generator().manual_seed(0)
     z0, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
     k = torch.tensor([0, 500, 999])
-    task.draw = lambda items, images, gs, high: (z0, k, eps, torch.ones(3))  # no caption dropped
+    task.draw = lambda items, images, gs, high, weights: (z0, k, eps, torch.ones(3))  # no caption dropped
     seen = {}
 
     def predict(zt, t, context, extra, y=None):
