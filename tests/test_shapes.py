@@ -217,6 +217,33 @@ def test_both_ways_states_each_relation_the_other_way_round():
     assert flipped >= 10
 
 
+def test_canonical_names_the_upper_or_left_shape_first():
+    from ldmkit.data.images import DataConfig, ShapesData
+    from ldmkit.data.shapes import canonical
+
+    n = 80
+    plain = ShapesData(DataConfig(split="val", n=n))
+    canon = ShapesData(DataConfig(split="val", n=n, relations="canonical"))
+    assert len(canon) == n
+    restated = 0
+    for i in range(n):
+        scene = sample_scene("val", i)
+        assert torch.equal(canon.load(i)[0], plain.load(i)[0]) and canon.load(i)[1] == canon.caption(i)
+        if scene.intent.relation is None or scene.intent.relation[1] in ("above", "left of"):
+            assert canon.caption(i) == scene.caption  # nothing to restate
+            continue
+        caption, intent = canon.caption(i), canonical(scene.intent)
+        # the restated relation is true of the same render, and the caption says it with the first shape
+        # named being the upper or left one
+        assert intent.relation[1] in ("above", "left of") and judge(render(scene), intent).correct
+        a, rel, b = intent.relation
+        first, second = (f"{intent.items[k].colour} {intent.items[k].shape}" for k in (a, b))
+        assert caption.index(first) < caption.index(rel) < caption.index(second)
+        assert "below" not in caption and "right of" not in caption
+        restated += 1
+    assert restated >= 10
+
+
 def test_any_colours_draws_unnamed_colours_half_the_time():
     from ldmkit.data.images import DataConfig, ShapesData
     from ldmkit.data.shapes import PALETTE

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldmkit.data.shapes import SPLITS, any_colours, recaption, sample_scene
+from ldmkit.data.shapes import SPLITS, any_colours, canonical, caption_for, recaption, sample_scene
 from ldmkit.data.shapes import render as render_scene
 from ldmkit.errors import ConfigError
 from ldmkit.images import MAX_PIXELS, open_image, to_rgb
@@ -51,7 +51,9 @@ class DataConfig:
     # (autoencoders: a palette wide enough for colours taught later, e.g. pink and teal)
     colours: str = "named"
     # shapes: "both-ways" doubles the split, items n..2n-1 being scenes 0..n-1 captioned anew, a relation
-    # stated the other way round ("X above Y" as "Y below X"): each image is seen with both statements
+    # stated the other way round ("X above Y" as "Y below X"): each image is seen with both statements;
+    # "canonical" states every relation as "above" or "to the left of", so the shape named first is always
+    # the upper or left one (word order alone says which is where)
     relations: str = "as-drawn"
 
     def __post_init__(self):
@@ -61,8 +63,8 @@ class DataConfig:
             raise ConfigError(f"data.captions: {self.captions!r}; allowed: required, optional")
         if self.colours not in ("named", "any"):
             raise ConfigError(f"data.colours: {self.colours!r}; allowed: named, any")
-        if self.relations not in ("as-drawn", "both-ways"):
-            raise ConfigError(f"data.relations: {self.relations!r}; allowed: as-drawn, both-ways")
+        if self.relations not in ("as-drawn", "both-ways", "canonical"):
+            raise ConfigError(f"data.relations: {self.relations!r}; allowed: as-drawn, both-ways, canonical")
         if self.kind != "shapes" and (self.colours, self.relations) != ("named", "as-drawn"):
             raise ConfigError("data.colours and data.relations are options of the shapes world (kind: shapes)")
         if self.kind in ("folder", "shards") and not self.path:
@@ -157,6 +159,8 @@ class ShapesData:
         and multi-process runs stay exact."""
         c = self.config
         scene = sample_scene(c.split, i % c.n, c.seed, c.size)
+        if c.relations == "canonical" and canonical(scene.intent) is not scene.intent:
+            return scene, caption_for(canonical(scene.intent), np.random.default_rng([SPLITS[c.split], c.seed, i, 3]))
         if i < c.n:
             return scene, scene.caption
         return scene, recaption(scene, np.random.default_rng([SPLITS[c.split], c.seed, i, 2]))

@@ -150,6 +150,14 @@ def converse(intent: Intent) -> Intent:
     return Intent(intent.items, (b, CONVERSE[rel], a))
 
 
+def canonical(intent: Intent) -> Intent:
+    """The intent with its relation stated as "above" or "left of" (the same intent when it already is,
+    or states none)."""
+    if intent.relation is None or intent.relation[1] in ("above", "left of"):
+        return intent
+    return converse(intent)
+
+
 def recaption(scene: Scene, rng: np.random.Generator) -> str:
     """Another caption for the scene: a relation stated the other way round, anything else phrased anew."""
     return caption_for(converse(scene.intent), rng)
