@@ -4,7 +4,8 @@ converse "below" / "to the right of" (it named second). Each prompt is drawn on 
 batch has seed i), each image judged; printed per form as one JSON line: the share whose relation is right
 between the shapes found for its two items (the judge's relation check) and the share fully correct.
 
-    python benchmarks/relation_forms.py MODEL [--n 40] [--seeds 2] [--split val] [--steps N] [--cfg W] [--sampler S]
+    python benchmarks/relation_forms.py [MODEL] [--n 40] [--seeds 2] [--split val] [--steps N] [--cfg W]
+        [--sampler S] [--threads 2]
     python benchmarks/relation_forms.py ~/runs/RUN/model.safetensors --steps 20 --cfg 2 --sampler euler_a
 """
 

@@ -159,8 +159,8 @@ class ShapesData:
         and multi-process runs stay exact."""
         c = self.config
         scene = sample_scene(c.split, i % c.n, c.seed, c.size)
-        if c.relations == "canonical" and canonical(scene.intent) is not scene.intent:
-            return scene, caption_for(canonical(scene.intent), np.random.default_rng([SPLITS[c.split], c.seed, i, 3]))
+        if c.relations == "canonical" and (intent := canonical(scene.intent)) is not scene.intent:
+            return scene, caption_for(intent, np.random.default_rng([SPLITS[c.split], c.seed, i, 3]))
         if i < c.n:
             return scene, scene.caption
         return scene, recaption(scene, np.random.default_rng([SPLITS[c.split], c.seed, i, 2]))
