@@ -50,9 +50,9 @@ def main() -> None:
         for form, intent in (("named first", first), ("named second", converse(first))):
             prompt = caption_for(intent, np.random.default_rng(i)).removeprefix("there is ")
             result = pipe(prompt, seed=0, batch=args.seeds, steps=args.steps, cfg=args.cfg, sampler=args.sampler)
+            t = tally[form]
             for image in result.images:
                 v = judge(image, intent)
-                t = tally[form]
                 t["relation"] += bool(v.checks.get("relation"))
                 t["fully"] += v.correct
                 t["images"] += 1

@@ -228,11 +228,12 @@ def test_canonical_names_the_upper_or_left_shape_first():
     restated = {"below": 0, "right of": 0}
     for i in range(n):
         scene = sample_scene("val", i)
-        assert torch.equal(canon.load(i)[0], plain.load(i)[0]) and canon.load(i)[1] == canon.caption(i)
+        image, caption = canon.load(i)
+        assert torch.equal(image, plain.load(i)[0]) and caption == canon.caption(i)
         if scene.intent.relation is None or scene.intent.relation[1] in ("above", "left of"):
             assert canon.caption(i) == scene.caption  # nothing to restate
             continue
-        caption, intent = canon.caption(i), canonical(scene.intent)
+        intent = canonical(scene.intent)
         # the restated relation is true of the same render, and the caption says it with the first shape
         # named being the upper or left one
         assert intent.relation[1] in ("above", "left of") and judge(render(scene), intent).correct
