@@ -31,8 +31,8 @@ if ! compgen -G "$RUN/checkpoints/step-*.pt" > /dev/null && [ -n "$kept" ]; then
   mkdir -p "$RUN/checkpoints"
   cp "$kept" "$RUN/checkpoints/$(basename "$kept" | sed "s/^$NAME-//")"
 fi
-# All three read the same scenes through the same autoencoder: one latent cache serves every run
-for other in ~/runs/shapes-f2-ldm ~/runs/shapes-f2-zsnr-ldm ~/runs/shapes-f2-zsnr-tune-ldm; do
+# All read the same scenes (captions aside) through the same autoencoder: one latent cache serves every run
+for other in ~/runs/shapes-f2-ldm ~/runs/shapes-f2-zsnr-ldm ~/runs/shapes-f2-zsnr-tune-ldm ~/runs/shapes-f2-canonical-tune-ldm; do
   if [ ! -f "$RUN/latent-cache.pt" ] && [ -f "$other/latent-cache.pt" ]; then
     mkdir -p "$RUN"
     ln "$other/latent-cache.pt" "$RUN/latent-cache.pt" 2>/dev/null || cp "$other/latent-cache.pt" "$RUN/"

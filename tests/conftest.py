@@ -2,6 +2,7 @@
 
 import csv
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -210,6 +211,23 @@ def write_sd_file(path, kind="clip", in_channels=4, seed=0, with_schedule=True, 
 # --- tiny training runs shared by the training, ControlNet and distillation tests ---------------------
 
 ROOT = Path(__file__).parent.parent
+
+
+def minilm_model_file(tmp_path) -> Path:
+    """A tiny UNet reading the packaged MiniLM tower, saved as a file (which then holds no text tensor)."""
+    from ldmkit.checkpoints.detect import minilm_text_config
+    from ldmkit.checkpoints.single_file import load_package_text_encoder, save_single_file
+    from ldmkit.models.ldm import LatentDiffusion
+    from ldmkit.models.presets import tiny
+
+    base = tiny()
+    base = replace(base, text=minilm_text_config(max_length=16), unet=replace(base.unet, context_dim=384))
+    torch.manual_seed(0)
+    model = LatentDiffusion(base)
+    load_package_text_encoder(model.text_encoder)
+    path = tmp_path / "base.safetensors"
+    save_single_file(model, path)
+    return path
 
 
 def config_file(tmp_path, config: str, run_dir: Path, **changes) -> Path:

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import minilm_model_file
+
 CAPTIONS = ["a red circle above a blue square", "two green stars", "", "a small purple circle on the left"]
 
 
@@ -40,23 +42,6 @@ def test_a_bert_tower_split_below_and_top_is_the_whole_tower(seed):
             assert torch.allclose(split, whole, atol=1e-5), f"seed {seed}, top {top}: {(split - whole).abs().max()}"
 
 
-def _minilm_model(tmp_path):
-    """A tiny UNet reading the packaged MiniLM tower, saved as a file (which then holds no text tensor)."""
-    from ldmkit.checkpoints.detect import minilm_text_config
-    from ldmkit.checkpoints.single_file import load_package_text_encoder, save_single_file
-    from ldmkit.models.ldm import LatentDiffusion
-    from ldmkit.models.presets import tiny
-
-    base = tiny()
-    base = replace(base, text=minilm_text_config(max_length=16), unet=replace(base.unet, context_dim=384))
-    torch.manual_seed(0)
-    model = LatentDiffusion(base)
-    load_package_text_encoder(model.text_encoder)
-    path = tmp_path / "base.safetensors"
-    save_single_file(model, path)
-    return path
-
-
 def _task(path, tmp_path, name, text_layers=1, text_lr_scale=0.5):
     from ldmkit.data.images import DataConfig
     from ldmkit.training.ldm import LDMTask, LDMTrainConfig
@@ -73,7 +58,7 @@ def test_training_text_layers_moves_only_them_and_a_file_carries_only_them(tmp_p
     from ldmkit.checkpoints.diffusers_folder import load_diffusers, save_diffusers
     from ldmkit.checkpoints.single_file import load_model, package_text_state, save_single_file
 
-    path = _minilm_model(tmp_path)
+    path = minilm_model_file(tmp_path)
     task = _task(path, tmp_path, "run")
     unet_before = {k: v.clone() for k, v in task.unet.state_dict().items()}
     for step in range(3):
@@ -132,7 +117,7 @@ def test_a_run_training_text_layers_resumes_exactly(tmp_path):
     takes the same next step as the one that went on."""
     from ldmkit.errors import ConfigError
 
-    path = _minilm_model(tmp_path)
+    path = minilm_model_file(tmp_path)
     first = _task(path, tmp_path, "a")
     for step in range(2):
         first.train_step(step, range(4 * step, 4 * step + 4), 1e-3)
@@ -167,7 +152,7 @@ def test_text_layers_are_refused_where_they_cannot_be_trained(tmp_path):
     save_single_file(LatentDiffusion(tiny()), clip)
     with pytest.raises(ConfigError, match="BERT"):
         _task(clip, tmp_path, "clip")
-    minilm = _minilm_model(tmp_path)
+    minilm = minilm_model_file(tmp_path)
     with pytest.raises(ConfigError, match="text_layers: 7; allowed: 1 to the tower's 6 layers"):
         _task(minilm, tmp_path, "deep", text_layers=7)
 
@@ -179,7 +164,7 @@ def test_a_file_whose_text_tensors_are_not_the_package_towers_is_refused(tmp_pat
     from ldmkit.checkpoints.single_file import load_model
     from ldmkit.errors import CheckpointError
 
-    path = _minilm_model(tmp_path)
+    path = minilm_model_file(tmp_path)
     state = load_file(path)
     with open(path, "rb") as f:
         import json

@@ -493,6 +493,7 @@ def test_every_committed_config_parses():
     from ldmkit.training.lcm import DistillConfig
     from ldmkit.training.ldm import LDMTrainConfig
     from ldmkit.training.lora import LoraTrainConfig
+    from ldmkit.training.text_tower import TextTowerTrainConfig
     from ldmkit.training.tiny_autoencoder import TinyDistillConfig
     from ldmkit.training.video_ldm import VideoLDMTrainConfig
 
@@ -507,6 +508,7 @@ def test_every_committed_config_parses():
         "encoder": ImageTowerTrainConfig,
         "adapter": IPAdapterTrainConfig,
         "video": VideoLDMTrainConfig,
+        "text": TextTowerTrainConfig,
     }
     files = sorted((ROOT / "configs").glob("*.yaml"))
     assert len(files) >= 8
@@ -521,6 +523,7 @@ def test_every_model_a_config_builds_on_may_be_a_path_under_home_or_a_bundled_na
     from ~/runs/.../model.safetensors was refused as no such file); a bundled name passes unchanged."""
     from ldmkit.config import from_dict
     from ldmkit.training.image_tower import ImageTowerTrainConfig
+    from ldmkit.training.text_tower import TextTowerTrainConfig
     from ldmkit.training.tiny_autoencoder import TinyDistillConfig
     from ldmkit.training.video_ldm import VideoLDMTrainConfig
 
@@ -529,6 +532,7 @@ def test_every_model_a_config_builds_on_may_be_a_path_under_home_or_a_bundled_na
         (TinyDistillConfig, "teacher"),
         (VideoLDMTrainConfig, "base"),
         (ImageTowerTrainConfig, "text_from"),
+        (TextTowerTrainConfig, "model"),
     ]:
         assert getattr(from_dict(cls, {name: "~/runs/m.safetensors"}), name) == home
         assert getattr(from_dict(cls, {name: "shapes"}), name) == "shapes"

@@ -1,5 +1,5 @@
 """The training commands: train-autoencoder, train, train-controlnet, distill-lcm, train-lora, train-embedding,
-distill-tiny-autoencoder, train-image-encoder, train-ip-adapter, train-video."""
+distill-tiny-autoencoder, train-image-encoder, train-ip-adapter, train-text-encoder, train-video."""
 
 import json
 
@@ -109,6 +109,12 @@ def cmd_train_video(args) -> int:
     return _train(args, VideoLDMTrainConfig, VideoLDMTask, "video.safetensors")
 
 
+def cmd_train_text_encoder(args) -> int:
+    from ldmkit.training.text_tower import TextTowerTask, TextTowerTrainConfig
+
+    return _train(args, TextTowerTrainConfig, TextTowerTask, "model.safetensors")
+
+
 def add_parsers(sub) -> None:
     for name, func, text in [
         ("train-autoencoder", cmd_train_autoencoder, "stage 1: train a KL autoencoder"),
@@ -127,6 +133,11 @@ def add_parsers(sub) -> None:
             "a small CLIP vision tower, contrastive against a model's text encoder (for image prompts)",
         ),
         ("train-ip-adapter", cmd_train_ip_adapter, "train an IP-Adapter (image prompts) for a frozen model"),
+        (
+            "train-text-encoder",
+            cmd_train_text_encoder,
+            "teach a model's MiniLM tower that a caption's wordings are one (its states, the canonical wording's)",
+        ),
         ("train-video", cmd_train_video, "text-to-video: temporal layers trained into a text-to-image model"),
         (
             "distill-tiny-autoencoder",

@@ -158,6 +158,15 @@ def canonical(intent: Intent) -> Intent:
     return converse(intent)
 
 
+def wordings(intent: Intent, seed) -> list[tuple[str, str]]:
+    """Each way of stating the intent (a relation both ways round, anything else its one way), paired with
+    the canonical statement in the same template ("there is" or not): [(caption, canonical caption)]. The
+    template is drawn from `seed` (anything numpy's default_rng takes)."""
+    target = caption_for(canonical(intent), np.random.default_rng(seed))
+    forms = [intent, converse(intent)] if intent.relation is not None else [intent]
+    return [(caption_for(form, np.random.default_rng(seed)), target) for form in forms]
+
+
 def recaption(scene: Scene, rng: np.random.Generator) -> str:
     """Another caption for the scene: a relation stated the other way round, anything else phrased anew."""
     return caption_for(converse(scene.intent), rng)
