@@ -105,7 +105,7 @@ def test_a_text_tower_run_resumes_exactly(tmp_path):
         assert torch.equal(x, y)
 
 
-def test_bad_text_tower_configs_are_one_line(tmp_path):
+def test_bad_text_tower_configs_are_one_line(tmp_path, capsys):
     from ldmkit.cli import main
     from ldmkit.data.images import DataConfig
     from ldmkit.errors import ConfigError
@@ -129,3 +129,9 @@ def test_bad_text_tower_configs_are_one_line(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text(f"model: {path}\nlayers: -1\nrun: {{dir: {tmp_path / 'r'}}}\n")
     assert main(["train-text-encoder", "--config", str(config), "-q"]) == 2
+    missing = tmp_path / "missing.safetensors"
+    config.write_text(f"model: {missing}\nrun: {{dir: {tmp_path / 'r'}}}\n")
+    capsys.readouterr()
+    assert main(["train-text-encoder", "--config", str(config), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "missing.safetensors" in err and "\n" not in err, err

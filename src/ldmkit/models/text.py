@@ -226,12 +226,13 @@ class TextEncoder(nn.Module):
         self.check_top(top)
         return nn.ModuleList(self.transformer.encoder.layer[self.config.num_layers - top :])
 
-    def check_top(self, top: int) -> None:
+    def check_top(self, top: int, option: str = "text_layers") -> None:
+        """One config error line, naming `option`, unless this is a BERT tower with at least `top` layers."""
         c = self.config
         if c.kind != "bert":
-            raise ConfigError(f"text_layers: trains a BERT tower's top layers (ldmkit's MiniLM); this one is {c.kind}")
+            raise ConfigError(f"{option}: trains a BERT tower's top layers (ldmkit's MiniLM); this one is {c.kind}")
         if not 1 <= top <= c.num_layers:
-            raise ConfigError(f"text_layers: {top}; allowed: 1 to the tower's {c.num_layers} layers")
+            raise ConfigError(f"{option}: {top}; allowed: 1 to the tower's {c.num_layers} layers")
 
     @property
     def hf_model(self) -> nn.Module:

@@ -90,16 +90,27 @@ class TextTowerTask:
         kind = "CLIP" if self.model.config.conditioner or self.model.config.sd3 else tower.config.kind
         if kind != "bert":
             raise ConfigError(f"model {c.model}: its text tower is {kind}; this trains a BERT tower's (our MiniLM)")
-        if c.layers > tower.config.num_layers:
-            raise ConfigError(f"layers: {c.layers}; allowed: 1 to the tower's {tower.config.num_layers}")
+        tower.check_top(c.layers, "layers")
         self.layers = tower.top_layers(c.layers).requires_grad_(True)  # trained in place, in the model's tower
+        self.params = list(self.layers.parameters())
         self.teacher = copy.deepcopy(tower).requires_grad_(False)  # what the states are to be
-        self.opt = torch.optim.AdamW(self.layers.parameters(), lr=c.run.lr, weight_decay=c.run.weight_decay)
+        self.opt = torch.optim.AdamW(self.params, lr=c.run.lr, weight_decay=c.run.weight_decay)
         self.data = WordingPairs(c.data)
         self.order = Order(len(self.data), c.run.seed)
         val = WordingPairs(c.val or DataConfig(kind="shapes", split="val", n=c.val_scenes, size=c.data.size))
-        self.val = list(dict.fromkeys(val.pair(i) for i in range(len(val))))
+        self.val = self.validation(list(dict.fromkeys(val.pair(i) for i in range(len(val)))))
         self.frozen: dict | None = None  # the untrained tower's validation errors, measured once
+
+    @torch.no_grad()
+    def validation(self, pairs: list[tuple[str, str]]) -> dict:
+        """The held-out pairs split into the restated wordings (a relation stated other than canonically) and
+        the captions kept as they are, in chunks of (captions, the frozen tower's target states)."""
+        out = {}
+        restated, kept = [p for p in pairs if p[0] != p[1]], [p for p in pairs if p[0] == p[1]]
+        for key, group in [("restated", restated), ("kept", kept)]:
+            chunks = [group[s : s + EVAL_BATCH] for s in range(0, len(group), EVAL_BATCH)]
+            out[key] = [([p[0] for p in ch], self.teacher([p[1] for p in ch])) for ch in chunks]
+        return out
 
     def student(self, captions: list[str]) -> torch.Tensor:
         """The tower's states [B, T, D]: the frozen layers without gradients, the trained ones with."""
@@ -109,13 +120,12 @@ class TextTowerTask:
             below = tower.bert_below(tokens["input_ids"], tokens["attention_mask"], top)
         return tower.bert_top(below, tokens["attention_mask"], top)
 
-    def loss(self, pairs: list[tuple[str, str]], tower=None) -> torch.Tensor:
+    def loss(self, pairs: list[tuple[str, str]]) -> torch.Tensor:
         """Mean squared error over every position, padding included (the UNet attends to all of them)."""
         sources, targets = (list(t) for t in zip(*pairs))
         with torch.no_grad():
             target = self.teacher(targets)
-        states = self.student(sources) if tower is None else tower(sources)
-        return F.mse_loss(states, target)
+        return F.mse_loss(self.student(sources), target)
 
     def train_step(self, step: int, indices: range, lr: float) -> dict:
         for g in self.opt.param_groups:
@@ -126,23 +136,21 @@ class TextTowerTask:
         with self.config.run.autocast():
             loss = self.loss(pairs)
         loss.backward()
-        params = list(self.layers.parameters())
-        dist.sum_grads_(params)
+        dist.sum_grads_(self.params)
         self.opt.step()
         return {**dist.sum_values({"loss": loss.item() / dist.size()}), "lr": lr}
 
     @torch.no_grad()
     def errors(self, tower=None) -> dict:
-        """Validation error of the restated wordings (a relation stated other than canonically) and of the
-        captions kept as they are."""
+        """Validation error of the restated wordings and of the captions kept, for `tower` (default: ours)."""
         out = {}
-        restated, kept = [p for p in self.val if p[0] != p[1]], [p for p in self.val if p[0] == p[1]]
-        for key, pairs in [("restated", restated), ("kept", kept)]:
-            total = 0.0
-            for s in range(0, len(pairs), EVAL_BATCH):
-                chunk = pairs[s : s + EVAL_BATCH]
-                total += self.loss(chunk, tower).item() * len(chunk)
-            out[key] = total / max(1, len(pairs))
+        for key, chunks in self.val.items():
+            total, n = 0.0, 0
+            for sources, target in chunks:
+                states = self.student(sources) if tower is None else tower(sources)
+                total += F.mse_loss(states, target).item() * len(sources)
+                n += len(sources)
+            out[key] = total / max(1, n)
         return out
 
     def evaluate(self, step: int) -> dict:
