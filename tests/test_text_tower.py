@@ -74,11 +74,16 @@ def test_training_moves_the_top_layers_toward_the_canonical_states_and_the_file_
     moved = {k for k in package if not torch.equal(own[k], package[k])}
     assert moved and all(k.startswith("encoder.layer.5.") for k in moved), sorted(moved)[:5]
 
+    # a closed vocabulary as a canonical-caption UNet's: "below" and "right" were never in its captions
+    canonical_words = ("a", "above", "blue", "circle", "is", "left", "of", "red", "square", "the", "there", "to")
+    task.model.config.vocabulary = canonical_words
     task.finish(tmp_path)
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         text_keys = [k for k in f.keys() if k.startswith("cond_stage_model.")]
     assert text_keys and all(k.startswith("cond_stage_model.transformer.encoder.layer.5.") for k in text_keys)
     back, base = load_model(tmp_path / "model.safetensors"), load_model(path)
+    known = set(back.config.vocabulary)
+    assert known > set(canonical_words) and {"below", "right"} <= known, sorted(known)
     captions = ["a red circle below a blue square", "there is a blue square above a red circle", "two green stars", ""]
     with torch.no_grad():
         want = task.model.text_encoder(captions)

@@ -182,5 +182,12 @@ class TextTowerTask:
 
     def finish(self, folder: Path) -> None:
         from ldmkit.checkpoints.single_file import parse_dtype, save_single_file
+        from ldmkit.data.vocabulary import caption_vocabulary
 
+        # the tower now reads the wordings it was taught: a closed vocabulary grows by their words, so that
+        # they are no longer reported as changing nothing (an open vocabulary, (), stays open)
+        known = self.model.config.vocabulary
+        if known:
+            taught = caption_vocabulary(c for i in range(len(self.data)) for c in self.data.pair(i))
+            self.model.config.vocabulary = tuple(sorted(set(known) | set(taught))) if taught else ()
         save_single_file(self.model, folder / "model.safetensors", parse_dtype(self.config.dtype))
