@@ -2,7 +2,8 @@
 # The second-generation shapes model as it is judged in docs/models.md: the canonical-caption UNet
 # (configs/shapes-f2-canonical-tune-ldm.yaml, relations stated one way only) with a MiniLM tower taught
 # that both wordings of a relation are one (configs/shapes-f2-canonical-text.yaml), then its few-step
-# version (configs/shapes-f2-lcm.yaml). Resumable: run it again and each stage continues from its last
+# version (configs/shapes-f2-lcm.yaml), its ControlNet (configs/shapes-f2-controlnet.yaml) and the tiny
+# decoder of its autoencoder (configs/shapes-f2-tiny.yaml). Resumable: run it again and each stage continues from its last
 # checkpoint.
 #
 # The UNet's 3,000 steps (about an hour on two threads, after 55 minutes of latent-cache encoding) are kept
@@ -23,4 +24,8 @@ if [ ! -f "$UNET/model.safetensors" ]; then
 fi
 [ -f "$TEXT/model.safetensors" ] || ldmkit train-text-encoder --config configs/shapes-f2-canonical-text.yaml $(resume "$TEXT") -q
 [ -f "$LCM/model.safetensors" ] || ldmkit distill-lcm --config configs/shapes-f2-lcm.yaml $(resume "$LCM") -q
-ls -l "$TEXT/model.safetensors" "$LCM/model.safetensors"
+CN=~/runs/shapes-f2-controlnet
+TINY=~/runs/shapes-f2-tiny
+[ -f "$CN/controlnet.safetensors" ] || ldmkit train-controlnet --config configs/shapes-f2-controlnet.yaml $(resume "$CN") -q
+[ -f "$TINY/tiny-autoencoder.safetensors" ] || ldmkit distill-tiny-autoencoder --config configs/shapes-f2-tiny.yaml $(resume "$TINY") -q
+ls -l "$TEXT/model.safetensors" "$LCM/model.safetensors" "$CN/controlnet.safetensors" "$TINY/tiny-autoencoder.safetensors"
