@@ -3,8 +3,8 @@
 # (configs/shapes-f2-canonical-tune-ldm.yaml, relations stated one way only) with a MiniLM tower taught
 # that both wordings of a relation are one (configs/shapes-f2-canonical-text.yaml), then its few-step
 # version (configs/shapes-f2-lcm.yaml), its ControlNet (configs/shapes-f2-controlnet.yaml) and the tiny
-# decoder of its autoencoder (configs/shapes-f2-tiny.yaml). Resumable: run it again and each stage continues from its last
-# checkpoint.
+# decoder of its autoencoder (configs/shapes-f2-tiny.yaml). Resumable: run it again and each stage
+# continues from its last checkpoint.
 #
 # The UNet's 3,000 steps (about an hour on two threads, after 55 minutes of latent-cache encoding) are kept
 # in recipes/stage-checkpoints/shapes-f2-canonical-tune-ldm.safetensors and copied into place instead;

@@ -15,6 +15,7 @@ wording i % 2 (a scene without a relation has one wording, given twice), so rela
 round as often as the rest of the world is seen."""
 
 import copy
+import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,8 +187,7 @@ class TextTowerTask:
 
         # the tower now reads the wordings it was taught: a closed vocabulary grows by their words, so that
         # they are no longer reported as changing nothing (an open vocabulary, (), stays open)
-        known = self.model.config.vocabulary
-        if known:
-            taught = caption_vocabulary(c for i in range(len(self.data)) for c in self.data.pair(i))
-            self.model.config.vocabulary = tuple(sorted(set(known) | set(taught))) if taught else ()
+        if known := self.model.config.vocabulary:
+            taught = (caption for i in range(len(self.data)) for caption in self.data.pair(i))
+            self.model.config.vocabulary = caption_vocabulary(itertools.chain(known, taught))
         save_single_file(self.model, folder / "model.safetensors", parse_dtype(self.config.dtype))
