@@ -21,7 +21,9 @@ ldmkit convert "$LDM/model.safetensors" src/ldmkit/bundled/shapes.safetensors --
 [ -f "$CN/controlnet.safetensors" ] || ldmkit train-controlnet --config configs/shapes-controlnet.yaml $(resume "$CN")
 ldmkit convert "$CN/controlnet.safetensors" src/ldmkit/bundled/shapes-canny.safetensors --to single-file --dtype fp16
 [ -f "$LCM/model.safetensors" ] || ldmkit distill-lcm --config configs/shapes-lcm.yaml $(resume "$LCM")
-ldmkit convert "$LCM/model.safetensors" src/ldmkit/bundled/shapes-fast.safetensors --to single-file --dtype fp16
+ldmkit convert "$LCM/model.safetensors" "$LCM/model-fp16.safetensors" --to single-file --dtype fp16
+# its UNet alone: the autoencoder and text tower are shapes' (bundled.Bundled.shares)
+python recipes/unet_only.py "$LCM/model-fp16.safetensors" src/ldmkit/bundled/shapes.safetensors src/ldmkit/bundled/shapes-fast.safetensors
 TINY=~/runs/shapes-tiny  # the tiny decoder (TAESD architecture) of the bundled autoencoder
 [ -f "$TINY/tiny-autoencoder.safetensors" ] || ldmkit distill-tiny-autoencoder --config configs/shapes-tiny.yaml $(resume "$TINY")
 python -c "import sys; from safetensors import safe_open; from safetensors.torch import save_file

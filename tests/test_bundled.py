@@ -4,6 +4,7 @@ with no download, and draws what it is asked (checked by the exact judge, not by
 import json
 
 import pytest
+import torch
 from PIL import Image
 from safetensors import safe_open
 
@@ -109,6 +110,25 @@ def test_fast_uses_the_distilled_model_in_four_steps(tmp_path, capsys):
         for image in pipe(f"a {colour} {shape}", seed=0, batch=2).images
     )
     assert hits >= 6, f"{hits}/8 images fully correct"  # docs/few-step.md: the few-step table
+
+
+def test_fast_file_holds_only_its_unet_and_runs_with_the_parts_it_shares(tmp_path):
+    """The few-step file carries its UNet alone (the package stays in budget); loaded by name it gets the
+    autoencoder and text tower of the file it shares, bit for bit; copied elsewhere it is refused in a line."""
+    from ldmkit.checkpoints.detect import UNET
+    from ldmkit.checkpoints.single_file import load_model
+
+    fast = bundled.BUNDLED[bundled.FAST["shapes"]]
+    with safe_open(bundled.HERE / fast.file, "pt") as f:
+        assert fast.shares and all(k.startswith(UNET) or k == "alphas_cumprod" for k in f.keys())
+    ours, theirs = load_model(bundled.HERE / fast.file), load_model(bundled.HERE / fast.shares)
+    for part in ("first_stage_model", "text_encoder"):
+        mine, base = getattr(ours, part).state_dict(), getattr(theirs, part).state_dict()
+        assert mine.keys() == base.keys() and all(torch.equal(mine[k], base[k]) for k in mine), part
+    copy = tmp_path / "fast.safetensors"
+    copy.write_bytes((bundled.HERE / fast.file).read_bytes())
+    with pytest.raises(LdmkitError, match=f"only a UNet.*{fast.shares}"):
+        load_model(copy)
 
 
 def test_emoji_model_draws_from_words_out_of_the_box(tmp_path, capsys):

@@ -20,6 +20,9 @@ class Bundled:
     controlnet: str | None = None  # its bundled ControlNet's file, used when no --controlnet is given
     world: str | None = None  # the closed world whose captions it learned ("shapes"), for its vocabulary
     tiny_decoder: str | None = None  # its bundled tiny autoencoder (TAESD), used by --decoder tiny
+    # a bundled file whose autoencoder and text tower this one's UNet was trained with, frozen: the file
+    # holds only its UNet and takes the rest from there, so the package does not carry them twice
+    shares: str | None = None
 
 
 BUNDLED = {
@@ -37,6 +40,7 @@ BUNDLED = {
         "recipes/shapes.sh",
         {"sampler": "lcm", "steps": 4, "cfg": 2.0},
         world="shapes",
+        shares="shapes.safetensors",
         tiny_decoder="shapes-tiny.safetensors",  # the same autoencoder as shapes'
     ),
     # 64x64 emoji from words (Noto and Twemoji art; NOTICE-emoji.txt), trained by recipes/emoji.sh
@@ -50,6 +54,12 @@ DEFAULT = "shapes"
 def bundled_entry(path: Path) -> Bundled | None:
     """The bundled model whose weights `path` is, or None."""
     return next((e for e in BUNDLED.values() if Path(path) == HERE / e.file), None)
+
+
+def shared_file(path: Path) -> Path | None:
+    """The bundled file holding the parts (all but the UNet) that the bundled file `path` shares, or None."""
+    entry = bundled_entry(path)
+    return None if entry is None or entry.shares is None else HERE / entry.shares
 
 
 PREFIX = "bundled:"  # `bundled:emoji` always means the bundled model, whatever the current folder holds

@@ -4,8 +4,8 @@ from pathlib import Path
 
 from ldmkit.checkpoints.components import stored_dtypes
 from ldmkit.checkpoints.detect import UNET, VAE_FILE_PREFIXES, detect, unsupported_note
-from ldmkit.checkpoints.files import DIFFUSERS, read_tensors, safetensors_dtypes, sniff
-from ldmkit.checkpoints.single_file import build, load_model, load_vae_file, replace_vae
+from ldmkit.checkpoints.files import DIFFUSERS, safetensors_dtypes, sniff
+from ldmkit.checkpoints.single_file import build, load_model, load_vae_file, read_model_tensors, replace_vae
 from ldmkit.models.ldm import LatentDiffusion
 
 
@@ -81,7 +81,7 @@ def inspect_path(
             stored |= safetensors_dtypes(f)
         info["dtype"] = sorted(stored)
         return info
-    state, metadata = read_tensors(path)
+    state, metadata = read_model_tensors(path)
     info["dtype"] = stored_dtypes(state)
     if taesd_files.is_tiny_autoencoder_state(state):  # TAESD: a file of one part's layers, or both parts'
         info.update(taesd_files.tiny_autoencoder_from_state(state, metadata, path).describe())

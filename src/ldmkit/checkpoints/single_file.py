@@ -24,6 +24,7 @@ from ldmkit.models.tokenizers import ClipTokenizer
 TEXT = "cond_stage_model."
 CONDITIONER = "conditioner."
 TOKENIZER_KEY = "ldmkit_tokenizer"  # SDXL's second tower's: ldmkit_tokenizer_2
+SHARES_KEY = "ldmkit_shares"  # a bundled UNet-only file's header: the bundled file holding its other parts
 
 
 def text_state_from_file(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
@@ -142,7 +143,7 @@ def load_single_file(
     from ldmkit.checkpoints import sd3_files
     from ldmkit.checkpoints.video_files import refuse_video_model
 
-    state, metadata = read_tensors(path)  # mapped, not read: detection needs only names and shapes
+    state, metadata = read_model_tensors(path)  # mapped, not read: detection needs only names and shapes
     refuse_video_model(path, state)
     if sd3_files.file_family(state, metadata) is not None:
         return sd3_files.load_sd3_file(path, state, metadata, overrides, dtype_rule, text_encoders)
@@ -151,13 +152,31 @@ def load_single_file(
     dtype = dtype_rule(config) if dtype_rule else torch.float32
     if dtype != torch.float32 and sniff(path) == SAFETENSORS:
         del state
-        state, _ = read_tensors(path, lambda k: dtype if k.startswith((UNET, VAE)) else None)
+        state, _ = read_model_tensors(path, lambda k: dtype if k.startswith((UNET, VAE)) else None)
     model = build(config, state, str(path), dtype)
     for i, tower in enumerate(_towers(model)):
         if _tokenizer_key(i) in metadata:
             tokenizer = ClipTokenizer.from_header(metadata[_tokenizer_key(i)], tower.config.max_length, str(path))
             tower.use_tokenizer(tokenizer, str(path))
     return model
+
+
+def read_model_tensors(path: str | Path, rule=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """A model file's tensors and header (files.read_tensors; `rule` as there). A bundled file that
+    holds only its UNet (bundled.Bundled.shares) gets its other parts from the bundled file it shares."""
+    from ldmkit.bundled import shared_file
+
+    state, metadata = read_tensors(path, rule)
+    base = shared_file(Path(path))
+    if base is None and SHARES_KEY in metadata:
+        raise CheckpointError(
+            f"{path}: only a UNet, made to run with the autoencoder and text tower of the bundled "
+            f"{metadata[SHARES_KEY]}; load it by its bundled name (ldmkit models lists them)"
+        )
+    if base is not None:
+        shared, _ = read_tensors(base, rule)
+        state = {**{k: v for k, v in shared.items() if not k.startswith(UNET) and k not in state}, **state}
+    return state, metadata
 
 
 def load_model(
