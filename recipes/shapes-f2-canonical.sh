@@ -26,6 +26,11 @@ fi
 [ -f "$LCM/model.safetensors" ] || ldmkit distill-lcm --config configs/shapes-f2-lcm.yaml $(resume "$LCM") -q
 CN=~/runs/shapes-f2-controlnet
 TINY=~/runs/shapes-f2-tiny
+# the ControlNet reads the same 20,000 scenes through the same autoencoder as the few-step run: that run's
+# latent cache is this one's (an encoder pass over 20,000 images saved)
+if [ ! -e "$CN/latent-cache.pt" ] && [ -f "$LCM/latent-cache.pt" ]; then
+  mkdir -p "$CN" && { ln "$LCM/latent-cache.pt" "$CN/latent-cache.pt" 2>/dev/null || cp "$LCM/latent-cache.pt" "$CN/"; }
+fi
 [ -f "$CN/controlnet.safetensors" ] || ldmkit train-controlnet --config configs/shapes-f2-controlnet.yaml $(resume "$CN") -q
 [ -f "$TINY/tiny-autoencoder.safetensors" ] || ldmkit distill-tiny-autoencoder --config configs/shapes-f2-tiny.yaml $(resume "$TINY") -q
 ls -l "$TEXT/model.safetensors" "$LCM/model.safetensors" "$CN/controlnet.safetensors" "$TINY/tiny-autoencoder.safetensors"

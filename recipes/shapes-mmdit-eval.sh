@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The shapes transformer (recipes/shapes-mmdit.sh) judged as the bundled U-Net is (recipes/shapes-eval.sh):
+# The shapes transformer (recipes/shapes-mmdit.sh) judged as the first-generation U-Net is
+# (recipes/shapes-first-generation-eval.sh):
 # the guidance scale chosen on the validation split (flow Euler, 20 steps, the flow model's sampler), then
 # the chosen scale on new seeds of seen combinations (val) and on held-out combinations, 200 prompts x 2
 # seeds each. Reports land in reports/ (JSON, with the command that made each).

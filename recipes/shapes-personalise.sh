@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# README's personalisation numbers, reproduced: a LoRA teaches the bundled model a shape it has never
+# The personalisation numbers, reproduced on the first generation of the bundled shapes model
+# (recipes/stage-checkpoints/shapes-first-generation.safetensors, judged at its defaults,
+# euler_a, 20 steps, scale 2): a LoRA teaches it a shape it has never
 # drawn (the diamond), without and with prior preservation; an embedding teaches it a new word for a
 # colour it knows ("dax" for red). The judge scores each before and after, and the LoRAs on the
 # validation split to show what they keep.
@@ -14,7 +16,12 @@ DAX=~/runs/shapes-embedding-dax/dax.safetensors
 [ -f "$PRIOR" ] || ldmkit train-lora --config configs/shapes-diamond-prior-lora.yaml
 [ -f "$DAX" ] || ldmkit train-embedding --config configs/shapes-dax-embedding.yaml
 N=${N:-100}
-run() { out=$1; shift; ldmkit eval --seed 1 --n "$N" --seeds 2 -q --out "reports/$out.json" "$@" > /dev/null; }
+BASE=recipes/stage-checkpoints/shapes-first-generation.safetensors
+run() {
+  out=$1; shift
+  ldmkit eval --model "$BASE" --samplers euler_a --steps 20 --cfg 2 --seed 1 --n "$N" --seeds 2 -q \
+    --out "reports/$out.json" "$@" > /dev/null
+}
 # the new shape: the judge knows all five shapes in every measurement here
 run diamond-before --split diamond --novel-shapes
 run diamond-after --split diamond --novel-shapes --lora "$LORA"

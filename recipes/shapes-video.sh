@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Text-to-video grown from the bundled shapes model, from a fresh clone: train the temporal layers, then judge
+# Text-to-video grown from the first generation of the bundled shapes model, from a fresh clone: train the
+# temporal layers, then judge
 # the clips of the val and held-out captions — the video model, and the image model frame by frame with the same
 # noise (the baseline: the video model before its temporal layers learned anything) — and draw the samples.
 # Reports land in reports/ (JSON, with the command in each). STEPS stops training early (the run resumes).
@@ -15,7 +16,8 @@ fi
 N=${N:-50}
 for split in val heldout; do
   ldmkit eval-video --model "$VIDEO" --split "$split" --n "$N" -q --out "reports/shapes-video-$split.json" > /dev/null
-  ldmkit eval-video --model shapes --baseline --split "$split" --n "$N" -q \
+  ldmkit eval-video --model recipes/stage-checkpoints/shapes-first-generation.safetensors --baseline \
+    --split "$split" --n "$N" -q \
     --out "reports/shapes-video-baseline-$split.json" > /dev/null
 done
 python recipes/video_samples.py "$VIDEO" docs/shapes-video.png docs/shapes-video.gif

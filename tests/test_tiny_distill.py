@@ -87,7 +87,7 @@ def test_edges_are_neighbour_differences():
     ("model", "says"),
     [
         (dict(latent_channels=16), "latent_channels 16: the teacher's latents have 4"),
-        (dict(num_decoder_blocks=(1, 1, 1, 1), decoder_block_out_channels=(16,) * 4), "the teacher's factor is 4"),
+        (dict(num_decoder_blocks=(1, 1, 1, 1), decoder_block_out_channels=(16,) * 4), "the teacher's factor is 2"),
     ],
 )
 def test_a_tiny_autoencoder_that_cannot_read_the_teachers_latents_is_refused(tmp_path, model, says):

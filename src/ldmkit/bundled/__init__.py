@@ -26,15 +26,16 @@ class Bundled:
 
 
 BUNDLED = {
+    # the shapes world at f = 2 with a text tower that hears a relation's two wordings as one (docs/models.md)
     "shapes": Bundled(
         "shapes.safetensors",
         "recipes/shapes.sh",
-        {"sampler": "euler_a", "steps": 20, "cfg": 2.0},
+        {"sampler": "euler_a", "steps": 20, "cfg": 3.0},
         controlnet="shapes-canny.safetensors",
         world="shapes",
         tiny_decoder="shapes-tiny.safetensors",
     ),
-    # shapes' latent consistency distillation (configs/shapes-lcm.yaml): lcm, 4 steps, one UNet call each
+    # shapes' latent consistency distillation (configs/shapes-f2-lcm.yaml): lcm, 4 steps, one UNet call each
     "shapes-fast": Bundled(
         "shapes-fast.safetensors",
         "recipes/shapes.sh",
