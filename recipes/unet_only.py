@@ -14,8 +14,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-UNET = "model.diffusion_model."
-SHARES_KEY = "ldmkit_shares"  # the header names the file the rest is in (checkpoints/single_file.py)
+from ldmkit.checkpoints.detect import UNET
+from ldmkit.checkpoints.single_file import SHARES_KEY  # the header names the file the rest is in
 
 
 def main(full: Path, base: Path, out: Path) -> None:

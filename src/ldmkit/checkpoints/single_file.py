@@ -175,7 +175,7 @@ def read_model_tensors(path: str | Path, rule=None) -> tuple[dict[str, torch.Ten
         )
     if base is not None:
         shared, _ = read_tensors(base, rule)
-        state = {**{k: v for k, v in shared.items() if not k.startswith(UNET) and k not in state}, **state}
+        state = {**{k: v for k, v in shared.items() if not k.startswith(UNET)}, **state}
     return state, metadata
 
 
