@@ -31,8 +31,7 @@ def main() -> None:
     for start in range(0, len(data), args.batch):
         items = [data.load(i) for i in range(start, min(len(data), start + args.batch))]
         x = torch.stack([item[0] for item in items if item is not None])
-        post = vae.encode(x)
-        zs.append(post.mean + post.std * torch.randn(post.mean.shape, generator=generator))
+        zs.append(vae.encode(x).sample(generator))
     z = torch.cat(zs)
     subsets = [torch.randperm(len(z), generator=torch.Generator().manual_seed(s))[:128] for s in range(5)]
     scale = vae.config.scale_factor

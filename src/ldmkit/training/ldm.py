@@ -175,8 +175,7 @@ class LDMTask(LatentTask):
             if batch is None:
                 continue
             x, _, kept = batch
-            post = self.model.vae.encode(x)
-            zs.append(post.mean + post.std * torch.randn(post.mean.shape, generator=torch.Generator().manual_seed(b)))
+            zs.append(self.model.vae.encode(x).sample(torch.Generator().manual_seed(b)))
         if not zs:
             raise ConfigError(
                 f"data: no readable image in the first {c.scale_batches} batches (scale_batches), "
