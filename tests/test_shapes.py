@@ -245,6 +245,48 @@ def test_canonical_names_the_upper_or_left_shape_first():
     assert min(restated.values()) >= 5, restated
 
 
+def test_uncoloured_captions_name_shapes_by_order_alone():
+    from ldmkit.data.images import DataConfig, ShapesData
+    from ldmkit.data.shapes import COLOURS, RELATION_WORDS, canonical, converse
+
+    n = 160
+    plain = ShapesData(DataConfig(split="val", n=n, relations="canonical"))
+    bare = ShapesData(DataConfig(split="val", n=n, relations="canonical", uncoloured=1.0))
+    some = ShapesData(DataConfig(split="val", n=n, relations="canonical", uncoloured=0.3))
+    both = ShapesData(DataConfig(split="val", n=n, relations="both-ways", uncoloured=1.0))
+    relations = bare_in_some = 0
+    for i in range(n):
+        scene = sample_scene("val", i)
+        image, caption = bare.load(i)
+        assert torch.equal(image, plain.load(i)[0])  # the caption changes, never the image
+        if scene.intent.relation is None:  # only relation scenes lose their colours
+            assert caption == plain.caption(i) == some.caption(i)
+            continue
+        relations += 1
+        assert not set(caption.split(" ")) & set(COLOURS), caption
+        # the shape named first is the upper or left one, and the sizes are kept
+        intent = canonical(scene.intent)
+        a, rel, b = intent.relation
+        words = caption.removeprefix("there is ").split(" ")
+        first, second = intent.items[a], intent.items[b]
+        assert caption.removeprefix("there is ").startswith(("a ", "an "))
+        assert words[1 + bool(first.size)] == first.shape and words[-1] == second.shape, caption
+        assert RELATION_WORDS[rel] in caption
+        if first.size:
+            assert words[1] == first.size
+        # both-ways: the second half states the relation the other way round, still without colours
+        restated = both.caption(n + i)
+        assert RELATION_WORDS[converse(scene.intent).relation[1]] in restated
+        assert not set(restated.split(" ")) & set(COLOURS)
+        bare_in_some += some.caption(i) != plain.caption(i)
+    assert relations >= 40 and 0.15 < bare_in_some / relations < 0.45, (relations, bare_in_some)
+    for wrong in (-0.1, 1.5):
+        with pytest.raises(Exception, match="data.uncoloured"):
+            DataConfig(uncoloured=wrong)
+    with pytest.raises(Exception, match="options of the shapes world"):
+        DataConfig(kind="folder", path="x", uncoloured=0.5)
+
+
 def test_any_colours_draws_unnamed_colours_half_the_time():
     from ldmkit.data.images import DataConfig, ShapesData
     from ldmkit.data.shapes import PALETTE

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldmkit.data.shapes import SPLITS, any_colours, canonical, caption_for, recaption, sample_scene
+from ldmkit.data.shapes import SPLITS, any_colours, canonical, caption_for, converse, sample_scene
 from ldmkit.data.shapes import render as render_scene
 from ldmkit.errors import ConfigError
 from ldmkit.images import MAX_PIXELS, open_image, to_rgb
@@ -55,6 +55,11 @@ class DataConfig:
     # "canonical" states every relation as "above" or "to the left of", so the shape named first is always
     # the upper or left one (word order alone says which is where)
     relations: str = "as-drawn"
+    # shapes: the share of relation scenes captioned without their colours ("a star above a circle"), chosen
+    # per scene; the shape named first is still the upper or left one with relations: canonical. Such a
+    # caption says where each shape goes by word order alone, where a coloured one lets a model guess each
+    # shape from its colour (training never shows a held-out colour with its shape).
+    uncoloured: float = 0.0
 
     def __post_init__(self):
         if self.kind not in ("shapes", "folder", "shards"):
@@ -65,8 +70,12 @@ class DataConfig:
             raise ConfigError(f"data.colours: {self.colours!r}; allowed: named, any")
         if self.relations not in ("as-drawn", "both-ways", "canonical"):
             raise ConfigError(f"data.relations: {self.relations!r}; allowed: as-drawn, both-ways, canonical")
-        if self.kind != "shapes" and (self.colours, self.relations) != ("named", "as-drawn"):
-            raise ConfigError("data.colours and data.relations are options of the shapes world (kind: shapes)")
+        if not 0.0 <= self.uncoloured <= 1.0:
+            raise ConfigError(f"data.uncoloured: {self.uncoloured}; allowed: a share from 0 to 1")
+        if self.kind != "shapes" and (self.colours, self.relations, self.uncoloured) != ("named", "as-drawn", 0.0):
+            raise ConfigError(
+                "data.colours, data.relations and data.uncoloured are options of the shapes world (kind: shapes)"
+            )
         if self.kind in ("folder", "shards") and not self.path:
             raise ConfigError(f"data.path: needed with kind: {self.kind}")
 
@@ -159,11 +168,17 @@ class ShapesData:
         and multi-process runs stay exact."""
         c = self.config
         scene = sample_scene(c.split, i % c.n, c.seed, c.size)
-        if c.relations == "canonical" and (intent := canonical(scene.intent)) is not scene.intent:
-            return scene, caption_for(intent, np.random.default_rng([SPLITS[c.split], c.seed, i, 3]))
-        if i < c.n:
+        intent, key = scene.intent, None  # key: which stream of the item's seed draws a new caption
+        if c.relations == "canonical" and (restated := canonical(scene.intent)) is not scene.intent:
+            intent, key = restated, 3
+        elif i >= c.n:
+            intent, key = converse(scene.intent), 2
+        rng = np.random.default_rng
+        uncoloured = scene.intent.relation is not None and c.uncoloured > 0
+        uncoloured = uncoloured and rng([SPLITS[c.split], c.seed, i, 4]).random() < c.uncoloured
+        if key is None and not uncoloured:
             return scene, scene.caption
-        return scene, recaption(scene, np.random.default_rng([SPLITS[c.split], c.seed, i, 2]))
+        return scene, caption_for(intent, rng([SPLITS[c.split], c.seed, i, key or 3]), colours=not uncoloured)
 
     def caption(self, i: int) -> str:
         return self._scene(i)[1]

@@ -118,18 +118,19 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _noun(item: Item, with_size: bool) -> str:
-    words = ([item.size] if with_size and item.size else []) + [item.colour, item.shape]
+def _noun(item: Item, with_size: bool, with_colour: bool = True) -> str:
+    words = ([item.size] if with_size and item.size else []) + ([item.colour] if with_colour else []) + [item.shape]
     text = " ".join(words)
     return f"{_article(text)} {text}"
 
 
-def caption_for(intent: Intent, rng: np.random.Generator) -> str:
-    """A natural phrasing of the intent, drawn from a few templates."""
+def caption_for(intent: Intent, rng: np.random.Generator, colours: bool = True) -> str:
+    """A natural phrasing of the intent, drawn from a few templates. colours=False names a relation's
+    shapes without their colours ("a star above a circle"), for training only."""
     items = intent.items
     if intent.relation is not None:
         a, rel, b = intent.relation
-        text = f"{_noun(items[a], True)} {RELATION_WORDS[rel]} {_noun(items[b], True)}"
+        text = f"{_noun(items[a], True, colours)} {RELATION_WORDS[rel]} {_noun(items[b], True, colours)}"
         return text if rng.random() < 0.7 else "there is " + text
     if len(items) == 2:
         return f"{_noun(items[0], True)} and {_noun(items[1], True)}"
@@ -165,11 +166,6 @@ def wordings(intent: Intent, seed) -> list[tuple[str, str]]:
     target = caption_for(canonical(intent), np.random.default_rng(seed))
     forms = [intent, converse(intent)] if intent.relation is not None else [intent]
     return [(caption_for(form, np.random.default_rng(seed)), target) for form in forms]
-
-
-def recaption(scene: Scene, rng: np.random.Generator) -> str:
-    """Another caption for the scene: a relation stated the other way round, anything else phrased anew."""
-    return caption_for(converse(scene.intent), rng)
 
 
 def _pick_kind(rng, split: str) -> tuple[str, str]:
