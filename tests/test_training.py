@@ -796,3 +796,29 @@ def test_a_stop_signal_while_the_latent_cache_encodes_leaves_no_file(tmp_path):
         latent_cache.load_or_encode(tmp_path, data, vae, 16, stopping=lambda: next(flags))
     assert list(tmp_path.iterdir()) == []
     assert len(latent_cache.load_or_encode(tmp_path, data, vae, 16)["readable"]) == n
+
+
+def test_a_fine_tune_knows_its_base_words_and_an_open_base_stays_open(tmp_path):
+    """A model's closed vocabulary (the words prompts are warned about) after a fine-tune through init_from
+    is its base's and its captions' together: a canonical-caption fine-tune of a model that reads "below"
+    once lost the word; a fine-tune of an open-vocabulary base (SD) stays open."""
+    from ldmkit.checkpoints.single_file import load_model, save_single_file
+    from ldmkit.data.images import DataConfig
+    from ldmkit.models.ldm import LatentDiffusion
+    from ldmkit.models.presets import tiny
+    from ldmkit.training.ldm import LDMTask, LDMTrainConfig
+    from ldmkit.training.loop import RunConfig
+
+    for name, base_words in (("closed", ("below", "zork")), ("open", ())):
+        torch.manual_seed(0)
+        model = LatentDiffusion(tiny())
+        model.config.vocabulary = base_words
+        path = tmp_path / f"{name}.safetensors"
+        save_single_file(model, path)
+        run = RunConfig(dir=str(tmp_path / name), batch_size=4, threads=1)
+        data = DataConfig(n=8, size=32, relations="canonical")
+        task = LDMTask(LDMTrainConfig(init_from=str(path), data=data, run=run))
+        task.finish(tmp_path / name)
+        words = load_model(tmp_path / name / "model.safetensors").config.vocabulary
+        captions = {w for i in range(8) for w in task.data.caption(i).split(" ")}
+        assert (set(words) == set(base_words) | captions) if base_words else words == (), (name, words)
