@@ -18,6 +18,7 @@ for split in val heldout; do
 done
 python benchmarks/first_prompt.py shapes > reports/shapes-first-prompt.json
 python benchmarks/first_prompt.py shapes-fast > reports/shapes-fast-first-prompt.json
+python benchmarks/shape_swaps.py shapes > reports/shapes-swaps.json
 ldmkit eval --model shapes-fast --split val --seed 1 --n 200 --seeds 2 --steps 1,2,4,8 -q \
     --out reports/shapes-fast-val.json > /dev/null
 # seconds per image, warm, batch 1 (one seed per prompt), model load excluded

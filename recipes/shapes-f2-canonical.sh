@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The second-generation shapes model as it is judged in docs/models.md: the canonical-caption UNet
 # (configs/shapes-f2-canonical-tune-ldm.yaml, relations stated one way only) with a MiniLM tower taught
-# that both wordings of a relation are one (configs/shapes-f2-canonical-text.yaml), then its few-step
-# version (configs/shapes-f2-lcm.yaml), its ControlNet (configs/shapes-f2-controlnet.yaml) and the tiny
-# decoder of its autoencoder (configs/shapes-f2-tiny.yaml). Resumable: run it again and each stage
-# continues from its last checkpoint.
+# that both wordings of a relation are one (configs/shapes-f2-canonical-text.yaml), that pair trained on
+# with a share of its captions without colours (configs/shapes-f2-uncoloured-tune-ldm.yaml: the bundled
+# shapes), then its few-step version (configs/shapes-f2-lcm.yaml), the ControlNet (configs/shapes-f2-controlnet.yaml,
+# trained on the pair before the last fine-tune) and the tiny decoder of its autoencoder
+# (configs/shapes-f2-tiny.yaml). Resumable: run it again and each stage continues from its last checkpoint.
+# The uncoloured fine-tune starts from the pair as the package shipped it, kept in
+# recipes/stage-checkpoints/shapes-f2-canonical-text.safetensors (fp16), as it was run.
 #
 # The UNet's 3,000 steps (about an hour on two threads, after 55 minutes of latent-cache encoding) are kept
 # in recipes/stage-checkpoints/shapes-f2-canonical-tune-ldm.safetensors and copied into place instead;
@@ -23,6 +26,8 @@ if [ ! -f "$UNET/model.safetensors" ]; then
   else bash recipes/shapes-f2-ldm.sh shapes-f2-canonical-tune-ldm; fi
 fi
 [ -f "$TEXT/model.safetensors" ] || ldmkit train-text-encoder --config configs/shapes-f2-canonical-text.yaml $(resume "$TEXT") -q
+UNC=~/runs/shapes-f2-uncoloured-tune-ldm
+[ -f "$UNC/model.safetensors" ] || ldmkit train --config configs/shapes-f2-uncoloured-tune-ldm.yaml $(resume "$UNC") -q
 [ -f "$LCM/model.safetensors" ] || ldmkit distill-lcm --config configs/shapes-f2-lcm.yaml $(resume "$LCM") -q
 CN=~/runs/shapes-f2-controlnet
 TINY=~/runs/shapes-f2-tiny
@@ -33,4 +38,4 @@ if [ ! -e "$CN/latent-cache.pt" ] && [ -f "$LCM/latent-cache.pt" ]; then
 fi
 [ -f "$CN/controlnet.safetensors" ] || ldmkit train-controlnet --config configs/shapes-f2-controlnet.yaml $(resume "$CN") -q
 [ -f "$TINY/tiny-autoencoder.safetensors" ] || ldmkit distill-tiny-autoencoder --config configs/shapes-f2-tiny.yaml $(resume "$TINY") -q
-ls -l "$TEXT/model.safetensors" "$LCM/model.safetensors" "$CN/controlnet.safetensors" "$TINY/tiny-autoencoder.safetensors"
+ls -l "$TEXT/model.safetensors" "$UNC/model.safetensors" "$LCM/model.safetensors" "$CN/controlnet.safetensors" "$TINY/tiny-autoencoder.safetensors"
