@@ -2,6 +2,7 @@
 captioned set) knows only its captions' words, and a prompt's other words change nothing it draws: they
 are reported, never silently ignored. A model trained on many words (an open vocabulary) has none."""
 
+import itertools
 import re
 from collections.abc import Iterable
 from functools import lru_cache
@@ -24,6 +25,11 @@ def caption_vocabulary(captions: Iterable[str]) -> tuple[str, ...]:
         if len(seen) > MAX_CLOSED:
             return ()
     return tuple(sorted(seen))
+
+
+def grown(vocabulary: tuple[str, ...], captions: Iterable[str]) -> tuple[str, ...]:
+    """A closed vocabulary with the captions' words added; an open one, (), stays open."""
+    return caption_vocabulary(itertools.chain(vocabulary, captions)) if vocabulary else ()
 
 
 def unknown_words(texts: Iterable[str], vocabulary: Iterable[str]) -> list[str]:

@@ -9,7 +9,6 @@ or an existing model is fine-tuned. A new UNet's latents are scaled to unit vari
 paper's scale-by-std); a fine-tuned model keeps the scale it learned with. What the step does is the
 shared latent task's (training/latent_task.py)."""
 
-import itertools
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -239,14 +238,12 @@ class LDMTask(LatentTask):
 
     def finish(self, folder: Path) -> None:
         from ldmkit.checkpoints.single_file import save_single_file
-        from ldmkit.data.vocabulary import caption_vocabulary
+        from ldmkit.data.vocabulary import caption_vocabulary, grown
 
         self.model.config.latent_rgb = self.fit_latent_rgb()
         # a closed world's words go with the model, so that prompts outside them are said to be; a fine-tune
-        # still knows its base's words (an open base, vocabulary (), stays open)
-        words = caption_vocabulary(self.data.caption(i) for i in range(len(self.data)))
+        # still knows its base's words (an open base stays open)
+        captions = (self.data.caption(i) for i in range(len(self.data)))
         base = self.model.config.vocabulary
-        if self.config.init_from is not None:
-            words = caption_vocabulary(itertools.chain(base, words)) if base else ()
-        self.model.config.vocabulary = words
+        self.model.config.vocabulary = grown(base, captions) if self.config.init_from else caption_vocabulary(captions)
         save_single_file(self.ema_model(), folder / "model.safetensors")

@@ -15,7 +15,6 @@ wording i % 2 (a scene without a relation has one wording, given twice), so rela
 round as often as the rest of the world is seen."""
 
 import copy
-import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,11 +182,10 @@ class TextTowerTask:
 
     def finish(self, folder: Path) -> None:
         from ldmkit.checkpoints.single_file import parse_dtype, save_single_file
-        from ldmkit.data.vocabulary import caption_vocabulary
+        from ldmkit.data.vocabulary import grown
 
         # the tower now reads the wordings it was taught: a closed vocabulary grows by their words, so that
         # they are no longer reported as changing nothing (an open vocabulary, (), stays open)
-        if known := self.model.config.vocabulary:
-            taught = (caption for i in range(len(self.data)) for caption in self.data.pair(i))
-            self.model.config.vocabulary = caption_vocabulary(itertools.chain(known, taught))
+        taught = (caption for i in range(len(self.data)) for caption in self.data.pair(i))
+        self.model.config.vocabulary = grown(self.model.config.vocabulary, taught)
         save_single_file(self.model, folder / "model.safetensors", parse_dtype(self.config.dtype))
